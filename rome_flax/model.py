@@ -1,0 +1,238 @@
+"""Multi-exit BERT / RoBERTa encoder in Flax.
+
+Layout of the parameters (a plain pytree, so optax, Orbax and sharding see ordinary arrays):
+
+  {'embeddings': {...},                         # Embeddings module
+   'layers':     {... every leaf [L, ...]},     # EncoderLayer params stacked on a layer axis
+   'exits':      {... every leaf [L, ...]}}     # ExitHead params stacked; exit L = the model's head
+
+Stacking lets one `run_layer(params, cfg, i, ...)` / `run_exit(...)` serve any layer index, static
+or traced, so an early-exit `lax.while_loop` or a scheduler picks the layer at run time without
+re-tracing. `forward` unrolls the layer loop in Python (static slices): on the XLA CPU backend that
+is measurably faster than `lax.scan`, and it is what training uses.
+
+Numerics follow transformers' post-LN BertModel: erf GELU, LayerNorm eps from the config, additive
+attention mask. With `dtype='bfloat16'` matmuls run in bfloat16 while parameters, softmax, layer
+norms and logits stay float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rome_flax.config import ModelConfig
+
+# Additive mask value for padded keys; finite so a row of all padding stays NaN-free.
+_MASK_VALUE = -1e9
+
+
+def _dense_init(cfg: ModelConfig):
+  return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def _compute_dtype(cfg: ModelConfig):
+  return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def _activation(name: str):
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  return jax.nn.relu
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the compute dtype, cast back afterwards."""
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(epsilon=self.eps, dtype=jnp.float32, param_dtype=jnp.float32, name="ln")(
+        x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class Embeddings(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxS, token_type_ids_BxS, position_ids_BxS, deterministic: bool):
+    cfg = self.cfg
+    init = _dense_init(cfg)
+    word = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word")
+    position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position")
+    token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="token_type")
+    h = word(input_ids_BxS) + position(position_ids_BxS) + token_type(token_type_ids_BxS)
+    h = LayerNorm(cfg.layer_norm_eps, name="ln")(h).astype(_compute_dtype(cfg))
+    return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+  """One post-LN transformer layer. Q, K and V share one fused [D, 3D] kernel (one big matmul)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, mask_bias_Bx1x1xS, deterministic: bool):
+    cfg = self.cfg
+    dtype = _compute_dtype(cfg)
+    B, S, D = h_BxSxD.shape
+    H, Dh = cfg.num_attention_heads, cfg.head_dim
+    dense = lambda n, name: nn.Dense(n, dtype=dtype, param_dtype=jnp.float32,
+                                     kernel_init=_dense_init(cfg), name=name)
+
+    qkv_BxSx3D = dense(3 * D, "qkv")(h_BxSxD)
+    q_BxSxHxK, k_BxSxHxK, v_BxSxHxK = jnp.split(qkv_BxSx3D.reshape(B, S, 3 * H, Dh), 3, axis=2)
+    scores_BxHxSxS = jnp.einsum("bqhd,bkhd->bhqk", q_BxSxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32)
+    scores_BxHxSxS = scores_BxHxSxS * (1.0 / Dh ** 0.5) + mask_bias_Bx1x1xS
+    probs_BxHxSxS = jax.nn.softmax(scores_BxHxSxS, axis=-1)
+    probs_BxHxSxS = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxHxSxS, deterministic=deterministic)
+    ctx_BxSxD = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxSxS.astype(dtype), v_BxSxHxK).reshape(B, S, D)
+
+    attn_BxSxD = dense(D, "attention_out")(ctx_BxSxD)
+    attn_BxSxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxSxD, deterministic=deterministic)
+    h_BxSxD = LayerNorm(cfg.layer_norm_eps, name="attention_ln")(attn_BxSxD + h_BxSxD)
+
+    ff_BxSxF = _activation(cfg.hidden_act)(dense(cfg.intermediate_size, "intermediate")(h_BxSxD))
+    ff_BxSxD = dense(D, "output")(ff_BxSxF)
+    ff_BxSxD = nn.Dropout(cfg.hidden_dropout_prob)(ff_BxSxD, deterministic=deterministic)
+    return LayerNorm(cfg.layer_norm_eps, name="output_ln")(ff_BxSxD + h_BxSxD)
+
+
+class ExitHead(nn.Module):
+  """Exit i: pool layer i's output (token 0 or masked mean), pooler Linear+tanh, dropout, classifier."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, mask_BxS, deterministic: bool, return_pooled: bool = False):
+    cfg = self.cfg
+    if cfg.exit_pooling == "cls":
+      x_BxD = h_BxSxD[:, 0]
+    else:
+      m_BxSx1 = mask_BxS[..., None].astype(h_BxSxD.dtype)
+      x_BxD = (h_BxSxD * m_BxSx1).sum(1) / jnp.maximum(m_BxSx1.sum(1), 1)
+    pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=_compute_dtype(cfg), param_dtype=jnp.float32,
+                                   kernel_init=_dense_init(cfg), name="pooler")(x_BxD))
+    x_BxD = nn.Dropout(cfg.hidden_dropout_prob)(pooled_BxD, deterministic=deterministic)
+    logits_BxC = nn.Dense(cfg.num_labels, dtype=jnp.float32, param_dtype=jnp.float32,
+                          kernel_init=_dense_init(cfg), name="classifier")(x_BxD.astype(jnp.float32))
+    if return_pooled:
+      return logits_BxC, pooled_BxD.astype(jnp.float32)
+    return logits_BxC
+
+
+class MultiExitOutput(NamedTuple):
+  exit_logits: jax.Array                       # [exits, batch, labels] float32
+  hidden_states: Optional[jax.Array] = None    # [layers + 1, batch, seq, hidden], embeddings first
+
+
+# ----------------------------------------------------------------------------- functional pieces
+
+
+def layer_slice(stacked, i):
+  """Parameters of layer/exit i from a stacked tree; `i` may be a Python int or a traced int."""
+  return jax.tree.map(lambda x: x[i], stacked)
+
+
+def _rng_for(rng, tag: int, i):
+  return None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, tag), i)
+
+
+def _rngs(rng):
+  return {} if rng is None else {"dropout": rng}
+
+
+def attention_bias(attention_mask_BxS) -> jax.Array:
+  """Additive float32 attention bias [B,1,1,S] from a 0/1 padding mask."""
+  return jnp.where(attention_mask_BxS[:, None, None, :] > 0, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
+def position_ids_for(cfg: ModelConfig, input_ids_BxS, attention_mask_BxS):
+  if cfg.model_type == "roberta":
+    # transformers' create_position_ids_from_input_ids: count non-pad tokens from padding_idx + 1.
+    not_pad = (input_ids_BxS != cfg.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+  return jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1], dtype=jnp.int32), input_ids_BxS.shape)
+
+
+def embed(params, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS=None, token_type_ids_BxS=None,
+          *, deterministic: bool = True, rng=None):
+  input_ids_BxS = jnp.asarray(input_ids_BxS, jnp.int32)
+  if attention_mask_BxS is None:
+    attention_mask_BxS = jnp.ones_like(input_ids_BxS)
+  if token_type_ids_BxS is None:
+    token_type_ids_BxS = jnp.zeros_like(input_ids_BxS)
+  position_ids_BxS = position_ids_for(cfg, input_ids_BxS, attention_mask_BxS)
+  return Embeddings(cfg).apply({"params": params["embeddings"]}, input_ids_BxS,
+                               jnp.asarray(token_type_ids_BxS, jnp.int32), position_ids_BxS,
+                               deterministic, rngs=_rngs(_rng_for(rng, 0, 0)))
+
+
+def run_layer(params, cfg: ModelConfig, i, h_BxSxD, mask_bias_Bx1x1xS, *, deterministic: bool = True,
+              rng=None):
+  """Runs encoder layer i (0-based; int or traced int) on h."""
+  return EncoderLayer(cfg).apply({"params": layer_slice(params["layers"], i)}, h_BxSxD,
+                                 mask_bias_Bx1x1xS, deterministic, rngs=_rngs(_rng_for(rng, 1, i)))
+
+
+def run_exit(params, cfg: ModelConfig, i, h_BxSxD, attention_mask_BxS, *, deterministic: bool = True,
+             rng=None, return_pooled: bool = False):
+  """Runs exit i (0-based; exit num_layers-1 is the final head) on layer i's output."""
+  return ExitHead(cfg).apply({"params": layer_slice(params["exits"], i)}, h_BxSxD, attention_mask_BxS,
+                             deterministic, return_pooled, rngs=_rngs(_rng_for(rng, 2, i)))
+
+
+def forward(params, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS=None, token_type_ids_BxS=None,
+            *, deterministic: bool = True, rng=None, output_hidden_states: bool = False,
+            num_layers: Optional[int] = None) -> MultiExitOutput:
+  """All exits in one pass. `num_layers` truncates the model (e.g. the full-model baseline's cost)."""
+  input_ids_BxS = jnp.asarray(input_ids_BxS, jnp.int32)
+  if attention_mask_BxS is None:
+    attention_mask_BxS = jnp.ones_like(input_ids_BxS)
+  attention_mask_BxS = jnp.asarray(attention_mask_BxS, jnp.int32)
+  h_BxSxD = embed(params, cfg, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS,
+                  deterministic=deterministic, rng=rng)
+  mask_bias = attention_bias(attention_mask_BxS)
+  hidden, logits = [h_BxSxD], []
+  for i in range(num_layers or cfg.num_layers):
+    h_BxSxD = run_layer(params, cfg, i, h_BxSxD, mask_bias, deterministic=deterministic, rng=rng)
+    logits.append(run_exit(params, cfg, i, h_BxSxD, attention_mask_BxS, deterministic=deterministic,
+                           rng=rng))
+    hidden.append(h_BxSxD)
+  return MultiExitOutput(
+      exit_logits=jnp.stack(logits),
+      hidden_states=jnp.stack(hidden).astype(jnp.float32) if output_hidden_states else None)
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+  """Random parameters (BERT init: N(0, initializer_range), zero bias, unit LayerNorm).
+
+  As with a pretrained checkpoint, every exit pooler starts as a copy of one pooler.
+  """
+  k_emb, k_layers, k_pool, k_cls = jax.random.split(rng, 4)
+  L, D = cfg.num_layers, cfg.hidden_size
+  ids = jnp.zeros((1, 2), jnp.int32)
+  h = jnp.zeros((1, 2, D), _compute_dtype(cfg))
+  emb = Embeddings(cfg).init(k_emb, ids, ids, ids, True)["params"]
+  layers = jax.vmap(lambda k: EncoderLayer(cfg).init(k, h, attention_bias(ids + 1), True)["params"])(
+      jax.random.split(k_layers, L))
+  head = ExitHead(cfg).init(k_pool, h, ids + 1, True)["params"]
+  exits = jax.tree.map(lambda x: jnp.broadcast_to(x, (L,) + x.shape), head)
+  exits["classifier"] = {
+      "kernel": cfg.initializer_range * jax.random.normal(k_cls, (L, D, cfg.num_labels), jnp.float32),
+      "bias": jnp.zeros((L, cfg.num_labels), jnp.float32)}
+  return {"embeddings": emb, "layers": layers, "exits": exits}
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """Shapes and dtypes of `init_params` without allocating anything."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+# Encoder weight matrices that RomeBERT's gradient projection acts on (kernels under params['layers']).
+ENCODER_MATRICES = ("qkv", "attention_out", "intermediate", "output")

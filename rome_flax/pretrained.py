@@ -1,0 +1,176 @@
+"""`MultiExitBert`: the Hugging Face-style front door (from_pretrained / __call__ / save_pretrained).
+
+Two on-disk formats are read: a Hugging Face checkpoint (converted on load, see convert.py) and a
+rome_flax export (`rome_flax_config.json` + Orbax `params/` + tokenizer files) written by
+`save_pretrained`, which is what train.py exports and infer.py reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rome_flax import model as model_lib
+from rome_flax.config import ModelConfig
+from rome_flax.convert import LoadReport, load_hf_checkpoint, resolve_checkpoint_dir
+from rome_flax.errors import RomeFlaxError
+
+log = logging.getLogger(__name__)
+
+EXPORT_CONFIG = "rome_flax_config.json"
+EXPORT_PARAMS = "params"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "deterministic", "output_hidden_states"))
+def _jit_forward(params, cfg, input_ids, attention_mask, token_type_ids, rng, deterministic,
+                 output_hidden_states):
+  return model_lib.forward(params, cfg, input_ids, attention_mask, token_type_ids,
+                           deterministic=deterministic, rng=rng, output_hidden_states=output_hidden_states)
+
+
+def load_tokenizer(path: Path):
+  """transformers' AutoTokenizer from a directory, or None (with a warning) when it has none."""
+  try:
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+  except Exception as e:  # a weights-only directory is legitimate (e.g. tests); say so, go on
+    log.warning("no tokenizer loaded from %s (%s)", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return None
+
+
+class MultiExitBert:
+  """A multi-exit BERT or RoBERTa: configuration, parameters and tokenizer.
+
+  >>> model = MultiExitBert.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=2)
+  >>> out = model(ids, attention_mask=mask, output_hidden_states=True)
+  >>> out.exit_logits.shape    # [exits, batch, labels]
+  """
+
+  def __init__(self, config: ModelConfig, params: dict, tokenizer: Any = None,
+               load_report: Optional[LoadReport] = None, metadata: Optional[dict] = None):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.load_report = load_report
+    self.metadata = dict(metadata or {})
+
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def from_config(cls, config: ModelConfig, seed: int = 0, tokenizer: Any = None) -> "MultiExitBert":
+    return cls(config, model_lib.init_params(config, jax.random.PRNGKey(seed)), tokenizer)
+
+  @classmethod
+  def from_pretrained(cls, path_or_id: str | os.PathLike, num_labels: Optional[int] = None,
+                      exit_pooling: Optional[str] = None, dtype: Optional[str] = None, seed: int = 0,
+                      revision: Optional[str] = None, load_tokenizer_files: bool = True) -> "MultiExitBert":
+    """Loads a rome_flax export or a Hugging Face checkpoint (local directory or hub id).
+
+    For Hugging Face checkpoints `num_labels` defaults to the checkpoint's own label count (2 if it
+    has none); `exit_pooling` defaults to 'cls' and `dtype` to 'float32'. For a rome_flax export
+    they default to the saved values.
+    """
+    ckpt_dir = resolve_checkpoint_dir(str(path_or_id), revision)
+    if (ckpt_dir / EXPORT_CONFIG).is_file():
+      return cls._from_export(ckpt_dir, num_labels, exit_pooling, dtype, load_tokenizer_files)
+    cfg, params, report, ckpt_dir = load_hf_checkpoint(
+        str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling or "cls", dtype=dtype or "float32",
+        seed=seed)
+    log.info("loaded %s: %s", ckpt_dir, report.summary())
+    tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
+    return cls(cfg, jax.tree.map(jnp.asarray, params), tokenizer, report,
+               metadata={"source": str(path_or_id)})
+
+  @classmethod
+  def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files):
+    try:
+      saved = json.loads((ckpt_dir / EXPORT_CONFIG).read_text())
+      cfg = ModelConfig.from_dict(saved["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise RomeFlaxError(f"{ckpt_dir / EXPORT_CONFIG} is malformed ({e}); was it written by rome_flax?") from None
+    if num_labels is not None and num_labels != cfg.num_labels:
+      raise RomeFlaxError(f"{ckpt_dir} was trained with {cfg.num_labels} labels, not {num_labels}")
+    cfg = cfg.replace(exit_pooling=exit_pooling or cfg.exit_pooling, dtype=dtype or cfg.dtype)
+    params = restore_params(ckpt_dir / EXPORT_PARAMS, cfg)
+    tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
+    return cls(cfg, params, tokenizer, metadata=saved.get("metadata", {}))
+
+  # ------------------------------------------------------------------ use
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, output_hidden_states: bool = False,
+               deterministic: bool = True, rng=None) -> model_lib.MultiExitOutput:
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+      raise RomeFlaxError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
+    if not deterministic and rng is None:
+      raise RomeFlaxError("dropout (deterministic=False) needs an rng")
+    return _jit_forward(self.params, self.config, input_ids, attention_mask, token_type_ids, rng,
+                        deterministic, output_hidden_states)
+
+  def encode(self, texts, text_pairs=None, max_length: int = 128):
+    """Tokenises to NumPy arrays (input_ids, attention_mask, token_type_ids)."""
+    if self.tokenizer is None:
+      raise RomeFlaxError("this model has no tokenizer; pass token ids instead")
+    enc = self.tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, padding=True,
+                         truncation=True, max_length=max_length, return_tensors="np",
+                         return_token_type_ids=True)
+    return {k: np.asarray(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+  # ------------------------------------------------------------------ saving
+  def save_pretrained(self, out_dir: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
+    """Writes an export directory atomically: staged beside the target, then renamed into place."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+      save_params(stage / EXPORT_PARAMS, self.params)
+      meta = {**self.metadata, **(metadata or {})}
+      (stage / EXPORT_CONFIG).write_text(json.dumps(
+          {"format": "rome_flax/1", "model": self.config.to_dict(), "metadata": meta}, indent=2, sort_keys=True))
+      if self.tokenizer is not None:
+        self.tokenizer.save_pretrained(str(stage))
+      if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        stage.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        stage.rename(out_dir)
+    except BaseException:
+      shutil.rmtree(stage, ignore_errors=True)
+      raise
+    return out_dir
+
+
+MultiExitRoberta = MultiExitBert
+"""RoBERTa checkpoints load through the same class (model_type is read from config.json)."""
+
+
+def save_params(path: Path, params) -> None:
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(Path(path).absolute(), jax.device_get(params))
+
+
+def restore_params(path: Path, cfg: ModelConfig):
+  import orbax.checkpoint as ocp
+  path = Path(path).absolute()
+  if not path.is_dir():
+    raise RomeFlaxError(f"{path} is missing: not a complete rome_flax export")
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), model_lib.param_shapes(cfg))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, target)
+  except Exception as e:
+    raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None
