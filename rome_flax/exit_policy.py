@@ -1,0 +1,205 @@
+"""Early-exit criteria, each defined once and shared by every inference path.
+
+A criterion is a per-exit step `step(policy, state, logits_BxC, i) -> (state, exit_now_B)`: exit i
+(0-based, traced or static) has produced `logits_BxC`; `exit_now_B` says which examples would stop
+there. The offline sweep scans it over cached logits [E,N,C], the latency path calls it inside its
+`lax.while_loop` over layers, and the throughput scheduler calls it on each gathered batch. Because
+it is the same function everywhere, the three paths take the same decisions.
+
+`ExitPolicy` is a pytree whose thresholds are array leaves and whose criterion / exit count / minimum
+exit layer are static: changing a threshold never re-traces a jitted path.
+
+Criteria (layers and exits are 1-based in user-facing text, 0-based in code):
+  entropy   exit at the first exit i with H(softmax(z_i)) < tau_i (DeeBERT / RomeBERT);
+  maxprob   exit when max softmax(z_i) >= p_i;
+  patience  PABEE: exit when the prediction has stayed the same for k consecutive exits (the argmax
+            for classification; |z_i - z_{i-1}| < delta for regression).
+Exits before `min_exit_layer` are never taken, and an example that never exits takes the last exit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rome_flax.errors import RomeFlaxError
+
+CRITERIA = ("entropy", "maxprob", "patience")
+
+# The reference sweep of entropy thresholds (RomeBERT / DeeBERT scripts).
+REFERENCE_ENTROPIES = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_MAXPROBS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+Threshold = Union[float, Sequence[float]]
+
+
+class PolicyState(NamedTuple):
+  """What a criterion carries from one exit to the next, per example."""
+  count_B: jax.Array  # int32: consecutive exits whose prediction did not change (patience)
+  prev_B: jax.Array   # float32: previous exit's prediction (argmax or value); NaN before the first exit
+
+
+@struct.dataclass
+class ExitPolicy:
+  threshold_E: jax.Array  # float32 [E]: tau (entropy), p (maxprob) or k (patience) for each exit
+  delta: jax.Array        # float32 []: regression patience tolerance (unused otherwise)
+  criterion: str = struct.field(pytree_node=False)
+  num_exits: int = struct.field(pytree_node=False)
+  is_regression: bool = struct.field(pytree_node=False)
+  min_exit_layer: int = struct.field(pytree_node=False, default=1)
+
+  def describe(self) -> str:
+    """Short human-readable name, e.g. 'entropy<0.1' or 'patience=2'."""
+    values = np.asarray(self.threshold_E)[:-1] if self.num_exits > 1 else np.asarray(self.threshold_E)
+    shown = _fmt(values[0]) if np.all(values == values[0]) else "/".join(_fmt(v) for v in values)
+    sign = {"entropy": "<", "maxprob": ">=", "patience": "="}[self.criterion]
+    text = f"{self.criterion}{sign}{shown}"
+    if self.criterion == "patience" and self.is_regression:
+      text += f",delta={_fmt(float(self.delta))}"
+    if self.min_exit_layer > 1:
+      text += f",min_layer={self.min_exit_layer}"
+    return text
+
+
+def _fmt(v) -> str:
+  return f"{float(v):g}"
+
+
+def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_labels: int,
+                min_exit_layer: int = 1, delta: float | None = None) -> ExitPolicy:
+  """Validated policy. `threshold` is one value for every exit, or one per exit (E values, or E-1
+
+  values for the highways: the last exit always exits, so its threshold does not matter).
+  """
+  if criterion not in CRITERIA:
+    raise RomeFlaxError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+  is_regression = num_labels == 1
+  if is_regression and criterion in ("entropy", "maxprob"):
+    raise RomeFlaxError(f"criterion {criterion!r} needs class probabilities; a regression task can only use "
+                        "'patience' (with --delta)")
+  if criterion == "patience" and is_regression and delta is None:
+    raise RomeFlaxError("patience on a regression task needs a tolerance: pass delta (--delta)")
+  if delta is not None and not (math.isfinite(delta) and delta > 0):
+    raise RomeFlaxError(f"delta must be a positive number, got {delta}")
+  if not 1 <= min_exit_layer <= num_exits:
+    raise RomeFlaxError(f"min_exit_layer must be in 1..{num_exits}, got {min_exit_layer}")
+  values = np.atleast_1d(np.asarray(threshold, dtype=np.float64))
+  if values.ndim != 1 or values.size not in (1, num_exits - 1, num_exits) or values.size == 0:
+    raise RomeFlaxError(f"give one threshold or one per exit ({num_exits - 1} or {num_exits}), got {values.size}")
+  if not np.all(np.isfinite(values)):
+    raise RomeFlaxError(f"thresholds must be finite numbers, got {values.tolist()}")
+  if criterion == "entropy" and np.any(values < 0):
+    raise RomeFlaxError(f"entropy thresholds must be >= 0, got {values.tolist()}")
+  if criterion == "maxprob" and np.any((values < 0) | (values > 1)):
+    raise RomeFlaxError(f"max-probability thresholds must be in [0, 1], got {values.tolist()}")
+  if criterion == "patience" and np.any((values < 1) | (values != np.round(values))):
+    raise RomeFlaxError(f"patience must be a whole number >= 1, got {values.tolist()}")
+  if values.size == 1:
+    values = np.full(num_exits, values[0])
+  elif values.size == num_exits - 1:
+    values = np.append(values, values[-1])
+  return ExitPolicy(threshold_E=jnp.asarray(values, jnp.float32),
+                    delta=jnp.asarray(delta if delta is not None else 0.0, jnp.float32),
+                    criterion=criterion, num_exits=num_exits, is_regression=is_regression,
+                    min_exit_layer=min_exit_layer)
+
+
+def parse_thresholds(text: str) -> list[list[float]]:
+  """'0.05,0.1,0.2' -> three settings; '0.1:0.2:0.3' is one setting with per-exit thresholds."""
+  settings = []
+  for item in str(text).split(","):
+    item = item.strip()
+    if not item:
+      raise RomeFlaxError(f"threshold list {text!r} has an empty item")
+    try:
+      values = [float(v) for v in item.split(":")]
+    except ValueError:
+      raise RomeFlaxError(f"threshold list {text!r} does not parse: {item!r} is not a number "
+                          "(use e.g. 0.05,0.1,0.2 or per-exit 0.1:0.2:0.3)") from None
+    settings.append(values)
+  return settings
+
+
+def default_thresholds(criterion: str, num_exits: int) -> list[list[float]]:
+  """The thresholds a sweep uses when the user names none."""
+  if criterion == "entropy":
+    return [[v] for v in REFERENCE_ENTROPIES]
+  if criterion == "maxprob":
+    return [[v] for v in DEFAULT_MAXPROBS]
+  return [[float(k)] for k in range(1, max(num_exits - 1, 1) + 1)]
+
+
+# ----------------------------------------------------------------------------- the criteria
+
+
+def init_state(batch_shape) -> PolicyState:
+  return PolicyState(count_B=jnp.zeros(batch_shape, jnp.int32),
+                     prev_B=jnp.full(batch_shape, jnp.nan, jnp.float32))
+
+
+def entropy(logits_BxC) -> jax.Array:
+  """H(softmax(z)) computed stably as -sum softmax * log_softmax."""
+  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp_BxC) * logp_BxC, axis=-1)
+
+
+def prediction(logits_BxC, is_regression: bool) -> jax.Array:
+  """The argmax class (int32) or the regression value (float32)."""
+  if is_regression:
+    return logits_BxC[..., 0].astype(jnp.float32)
+  return jnp.argmax(logits_BxC, axis=-1).astype(jnp.int32)
+
+
+def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i):
+  """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits."""
+  threshold = policy.threshold_E[i]
+  logits_BxC = logits_BxC.astype(jnp.float32)
+  if policy.criterion == "entropy":
+    confident_B = entropy(logits_BxC) < threshold
+  elif policy.criterion == "maxprob":
+    confident_B = jnp.max(jax.nn.softmax(logits_BxC, axis=-1), axis=-1) >= threshold
+  else:
+    pred_B = prediction(logits_BxC, policy.is_regression).astype(jnp.float32)
+    if policy.is_regression:
+      same_B = jnp.abs(pred_B - state.prev_B) < policy.delta
+    else:
+      same_B = pred_B == state.prev_B
+    count_B = jnp.where(same_B, state.count_B + 1, 0)
+    state = PolicyState(count_B=count_B, prev_B=pred_B)
+    confident_B = count_B.astype(jnp.float32) >= threshold
+  allowed = i + 1 >= policy.min_exit_layer
+  exit_now_B = (confident_B & allowed) | (i == policy.num_exits - 1)
+  return state, exit_now_B
+
+
+class Decision(NamedTuple):
+  exit_index_N: jax.Array  # int32, 0-based exit taken by each example
+  logits_NxC: jax.Array    # float32, the logits of that exit
+
+
+@jax.jit
+def decide(policy: ExitPolicy, exit_logits_ExNxC) -> Decision:
+  """Offline: the exit each example takes, given every exit's logits (one all-exits pass)."""
+  E, N = exit_logits_ExNxC.shape[:2]
+  if E != policy.num_exits:
+    raise RomeFlaxError(f"policy is for {policy.num_exits} exits, logits have {E}")
+
+  def body(carry, xs):
+    state, done_N, exit_N, out_NxC = carry
+    logits_NxC, i = xs
+    state, exit_now_N = step(policy, state, logits_NxC, i)
+    newly_N = exit_now_N & ~done_N
+    exit_N = jnp.where(newly_N, i, exit_N)
+    out_NxC = jnp.where(newly_N[:, None], logits_NxC, out_NxC)
+    return (state, done_N | exit_now_N, exit_N, out_NxC), None
+
+  init = (init_state((N,)), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32),
+          jnp.zeros(exit_logits_ExNxC.shape[1:], jnp.float32))
+  (_, _, exit_N, out_NxC), _ = jax.lax.scan(
+      body, init, (exit_logits_ExNxC.astype(jnp.float32), jnp.arange(E, dtype=jnp.int32)))
+  return Decision(exit_N, out_NxC)

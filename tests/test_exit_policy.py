@@ -1,0 +1,108 @@
+"""Exit criteria on hand-made logits: each rule, per-exit thresholds, minimum layer, bad input."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rome_flax import exit_policy as ep
+from rome_flax.errors import RomeFlaxError
+
+CONFIDENT = [8.0, 0.0]    # class 0, entropy ~ 0.003
+UNSURE = [0.1, 0.0]       # class 0, entropy ~ 0.69
+CONFIDENT1 = [0.0, 8.0]   # class 1, confident
+
+
+def logits(*rows_per_exit):
+  """rows_per_exit[e][n] -> [E, N, C] float32."""
+  return jnp.asarray(np.array(rows_per_exit, np.float32))
+
+
+def test_entropy_matches_definition_and_is_stable():
+  z = jnp.asarray([[1000.0, 0.0], [0.0, 0.0], [1.0, 2.0]])
+  p = np.exp(np.array([[0, -1000.0], [0, 0], [1, 2]]) - np.log(np.exp([[0, -1000.0], [0, 0], [1, 2]]).sum(1, keepdims=True)))
+  expected = -(p * np.log(np.maximum(p, 1e-300))).sum(1)
+  np.testing.assert_allclose(np.asarray(ep.entropy(z)), expected, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(ep.entropy(z))))
+
+
+def test_entropy_first_confident_exit_and_never_exits_uses_last():
+  z = logits([UNSURE, CONFIDENT, UNSURE], [CONFIDENT, UNSURE, UNSURE], [UNSURE, CONFIDENT1, UNSURE])
+  d = ep.decide(ep.make_policy("entropy", 0.1, 3, num_labels=2), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [1, 0, 2])
+  np.testing.assert_allclose(np.asarray(d.logits_NxC), np.asarray(z)[[1, 0, 2], [0, 1, 2]])
+
+
+def test_per_exit_thresholds_and_min_exit_layer():
+  z = logits([CONFIDENT, UNSURE], [CONFIDENT, CONFIDENT], [UNSURE, UNSURE])
+  # exit 1 needs entropy < 0 (impossible), exit 2 < 0.1
+  d = ep.decide(ep.make_policy("entropy", [0.0, 0.1], 3, num_labels=2), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [1, 1])
+  d = ep.decide(ep.make_policy("entropy", 0.1, 3, num_labels=2, min_exit_layer=3), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [2, 2])
+
+
+def test_maxprob():
+  z = logits([[2.0, 0.0]], [[3.0, 0.0]], [[0.0, 0.0]])  # p = 0.881, 0.953
+  assert int(ep.decide(ep.make_policy("maxprob", 0.9, 3, num_labels=2), z).exit_index_N[0]) == 1
+  assert int(ep.decide(ep.make_policy("maxprob", 0.8, 3, num_labels=2), z).exit_index_N[0]) == 0
+  assert int(ep.decide(ep.make_policy("maxprob", 0.99, 3, num_labels=2), z).exit_index_N[0]) == 2
+
+
+def test_patience_counts_unchanged_argmax():
+  # example 0: argmax 0,0,0,0 -> with k=2 exits at exit 3 (index 2); example 1: 0,1,1,1 -> exit 4 (index 3)
+  z = logits([CONFIDENT, CONFIDENT], [UNSURE, CONFIDENT1], [UNSURE, CONFIDENT1], [UNSURE, CONFIDENT1],
+             [UNSURE, UNSURE])
+  d = ep.decide(ep.make_policy("patience", 2, 5, num_labels=2), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [2, 3])
+  d = ep.decide(ep.make_policy("patience", 1, 5, num_labels=2), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [1, 2])
+
+
+def test_patience_regression_uses_delta():
+  z = jnp.asarray(np.array([[1.0, 1.0], [1.05, 3.0], [1.5, 3.01], [1.52, 5.0]], np.float32)[:, :, None])
+  d = ep.decide(ep.make_policy("patience", 1, 4, num_labels=1, delta=0.1), z)
+  np.testing.assert_array_equal(np.asarray(d.exit_index_N), [1, 2])
+  np.testing.assert_allclose(np.asarray(d.logits_NxC)[:, 0], [1.05, 3.01])
+
+
+def test_step_forces_last_exit():
+  policy = ep.make_policy("entropy", 0.0, 2, num_labels=2)
+  _, now = ep.step(policy, ep.init_state((1,)), jnp.asarray([UNSURE]), 1)
+  assert bool(now[0])
+
+
+def test_threshold_change_does_not_retrace():
+  z = logits([UNSURE], [CONFIDENT])
+  before = ep.decide._cache_size()
+  for tau in (0.1, 0.2, 0.3):
+    ep.decide(ep.make_policy("entropy", tau, 2, num_labels=2), z)
+  assert ep.decide._cache_size() - before <= 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(criterion="nope", threshold=0.1), "unknown criterion"),
+    (dict(criterion="entropy", threshold=0.1, num_labels=1), "regression"),
+    (dict(criterion="patience", threshold=2, num_labels=1), "delta"),
+    (dict(criterion="patience", threshold=1.5), "whole number"),
+    (dict(criterion="maxprob", threshold=1.5), r"\[0, 1\]"),
+    (dict(criterion="entropy", threshold=[0.1, 0.2]), "one per exit"),
+    (dict(criterion="entropy", threshold=0.1, min_exit_layer=9), "min_exit_layer"),
+])
+def test_bad_policies(kwargs, match):
+  kwargs = {"num_labels": 2, **kwargs}
+  with pytest.raises(RomeFlaxError, match=match):
+    ep.make_policy(kwargs.pop("criterion"), kwargs.pop("threshold"), 4, **kwargs)
+
+
+def test_parse_thresholds():
+  assert ep.parse_thresholds("0.05, 0.1,0.2") == [[0.05], [0.1], [0.2]]
+  assert ep.parse_thresholds("0.1:0.2:0.3") == [[0.1, 0.2, 0.3]]
+  for bad in ("0.1,,0.2", "abc", "0.1;0.2"):
+    with pytest.raises(RomeFlaxError, match="threshold list"):
+      ep.parse_thresholds(bad)
+
+
+def test_describe():
+  assert ep.make_policy("entropy", 0.1, 3, num_labels=2).describe() == "entropy<0.1"
+  assert ep.make_policy("patience", 2, 3, num_labels=1, delta=0.05).describe() == "patience=2,delta=0.05"
+  assert ep.make_policy("maxprob", [0.8, 0.9], 3, num_labels=2).describe() == "maxprob>=0.8/0.9"
