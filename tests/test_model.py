@@ -1,0 +1,146 @@
+"""Model logic on tiny configs: shapes, padding, exits, traced layer index, bfloat16, init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rome_flax import model as M
+from rome_flax.config import ModelConfig
+from rome_flax.errors import RomeFlaxError
+from rome_flax.pretrained import MultiExitBert
+
+
+def _batch(cfg, B=3, S=10, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(2, cfg.vocab_size, size=(B, S)).astype(np.int32)
+  mask = np.ones((B, S), np.int32)
+  if B >= 3:
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+  ids[mask == 0] = cfg.pad_token_id
+  types = np.zeros_like(ids)
+  types[:, 5:] = 1
+  return ids, mask, types * mask
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_forward_shapes(tiny_config, pooling):
+  cfg = tiny_config.replace(exit_pooling=pooling)
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  ids, mask, types = _batch(cfg)
+  out = M.forward(params, cfg, ids, mask, types, output_hidden_states=True)
+  assert out.exit_logits.shape == (cfg.num_exits, 3, cfg.num_labels)
+  assert out.exit_logits.dtype == jnp.float32
+  assert out.hidden_states.shape == (cfg.num_layers + 1, 3, 10, cfg.hidden_size)
+  assert np.isfinite(np.asarray(out.exit_logits)).all()
+  assert M.forward(params, cfg, ids, mask, types).hidden_states is None
+
+
+@pytest.mark.parametrize("model_type,pooling", [("bert", "cls"), ("bert", "mean"), ("roberta", "cls")])
+def test_padding_invariance(tiny_config, model_type, pooling):
+  """Extra padding changes nothing for the real tokens or any exit."""
+  cfg = tiny_config.replace(model_type=model_type, exit_pooling=pooling,
+                            pad_token_id=1 if model_type == "roberta" else 0)
+  params = M.init_params(cfg, jax.random.PRNGKey(1))
+  ids, mask, types = _batch(cfg, B=1, S=6)
+  pad = 9
+  ids_p = np.concatenate([ids, np.full((1, pad), cfg.pad_token_id, np.int32)], 1)
+  mask_p = np.concatenate([mask, np.zeros((1, pad), np.int32)], 1)
+  types_p = np.concatenate([types, np.zeros((1, pad), np.int32)], 1)
+  a = M.forward(params, cfg, ids, mask, types, output_hidden_states=True)
+  b = M.forward(params, cfg, ids_p, mask_p, types_p, output_hidden_states=True)
+  np.testing.assert_allclose(a.exit_logits, b.exit_logits, atol=1e-5)
+  np.testing.assert_allclose(a.hidden_states, b.hidden_states[:, :, :6], atol=1e-5)
+
+
+def test_layer_and_exit_with_traced_index_match_forward(tiny_config):
+  cfg = tiny_config
+  params = M.init_params(cfg, jax.random.PRNGKey(2))
+  ids, mask, types = _batch(cfg)
+  ref = M.forward(params, cfg, ids, mask, types, output_hidden_states=True)
+  bias = M.attention_bias(jnp.asarray(mask))
+
+  @jax.jit
+  def step(i, h):  # one compiled function serves every layer index
+    h = M.run_layer(params, cfg, i, h, bias)
+    return h, M.run_exit(params, cfg, i, h, jnp.asarray(mask))
+
+  h = ref.hidden_states[0]
+  for i in range(cfg.num_layers):
+    h, logits = step(jnp.int32(i), h)
+    np.testing.assert_allclose(h, ref.hidden_states[i + 1], atol=1e-5)
+    np.testing.assert_allclose(logits, ref.exit_logits[i], atol=1e-5)
+  assert step._cache_size() == 1
+
+
+def test_dropout_is_on_only_when_asked(tiny_config):
+  cfg = tiny_config.replace(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+  params = M.init_params(cfg, jax.random.PRNGKey(3))
+  ids, mask, types = _batch(cfg)
+  det = M.forward(params, cfg, ids, mask, types).exit_logits
+  d1 = M.forward(params, cfg, ids, mask, types, deterministic=False, rng=jax.random.PRNGKey(0)).exit_logits
+  d1b = M.forward(params, cfg, ids, mask, types, deterministic=False, rng=jax.random.PRNGKey(0)).exit_logits
+  d2 = M.forward(params, cfg, ids, mask, types, deterministic=False, rng=jax.random.PRNGKey(1)).exit_logits
+  assert not np.allclose(det, d1)
+  np.testing.assert_array_equal(d1, d1b)
+  assert not np.allclose(d1, d2)
+
+
+def test_init_exit_poolers_are_copies_and_classifiers_small(tiny_config):
+  params = M.init_params(tiny_config, jax.random.PRNGKey(4))
+  pool = np.asarray(params["exits"]["pooler"]["kernel"])
+  for i in range(1, tiny_config.num_exits):
+    np.testing.assert_array_equal(pool[i], pool[0])
+  cls = np.asarray(params["exits"]["classifier"]["kernel"])
+  assert abs(cls.std() - 0.02) < 0.01
+  assert not np.allclose(cls[0], cls[1])
+  np.testing.assert_array_equal(np.asarray(params["exits"]["classifier"]["bias"]), 0.0)
+
+
+def test_bfloat16_forward_close_to_float32(tiny_config):
+  """bfloat16 matmuls with float32 params/softmax/LayerNorm: logits within 0.05 of float32."""
+  cfg = tiny_config
+  params = M.init_params(cfg, jax.random.PRNGKey(5))
+  ids, mask, types = _batch(cfg)
+  f32 = M.forward(params, cfg, ids, mask, types).exit_logits
+  bf16 = M.forward(params, cfg.replace(dtype="bfloat16"), ids, mask, types)
+  assert bf16.exit_logits.dtype == jnp.float32
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  np.testing.assert_allclose(bf16.exit_logits, f32, atol=0.05)
+
+
+def test_num_layers_truncates(tiny_config):
+  params = M.init_params(tiny_config, jax.random.PRNGKey(6))
+  ids, mask, types = _batch(tiny_config)
+  full = M.forward(params, tiny_config, ids, mask, types)
+  one = M.forward(params, tiny_config, ids, mask, types, num_layers=1)
+  assert one.exit_logits.shape[0] == 1
+  np.testing.assert_allclose(one.exit_logits[0], full.exit_logits[0], atol=1e-6)
+
+
+def test_config_validation():
+  with pytest.raises(RomeFlaxError, match="model_type"):
+    ModelConfig(model_type="gpt2")
+  with pytest.raises(RomeFlaxError, match="exit_pooling"):
+    ModelConfig(exit_pooling="max")
+  with pytest.raises(RomeFlaxError, match="model_type 'gpt2'"):
+    ModelConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
+  model = MultiExitBert.from_config(tiny_config, seed=7)
+  ids, mask, types = _batch(tiny_config)
+  out = model(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+  assert out.exit_logits.shape == (2, 3, 3)
+  path = model.save_pretrained(tmp_path / "export", metadata={"task": "unit"})
+  again = MultiExitBert.from_pretrained(path)
+  assert again.config == tiny_config
+  assert again.metadata["task"] == "unit"
+  np.testing.assert_array_equal(again(ids, mask, types).exit_logits, out.exit_logits)
+  # Saving over an existing export replaces it whole (staged, then renamed).
+  model.save_pretrained(path, metadata={"task": "second"})
+  assert MultiExitBert.from_pretrained(path).metadata["task"] == "second"
+  assert not any(p.name.startswith(".export.tmp") for p in tmp_path.iterdir())
+  with pytest.raises(RomeFlaxError, match="labels"):
+    MultiExitBert.from_pretrained(path, num_labels=5)
