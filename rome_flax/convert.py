@@ -20,7 +20,7 @@ import numpy as np
 
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.model import init_params
+from rome_flax.model import param_shapes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -170,7 +170,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   Returns (params, LoadReport). Everything the checkpoint lacks keeps its random init.
   """
   sd = {_strip(k): v for k, v in state_dict.items() if not _IGNORED.search(k)}
-  params = jax.tree.map(np.array, init_params(cfg, rng if rng is not None else jax.random.PRNGKey(0)))
+  params = _numpy_init(cfg, 0 if rng is None else int(jax.random.randint(rng, (), 0, 2**31 - 1)))
   missing: list[str] = []
   L, D = cfg.num_layers, cfg.hidden_size
 
@@ -241,6 +241,19 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
       del sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
   params = jax.tree.map(np.asarray, params)
   return params, LoadReport(missing=missing, unexpected=sorted(sd), classifier_from_checkpoint=classifier_from_checkpoint)
+
+
+def _numpy_init(cfg: ModelConfig, seed: int):
+  """BERT init (as model.init_params) in NumPy: converting a checkpoint then compiles nothing."""
+  rs = np.random.default_rng(seed)
+  def leaf(path, s):
+    name = path[-1].key
+    if name in ("kernel", "embedding"):
+      return (cfg.initializer_range * rs.standard_normal(s.shape)).astype(np.float32)
+    return (np.ones if name == "scale" else np.zeros)(s.shape, np.float32)
+  params = jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+  params["exits"]["pooler"]["kernel"][:] = params["exits"]["pooler"]["kernel"][0]  # copies of one pooler
+  return params
 
 
 def _put_ln(sd, base, tree, missing, dim):

@@ -18,6 +18,7 @@ norms and logits stay float32.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -217,8 +218,14 @@ def forward(params, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS=None, to
 def init_params(cfg: ModelConfig, rng) -> dict:
   """Random parameters (BERT init: N(0, initializer_range), zero bias, unit LayerNorm).
 
-  As with a pretrained checkpoint, every exit pooler starts as a copy of one pooler.
+  As with a pretrained checkpoint, every exit pooler starts as a copy of one pooler. Jitted: run
+  eagerly, Linen's init compiles a hundred small programs (seconds for a BERT).
   """
+  return _init_params_jit(cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(cfg: ModelConfig, rng) -> dict:
   k_emb, k_layers, k_pool, k_cls = jax.random.split(rng, 4)
   L, D = cfg.num_layers, cfg.hidden_size
   ids = jnp.zeros((1, 2), jnp.int32)
