@@ -85,7 +85,9 @@ class MultiExitBert:
     cfg, params, report, ckpt_dir = load_hf_checkpoint(
         str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling or "cls", dtype=dtype or "float32",
         seed=seed)
-    log.info("loaded %s: %s", ckpt_dir, report.summary())
+    # Missing encoder weights usually mean the wrong checkpoint: say so loudly.
+    level = logging.WARNING if any(not m.startswith(("pooler", "classifier")) for m in report.missing) else logging.INFO
+    log.log(level, "loaded %s: %s", ckpt_dir, report.summary())
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
     return cls(cfg, jax.tree.map(jnp.asarray, params), tokenizer, report,
                metadata={"source": str(path_or_id)})
