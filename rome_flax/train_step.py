@@ -163,18 +163,13 @@ def project_conflicting(g_protected, g_other, num_layers: int):
 # ----------------------------------------------------------------------------- the step
 
 
-def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation,
-                    params_like, *, stage: int = 1, protect_final: bool = False,
-                    schedule: Callable | None = None, stage_offset: int = 0,
-                    donate: bool = True) -> Callable:
-  """A jitted `(state, batch) -> (state, metrics)` for one method and stage (buffers donated).
+def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
+                  protect_final: bool = False) -> Callable:
+  """`(params, batch, rng) -> (grads, (LossTerms, extra metrics))` of one method and stage.
 
   protect_final: GR group A (kept intact) is the final exit's term; else the highways' terms.
-  schedule / stage_offset: only to log the learning rate of the stage's schedule.
   """
   plan = stage_plan(cfg, loss_cfg.method, stage)
-  gate = trainable_mask(params_like, cfg, plan)
-  gate_all_ones = plan.train_encoder and len(plan.train_exits) == cfg.num_layers
 
   def loss_of_logits(logits, batch) -> LossTerms:
     return loss_terms(logits, batch["labels"], example_weights(batch), loss_cfg, stage)
@@ -211,11 +206,25 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.Gra
     return grads, (terms, stats)
 
   if loss_cfg.uses_gr and loss_cfg.gr == "projection":
-    grads_fn = projection_grads
-  elif loss_cfg.uses_gr and loss_cfg.gr == "penalty":
-    grads_fn = penalty_grads
-  else:
-    grads_fn = plain_grads
+    return projection_grads
+  if loss_cfg.uses_gr and loss_cfg.gr == "penalty":
+    return penalty_grads
+  return plain_grads
+
+
+def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation,
+                    params_like, *, stage: int = 1, protect_final: bool = False,
+                    schedule: Callable | None = None, stage_offset: int = 0,
+                    donate: bool = True) -> Callable:
+  """A jitted `(state, batch) -> (state, metrics)` for one method and stage (state buffers donated).
+
+  Updates of parameters the stage does not train are zeroed (weight decay included).
+  schedule / stage_offset: only to log the learning rate of the stage's schedule.
+  """
+  plan = stage_plan(cfg, loss_cfg.method, stage)
+  gate = trainable_mask(params_like, cfg, plan)
+  gate_all_ones = plan.train_encoder and len(plan.train_exits) == cfg.num_layers
+  grads_fn = make_grads_fn(cfg, loss_cfg, stage=stage, protect_final=protect_final)
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -225,7 +234,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.Gra
       updates = jax.tree.map(lambda u, g: u * g, updates, gate)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": terms.total, "loss_final": terms.final, "loss_highway": terms.highway,
-               "grad_norm": optax.global_norm(grads), **extra}
+               "grad_norm": optax.tree.norm(grads), **extra}
     if schedule is not None:
       metrics["lr"] = schedule(state.step - stage_offset)
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
