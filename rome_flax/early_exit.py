@@ -251,16 +251,16 @@ class RunResult(NamedTuple):
 
 
 def _run(pieces: list[Piece], fn, num_examples: int, num_labels: int, final_exit: int,
-         progress=None) -> RunResult:
+         progress=None, warmup: bool = True) -> RunResult:
   """Warm-up (one call per distinct shape, timed apart), then the timed pass; one host sync at the end."""
   t0 = time.perf_counter()
   seen = set()
-  for piece in pieces:
+  for piece in pieces if warmup else ():
     key = tuple(a.shape for a in piece.arrays)
     if key not in seen:
       seen.add(key)
       jax.block_until_ready(fn(piece))
-  warmup = time.perf_counter() - t0
+  warmup_seconds = time.perf_counter() - t0
   t0 = time.perf_counter()
   outputs = []
   for piece in (progress(pieces) if progress else pieces):
@@ -279,32 +279,39 @@ def _run(pieces: list[Piece], fn, num_examples: int, num_labels: int, final_exit
     else:
       logits[piece.rows[keep]] = np.asarray(out)[keep]
       runs += final_exit + 1
-  return RunResult(logits, exits, runs, seconds, warmup)
+  return RunResult(logits, exits, runs, seconds, warmup_seconds)
 
 
 def _device_piece(piece: Piece):
   return tuple(jnp.asarray(a) for a in piece.arrays)
 
 
-def run_full_model(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int, progress=None) -> RunResult:
+def run_full_model(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int, progress=None,
+                   warmup: bool = True) -> RunResult:
   """The baseline at a batch size: all layers, final exit only."""
   pieces = plan(encoded, batch_size)
   fn = lambda p: full_model(prepared, cfg, *_device_piece(p))
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress)
+  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
 
 
 def run_latency(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: Encoded, batch_size: int = 1,
-                progress=None) -> RunResult:
+                progress=None, warmup: bool = True) -> RunResult:
   """Latency path over a dataset, batch by batch (batch_size 1: classic per-example early exit)."""
   pieces = plan(encoded, batch_size)
   fn = lambda p: latency_exit(prepared, cfg, policy, *_device_piece(p))
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress)
+  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
 
 
 def run_throughput(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: Encoded, batch_size: int = 64,
-                   chunk_size: Optional[int] = None, progress=None) -> RunResult:
-  """Throughput path over a dataset: chunks of `chunk_size` examples (default 16 batches) on device."""
-  chunk_size = chunk_size or 16 * batch_size
+                   chunk_size: Optional[int] = None, progress=None, warmup: bool = True) -> RunResult:
+  """Throughput path over a dataset: chunks of `chunk_size` examples on device.
+
+  The default chunk is 16 batches (or the whole dataset, rounded up to a batch, if smaller): larger
+  chunks leave fewer partial batches (at most one per layer per chunk) but hold more hidden states.
+  """
+  if batch_size < 1:
+    raise RomeFlaxError(f"batch_size must be >= 1, got {batch_size}")
+  chunk_size = chunk_size or min(16 * batch_size, -(-encoded.num_examples // batch_size) * batch_size)
   if chunk_size < batch_size:
     raise RomeFlaxError(f"chunk_size ({chunk_size}) must be at least batch_size ({batch_size})")
   pieces = plan(encoded, chunk_size)
@@ -313,7 +320,7 @@ def run_throughput(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: E
     ids, mask, types = _device_piece(p)
     return throughput_chunk(prepared, cfg, policy, ids, mask, types, jnp.asarray(p.rows >= 0), batch_size)
 
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress)
+  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
 
 
 def run_all_exits(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int, progress=None) -> np.ndarray:

@@ -67,7 +67,7 @@ class ExitPolicy:
 
 
 def _fmt(v) -> str:
-  return f"{float(v):g}"
+  return f"{float(v) + 0.0:.4g}"
 
 
 def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_labels: int,
