@@ -10,6 +10,7 @@ unlabelled split (GLUE test) it writes submission files (`index<TAB>prediction`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--measure_speed", action="store_true",
                   help="run the throughput and latency paths for real and time them against the full model")
   ap.add_argument("--latency_examples", type=int, default=128, help="examples timed at batch size 1")
+  ap.add_argument("--limit", type=int, help="use only the first N examples of the split (quick checks)")
   ap.add_argument("--no_progress", action="store_true")
   return ap
 
@@ -184,6 +186,13 @@ def run(args) -> dict:
   task = resolve_task(args, model)
   policies = build_policies(args, cfg)
   examples = load_examples(args, task)
+  if args.limit is not None:
+    if args.limit < 1:
+      raise RomeFlaxError(f"--limit must be >= 1, got {args.limit}")
+    examples = dataclasses.replace(
+        examples, texts_a=examples.texts_a[:args.limit], ids=examples.ids[:args.limit],
+        texts_b=examples.texts_b[:args.limit] if examples.texts_b is not None else None,
+        labels=examples.labels[:args.limit] if examples.labels is not None else None)
   labelled = examples.labels is not None
   if args.metric is not None:
     if not labelled:

@@ -76,9 +76,9 @@ def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelCon
     decision = ep.decide(policy, logits)
     exit_N = np.asarray(decision.exit_index_N)
     used_N = exit_N + 1
+    highway_thresholds = np.asarray(policy.threshold_E)[:max(L - 1, 1)]   # the last exit always exits
     row = {"criterion": policy.criterion, "setting": policy.describe(),
-           "thresholds": [float(v) for v in np.asarray(policy.threshold_E)[:-1]] or
-                         [float(np.asarray(policy.threshold_E)[0])],
+           "thresholds": [float(f"{v:.6g}") for v in highway_thresholds],
            "min_exit_layer": policy.min_exit_layer}
     if labels_N is not None and metric_fn is not None:
       row.update(_floats(metric_fn(predictions(decision.logits_NxC, cfg.is_regression), labels_N)))

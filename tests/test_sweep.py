@@ -1,0 +1,101 @@
+"""Offline sweep figures and the report writers."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rome_flax import exit_policy as ep
+from rome_flax import report, sweep
+from rome_flax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+CONF0, CONF1, UNSURE = [6.0, 0.0], [0.0, 6.0], [0.1, 0.0]
+
+
+def accuracy(p, y):
+  return {"accuracy": 100.0 * float(np.mean(p == y))}
+
+
+@pytest.fixture
+def cached():
+  # 4 examples: exit 1 confident (right), exit 2 confident (wrong), never confident (final right), exit 1 wrong
+  z = np.array([[CONF0, UNSURE, UNSURE, CONF1],
+                [CONF0, CONF1, UNSURE, UNSURE],
+                [CONF0, UNSURE, CONF1, UNSURE]], np.float32)
+  labels = np.array([0, 0, 1, 0])
+  return z, labels
+
+
+def test_evaluate_rows(cached):
+  z, labels = cached
+  policies = [ep.make_policy("entropy", 0.1, 3, num_labels=2), ep.make_policy("entropy", 0.0, 3, num_labels=2)]
+  rows = sweep.evaluate(policies, z, CFG, np.full(4, 10), labels, accuracy)
+  fast, full = rows
+  assert fast["setting"] == "entropy<0.1"
+  assert fast["avg_exit_layer"] == pytest.approx((1 + 2 + 3 + 1) / 4)
+  assert fast["layer_ratio"] == pytest.approx(3 / 1.75)
+  assert fast["accuracy"] == pytest.approx(50.0)   # examples 0 and 2 right
+  assert fast["exit_shares"] == [0.5, 0.25, 0.25]
+  assert full["avg_exit_layer"] == 3 and full["layer_ratio"] == 1
+  assert full["accuracy"] == pytest.approx(100.0)  # the final exit gets all four right
+  # the full setting runs every highway head too, so it costs a little more than the full model
+  assert full["flops_ratio"] < 1 < fast["flops_ratio"] < fast["layer_ratio"]
+  per_exit = sweep.per_exit_metrics(z, labels, accuracy, False)
+  assert [r["exit"] for r in per_exit] == [1, 2, 3]
+  assert per_exit[0]["accuracy"] == pytest.approx(50.0)
+
+
+def test_flops_ratio_counts_heads_that_ran():
+  lengths = np.array([20, 20])
+  layer, head = sweep.layer_flops(CFG, 20), sweep.head_flops(CFG, 20)
+  want = (2 * (3 * layer + head)) / ((1 + 3) * (layer + head))
+  assert sweep.flops_ratio(CFG, np.array([0, 2]), lengths) == pytest.approx(want)
+  assert sweep.flops_ratio(CFG, np.array([2, 2]), lengths) < 1.0
+
+
+def test_unlabelled_rows_have_no_metric(cached):
+  z, _ = cached
+  rows = sweep.evaluate([ep.make_policy("maxprob", 0.9, 3, num_labels=2)], z, CFG, np.full(4, 5))
+  assert "accuracy" not in rows[0] and rows[0]["layer_ratio"] > 1
+
+
+def test_report_files(tmp_path, cached):
+  z, labels = cached
+  rows = sweep.evaluate([ep.make_policy("entropy", t, 3, num_labels=2) for t in (0.0, 0.1)] +
+                        [ep.make_policy("patience", 1, 3, num_labels=2)], z, CFG, np.full(4, 10), labels, accuracy)
+  paths = report.write_table(tmp_path, "sweep", rows)
+  assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.md"]
+  assert json.loads((tmp_path / "sweep.json").read_text())[1]["setting"] == "entropy<0.1"
+  with open(tmp_path / "sweep.csv") as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 3 and float(table[0]["layer_ratio"]) == 1.0
+  md = (tmp_path / "sweep.md").read_text().splitlines()
+  assert md[0].startswith("| criterion | setting") and len(md) == 5
+  png = report.plot_tradeoff(tmp_path / "tradeoff.png", rows, "accuracy", final_metric=50.0)
+  assert png.read_bytes()[:4] == b"\x89PNG"
+  per_exit = sweep.per_exit_metrics(z, labels, accuracy, False)
+  assert report.plot_per_exit(tmp_path / "per_exit.png", per_exit, "accuracy").stat().st_size > 1000
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+  target = tmp_path / "result.json"
+  report.write_json(target, {"v": 1})
+
+  def boom(*a, **k):
+    raise OSError("disk full")
+  monkeypatch.setattr(os, "replace", boom)
+  with pytest.raises(OSError):
+    report.write_json(target, {"v": 2})
+  assert json.loads(target.read_text()) == {"v": 1}
+  assert os.listdir(tmp_path) == ["result.json"]
+
+
+def test_submission_tsv():
+  text = report.submission_tsv(np.array([0, 1, 2]), np.array([1, 0, 1]), ("negative", "positive"))
+  assert text.splitlines() == ["index\tprediction", "0\tpositive", "1\tnegative", "2\tpositive"]
+  assert report.submission_tsv([7], np.array([2.5]), ()).splitlines()[1] == "7\t2.5"
