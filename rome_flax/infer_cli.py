@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--measure_speed", action="store_true",
                   help="run the throughput and latency paths for real and time them against the full model")
   ap.add_argument("--latency_examples", type=int, default=128, help="examples timed at batch size 1")
+  ap.add_argument("--chunk_size", type=int, help="throughput path: examples resident on the device at once "
+                  "(default 16 batches); at most one partial layer batch per layer per chunk")
   ap.add_argument("--limit", type=int, help="use only the first N examples of the split (quick checks)")
   ap.add_argument("--no_progress", action="store_true")
   return ap
@@ -242,7 +244,7 @@ def run(args) -> dict:
   speed_rows = []
   if args.measure_speed:
     speed_rows = measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, args.batch_size,
-                               args.latency_examples, progress)
+                               args.latency_examples, progress, args.chunk_size)
     written += report.write_table(out, "speed", speed_rows)
 
   summary = {"checkpoint": str(args.checkpoint), "task": task.name, "split": args.split,
@@ -265,7 +267,7 @@ def run(args) -> dict:
 
 
 def measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, batch_size, latency_examples,
-                  progress) -> list[dict]:
+                  progress, chunk_size=None) -> list[dict]:
   """Throughput path (batch_size) and latency path (batch 1) per setting, each against the full model."""
   from rome_flax import early_exit as ee
   from rome_flax import sweep
@@ -276,7 +278,7 @@ def measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, batch_
   rows = []
   for policy in policies:
     want = np.asarray(ep.decide(policy, np.asarray(exit_logits)).exit_index_N)
-    thr = ee.run_throughput(prepared, cfg, policy, encoded, batch_size,
+    thr = ee.run_throughput(prepared, cfg, policy, encoded, batch_size, chunk_size,
                             progress=progress(f"throughput {policy.describe()}"))
     lat = ee.run_latency(prepared, cfg, policy, lat_data, 1, progress=progress(f"latency {policy.describe()}"))
     rows.append({
