@@ -1,6 +1,6 @@
 """Train a multi-exit BERT with RomeBERT's GR-SD or a baseline.
 
-  python train.py                                    # the default: synthetic task, small model, minutes
+  python train.py                                    # configs/default.py: synthetic task, small model, minutes
   python train.py --config configs/sst2_minilm.py --method deebert --output_dir runs/sst2_deebert
   python train.py --config configs/sst2_minilm.py --resume   # continue a killed run
 
@@ -16,6 +16,9 @@ import os
 import sys
 
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     print(f"error: {message}", file=sys.stderr)
@@ -25,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
   from rome_flax.train_config import TrainConfig
   parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-  parser.add_argument("--config", help="config file defining get_config() -> dict of overrides")
+  parser.add_argument("--config", help="config file defining get_config() -> dict of overrides "
+                      "(default: configs/default.py)")
   parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
   parser.add_argument("--overwrite", action="store_true", help="delete whatever output_dir holds first")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
   from rome_flax.errors import RomeFlaxError
   try:
     from rome_flax import train_config, trainer
-    cfg = train_config.load_config_file(args.config) if args.config else train_config.TrainConfig()
+    cfg = train_config.load_config_file(args.config or DEFAULT_CONFIG)
     overrides = {k[4:]: train_config.parse_value(k[4:], v) for k, v in vars(args).items()
                  if k.startswith("set_") and v is not None}
     cfg = cfg.replace(**overrides)

@@ -1,8 +1,8 @@
 """An embedded sentiment-with-negation task and its word-level tokenizer: offline, seconds to train.
 
-Label = sign of the sentence's sentiment, where each sentiment word counts +1/-1 and a "not" right
-before it flips it. Counting words is easy for the lowest exits; negation needs context, so deeper
-exits do visibly better: the default run shows exits learning at different rates.
+Each sentence holds one sentiment word; a "not" right before it flips the label, while a stray "not"
+elsewhere does not. The words alone (what the lowest exits see best) get part of the way; telling
+the two kinds of "not" apart needs word order, so deeper exits do visibly better.
 """
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ _SPLIT_SEEDS = {"train": 0, "dev": 1, "test": 2}
 
 
 def _sentence(rng: np.random.Generator) -> tuple[str, int]:
-  while True:
-    words, score = [], 0
-    for _ in range(rng.integers(6, 25)):
-      r = rng.random()
-      if r < 0.25:
-        negate = rng.random() < 0.35
-        positive = rng.random() < 0.5
-        if negate:
-          words.append(NEGATION)
-        words.append(str(rng.choice(POSITIVE if positive else NEGATIVE)))
-        score += (1 if positive else -1) * (-1 if negate else 1)
-      else:
-        words.append(str(rng.choice(FILLER)))
-    if score != 0:
-      return " ".join(words), int(score > 0)
+  words = [str(rng.choice(FILLER)) for _ in range(rng.integers(5, 20))]
+  positive = bool(rng.random() < 0.5)
+  negated = bool(rng.random() < 0.4)
+  at = int(rng.integers(1, len(words)))          # position of the sentiment word (never first)
+  words.insert(at, str(rng.choice(POSITIVE if positive else NEGATIVE)))
+  if negated:
+    words.insert(at, NEGATION)
+  elif rng.random() < 0.5:                        # a stray "not" elsewhere that negates nothing
+    stray = int(rng.integers(0, len(words) - 1))
+    stray = stray if stray < at - 1 else min(stray + 2, len(words))
+    words.insert(stray, NEGATION)
+    words.insert(stray + 1, str(rng.choice(FILLER)))
+  return " ".join(words), int(positive != negated)
 
 
 def make_split(split: str, seed: int = 0, size: int | None = None) -> tuple[list[str], np.ndarray]:

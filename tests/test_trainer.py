@@ -1,0 +1,123 @@
+"""End to end on the synthetic task with a tiny model: resume exactness, outputs, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rome_flax import trainer
+from rome_flax.errors import RomeFlaxError
+from rome_flax.pretrained import MultiExitBert
+from rome_flax.train_config import TrainConfig, load_config_file, parse_value
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, name="run", **kw):
+  base = dict(task="synthetic", model=None, random_model_layers=2, random_model_hidden=16, random_model_heads=2,
+              random_model_intermediate=32, train_rows=64, max_length=16, batch_size=8, eval_batch_size=256,
+              epochs=2, learning_rate=1e-3, eval_every=8, save_every=3, log_every=2, keep_checkpoints=2,
+              output_dir=str(tmp_path / name))
+  base.update(kw)
+  return TrainConfig().replace(**base)
+
+
+def exported_params(out):
+  return jax.device_get(MultiExitBert.from_pretrained(Path(out) / "export").params)
+
+
+@pytest.mark.parametrize("method", ["romebert", "deebert"])
+def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path, method):
+  straight = tiny(tmp_path, "straight", method=method)
+  results = trainer.train(straight, progress=False)
+  assert len(results["dev"]) == 2 and "accuracy" in results["dev"][0]
+
+  broken = tiny(tmp_path, "broken", method=method)
+  kill_at = 19 if method == "deebert" else 7          # deebert: inside stage 2 (16 steps per stage)
+  trainer.train(broken, progress=False, max_steps=kill_at)
+  last = Path(broken.output_dir) / "checkpoints" / "last"
+  shutil.rmtree(last / str(kill_at))                  # killed after step kill_at, before its save
+  assert not (Path(broken.output_dir) / "export").exists()
+  trainer.train(broken, progress=False, resume=True)
+
+  a, b = exported_params(straight.output_dir), exported_params(broken.output_dir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  steps = [json.loads(line)["step"] for line in (Path(broken.output_dir) / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
+  assert steps == sorted(set(steps))                  # nothing logged twice after the resume
+
+
+def test_outputs_of_a_run(tmp_path):
+  cfg = tiny(tmp_path, method="romebert", gr="projection")
+  trainer.train(cfg, progress=False)
+  out = Path(cfg.output_dir)
+  assert json.loads((out / "config.json").read_text())["method"] == "romebert"
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  train_rec = [r for r in records if r["kind"] == "train"]
+  assert {"loss", "gr_cos", "gr_norm_a", "gr_norm_b", "lr", "examples_per_s"} <= set(train_rec[-1])
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [8, 16]
+  assert list((out / "tb").iterdir())
+  assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] in (8, 16)
+  model = MultiExitBert.from_pretrained(out / "export")
+  assert model.metadata["task"] == "synthetic" and model.metadata["label_names"] == ["negative", "positive"]
+  assert model.tokenizer is not None
+  enc = model.encode(["good film"])
+  assert model(enc["input_ids"], enc["attention_mask"]).exit_logits.shape == (2, 1, 2)
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path):
+  cfg = tiny(tmp_path, epochs=1, eval_every=0)
+  trainer.train(cfg, progress=False)
+  before = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir())
+  with pytest.raises(RomeFlaxError, match="already holds a run"):
+    trainer.train(cfg, progress=False)
+  with pytest.raises(RomeFlaxError, match="config differs in learning_rate"):
+    trainer.train(cfg.replace(learning_rate=0.5), progress=False, resume=True)
+  assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir()) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  rows = ["text,label"] + [f"good film {i},{i % 5}" for i in range(40)] + ["awful film,1e30"] * 8
+  (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+  cfg = tiny(tmp_path, task="custom", custom_regression=True, train_file=str(tmp_path / "train.csv"),
+             train_rows=0, epochs=1, save_every=1, log_every=1, batch_size=8)
+  with pytest.raises(RomeFlaxError, match=r"non-finite loss at step \d+; stopping \(the last good checkpoint is step"):
+    trainer.train(cfg, progress=False)
+  saved = [int(p.name) for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir() if p.name.isdigit()]
+  assert all(s >= 1 for s in saved)
+
+
+def test_config_file_and_overrides(tmp_path):
+  cfg = load_config_file(ROOT / "configs" / "default.py")
+  assert cfg.task == "synthetic" and cfg.model is None
+  assert parse_value("learning_rate", "5e-5") == 5e-5 and parse_value("export", "false") is False
+  assert parse_value("model", "none") is None
+  with pytest.raises(RomeFlaxError, match="unknown config key"):
+    cfg.replace(learnig_rate=1.0)
+  with pytest.raises(RomeFlaxError, match="method must be one of"):
+    cfg.replace(method="rome")
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return {'epoch': 3}\n")
+  with pytest.raises(RomeFlaxError, match="unknown config key"):
+    load_config_file(bad)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--learning_rat", "1"], "unrecognized arguments: --learning_rat"),
+    (["--method", "rome"], "method must be one of"),
+    (["--task", "sst3"], "unknown task"),
+    (["--task", "sst-2", "--data_dir", "/nonexistent/glue", "--model", "none"], "not a directory"),
+    (["--epochs", "two"], "cannot read 'two' as int"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--output_dir", str(tmp_path / "o"), *args],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2, proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
