@@ -153,16 +153,54 @@ def _pick_layer(counts_L, batch_size):
   return jnp.where(jnp.any(has_full), jnp.argmax(has_full), jnp.argmax(counts_L > 0)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "batch_size"))
+TRIM_LENGTHS = (16, 32, 64, 128, 256, 512)
+
+
+def trim_lengths(seq_len: int) -> tuple[int, ...]:
+  """Lengths a gathered batch may be trimmed to inside a chunk padded to seq_len."""
+  return tuple(sorted({min(b, seq_len) for b in TRIM_LENGTHS} | {seq_len}))
+
+
+def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple):
+  """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example.
+
+  A chunk is padded to its longest example, but a gathered batch of shorter ones need not pay for
+  that: `lax.switch` picks a branch per (layer, length), like the full model's per-batch buckets.
+  Positions past the cut are padding for every example of the batch, so the result is the same.
+  """
+  S = h_BxSxD.shape[1]
+  k = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), longest), len(lengths) - 1)
+
+  def cut(s, layer_exit):
+    def branch(h_BxSxD, mask_BxS):
+      m_BxS = mask_BxS[:, :s]
+      h_cut, logits_BxC = layer_exit(h_BxSxD[:, :s], m_BxS, model_lib.attention_bias(m_BxS))
+      return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
+    return branch
+
+  if "layer_list" in prepared:
+    branches = [cut(s, functools.partial(_static_layer_exit, prepared, cfg, j))
+                for j in range(cfg.num_layers) for s in lengths]
+    return jax.lax.switch(l * len(lengths) + k, branches, h_BxSxD, mask_BxS)
+  branches = [cut(s, functools.partial(_layer_exit, prepared, cfg, l)) for s in lengths]
+  return jax.lax.switch(k, branches, h_BxSxD, mask_BxS)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "lengths"))
 def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_NxS, attention_mask_NxS,
-                     token_type_ids_NxS, valid_N, batch_size: int) -> ExitResult:
+                     token_type_ids_NxS, valid_N, batch_size: int, lengths: Optional[tuple] = None) -> ExitResult:
   """Early exit over a chunk of N examples, running one layer at a time on B waiting examples.
 
-  `valid_N` marks padding rows (False), which are never run. Returns per-example logits and exits
-  and, as layer_runs, the number of [B,S,D] layer batches that ran.
+  `valid_N` marks padding rows (False), which are never run. Waiting examples are gathered in row
+  order, so a chunk sorted by length batches similar lengths together, and each batch is trimmed
+  to one of `lengths` (default: trim_lengths(S)). Returns per-example logits and exits and, as
+  layer_runs, the number of layer batches that ran.
   """
   mask_NxS = jnp.asarray(attention_mask_NxS, jnp.int32)
-  N, L = mask_NxS.shape[0], cfg.num_layers
+  N, S = mask_NxS.shape
+  L = cfg.num_layers
+  lengths = tuple(lengths or trim_lengths(S))
+  length_N = mask_NxS.sum(axis=1)
   h_NxSxD = _embed(prepared, cfg, input_ids_NxS, mask_NxS, token_type_ids_NxS)
 
   def cond(carry):
@@ -175,9 +213,9 @@ def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_id
     l = _pick_layer(counts_L, batch_size)
     (idx_B,) = jnp.nonzero(waiting_N & (next_layer_N == l), size=batch_size, fill_value=N)
     safe_B = jnp.minimum(idx_B, N - 1)
-    mask_BxS = mask_NxS[safe_B]
-    h_BxSxD, logits_BxC = _layer_exit(prepared, cfg, l, h_NxSxD[safe_B], mask_BxS,
-                                      model_lib.attention_bias(mask_BxS))
+    longest = jnp.max(jnp.where(idx_B < N, length_N[safe_B], 1))
+    h_BxSxD, logits_BxC = _layer_exit_trimmed(prepared, cfg, l, h_NxSxD[safe_B], mask_NxS[safe_B], longest,
+                                              lengths)
     state_B, exit_now_B = ep.step(policy, jax.tree.map(lambda x: x[safe_B], state_N), logits_BxC, l)
     put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
     h_NxSxD = put(h_NxSxD, h_BxSxD.astype(h_NxSxD.dtype))
@@ -208,10 +246,10 @@ class Encoded(NamedTuple):
     return self.input_ids.shape[0]
 
 
-def bucket_length(n: int, multiple: int = 16, cap: Optional[int] = None) -> int:
-  """Sequence lengths are rounded up to a multiple, so a handful of shapes compile."""
+def bucket_length(n: int, cap: Optional[int] = None) -> int:
+  """Padded length for a longest example of n tokens: the next of TRIM_LENGTHS (as training batches)."""
   n = max(int(n), 1)
-  b = -(-n // multiple) * multiple
+  b = next((t for t in TRIM_LENGTHS if t >= n), -(-n // TRIM_LENGTHS[-1]) * TRIM_LENGTHS[-1])
   return min(b, cap) if cap else b
 
 

@@ -119,3 +119,20 @@ def test_plan_pads_and_buckets(encoded):
   mask[:, 20:] = 0
   short = ee.Encoded(mask.copy(), mask, np.zeros_like(mask))
   assert ee.plan(short, 2)[0].arrays[0].shape == (2, 32)
+
+
+def test_throughput_trims_batches_of_short_examples_exactly(params):
+  """A chunk padded to 40 tokens runs batches of short examples at 16 or 32 tokens: same decisions."""
+  rng = np.random.default_rng(1)
+  N, S = 24, 40
+  lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, S + 1, 12)])
+  mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(1, CFG.vocab_size, (N, S)).astype(np.int32) * mask
+  encoded = ee.Encoded(ids, mask, np.zeros_like(ids))
+  assert ee.trim_lengths(S) == (16, 32, 40)
+  logits = np.asarray(model_lib.forward(params, CFG, ids, mask).exit_logits)
+  policy = policies(logits)[0]
+  want = ep.decide(policy, jnp.asarray(logits))
+  res = ee.run_throughput(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24)
+  np.testing.assert_array_equal(res.exit_index_N, np.asarray(want.exit_index_N))
+  np.testing.assert_allclose(res.logits_NxC, np.asarray(want.logits_NxC), atol=1e-5)
