@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from rome_flax import infer_cli
