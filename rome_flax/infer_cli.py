@@ -259,6 +259,13 @@ def run(args) -> dict:
     print("\nper exit:\n" + report.to_markdown(per_exit))
   print("thresholds (layer ratio = L / average exit layer; FLOPs ratio counts exit heads that ran):\n"
         + report.to_markdown(rows, columns))
+  if per_exit:
+    final = per_exit[-1][metric]
+    best = report.best_tradeoff(rows, metric, final)
+    if best is not None:
+      print(f"fastest setting within 1 point of the final exit ({metric} {final:.2f}): {best['setting']} "
+            f"({metric} {best[metric]:.2f}, layer ratio {best['layer_ratio']:.2f}, "
+            f"FLOPs ratio {best['flops_ratio']:.2f})\n")
   if speed_rows:
     print("measured wall clock vs the full model (compile and warm-up excluded):\n" + report.to_markdown(speed_rows))
   print(f"wrote {len(written)} files to {out}")

@@ -58,11 +58,12 @@ def _json_default(x):
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _cell(v) -> str:
+def _cell(v, digits: int | None = 4) -> str:
+  """Markdown shows 4 significant digits; CSV (digits=None) the shortest exact form."""
   if isinstance(v, float):
-    return f"{v:.4f}"
+    return repr(v) if digits is None else f"{v:.{digits}g}"
   if isinstance(v, (list, tuple)):
-    return " ".join(_cell(x) for x in v)
+    return " ".join(_cell(x, digits) for x in v)
   return str(v)
 
 
@@ -79,7 +80,7 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(columns)
   for row in rows:
-    writer.writerow([_cell(row[c]) if c in row else "" for c in columns])
+    writer.writerow([_cell(row[c], None) if c in row else "" for c in columns])
   return buf.getvalue()
 
 
@@ -154,3 +155,9 @@ def submission_tsv(example_ids, predictions, label_names: Sequence[str]) -> str:
   for i, p in zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist()):
     lines.append(f"{i}\t{label_names[int(p)] if label_names else f'{float(p):.6g}'}")
   return "\n".join(lines) + "\n"
+
+
+def best_tradeoff(settings: Sequence[dict], metric: str, reference: float, tolerance: float = 1.0):
+  """The setting with the highest layer ratio whose metric is within `tolerance` of the reference."""
+  ok = [r for r in settings if metric in r and r[metric] >= reference - tolerance]
+  return max(ok, key=lambda r: r["layer_ratio"]) if ok else None
