@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_model(path: str):
+def load_model(path: str, num_labels: Optional[int] = None):
   from rome_flax.pretrained import EXPORT_CONFIG, MultiExitBert
   p = Path(os.path.expanduser(path))
   if p.exists() and not p.is_dir():
@@ -76,7 +76,15 @@ def load_model(path: str):
                         "checkpoint (config.json)")
   if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
     raise RomeFlaxError(f"checkpoint directory {path} does not exist")
-  return MultiExitBert.from_pretrained(path)
+  return MultiExitBert.from_pretrained(path, num_labels=num_labels)
+
+
+def _named_task(args):
+  """The --task's spec when it fixes the label count (a Hugging Face checkpoint then gets that many)."""
+  from rome_flax import tasks
+  if args.task is None or args.task.strip().lower() == "custom":
+    return None
+  return tasks.get_task(args.task)
 
 
 def resolve_task(args, model):
@@ -182,7 +190,8 @@ def run(args) -> dict:
     raise RomeFlaxError(f"--latency_examples must be >= 1, got {args.latency_examples}")
   if args.thresholds is not None:
     ep.parse_thresholds(args.thresholds)  # fail on a bad list before loading anything
-  model = load_model(args.checkpoint)
+  named_task = _named_task(args)
+  model = load_model(args.checkpoint, named_task.num_labels if named_task is not None else None)
   cfg = model.config
   task = resolve_task(args, model)
   policies = build_policies(args, cfg)
