@@ -59,19 +59,6 @@ def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
   return Encoded(ids, mask, np.zeros_like(ids))
 
 
-def best_of(repeats, *runs):
-  """Alternates the runs `repeats` times (warm-up on the first); each one's fastest timed pass."""
-  best = [None] * len(runs)
-  for r in range(repeats):
-    for k, run in enumerate(runs):
-      res = run(warmup=r == 0)
-      if best[k] is None:
-        best[k] = res
-      elif res.seconds < best[k].seconds:
-        best[k] = res._replace(warmup_seconds=best[k].warmup_seconds)
-  return best
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--examples", type=int, default=512, help="examples for the throughput measurement")
@@ -115,10 +102,10 @@ def main():
     used = exit_index + 1
     return used.mean(), L / used.mean(), flops_ratio(cfg, exit_index, np.full(len(exit_index), args.seq))
 
-  full_b, thr = best_of(args.repeats,
+  full_b, thr = ee.best_of(args.repeats,
                         lambda warmup: ee.run_full_model(baseline, cfg, data, args.batch, warmup=warmup),
                         lambda warmup: ee.run_throughput(prepared, cfg, policy, data, args.batch, warmup=warmup))
-  full_1, lat = best_of(args.repeats,
+  full_1, lat = ee.best_of(args.repeats,
                         lambda warmup: ee.run_full_model(baseline, cfg, lat_data, 1, warmup=warmup),
                         lambda warmup: ee.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
 

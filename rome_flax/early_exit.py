@@ -322,6 +322,23 @@ def _run(pieces: list[Piece], fn, num_examples: int, num_labels: int, final_exit
   return RunResult(logits, exits, runs, seconds, warmup_seconds)
 
 
+def best_of(repeats: int, *runs) -> list[RunResult]:
+  """Calls each `run(warmup=...)` `repeats` times, alternating (warm-up in the first round only).
+
+  Returns each run's fastest timed pass, with its first-round warm-up time: side-by-side runs see
+  the same machine load, which makes their ratio meaningful on a shared machine.
+  """
+  best: list[Optional[RunResult]] = [None] * len(runs)
+  for r in range(repeats):
+    for k, run in enumerate(runs):
+      res = run(warmup=r == 0)
+      if best[k] is None:
+        best[k] = res
+      elif res.seconds < best[k].seconds:
+        best[k] = res._replace(warmup_seconds=best[k].warmup_seconds)
+  return best
+
+
 def _device_piece(piece: Piece):
   return tuple(jnp.asarray(a) for a in piece.arrays)
 

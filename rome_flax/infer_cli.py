@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--measure_speed", action="store_true",
                   help="run the throughput and latency paths for real and time them against the full model")
   ap.add_argument("--latency_examples", type=int, default=128, help="examples timed at batch size 1")
+  ap.add_argument("--speed_repeats", type=int, default=2, help="timed passes per side (the fastest counts)")
   ap.add_argument("--chunk_size", type=int, help="throughput path: examples resident on the device at once "
                   "(default 16 batches); at most one partial layer batch per layer per chunk")
   ap.add_argument("--limit", type=int, help="use only the first N examples of the split (quick checks)")
@@ -186,6 +187,8 @@ def run(args) -> dict:
 
   if args.batch_size < 1:
     raise RomeFlaxError(f"--batch_size must be >= 1, got {args.batch_size}")
+  if args.speed_repeats < 1:
+    raise RomeFlaxError(f"--speed_repeats must be >= 1, got {args.speed_repeats}")
   if args.latency_examples < 1:
     raise RomeFlaxError(f"--latency_examples must be >= 1, got {args.latency_examples}")
   if args.thresholds is not None:
@@ -252,7 +255,7 @@ def run(args) -> dict:
   speed_rows = []
   if args.measure_speed:
     speed_rows = measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, args.batch_size,
-                               args.latency_examples, progress, args.chunk_size)
+                               args.latency_examples, progress, args.chunk_size, args.speed_repeats)
     written += report.write_table(out, "speed", speed_rows)
 
   summary = {"checkpoint": str(args.checkpoint), "task": task.name, "split": args.split,
@@ -282,20 +285,25 @@ def run(args) -> dict:
 
 
 def measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, batch_size, latency_examples,
-                  progress, chunk_size=None) -> list[dict]:
-  """Throughput path (batch_size) and latency path (batch 1) per setting, each against the full model."""
+                  progress, chunk_size=None, repeats: int = 2) -> list[dict]:
+  """Throughput path (batch_size) and latency path (batch 1) per setting, each against the full model.
+
+  For every setting the early-exit run and the full model alternate `repeats` times and the fastest
+  pass of each counts, so both sides see the same machine load.
+  """
   from rome_flax import early_exit as ee
   from rome_flax import sweep
   n_lat = min(latency_examples, encoded.num_examples)
   lat_data = ee.Encoded(*(a[:n_lat] for a in encoded))
-  full_b = ee.run_full_model(prepared, cfg, encoded, batch_size, progress=progress(f"full model b={batch_size}"))
-  full_1 = ee.run_full_model(prepared, cfg, lat_data, 1, progress=progress("full model b=1"))
   rows = []
-  for policy in policies:
+  for policy in progress("measured speed")(policies):
     want = np.asarray(ep.decide(policy, np.asarray(exit_logits)).exit_index_N)
-    thr = ee.run_throughput(prepared, cfg, policy, encoded, batch_size, chunk_size,
-                            progress=progress(f"throughput {policy.describe()}"))
-    lat = ee.run_latency(prepared, cfg, policy, lat_data, 1, progress=progress(f"latency {policy.describe()}"))
+    full_b, thr = ee.best_of(
+        repeats, lambda warmup: ee.run_full_model(prepared, cfg, encoded, batch_size, warmup=warmup),
+        lambda warmup: ee.run_throughput(prepared, cfg, policy, encoded, batch_size, chunk_size, warmup=warmup))
+    full_1, lat = ee.best_of(
+        repeats, lambda warmup: ee.run_full_model(prepared, cfg, lat_data, 1, warmup=warmup),
+        lambda warmup: ee.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
     rows.append({
         "setting": policy.describe(),
         "layer_ratio": cfg.num_layers / float((thr.exit_index_N + 1).mean()),
