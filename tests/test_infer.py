@@ -44,7 +44,7 @@ def infer(*argv):
 def test_dev_sweep_and_measured_speed(export, tmp_path, capsys):
   out = tmp_path / "out"
   assert infer("--checkpoint", export, "--output_dir", out, "--limit", 96, "--batch_size", 16,
-               "--thresholds", "0.2,0.6,0.3:0.7", "--measure_speed", "--latency_examples", 8, "--no_progress") == 0
+               "--thresholds", "0.2,0.6,0.3:0.7", "--measure_speed", "all", "--speed_repeats", 1, "--latency_examples", 8, "--no_progress") == 0
   printed = capsys.readouterr().out
   assert "| setting | accuracy | avg_exit_layer" in printed and "entropy<0.6" in printed
   for name in ("sweep.json", "sweep.csv", "sweep.md", "per_exit.json", "per_exit.csv", "per_exit.md",
@@ -64,7 +64,8 @@ def test_dev_sweep_and_measured_speed(export, tmp_path, capsys):
 def test_all_criteria_default_thresholds(export, tmp_path):
   out = tmp_path / "out"
   assert infer("--checkpoint", export, "--output_dir", out, "--limit", 40, "--criterion", "all",
-               "--no_progress") == 0
+               "--measure_speed", "none", "--no_progress") == 0
+  assert not (out / "speed.json").exists()
   criteria = {r["criterion"] for r in json.loads((out / "sweep.json").read_text())}
   assert criteria == {"entropy", "maxprob", "patience"}
 
@@ -89,6 +90,7 @@ def test_regression_custom_patience(regression_export, tmp_path):
   assert infer("--checkpoint", regression_export, "--task", "custom", "--data_file", data,
                "--criterion", "patience", "--thresholds", "1", "--delta", "0.5", "--output_dir", out,
                "--no_progress") == 0
+  assert json.loads((out / "speed.json").read_text())[0]["exits_match_offline"]   # default: the best setting
   rows = json.loads((out / "sweep.json").read_text())
   assert rows[0]["setting"] == "patience=1,delta=0.5" and "pearson" in rows[0]
 
