@@ -388,3 +388,32 @@ def run_all_exits(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int,
     keep = piece.rows >= 0
     out[:, piece.rows[keep]] = np.asarray(all_exits(prepared, cfg, *_device_piece(piece)))[:, keep]
   return out
+
+
+class Prediction(NamedTuple):
+  predictions: np.ndarray   # class ids, or regression values
+  exit_layers: np.ndarray   # 1-based layer each example exited at
+  logits: np.ndarray        # [N, C] logits of the exit taken
+
+
+def predict(model, texts, policy: ep.ExitPolicy, text_pairs=None, *, batch_size: int = 64,
+            path: str = "throughput", max_length: int = 128, dispatch: str = "switch") -> Prediction:
+  """Early-exit predictions for raw texts with a `MultiExitBert` (its tokenizer) and a policy.
+
+  path='throughput' batches exited examples out of the work (best for many texts);
+  path='latency' runs batch by batch and stops each batch when all of it has exited.
+  """
+  if path not in ("throughput", "latency"):
+    raise RomeFlaxError(f"path must be 'throughput' or 'latency', got {path!r}")
+  if policy.num_exits != model.config.num_exits:
+    raise RomeFlaxError(f"policy is for {policy.num_exits} exits, the model has {model.config.num_exits}")
+  texts = list(texts)
+  if not texts:
+    raise RomeFlaxError("no texts to predict")
+  arrays = model.encode(texts, text_pairs, max_length=max_length)
+  encoded = Encoded(*(np.asarray(arrays[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")))
+  prepared = prepare_params(model.params, dispatch)
+  run = run_throughput if path == "throughput" else run_latency
+  res = run(prepared, model.config, policy, encoded, batch_size, warmup=False)
+  preds = res.logits_NxC[:, 0] if model.config.is_regression else res.logits_NxC.argmax(-1)
+  return Prediction(preds, res.exit_index_N + 1, res.logits_NxC)

@@ -136,3 +136,22 @@ def test_throughput_trims_batches_of_short_examples_exactly(params):
   res = ee.run_throughput(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24)
   np.testing.assert_array_equal(res.exit_index_N, np.asarray(want.exit_index_N))
   np.testing.assert_allclose(res.logits_NxC, np.asarray(want.logits_NxC), atol=1e-5)
+
+
+def test_predict_texts_with_both_paths():
+  from rome_flax import synthetic
+  from rome_flax.errors import RomeFlaxError
+  from rome_flax.pretrained import MultiExitBert
+  cfg = CFG.replace(vocab_size=len(synthetic.VOCAB), num_labels=2, num_hidden_layers=2)
+  model = MultiExitBert.from_config(cfg, tokenizer=synthetic.build_tokenizer())
+  model.params["exits"]["classifier"]["kernel"] = model.params["exits"]["classifier"]["kernel"] * 150.0
+  texts = synthetic.make_split("dev", size=12)[0]
+  all_z = model(**{k: v for k, v in model.encode(texts).items()}).exit_logits
+  policy = ep.make_policy("maxprob", 0.7, 2, num_labels=2)
+  want = ep.decide(policy, all_z)
+  for path in ("throughput", "latency"):
+    got = ee.predict(model, texts, policy, batch_size=4, path=path)
+    np.testing.assert_array_equal(got.exit_layers, np.asarray(want.exit_index_N) + 1)
+    np.testing.assert_array_equal(got.predictions, np.asarray(want.logits_NxC).argmax(-1))
+  with pytest.raises(RomeFlaxError, match="exits"):
+    ee.predict(model, texts, ep.make_policy("maxprob", 0.7, 4, num_labels=2))
