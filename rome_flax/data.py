@@ -174,7 +174,7 @@ def _load_hub(task: TaskSpec, split: str) -> Split:
   text_cols = [c for c in ds.column_names if c not in ("label", "idx")]
   hub_labels = ds.features["label"]
   labels = np.asarray(ds["label"])
-  if split.startswith("test") or (labels < 0).all() if not task.is_regression else False:
+  if split.startswith("test") or (labels < 0).all():   # the hub marks unlabelled rows with -1
     labels = None
   elif not task.is_regression:
     # Map the hub's label ids onto this task's label order by name.
