@@ -237,9 +237,6 @@ def run(args) -> dict:
   columns = ["setting", *([metric] + [m for m in task.metric_names if m != metric] if labelled else []),
              "avg_exit_layer", "layer_ratio", "flops_ratio", "expected_saving", "exit_shares"]
   written += report.write_table(out, "sweep", rows, columns)
-  if labelled:
-    written.append(report.plot_tradeoff(out / "tradeoff.png", rows, metric,
-                                        final_metric=per_exit[-1][metric] if per_exit else None))
 
   for policy in policies:
     preds, exits = sweep.decisions(policy, exit_logits, cfg.is_regression)
@@ -262,6 +259,12 @@ def run(args) -> dict:
     speed_rows = measure_speed(prepared, cfg, timed, encoded, lengths, exit_logits, args.batch_size,
                                args.latency_examples, progress, args.chunk_size, args.speed_repeats)
     written += report.write_table(out, "speed", speed_rows)
+  if labelled:
+    measured = [(r[metric], s[f"throughput_speedup_b{args.batch_size}"])
+                for s in speed_rows for r in rows if r["setting"] == s["setting"]]
+    written.append(report.plot_tradeoff(out / "tradeoff.png", rows, metric,
+                                        final_metric=per_exit[-1][metric] if per_exit else None,
+                                        measured=measured, measured_label=f"measured, throughput b={args.batch_size}"))
 
   summary = {"checkpoint": str(args.checkpoint), "task": task.name, "split": args.split,
              "examples": int(encoded.num_examples), "num_layers": cfg.num_layers, "labelled": labelled,

@@ -107,8 +107,8 @@ def _savefig(fig, path) -> Path:
 
 
 def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: float | None = None,
-                  speed: str = "layer_ratio") -> Path:
-  """Task metric against speed-up, one curve per criterion."""
+                  speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured") -> Path:
+  """Task metric against speed-up, one curve per criterion; measured wall-clock points as crosses."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -117,10 +117,14 @@ def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: flo
     pts = sorted((r[speed], r[metric]) for r in settings if r["criterion"] == criterion and metric in r)
     if pts:
       ax.plot(*zip(*pts), marker="o", label=criterion)
+  if measured:
+    ys, xs = zip(*measured)
+    ax.scatter(xs, ys, marker="x", s=60, color="black", zorder=3, label=f"{measured_label} (wall clock)")
   if final_metric is not None:
     ax.axhline(final_metric, color="gray", linestyle="--", linewidth=1, label="final exit (full model)")
-  ax.set_xlabel({"layer_ratio": "layer ratio (L / average exit layer)",
-                 "flops_ratio": "FLOPs ratio (full / early exit)"}.get(speed, speed))
+  xlabel = {"layer_ratio": "layer ratio (L / average exit layer)",
+            "flops_ratio": "FLOPs ratio (full / early exit)"}.get(speed, speed)
+  ax.set_xlabel(f"speed-up: {xlabel}" + ("; crosses: measured wall clock" if measured else ""))
   ax.set_ylabel(metric)
   ax.grid(alpha=0.3)
   ax.legend()
