@@ -159,12 +159,18 @@ def build_policies(args, cfg) -> list[ep.ExitPolicy]:
   return policies
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
+def check_output_dir(path: str, overwrite: bool) -> Path:
+  """Refuses to mix new results into an earlier run's directory unless asked to."""
   out = Path(path)
   if out.exists() and not out.is_dir():
     raise RomeFlaxError(f"--output_dir {path} is a file")
   if out.is_dir() and any(out.iterdir()) and not overwrite:
     raise RomeFlaxError(f"--output_dir {path} already holds results; pass --overwrite or choose another directory")
+  return out
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+  out = check_output_dir(path, overwrite)
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -195,6 +201,7 @@ def run(args) -> dict:
     raise RomeFlaxError(f"--latency_examples must be >= 1, got {args.latency_examples}")
   if args.thresholds is not None:
     ep.parse_thresholds(args.thresholds)  # fail on a bad list before loading anything
+  check_output_dir(args.output_dir, args.overwrite)
   named_task = _named_task(args)
   model = load_model(args.checkpoint, named_task.num_labels if named_task is not None else None)
   cfg = model.config
