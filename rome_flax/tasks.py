@@ -41,10 +41,6 @@ class TaskSpec:
   def is_regression(self) -> bool:
     return self.num_labels == 1
 
-  @property
-  def splits(self) -> tuple[str, ...]:
-    return tuple(s for s, _ in self.tsv) or tuple(s for s, _ in self.hf_splits) or ("train", "dev", "test")
-
   def tsv_layout(self, split: str) -> TsvLayout:
     layouts = dict(self.tsv)
     if split not in layouts:
@@ -141,7 +137,3 @@ def get_task(name: str, **custom) -> TaskSpec:
   if key not in _REGISTRY:
     raise RomeFlaxError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
   return _REGISTRY[key]
-
-
-def primary_metric(task: TaskSpec) -> str:
-  return task.primary_metric
