@@ -310,7 +310,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
           break
     flush_metrics(step)
     if step >= total_steps and cfg.export:
-      export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, task, cfg, results)
+      path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, task, cfg, results)
+      print(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / 'tb'})", flush=True)
   finally:
     bar.close()
     run_log.close()
