@@ -163,13 +163,13 @@ class RunLog:
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step or None)
 
-  def write(self, record: dict) -> None:
+  def write(self, records: list[dict]) -> None:
     with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-    step = record["step"]
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
-        self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+      f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    for record in records:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
   def write_eval(self, step: int, split: str, per_exit: list[dict]) -> None:
     with open(self.path, "a") as f:
@@ -245,11 +245,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   last_good = ckpts.latest_step()
   results: dict = {}
   bar = _progress(total_steps, start, progress)
-  t_log, n_log = time.perf_counter(), 0
+  t_log = time.perf_counter()
 
-  def flush_metrics(step_now: int) -> None:
-    """Reads back the pending step metrics (one host sync), checks them, logs them."""
-    nonlocal t_log, n_log, pending
+  def flush_metrics() -> None:
+    """Reads back the pending steps' metrics (one host sync), checks them, logs one record per step
+    (GR's cos / norms are per step); the window's speed goes on its last record."""
+    nonlocal t_log, pending
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
@@ -258,17 +259,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         where = f"the last good checkpoint is step {last_good} in {ckpts.last.directory}" if last_good is not None \
             else "no checkpoint was saved"
         raise RomeFlaxError(f"non-finite loss at step {s + 1}; stopping ({where})")
-    elapsed = time.perf_counter() - t_log
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    record = {"step": step_now, "kind": "train", **mean,
-              "examples_per_s": n_log * cfg.batch_size / max(elapsed, 1e-9)}
-    run_log.write(record)
-    bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-    pending, t_log, n_log = [], time.perf_counter(), 0
+    speed = len(pending) * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9)
+    records = [{"step": s + 1, "kind": "train", **{k: float(v) for k, v in m.items()}}
+               for (s, _), m in zip(pending, fetched)]
+    records[-1]["examples_per_s"] = speed
+    run_log.write(records)
+    bar.set_postfix(loss=f"{np.mean([float(m['loss']) for m in fetched]):.4f}", ex_s=f"{speed:.0f}")
+    pending, t_log = [], time.perf_counter()
 
   def save(state_now) -> None:
     nonlocal last_good
-    flush_metrics(int(state_now.step))
+    flush_metrics()
     last_good = ckpts.save(state_now)
 
   try:
@@ -287,13 +288,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         state, m = step_fns[stage](state, batch)
         pending.append((step, m))
         step += 1
-        n_log += 1
         bar.update(1)
         if step % cfg.log_every == 0:
-          flush_metrics(step)
+          flush_metrics()
         evaluate_now = run_data.evals and (step % eval_every == 0 or step == total_steps)
         if evaluate_now:
-          flush_metrics(step)
+          flush_metrics()
           for split, encoded in run_data.evals.items():
             per_exit, _ = evaluate(eval_step, state.params, task, encoded, cfg.eval_batch_size)
             run_log.write_eval(step, split, per_exit)
@@ -306,9 +306,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             ckpts.save_best(state, value, {"select_by": cfg.select_by, "exits": first})
         if step % cfg.save_every == 0 or evaluate_now or step == end:
           save(state)
+          t_log = time.perf_counter()  # the speed shown is training's, not evaluation's or saving's
         if step >= end:
           break
-    flush_metrics(step)
+    flush_metrics()
     if step >= total_steps and cfg.export:
       path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, task, cfg, results)
       print(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / 'tb'})", flush=True)
