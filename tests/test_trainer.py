@@ -121,3 +121,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   assert proc.returncode == 2, proc.stderr
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_mnli_reports_matched_and_mismatched_and_stsb_regresses(tmp_path):
+  header = "index\tpromptID\tpairID\tgenre\ts1bp\ts2bp\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label"
+  names = ("entailment", "neutral", "contradiction")
+  rows = lambda n: [header] + [f"{i}\t1\t1\tfic\tx\tx\tx\tx\tgood film {i}\tnot bad\t-\t{names[i % 3]}"
+                               for i in range(n)]
+  mnli = tmp_path / "MNLI"
+  mnli.mkdir()
+  for name, n in (("train", 24), ("dev_matched", 9), ("dev_mismatched", 6)):
+    (mnli / f"{name}.tsv").write_text("\n".join(rows(n)) + "\n")
+  results = trainer.train(tiny(tmp_path, "mnli", task="mnli", data_dir=str(mnli), epochs=1, train_rows=0), progress=False)
+  assert set(results) == {"dev_matched", "dev_mismatched"} and len(results["dev_mismatched"]) == 2
+
+  sts_header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+  sts = tmp_path / "STS-B"
+  sts.mkdir()
+  for name, n in (("train", 24), ("dev", 8)):
+    lines = [sts_header] + [f"{i}\tg\tf\t2012\t{i}\tn\tn\tgood film\tfine plot {i}\t{i % 5}.0" for i in range(n)]
+    (sts / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+  results = trainer.train(tiny(tmp_path, "stsb", task="sts-b", data_dir=str(sts), epochs=1, train_rows=0,
+                               method="romebert", gr="penalty"), progress=False)
+  assert set(results["dev"][0]) == {"pearson", "spearman"}
+  assert MultiExitBert.from_pretrained(tmp_path / "stsb" / "export").config.num_labels == 1
