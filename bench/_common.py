@@ -44,3 +44,23 @@ def time_per_call(fn, *, warmup: int = 2, min_time: float = 3.0, min_iters: int 
     times.append(time.perf_counter() - t)
   times.sort()
   return times[len(times) // 2]
+
+
+def compare(fns: dict, *, warmup: int = 2, rounds: int = 7, min_time: float = 0.0, settle: float = 0.2) -> dict:
+  """Median seconds per call of each callable, measured in interleaved rounds (A, B, A, B, ...).
+
+  Interleaving makes the ratio robust to load that changes during the run: every contender sees
+  the same machine state, round by round.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  start = time.perf_counter()
+  while min(len(t) for t in times.values()) < rounds or time.perf_counter() - start < min_time:
+    for name, fn in fns.items():
+      time.sleep(settle)  # let the other framework's worker threads go idle (OpenMP spin-waits)
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

@@ -1,7 +1,8 @@
 """Sequences/second of the Flax multi-exit forward (all exits) vs transformers' PyTorch BertModel.
 
 Same checkpoint (all-MiniLM-L6-v2), batch 32, sequence 128, float32, same process, same CPU threads.
-Last line: `ratio flax/torch = X.XX` (target >= 1.0).
+Calls alternate (flax, torch, flax, ...) and the medians are compared, so load that changes
+during the run hits both. Last line: `ratio flax/torch = X.XX` (target >= 1.0).
 
   python bench/forward.py [--batch 32] [--seq 128]
 """
@@ -17,14 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from bench._common import minilm_dir, time_per_call
+from bench._common import compare, minilm_dir
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--min_time", type=float, default=5.0)
+  ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median is reported)")
+  ap.add_argument("--min_time", type=float, default=10.0, help="keep alternating for at least this many seconds")
   args = ap.parse_args()
 
   import torch
@@ -44,15 +46,14 @@ def main():
   model = rome_flax.MultiExitBert.from_pretrained(path, num_labels=2, load_tokenizer_files=False)
   fwd = jax.jit(lambda p, i, m, t: forward(p, model.config, i, m, t).exit_logits)
   ids_j, mask_j, types_j = map(jax.device_put, (ids, mask, types))
-  flax_s = time_per_call(lambda: fwd(model.params, ids_j, mask_j, types_j).block_until_ready(),
-                         min_time=args.min_time)
-
   tmodel = BertModel.from_pretrained(str(path)).eval()
   tids, tmask, ttypes = (torch.from_numpy(x.astype(np.int64)) for x in (ids, mask, types))
   def torch_fwd():
     with torch.inference_mode():
       tmodel(input_ids=tids, attention_mask=tmask, token_type_ids=ttypes)
-  torch_s = time_per_call(torch_fwd, min_time=args.min_time)
+  timed = compare({"flax": lambda: fwd(model.params, ids_j, mask_j, types_j).block_until_ready(),
+                   "torch": torch_fwd}, rounds=args.rounds, min_time=args.min_time)
+  flax_s, torch_s = timed["flax"], timed["torch"]
 
   print(f"device: {jax.devices()[0].device_kind}, cpu threads: torch {torch.get_num_threads()}, "
         f"jax {jax.device_count()} device(s); batch {args.batch}, seq {args.seq}, float32")

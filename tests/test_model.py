@@ -144,3 +144,20 @@ def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
   assert not any(p.name.startswith(".export.tmp") for p in tmp_path.iterdir())
   with pytest.raises(RomeFlaxError, match="labels"):
     MultiExitBert.from_pretrained(path, num_labels=5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_last_layer_first_token_only_gives_same_logits(tiny_config, dtype):
+  """forward() skips the last layer's non-[CLS] rows when nothing reads them; logits are unchanged."""
+  cfg = tiny_config.replace(dtype=dtype)
+  assert M.last_layer_first_token_only(cfg) and not M.last_layer_first_token_only(cfg, output_hidden_states=True)
+  assert not M.last_layer_first_token_only(cfg.replace(exit_pooling="mean"))
+  params = M.init_params(cfg, jax.random.PRNGKey(8))
+  ids, mask, types = _batch(cfg)
+  short = M.forward(params, cfg, ids, mask, types).exit_logits
+  full = M.forward(params, cfg, ids, mask, types, output_hidden_states=True).exit_logits
+  np.testing.assert_allclose(short, full, atol=1e-5 if dtype == "float32" else 2e-2)
+  h = M.forward(params, cfg, ids, mask, types, output_hidden_states=True).hidden_states
+  one = M.run_layer(params, cfg, 1, h[1], M.attention_bias(jnp.asarray(mask)), first_token_only=True)
+  assert one.shape == (3, 1, cfg.hidden_size)
+  np.testing.assert_allclose(one[:, 0], h[2][:, 0], atol=1e-5 if dtype == "float32" else 2e-2)
