@@ -21,6 +21,7 @@ from rome_flax.config import ModelConfig
 from rome_flax.losses import LossConfig, LossTerms, loss_terms
 
 _TINY = 1e-30
+_TRAINED = 1.0   # the gate of a fully trained leaf: its update is used as is
 
 
 class TrainState(NamedTuple):
@@ -60,10 +61,13 @@ def weight_decay_mask(params) -> Any:
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (betas 0.9 / 0.999) with the linear schedule."""
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.clip_norm),
-      optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, eps=cfg.adam_eps,
-                  weight_decay=cfg.weight_decay, mask=weight_decay_mask(params)))
+  schedule = learning_rate_schedule(cfg)
+  if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
+    adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps)
+  else:
+    adam = optax.adamw(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                       mask=weight_decay_mask(params))
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
 
 
 # ----------------------------------------------------------------------------- what a stage trains
@@ -93,7 +97,7 @@ def trainable_mask(params, cfg: ModelConfig, plan: StagePlan):
   """1/0 factors per leaf (per exit row for the stacked exit heads) that gate the updates."""
   rows = np.zeros((cfg.num_layers,), np.float32)
   rows[list(plan.train_exits)] = 1.0
-  encoder = 1.0 if plan.train_encoder else 0.0
+  encoder = _TRAINED if plan.train_encoder else 0.0
   return {
       "embeddings": jax.tree.map(lambda _: encoder, params["embeddings"]),
       "layers": jax.tree.map(lambda _: encoder, params["layers"]),
@@ -231,7 +235,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.Gra
     grads, (terms, extra) = grads_fn(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     if not gate_all_ones:
-      updates = jax.tree.map(lambda u, g: u * g, updates, gate)
+      updates = jax.tree.map(lambda u, g: u if g is _TRAINED else u * g, updates, gate)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": terms.total, "loss_final": terms.final, "loss_highway": terms.highway,
                "grad_norm": optax.tree.norm(grads), **extra}
