@@ -119,9 +119,12 @@ def exits_forward(params, cfg: ModelConfig, batch, rng, plan: StagePlan, taps_Kx
   h_BxSxD = model_lib.embed(params, cfg, batch["input_ids"], mask_BxS, batch["token_type_ids"],
                             deterministic=False, rng=rng)
   mask_bias = model_lib.attention_bias(mask_BxS)
+  # With 'cls' pooling the last layer run feeds only its exit's token 0: compute just that.
+  short_last = model_lib.last_layer_first_token_only(cfg)
   logits = []
   for i in range(plan.num_layers):
-    h_BxSxD = model_lib.run_layer(params, cfg, i, h_BxSxD, mask_bias, deterministic=False, rng=rng)
+    h_BxSxD = model_lib.run_layer(params, cfg, i, h_BxSxD, mask_bias, deterministic=False, rng=rng,
+                                  first_token_only=short_last and i == plan.num_layers - 1)
     if taps_KxBxSxD is not None and i < taps_KxBxSxD.shape[0]:
       h_BxSxD = h_BxSxD + taps_KxBxSxD[i].astype(h_BxSxD.dtype)
     if i in plan.exits:
