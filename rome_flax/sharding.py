@@ -53,11 +53,13 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Splits a host batch along its first axis over the mesh's 'data' axis.
+  """Splits a global host batch along its first axis over the mesh's 'data' axis.
 
-  Each process passes its own slice of the global batch (with one process: the whole batch).
+  Every process builds the same global batch (same seed, same order) and contributes its own rows.
   """
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  n, pid = jax.process_count(), jax.process_index()
+  local = lambda x: np.asarray(x)[pid * (len(x) // n):(pid + 1) * (len(x) // n)]
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, local(x)), batch)

@@ -23,6 +23,7 @@ import numpy as np
 
 from rome_flax import data as data_lib
 from rome_flax import metrics as metrics_lib
+from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
 from rome_flax.checkpoint import RunCheckpoints, write_json_atomic
 from rome_flax.config import ModelConfig
@@ -203,6 +204,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
   max_steps stops early after that many total steps (as if killed; for tests and quick checks).
   """
+  sharding_lib.maybe_initialize_distributed()
+  mesh = sharding_lib.data_mesh()  # data parallel over every device; one device: a no-op
+  sharding_lib.check_batch_size(cfg.batch_size, mesh)
   out = Path(cfg.output_dir).absolute()
   task = resolve_task(cfg)
   model = load_model(cfg, task)
@@ -233,6 +237,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   if resume and ckpts.latest_step() is not None:
     state = ckpts.restore(state)
     log.info("resumed from step %d", int(state.step))
+  state = sharding_lib.replicate(state, mesh)
   start = int(state.step)
   best = ckpts.best_value()
   run_log = RunLog(out, start)
@@ -285,7 +290,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
       data_epoch = (stage - 1) * cfg.epochs + epoch
       for batch in data_lib.batches(run_data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                     epoch=data_epoch, start=in_stage % steps_per_epoch):
-        state, m = step_fns[stage](state, batch)
+        state, m = step_fns[stage](state, sharding_lib.shard_batch(batch, mesh))
         pending.append((step, m))
         step += 1
         bar.update(1)
