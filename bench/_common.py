@@ -32,20 +32,6 @@ def minilm_dir() -> Path:
   return model
 
 
-def time_per_call(fn, *, warmup: int = 2, min_time: float = 3.0, min_iters: int = 5) -> float:
-  """Median seconds per call of `fn` (which must block until its result is ready)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  start = time.perf_counter()
-  while len(times) < min_iters or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 2]
-
-
 def compare(fns: dict, *, warmup: int = 2, rounds: int = 7, min_time: float = 0.0, settle: float = 0.2) -> dict:
   """Median seconds per call of each callable, measured in interleaved rounds (A, B, A, B, ...).
 
