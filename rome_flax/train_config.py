@@ -88,9 +88,9 @@ class TrainConfig:
         raise RomeFlaxError(msg)
 
   def loss_config(self, regression: bool) -> LossConfig:
-    return LossConfig(method=self.method, gamma=self.gamma, temperature=self.temperature,
-                      kl_reduction=self.kl_reduction, gr=self.gr, gr_lambda=self.gr_lambda,
-                      protect=self.protect, regression=regression)
+    """The LossConfig fields this flat config mirrors (same names), so the two cannot drift apart."""
+    shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig) if f.name != "regression"}
+    return LossConfig(**shared, regression=regression)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
