@@ -9,7 +9,11 @@ See rome_flax/infer_cli.py for every option.
 
 import sys
 
-from rome_flax.infer_cli import main
+from rome_flax.runtime import retain_host_memory
+
+retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
+
+from rome_flax.infer_cli import main  # noqa: E402
 
 if __name__ == "__main__":
   sys.exit(main())

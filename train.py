@@ -40,6 +40,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+  from rome_flax.runtime import retain_host_memory
+  retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   args = build_parser().parse_args(argv)
   from rome_flax.errors import RomeFlaxError
