@@ -137,7 +137,8 @@ def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
   again = MultiExitBert.from_pretrained(path)
   assert again.config == tiny_config
   assert again.metadata["task"] == "unit"
-  np.testing.assert_array_equal(again(ids, mask, types).exit_logits, out.exit_logits)
+  # Same code path (output_hidden_states) on both sides: the parameters must round-trip bit for bit.
+  np.testing.assert_array_equal(again(ids, mask, types, output_hidden_states=True).exit_logits, out.exit_logits)
   # Saving over an existing export replaces it whole (staged, then renamed).
   model.save_pretrained(path, metadata={"task": "second"})
   assert MultiExitBert.from_pretrained(path).metadata["task"] == "second"
@@ -161,3 +162,24 @@ def test_last_layer_first_token_only_gives_same_logits(tiny_config, dtype):
   one = M.run_layer(params, cfg, 1, h[1], M.attention_bias(jnp.asarray(mask)), first_token_only=True)
   assert one.shape == (3, 1, cfg.hidden_size)
   np.testing.assert_allclose(one[:, 0], h[2][:, 0], atol=1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_dropout_mask_rate_independence_and_determinism():
+  shape, keep = (8, 4, 64, 64), 0.9
+  key = jax.random.PRNGKey(11)
+  m = np.asarray(M.dropout_keep_mask(key, shape, keep)).ravel()
+  assert abs(m.mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / m.size)          # the rate, within 4 sigma
+  np.testing.assert_array_equal(m, np.asarray(M.dropout_keep_mask(key, shape, keep)).ravel())
+  others = [np.asarray(M.dropout_keep_mask(k, shape, keep)).ravel()
+            for k in (jax.random.fold_in(key, 1), jax.random.PRNGKey(12), jax.random.key(11))]
+  tol = 4 / np.sqrt(m.size)
+  for o in others[:2]:   # another key: an unrelated mask
+    assert abs(np.corrcoef(m, o)[0, 1]) < tol
+  np.testing.assert_array_equal(m, others[2])   # typed and raw keys with the same data agree
+  for lag in (1, 64, 4096):   # neighbours along every axis are independent
+    assert abs(np.corrcoef(m[:-lag], m[lag:])[0, 1]) < tol
+  x = jnp.ones((256, 512))
+  y = M.Dropout(0.25).apply({}, x, False, rngs={"dropout": key})
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(float(y.mean()) - 1.0) < 0.01
+  np.testing.assert_array_equal(M.Dropout(0.25).apply({}, x, True), x)
