@@ -60,7 +60,9 @@ def weight_decay_mask(params) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (betas 0.9 / 0.999) with the linear schedule."""
+  """Global-norm clipping, then AdamW (betas 0.9 / 0.999) with the linear schedule, for parameters
+  in the train layout (`model.unstack_layers`; stacked `params` are converted for the mask)."""
+  params = model_lib.unstack_layers(params)
   schedule = learning_rate_schedule(cfg)
   if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
     adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps)
@@ -94,14 +96,14 @@ def stage_plan(cfg: ModelConfig, method: str, stage: int = 1) -> StagePlan:
 
 
 def trainable_mask(params, cfg: ModelConfig, plan: StagePlan):
-  """1/0 factors per leaf (per exit row for the stacked exit heads) that gate the updates."""
-  rows = np.zeros((cfg.num_layers,), np.float32)
-  rows[list(plan.train_exits)] = 1.0
+  """1/0 factors per leaf of the train layout (one per exit head) that gate the updates."""
+  params = model_lib.unstack_layers(params)
   encoder = _TRAINED if plan.train_encoder else 0.0
   return {
       "embeddings": jax.tree.map(lambda _: encoder, params["embeddings"]),
       "layers": jax.tree.map(lambda _: encoder, params["layers"]),
-      "exits": jax.tree.map(lambda x: jnp.asarray(rows.reshape((-1,) + (1,) * (x.ndim - 1))), params["exits"]),
+      "exits": tuple(jax.tree.map(lambda _: _TRAINED if i in plan.train_exits else 0.0, head)
+                     for i, head in enumerate(params["exits"])),
   }
 
 
@@ -143,7 +145,10 @@ def example_weights(batch) -> jax.Array:
 
 def _projected_slices(grads, num_layers: int):
   """The GR vector's pieces: encoder weight matrices of layers 1..L-1 (not the last layer)."""
-  return [grads["layers"][name]["kernel"][:num_layers - 1] for name in model_lib.ENCODER_MATRICES]
+  layers = grads["layers"]
+  if isinstance(layers, (list, tuple)):
+    return [layers[i][name]["kernel"] for i in range(num_layers - 1) for name in model_lib.ENCODER_MATRICES]
+  return [layers[name]["kernel"][:num_layers - 1] for name in model_lib.ENCODER_MATRICES]
 
 
 def project_conflicting(g_protected, g_other, num_layers: int):
@@ -156,11 +161,19 @@ def project_conflicting(g_protected, g_other, num_layers: int):
   b_sq = sum(jnp.vdot(b, b) for b in b_parts)
   coef = jnp.where(dot < 0, dot / jnp.maximum(a_sq, _TINY), 0.0)
   summed = jax.tree.map(jnp.add, g_protected, g_other)
-  layer_factor = jnp.asarray(np.arange(num_layers) < num_layers - 1, jnp.float32)
-  for name in model_lib.ENCODER_MATRICES:
-    k_a = g_protected["layers"][name]["kernel"]
-    summed["layers"][name]["kernel"] = (
-        summed["layers"][name]["kernel"] - (coef * layer_factor)[:, None, None] * k_a)
+  if isinstance(summed["layers"], (list, tuple)):   # the train layout
+    summed["layers"] = list(summed["layers"])
+    for i in range(num_layers - 1):
+      for name in model_lib.ENCODER_MATRICES:
+        summed["layers"][i][name]["kernel"] = (
+            summed["layers"][i][name]["kernel"] - coef * g_protected["layers"][i][name]["kernel"])
+    summed["layers"] = tuple(summed["layers"])
+  else:
+    layer_factor = jnp.asarray(np.arange(num_layers) < num_layers - 1, jnp.float32)
+    for name in model_lib.ENCODER_MATRICES:
+      k_a = g_protected["layers"][name]["kernel"]
+      summed["layers"][name]["kernel"] = (
+          summed["layers"][name]["kernel"] - (coef * layer_factor)[:, None, None] * k_a)
   stats = {"gr_cos": dot / jnp.sqrt(jnp.maximum(a_sq * b_sq, _TINY)),
            "gr_norm_a": jnp.sqrt(a_sq), "gr_norm_b": jnp.sqrt(b_sq),
            "gr_projected": (dot < 0).astype(jnp.float32)}
@@ -250,6 +263,8 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.Gra
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, step: int = 0) -> TrainState:
+  """The state holds the parameters in the train layout (`model.unstack_layers`)."""
+  params = model_lib.unstack_layers(params)
   return TrainState(jnp.asarray(step, jnp.int32), params, optimizer.init(params),
                     jax.random.PRNGKey(seed).astype(jnp.uint32))
 

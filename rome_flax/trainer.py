@@ -23,6 +23,7 @@ import numpy as np
 
 from rome_flax import data as data_lib
 from rome_flax import metrics as metrics_lib
+from rome_flax import model as model_lib
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
 from rome_flax.checkpoint import RunCheckpoints, write_json_atomic
@@ -331,7 +332,8 @@ def export_model(path: Path, mcfg: ModelConfig, params, tokenizer, task: TaskSpe
   meta = {"task": task.name, "label_names": list(task.label_names), "is_regression": task.is_regression,
           "method": cfg.method, "gr": cfg.gr if cfg.method == "romebert" else "none",
           "max_length": cfg.max_length, "dev_metrics": results, "primary_metric": task.primary_metric}
-  return MultiExitBert(mcfg, jax.device_get(params), tokenizer).save_pretrained(path, metadata=meta)
+  params = model_lib.stack_layers(jax.device_get(params))   # the train state's layout -> the model's
+  return MultiExitBert(mcfg, params, tokenizer).save_pretrained(path, metadata=meta)
 
 
 def _progress(total: int, initial: int, enabled: bool):

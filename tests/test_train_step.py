@@ -143,7 +143,7 @@ def test_stages_update_only_what_they_train(setup, method, stage):
   for _ in range(2):
     state, metrics = step(state, batch)
   assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
-  diff = changed(before, jax.device_get(state.params))
+  diff = changed(before, model_lib.stack_layers(jax.device_get(state.params)))
   exit_rows = np.asarray(diff["exits"]["classifier"]["kernel"]) > 0
   encoder_moved = np.asarray(diff["layers"]["qkv"]["kernel"]).max() > 0
   if method == "deebert" and stage == 2:
