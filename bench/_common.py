@@ -32,6 +32,20 @@ def minilm_dir() -> Path:
   return model
 
 
+def add_malloc_option(parser) -> None:
+  parser.add_argument("--default_malloc", action="store_true",
+                      help="leave glibc malloc as it is (default: rome_flax.runtime.retain_host_memory(), as "
+                           "train.py and infer.py do; one process, so it applies to every contender alike)")
+
+
+def apply_malloc_option(args) -> bool:
+  """Applies retain_host_memory unless --default_malloc; returns whether it is in effect."""
+  if args.default_malloc:
+    return False
+  from rome_flax.runtime import retain_host_memory
+  return retain_host_memory()
+
+
 def compare(fns: dict, *, warmup: int = 2, rounds: int = 7, min_time: float = 0.0, settle: float = 0.2) -> dict:
   """Median seconds per call of each callable, measured in interleaved rounds (A, B, A, B, ...).
 

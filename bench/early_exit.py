@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._common import minilm_dir
+from bench._common import add_malloc_option, apply_malloc_option, minilm_dir
 
 
 def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float, seed: int = 0):
@@ -68,7 +68,9 @@ def main():
   ap.add_argument("--exit_layer", type=int, default=2, help="the layer (1-based) where about half exit")
   ap.add_argument("--dispatch", default="switch", choices=("switch", "slice"))
   ap.add_argument("--repeats", type=int, default=3)
+  add_malloc_option(ap)
   args = ap.parse_args()
+  apply_malloc_option(args)
 
   import rome_flax
   from rome_flax import early_exit as ee

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from bench._common import compare, minilm_dir
+from bench._common import add_malloc_option, apply_malloc_option, compare, minilm_dir
 
 
 def main():
@@ -27,7 +27,9 @@ def main():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median is reported)")
   ap.add_argument("--min_time", type=float, default=10.0, help="keep alternating for at least this many seconds")
+  add_malloc_option(ap)
   args = ap.parse_args()
+  retained = apply_malloc_option(args)
 
   import torch
   from transformers import BertModel
@@ -56,7 +58,8 @@ def main():
   flax_s, torch_s = timed["flax"], timed["torch"]
 
   print(f"device: {jax.devices()[0].device_kind}, cpu threads: torch {torch.get_num_threads()}, "
-        f"jax {jax.device_count()} device(s); batch {args.batch}, seq {args.seq}, float32")
+        f"jax {jax.device_count()} device(s); batch {args.batch}, seq {args.seq}, float32; "
+        f"host memory retained: {retained}")
   print(f"flax  multi-exit forward (all {model.config.num_exits} exits): {args.batch / flax_s:8.1f} seq/s "
         f"({flax_s * 1e3:.1f} ms/batch)")
   print(f"torch BertModel forward:                   {args.batch / torch_s:8.1f} seq/s ({torch_s * 1e3:.1f} ms/batch)")

@@ -65,13 +65,10 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=6, help="timed steps per candidate per round")
-  parser.add_argument("--default_malloc", action="store_true",
-                      help="leave glibc malloc as it is (default: rome_flax.runtime.retain_host_memory(), "
-                           "which this process applies to all three contenders alike)")
+  from bench._common import add_malloc_option, apply_malloc_option
+  add_malloc_option(parser)
   args = parser.parse_args()
-  if not args.default_malloc:
-    from rome_flax.runtime import retain_host_memory
-    retain_host_memory()
+  retained = apply_malloc_option(args)
 
   model_dir = Path(args.model) if args.model else (DEFAULT_MINILM if DEFAULT_MINILM.is_dir() else None)
   if model_dir is None:
@@ -101,7 +98,7 @@ def main() -> None:
   speed = {name: args.batch / float(np.median(ts)) for name, ts in times.items()}
   print(f"device: CPU, {os.cpu_count()} cores; batch {args.batch}, seq {args.seq}, dropout on; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
-        f"host memory retained: {not args.default_malloc}")
+        f"host memory retained: {retained}")
   labels = {"romebert_gr": "(a) rome_flax romebert GR step", "final_only": "(b) rome_flax final_only step",
             "torch": "(c) torch BertForSequenceClassification step"}
   for name, value in speed.items():
