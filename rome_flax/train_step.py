@@ -13,7 +13,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rome_flax import model as model_lib
@@ -144,40 +143,31 @@ def example_weights(batch) -> jax.Array:
 
 
 def _projected_slices(grads, num_layers: int):
-  """The GR vector's pieces: encoder weight matrices of layers 1..L-1 (not the last layer)."""
-  layers = grads["layers"]
-  if isinstance(layers, (list, tuple)):
-    return [layers[i][name]["kernel"] for i in range(num_layers - 1) for name in model_lib.ENCODER_MATRICES]
-  return [layers[name]["kernel"][:num_layers - 1] for name in model_lib.ENCODER_MATRICES]
+  """The GR vector's pieces (train layout): encoder weight matrices of layers 1..L-1, not the last."""
+  return [grads["layers"][i][name]["kernel"] for i in range(num_layers - 1) for name in model_lib.ENCODER_MATRICES]
 
 
 def project_conflicting(g_protected, g_other, num_layers: int):
   """method.md's GR: over the encoder matrices of layers 1..L-1 as one vector, if <gA, gB> < 0 then
-  gB <- gB - <gA, gB> / |gA|^2 gA. Returns (gA + gB, stats); other parameters get gA + gB unchanged."""
+  gB <- gB - <gA, gB> / |gA|^2 gA. Returns (gA + gB, stats); other parameters get gA + gB unchanged.
+  Gradients in either layout; the result has the layout of the input."""
+  stacked = not model_lib.is_unstacked(g_protected)
+  g_protected, g_other = model_lib.unstack_layers(g_protected), model_lib.unstack_layers(g_other)
   a_parts = _projected_slices(g_protected, num_layers)
   b_parts = _projected_slices(g_other, num_layers)
   dot = sum(jnp.vdot(a, b) for a, b in zip(a_parts, b_parts))
   a_sq = sum(jnp.vdot(a, a) for a in a_parts)
   b_sq = sum(jnp.vdot(b, b) for b in b_parts)
   coef = jnp.where(dot < 0, dot / jnp.maximum(a_sq, _TINY), 0.0)
-  summed = jax.tree.map(jnp.add, g_protected, g_other)
-  if isinstance(summed["layers"], (list, tuple)):   # the train layout
-    summed["layers"] = list(summed["layers"])
-    for i in range(num_layers - 1):
-      for name in model_lib.ENCODER_MATRICES:
-        summed["layers"][i][name]["kernel"] = (
-            summed["layers"][i][name]["kernel"] - coef * g_protected["layers"][i][name]["kernel"])
-    summed["layers"] = tuple(summed["layers"])
-  else:
-    layer_factor = jnp.asarray(np.arange(num_layers) < num_layers - 1, jnp.float32)
+  summed = jax.tree.map(jnp.add, g_protected, g_other)   # fresh containers: safe to update below
+  for i in range(num_layers - 1):
     for name in model_lib.ENCODER_MATRICES:
-      k_a = g_protected["layers"][name]["kernel"]
-      summed["layers"][name]["kernel"] = (
-          summed["layers"][name]["kernel"] - (coef * layer_factor)[:, None, None] * k_a)
+      summed["layers"][i][name]["kernel"] = (
+          summed["layers"][i][name]["kernel"] - coef * g_protected["layers"][i][name]["kernel"])
   stats = {"gr_cos": dot / jnp.sqrt(jnp.maximum(a_sq * b_sq, _TINY)),
            "gr_norm_a": jnp.sqrt(a_sq), "gr_norm_b": jnp.sqrt(b_sq),
            "gr_projected": (dot < 0).astype(jnp.float32)}
-  return summed, stats
+  return (model_lib.stack_layers(summed) if stacked else summed), stats
 
 
 # ----------------------------------------------------------------------------- the step
