@@ -53,10 +53,9 @@ def prepare_params(params: dict, dispatch: str = "switch") -> dict:
     raise RomeFlaxError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
   if dispatch == "slice":
     return params
-  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-  split = lambda tree: tuple(jax.tree.map(lambda x: x[k], tree) for k in range(num_layers))
-  return {"embeddings": params["embeddings"], "layer_list": split(params["layers"]),
-          "exit_list": split(params["exits"])}
+  per_layer = model_lib.unstack_layers(params)
+  return {"embeddings": params["embeddings"], "layer_list": per_layer["layers"],
+          "exit_list": per_layer["exits"]}
 
 
 def _static_layer_exit(prepared, cfg: ModelConfig, k: int, h_BxSxD, mask_BxS, bias_Bx1x1xS,

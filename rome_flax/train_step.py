@@ -58,16 +58,20 @@ def weight_decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _train_layout_like(params):
+  """The train layout's tree of shapes (no copies): what masks over the train state are built on."""
+  return jax.eval_shape(model_lib.unstack_layers, params)
+
+
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (betas 0.9 / 0.999) with the linear schedule, for parameters
   in the train layout (`model.unstack_layers`; stacked `params` are converted for the mask)."""
-  params = model_lib.unstack_layers(params)
   schedule = learning_rate_schedule(cfg)
   if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
     adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps)
   else:
     adam = optax.adamw(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                       mask=weight_decay_mask(params))
+                       mask=weight_decay_mask(_train_layout_like(params)))
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
 
 
@@ -96,7 +100,7 @@ def stage_plan(cfg: ModelConfig, method: str, stage: int = 1) -> StagePlan:
 
 def trainable_mask(params, cfg: ModelConfig, plan: StagePlan):
   """1/0 factors per leaf of the train layout (one per exit head) that gate the updates."""
-  params = model_lib.unstack_layers(params)
+  params = _train_layout_like(params)
   encoder = _TRAINED if plan.train_encoder else 0.0
   return {
       "embeddings": jax.tree.map(lambda _: encoder, params["embeddings"]),
