@@ -174,12 +174,12 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   missing: list[str] = []
   L, D = cfg.num_layers, cfg.hidden_size
 
-  def take(name, expect_shape, transpose=False):
+  def take(name, expect_shape):
+    """A weight as stored: PyTorch's [out, in] matrices are also ours (model.Linear)."""
     if name not in sd:
       missing.append(name)
       return None
     w = sd.pop(name)
-    w = w.T if transpose else w
     if tuple(w.shape) != tuple(expect_shape):
       raise RomeFlaxError(f"checkpoint weight {name} has shape {tuple(w.shape)} but the config implies "
                           f"{tuple(expect_shape)}: config.json and the weights do not match")
@@ -200,16 +200,16 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   lay = params["layers"]
   for i in range(L):
     pre = f"encoder.layer.{i}."
-    q = [take(pre + f"attention.self.{n}.weight", (D, D), True) for n in ("query", "key", "value")]
+    q = [take(pre + f"attention.self.{n}.weight", (D, D)) for n in ("query", "key", "value")]
     qb = [take(pre + f"attention.self.{n}.bias", (D,)) for n in ("query", "key", "value")]
     if all(x is not None for x in q + qb):
-      lay["qkv"]["kernel"][i] = np.concatenate(q, axis=1)
+      lay["qkv"]["kernel"][i] = np.concatenate(q, axis=0)
       lay["qkv"]["bias"][i] = np.concatenate(qb)
     for ours, theirs, shape in (("attention_out", "attention.output.dense", (D, D)),
-                                ("intermediate", "intermediate.dense", (D, cfg.intermediate_size)),
-                                ("output", "output.dense", (cfg.intermediate_size, D))):
-      w = take(pre + theirs + ".weight", shape, True)
-      b = take(pre + theirs + ".bias", shape[1:])
+                                ("intermediate", "intermediate.dense", (cfg.intermediate_size, D)),
+                                ("output", "output.dense", (D, cfg.intermediate_size))):
+      w = take(pre + theirs + ".weight", shape)
+      b = take(pre + theirs + ".bias", shape[:1])
       if w is not None:
         lay[ours]["kernel"][i] = w
       if b is not None:
@@ -223,7 +223,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   ex = params["exits"]
   pool_name = "pooler.dense" if "pooler.dense.weight" in sd else (
       "classifier.dense" if "classifier.dense.weight" in sd else "pooler.dense")
-  pw = take(pool_name + ".weight", (D, D), True)
+  pw = take(pool_name + ".weight", (D, D))
   pb = take(pool_name + ".bias", (D,))
   if pw is not None and pb is not None:
     ex["pooler"]["kernel"][:] = pw   # every exit pooler starts as a copy of the pretrained one
@@ -235,7 +235,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   if f"{cls_name}.weight" in sd:
     cw, cb = sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
     if cw.shape == (cfg.num_labels, D):
-      ex["classifier"]["kernel"][L - 1] = cw.T
+      ex["classifier"]["kernel"][L - 1] = cw
       ex["classifier"]["bias"][L - 1] = cb
       classifier_from_checkpoint = True
       del sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]

@@ -6,6 +6,8 @@ Layout of the parameters (a plain pytree, so optax, Orbax and sharding see ordin
    'layers':     {... every leaf [L, ...]},     # EncoderLayer params stacked on a layer axis
    'exits':      {... every leaf [L, ...]}}     # ExitHead params stacked; exit L = the model's head
 
+Weight matrices are stored [out, in] as in PyTorch (`Linear`: faster backward on XLA:CPU).
+
 Stacking lets one `run_layer(params, cfg, i, ...)` / `run_exit(...)` serve any layer index, static
 or traced, so an early-exit `lax.while_loop` or a scheduler picks the layer at run time without
 re-tracing. `forward` unrolls the layer loop in Python (static slices): on the XLA CPU backend that
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -83,6 +85,25 @@ class Dropout(nn.Module):
     return jnp.where(mask, x * jnp.asarray(1.0 / keep, x.dtype), jnp.zeros((), x.dtype))
 
 
+class Linear(nn.Module):
+  """y = x @ kernel.T + bias with the kernel stored [out, in], PyTorch's layout, in float32.
+
+  Not nn.Dense's [in, out]: on XLA:CPU the backward of x @ kernel.T (dW = dy^T x, dx = dy @ kernel)
+  compiles to faster GEMMs; forward + backward of BERT's intermediate matmul took 9.3 ms instead of
+  14.7 ms, and a MiniLM GR train step 536 ms instead of 631 ms (docs/results.md). It also makes
+  Hugging Face weights load without transposes.
+  """
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_OxI = self.param("kernel", self.kernel_init, (self.features, x.shape[-1]), jnp.float32)
+    bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return jnp.matmul(x.astype(self.dtype), kernel_OxI.astype(self.dtype).T) + bias_O.astype(self.dtype)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32 whatever the compute dtype, cast back afterwards."""
   eps: float
@@ -110,7 +131,7 @@ class Embeddings(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """One post-LN transformer layer. Q, K and V share one fused [D, 3D] kernel (one big matmul)."""
+  """One post-LN transformer layer. Q, K and V share one fused [3D, D] kernel (one big matmul)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -121,18 +142,17 @@ class EncoderLayer(nn.Module):
     dtype = _compute_dtype(cfg)
     B, S, D = h_BxSxD.shape
     H, Dh = cfg.num_attention_heads, cfg.head_dim
-    dense = lambda n, name: nn.Dense(n, dtype=dtype, param_dtype=jnp.float32,
-                                     kernel_init=_dense_init(cfg), name=name)
+    dense = lambda n, name: Linear(n, dtype, _dense_init(cfg), name=name)
 
     qkv = dense(3 * D, "qkv")
     # Split, then move heads forward: [B,H,S,Dh] batched matmuls ran ~25% faster on XLA CPU than
     # einsums over [B,S,H,Dh] (or one 5-D transpose of the fused projection).
     to_heads = lambda x: x.reshape(B, x.shape[1], H, Dh).transpose(0, 2, 1, 3)
     if first_token_only:
-      # Same kernel, split by columns: Q for token 0, K and V for every token.
+      # Same kernel, split by rows: Q for token 0, K and V for every token.
       q_Bx1xD = qkv(h_BxSxD[:, :1])[..., :D]
       kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
-      kv_BxSx2D = jnp.matmul(h_BxSxD.astype(dtype), kernel[:, D:].astype(dtype)) + bias[D:].astype(dtype)
+      kv_BxSx2D = jnp.matmul(h_BxSxD.astype(dtype), kernel[D:].T.astype(dtype)) + bias[D:].astype(dtype)
       k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
       q_BxSxD, h_BxSxD, S = q_Bx1xD, h_BxSxD[:, :1], 1
     else:
@@ -168,11 +188,9 @@ class ExitHead(nn.Module):
     else:
       m_BxSx1 = mask_BxS[..., None].astype(h_BxSxD.dtype)
       x_BxD = (h_BxSxD * m_BxSx1).sum(1) / jnp.maximum(m_BxSx1.sum(1), 1)
-    pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=_compute_dtype(cfg), param_dtype=jnp.float32,
-                                   kernel_init=_dense_init(cfg), name="pooler")(x_BxD))
+    pooled_BxD = jnp.tanh(Linear(cfg.hidden_size, _compute_dtype(cfg), _dense_init(cfg), name="pooler")(x_BxD))
     x_BxD = Dropout(cfg.hidden_dropout_prob)(pooled_BxD, deterministic=deterministic)
-    logits_BxC = nn.Dense(cfg.num_labels, dtype=jnp.float32, param_dtype=jnp.float32,
-                          kernel_init=_dense_init(cfg), name="classifier")(x_BxD.astype(jnp.float32))
+    logits_BxC = Linear(cfg.num_labels, jnp.float32, _dense_init(cfg), name="classifier")(x_BxD)
     if return_pooled:
       return logits_BxC, pooled_BxD.astype(jnp.float32)
     return logits_BxC
@@ -325,7 +343,7 @@ def _init_params_jit(cfg: ModelConfig, rng) -> dict:
   head = ExitHead(cfg).init(k_pool, h, ids + 1, True)["params"]
   exits = jax.tree.map(lambda x: jnp.broadcast_to(x, (L,) + x.shape), head)
   exits["classifier"] = {
-      "kernel": cfg.initializer_range * jax.random.normal(k_cls, (L, D, cfg.num_labels), jnp.float32),
+      "kernel": cfg.initializer_range * jax.random.normal(k_cls, (L, cfg.num_labels, D), jnp.float32),
       "bias": jnp.zeros((L, cfg.num_labels), jnp.float32)}
   return {"embeddings": emb, "layers": layers, "exits": exits}
 

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 EXPORT_CONFIG = "rome_flax_config.json"
 EXPORT_PARAMS = "params"
+# rome_flax/2: weight matrices [out, in] (model.Linear). rome_flax/1 stored them [in, out]; still read.
+EXPORT_FORMAT = "rome_flax/2"
+_LEGACY_IN_OUT_FORMAT = "rome_flax/1"
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "deterministic", "output_hidden_states"))
@@ -101,8 +104,12 @@ class MultiExitBert:
       raise RomeFlaxError(f"{ckpt_dir / EXPORT_CONFIG} is malformed ({e}); was it written by rome_flax?") from None
     if num_labels is not None and num_labels != cfg.num_labels:
       raise RomeFlaxError(f"{ckpt_dir} was trained with {cfg.num_labels} labels, not {num_labels}")
+    fmt = saved.get("format", _LEGACY_IN_OUT_FORMAT)
+    if fmt not in (EXPORT_FORMAT, _LEGACY_IN_OUT_FORMAT):
+      raise RomeFlaxError(f"{ckpt_dir} is in format {fmt!r}; this rome_flax reads {EXPORT_FORMAT!r} and "
+                          f"{_LEGACY_IN_OUT_FORMAT!r}")
     cfg = cfg.replace(exit_pooling=exit_pooling or cfg.exit_pooling, dtype=dtype or cfg.dtype)
-    params = restore_params(ckpt_dir / EXPORT_PARAMS, cfg)
+    params = restore_params(ckpt_dir / EXPORT_PARAMS, cfg, kernels_in_out=fmt == _LEGACY_IN_OUT_FORMAT)
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
     return cls(cfg, params, tokenizer, metadata=saved.get("metadata", {}))
 
@@ -138,7 +145,7 @@ class MultiExitBert:
       save_params(stage / EXPORT_PARAMS, self.params)
       meta = {**self.metadata, **(metadata or {})}
       (stage / EXPORT_CONFIG).write_text(json.dumps(
-          {"format": "rome_flax/1", "model": self.config.to_dict(), "metadata": meta}, indent=2, sort_keys=True))
+          {"format": EXPORT_FORMAT, "model": self.config.to_dict(), "metadata": meta}, indent=2, sort_keys=True))
       if self.tokenizer is not None:
         self.tokenizer.save_pretrained(str(stage))
       if out_dir.exists():
@@ -165,14 +172,25 @@ def save_params(path: Path, params) -> None:
     ckptr.save(Path(path).absolute(), jax.device_get(params))
 
 
-def restore_params(path: Path, cfg: ModelConfig):
+def _swap_kernels(tree):
+  """[..., a, b] -> [..., b, a] for every 'kernel' leaf: between the [in, out] and [out, in] layouts."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.swapaxes(x, -1, -2) if path[-1].key == "kernel" else x, tree)
+
+
+def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
+  """kernels_in_out: the export stores weight matrices [in, out] (format rome_flax/1)."""
   import orbax.checkpoint as ocp
   path = Path(path).absolute()
   if not path.is_dir():
     raise RomeFlaxError(f"{path} is missing: not a complete rome_flax export")
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), model_lib.param_shapes(cfg))
+  shapes = model_lib.param_shapes(cfg)
+  if kernels_in_out:
+    shapes = jax.eval_shape(_swap_kernels, shapes)
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(path, target)
+      params = ckptr.restore(path, target)
   except Exception as e:
     raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None
+  return _swap_kernels(params) if kernels_in_out else params

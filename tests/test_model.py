@@ -147,6 +147,29 @@ def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
     MultiExitBert.from_pretrained(path, num_labels=5)
 
 
+def test_export_format_1_with_in_out_kernels_still_loads(tiny_config, tmp_path):
+  """Exports written before weight matrices moved to [out, in] (format rome_flax/1) load transposed."""
+  import json
+
+  from rome_flax import pretrained
+  model = MultiExitBert.from_config(tiny_config, seed=3)
+  path = model.save_pretrained(tmp_path / "export")
+  assert json.loads((path / pretrained.EXPORT_CONFIG).read_text())["format"] == "rome_flax/2"
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  pretrained.save_params(legacy / pretrained.EXPORT_PARAMS, pretrained._swap_kernels(model.params))
+  saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
+  (legacy / pretrained.EXPORT_CONFIG).write_text(json.dumps(dict(saved, format="rome_flax/1")))
+  assert model.params["layers"]["intermediate"]["kernel"].shape[1:] == (tiny_config.intermediate_size,
+                                                                        tiny_config.hidden_size)
+  again = MultiExitBert.from_pretrained(legacy, load_tokenizer_files=False)
+  for want, got in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(got, want)
+  (legacy / pretrained.EXPORT_CONFIG).write_text(json.dumps(dict(saved, format="rome_flax/9")))
+  with pytest.raises(RomeFlaxError, match="format 'rome_flax/9'"):
+    MultiExitBert.from_pretrained(legacy)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_last_layer_first_token_only_gives_same_logits(tiny_config, dtype):
   """forward() skips the last layer's non-[CLS] rows when nothing reads them; logits are unchanged."""
