@@ -43,8 +43,8 @@ def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float,
   for e in range(cfg.num_exits - 1):
     kernel[e] = 0.0
     bias[e] = 0.0
-  kernel[exit_to_use, :, 0] = scale * direction
-  kernel[exit_to_use, :, 1] = -scale * direction
+  kernel[exit_to_use, 0] = scale * direction     # kernels are [out, in] (model.Linear)
+  kernel[exit_to_use, 1] = -scale * direction
   bias[exit_to_use] = [-scale * shift / 2, scale * shift / 2]
   exits["classifier"] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
   return {**params, "exits": exits}
