@@ -95,7 +95,7 @@ class Linear(nn.Module):
   """
   features: int
   dtype: jnp.dtype = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)  # fan-in of [out, in]
 
   @nn.compact
   def __call__(self, x):

@@ -206,3 +206,15 @@ def test_dropout_mask_rate_independence_and_determinism():
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
   assert abs(float(y.mean()) - 1.0) < 0.01
   np.testing.assert_array_equal(M.Dropout(0.25).apply({}, x, True), x)
+
+
+def test_linear_stores_kernels_out_by_in():
+  """model.Linear is PyTorch's nn.Linear: kernel [out, in], y = x @ W.T + b; default init uses fan-in."""
+  x = np.random.default_rng(0).standard_normal((2, 5, 256)).astype(np.float32)
+  layer = M.Linear(8)
+  params = layer.init(jax.random.PRNGKey(0), x)["params"]
+  assert params["kernel"].shape == (8, 256) and params["bias"].shape == (8,)
+  assert abs(float(params["kernel"].std()) * 256 ** 0.5 - 1.0) < 0.15
+  params = {"kernel": params["kernel"], "bias": jnp.arange(8, dtype=jnp.float32)}
+  y = layer.apply({"params": params}, x)
+  np.testing.assert_allclose(y, x @ np.asarray(params["kernel"]).T + np.arange(8), rtol=1e-5, atol=1e-5)
