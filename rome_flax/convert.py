@@ -248,7 +248,10 @@ def _numpy_init(cfg: ModelConfig, seed: int):
   rs = np.random.default_rng(seed)
   def leaf(path, s):
     name = path[-1].key
-    if name in ("kernel", "embedding"):
+    if name == "kernel":  # drawn [in, out] and transposed, as model._kernel_init: same seed, same heads
+      shape = (*s.shape[:-2], s.shape[-1], s.shape[-2])
+      return np.swapaxes(cfg.initializer_range * rs.standard_normal(shape), -1, -2).astype(np.float32)
+    if name == "embedding":
       return (cfg.initializer_range * rs.standard_normal(s.shape)).astype(np.float32)
     return (np.ones if name == "scale" else np.zeros)(s.shape, np.float32)
   params = jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))

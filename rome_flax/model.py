@@ -38,6 +38,14 @@ def _dense_init(cfg: ModelConfig):
   return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
+def _kernel_init(cfg: ModelConfig):
+  """N(0, initializer_range) for an [out, in] kernel, drawn [in, out] and transposed: a seed gives the
+  same weights as it did when kernels were stored [in, out], so earlier runs reproduce."""
+  normal = _dense_init(cfg)
+  return lambda key, shape, dtype=jnp.float32: jnp.swapaxes(
+      normal(key, (*shape[:-2], shape[-1], shape[-2]), dtype), -1, -2)
+
+
 def _compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
@@ -142,7 +150,7 @@ class EncoderLayer(nn.Module):
     dtype = _compute_dtype(cfg)
     B, S, D = h_BxSxD.shape
     H, Dh = cfg.num_attention_heads, cfg.head_dim
-    dense = lambda n, name: Linear(n, dtype, _dense_init(cfg), name=name)
+    dense = lambda n, name: Linear(n, dtype, _kernel_init(cfg), name=name)
 
     qkv = dense(3 * D, "qkv")
     # Split, then move heads forward: [B,H,S,Dh] batched matmuls ran ~25% faster on XLA CPU than
@@ -188,9 +196,9 @@ class ExitHead(nn.Module):
     else:
       m_BxSx1 = mask_BxS[..., None].astype(h_BxSxD.dtype)
       x_BxD = (h_BxSxD * m_BxSx1).sum(1) / jnp.maximum(m_BxSx1.sum(1), 1)
-    pooled_BxD = jnp.tanh(Linear(cfg.hidden_size, _compute_dtype(cfg), _dense_init(cfg), name="pooler")(x_BxD))
+    pooled_BxD = jnp.tanh(Linear(cfg.hidden_size, _compute_dtype(cfg), _kernel_init(cfg), name="pooler")(x_BxD))
     x_BxD = Dropout(cfg.hidden_dropout_prob)(pooled_BxD, deterministic=deterministic)
-    logits_BxC = Linear(cfg.num_labels, jnp.float32, _dense_init(cfg), name="classifier")(x_BxD)
+    logits_BxC = Linear(cfg.num_labels, jnp.float32, _kernel_init(cfg), name="classifier")(x_BxD)
     if return_pooled:
       return logits_BxC, pooled_BxD.astype(jnp.float32)
     return logits_BxC
@@ -343,7 +351,7 @@ def _init_params_jit(cfg: ModelConfig, rng) -> dict:
   head = ExitHead(cfg).init(k_pool, h, ids + 1, True)["params"]
   exits = jax.tree.map(lambda x: jnp.broadcast_to(x, (L,) + x.shape), head)
   exits["classifier"] = {
-      "kernel": cfg.initializer_range * jax.random.normal(k_cls, (L, cfg.num_labels, D), jnp.float32),
+      "kernel": _kernel_init(cfg)(k_cls, (L, cfg.num_labels, D)),
       "bias": jnp.zeros((L, cfg.num_labels), jnp.float32)}
   return {"embeddings": emb, "layers": layers, "exits": exits}
 
