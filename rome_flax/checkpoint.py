@@ -32,8 +32,10 @@ class RunCheckpoints:
   def __init__(self, directory: Path, keep: int):
     self.directory = Path(directory).absolute()
     opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True, enable_async_checkpointing=False)
-    self.last = ocp.CheckpointManager(self.directory / "last", options=opts(max(keep, 1)))
-    self.best = ocp.CheckpointManager(self.directory / "best", options=opts(1))
+    manager = lambda name, n: ocp.CheckpointManager(self.directory / name, options=opts(n),
+                                                    item_handlers=ocp.StandardCheckpointHandler())
+    self.last = manager("last", max(keep, 1))
+    self.best = manager("best", 1)
     self.best_info_path = self.directory / "best.json"
 
   def latest_step(self) -> Optional[int]:
@@ -63,6 +65,11 @@ class RunCheckpoints:
     if step is None:
       raise RomeFlaxError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(like))
+    mismatch = _first_mismatch(manager.item_metadata(step), abstract)
+    if mismatch:
+      raise RomeFlaxError(f"checkpoint {step} in {manager.directory} does not fit this model: {mismatch} "
+                          f"(a different model or config, or a checkpoint from an older rome_flax layout; "
+                          f"its export, if one was written, still loads)")
     try:
       tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
@@ -73,6 +80,27 @@ class RunCheckpoints:
   def close(self) -> None:
     self.last.close()
     self.best.close()
+
+
+def _shapes_by_path(tree) -> dict:
+  """'params/layers/0/qkv/kernel' -> shape, whatever the containers (dicts, tuples, NamedTuples)."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def _first_mismatch(stored_tree, abstract) -> Optional[str]:
+  """What of the checkpoint's arrays differs from the state to restore (None when it fits)."""
+  if stored_tree is None:
+    return None   # no metadata to check: Orbax's restore reports any problem
+  stored, wanted = _shapes_by_path(stored_tree), _shapes_by_path(abstract)
+  for path, shape in sorted(wanted.items(), key=lambda item: not item[0].startswith("params/")):
+    if path not in stored:
+      return f"it has no {path}"
+    if stored[path] != shape:
+      return f"{path} is stored with shape {stored[path]}, this run needs {shape}"
+  extra = sorted(set(stored) - set(wanted))
+  return f"it holds {extra[0]}, which this run does not have" if extra else None
 
 
 def _as_tree(state: TrainState) -> dict:

@@ -145,3 +145,25 @@ def test_mnli_reports_matched_and_mismatched_and_stsb_regresses(tmp_path):
                                method="romebert", gr="penalty"), progress=False)
   assert set(results["dev"][0]) == {"pearson", "spearman"}
   assert MultiExitBert.from_pretrained(tmp_path / "stsb" / "export").config.num_labels == 1
+
+
+def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
+  """E.g. a checkpoint written with [in, out] kernels: named array, both shapes; nothing restored."""
+  from rome_flax import train_step as ts
+  from rome_flax.checkpoint import RunCheckpoints
+  from rome_flax.config import ModelConfig
+  from rome_flax.model import init_params
+  cfg = ModelConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=24, max_position_embeddings=16, num_labels=2)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  optimizer = ts.make_optimizer(ts.OptimConfig(), params)
+  ckpts = RunCheckpoints(tmp_path / "ckpt", keep=2)
+  ckpts.save(ts.init_train_state(params, optimizer, seed=0, step=5))
+  np.testing.assert_array_equal(ckpts.restore(ts.init_train_state(params, optimizer, seed=1)).rng,
+                                ts.init_train_state(params, optimizer, seed=0).rng)
+  swapped = dict(params, layers=dict(params["layers"], intermediate=dict(
+      params["layers"]["intermediate"], kernel=params["layers"]["intermediate"]["kernel"].swapaxes(1, 2))))
+  with pytest.raises(RomeFlaxError, match=r"params/layers/0/intermediate/kernel is stored with shape \(24, 16\), "
+                                          r"this run needs \(16, 24\)"):
+    ckpts.restore(ts.init_train_state(swapped, ts.make_optimizer(ts.OptimConfig(), swapped), seed=0))
+  ckpts.close()
