@@ -20,7 +20,7 @@ import numpy as np
 
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.model import param_shapes
+from rome_flax.model import param_shapes, swap_kernel_axes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -248,13 +248,12 @@ def _numpy_init(cfg: ModelConfig, seed: int):
   rs = np.random.default_rng(seed)
   def leaf(path, s):
     name = path[-1].key
-    if name == "kernel":  # drawn [in, out] and transposed, as model._kernel_init: same seed, same heads
-      shape = (*s.shape[:-2], s.shape[-1], s.shape[-2])
-      return np.swapaxes(cfg.initializer_range * rs.standard_normal(shape), -1, -2).astype(np.float32)
-    if name == "embedding":
+    if name in ("kernel", "embedding"):
       return (cfg.initializer_range * rs.standard_normal(s.shape)).astype(np.float32)
     return (np.ones if name == "scale" else np.zeros)(s.shape, np.float32)
-  params = jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+  # Kernels drawn [in, out] and transposed, as model._kernel_init: a seed gives the heads it always gave.
+  in_out_shapes = jax.eval_shape(swap_kernel_axes, param_shapes(cfg))
+  params = swap_kernel_axes(jax.tree_util.tree_map_with_path(leaf, in_out_shapes))
   params["exits"]["pooler"]["kernel"][:] = params["exits"]["pooler"]["kernel"][0]  # copies of one pooler
   return params
 

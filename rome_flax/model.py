@@ -109,7 +109,19 @@ class Linear(nn.Module):
   def __call__(self, x):
     kernel_OxI = self.param("kernel", self.kernel_init, (self.features, x.shape[-1]), jnp.float32)
     bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    return jnp.matmul(x.astype(self.dtype), kernel_OxI.astype(self.dtype).T) + bias_O.astype(self.dtype)
+    return linear(x, kernel_OxI, bias_O, self.dtype)
+
+
+def linear(x, kernel_OxI, bias_O, dtype):
+  """`Linear`'s computation on given (possibly sliced) parameters, in `dtype`."""
+  return jnp.matmul(x.astype(dtype), kernel_OxI.astype(dtype).T) + bias_O.astype(dtype)
+
+
+def swap_kernel_axes(params):
+  """Every 'kernel' leaf [..., a, b] -> [..., b, a]: between Flax's [in, out] and our [out, in].
+  Works on arrays of any kind and under `jax.eval_shape`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.swapaxes(-1, -2) if path[-1].key == "kernel" else x, params)
 
 
 class LayerNorm(nn.Module):
@@ -160,7 +172,7 @@ class EncoderLayer(nn.Module):
       # Same kernel, split by rows: Q for token 0, K and V for every token.
       q_Bx1xD = qkv(h_BxSxD[:, :1])[..., :D]
       kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
-      kv_BxSx2D = jnp.matmul(h_BxSxD.astype(dtype), kernel[D:].T.astype(dtype)) + bias[D:].astype(dtype)
+      kv_BxSx2D = linear(h_BxSxD, kernel[D:], bias[D:], dtype)
       k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
       q_BxSxD, h_BxSxD, S = q_Bx1xD, h_BxSxD[:, :1], 1
     else:

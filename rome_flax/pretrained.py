@@ -172,12 +172,6 @@ def save_params(path: Path, params) -> None:
     ckptr.save(Path(path).absolute(), jax.device_get(params))
 
 
-def _swap_kernels(tree):
-  """[..., a, b] -> [..., b, a] for every 'kernel' leaf: between the [in, out] and [out, in] layouts."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.swapaxes(x, -1, -2) if path[-1].key == "kernel" else x, tree)
-
-
 def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
   """kernels_in_out: the export stores weight matrices [in, out] (format rome_flax/1)."""
   import orbax.checkpoint as ocp
@@ -186,11 +180,11 @@ def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
     raise RomeFlaxError(f"{path} is missing: not a complete rome_flax export")
   shapes = model_lib.param_shapes(cfg)
   if kernels_in_out:
-    shapes = jax.eval_shape(_swap_kernels, shapes)
+    shapes = jax.eval_shape(model_lib.swap_kernel_axes, shapes)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(path, target)
   except Exception as e:
     raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None
-  return _swap_kernels(params) if kernels_in_out else params
+  return model_lib.swap_kernel_axes(params) if kernels_in_out else params

@@ -157,7 +157,7 @@ def test_export_format_1_with_in_out_kernels_still_loads(tiny_config, tmp_path):
   assert json.loads((path / pretrained.EXPORT_CONFIG).read_text())["format"] == "rome_flax/2"
   legacy = tmp_path / "legacy"
   legacy.mkdir()
-  pretrained.save_params(legacy / pretrained.EXPORT_PARAMS, pretrained._swap_kernels(model.params))
+  pretrained.save_params(legacy / pretrained.EXPORT_PARAMS, M.swap_kernel_axes(model.params))
   saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
   (legacy / pretrained.EXPORT_CONFIG).write_text(json.dumps(dict(saved, format="rome_flax/1")))
   assert model.params["layers"]["intermediate"]["kernel"].shape[1:] == (tiny_config.intermediate_size,
