@@ -51,7 +51,7 @@ def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float,
 
 
 def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
-  from rome_flax.early_exit import Encoded
+  from rome_flax.inference import Encoded
   rng = np.random.default_rng(seed)
   ids = rng.integers(1000, min(vocab, 30000), size=(n, seq)).astype(np.int32)
   ids[:, 0] = 101  # [CLS]
@@ -74,6 +74,7 @@ def main():
 
   import rome_flax
   from rome_flax import early_exit as ee
+  from rome_flax import inference
   from rome_flax import exit_policy as ep
   from rome_flax.sweep import flops_ratio
 
@@ -81,10 +82,10 @@ def main():
   cfg = model.config
   L = cfg.num_layers
   data = synthetic_tokens(args.examples, args.seq, cfg.vocab_size, seed=1)
-  lat_data = ee.Encoded(*(a[:args.latency_examples] for a in data))
+  lat_data = inference.Encoded(*(a[:args.latency_examples] for a in data))
   # Centre and scale the chosen exit's logit gaps to a spread of about 3: entropies from ~0 to log 2.
   params = known_exit_params(model.params, cfg, args.exit_layer - 1, scale=1.0, shift=0.0)
-  z = ee.run_all_exits(ee.prepare_params(params, args.dispatch), cfg, data, args.batch)[args.exit_layer - 1]
+  z = inference.run_all_exits(ee.prepare_params(params, args.dispatch), cfg, data, args.batch)[args.exit_layer - 1]
   gap = z[:, 0] - z[:, 1]
   params = known_exit_params(model.params, cfg, args.exit_layer - 1, scale=3.0 / max(float(gap.std()), 1e-6),
                              shift=float(gap.mean()))
@@ -95,7 +96,7 @@ def main():
   baseline = ee.prepare_params(params, "switch")
 
   # Threshold from the data: the median entropy of the chosen exit (halfway between two neighbours).
-  exit_logits = ee.run_all_exits(prepared, cfg, data, args.batch)
+  exit_logits = inference.run_all_exits(prepared, cfg, data, args.batch)
   h = np.sort(np.asarray(ep.entropy(jnp.asarray(exit_logits[args.exit_layer - 1]))))
   tau = float((h[len(h) // 2 - 1] + h[len(h) // 2]) / 2)
   policy = ep.make_policy("entropy", tau, L, num_labels=cfg.num_labels)
@@ -104,12 +105,12 @@ def main():
     used = exit_index + 1
     return used.mean(), L / used.mean(), flops_ratio(cfg, exit_index, np.full(len(exit_index), args.seq))
 
-  full_b, thr = ee.best_of(args.repeats,
-                        lambda warmup: ee.run_full_model(baseline, cfg, data, args.batch, warmup=warmup),
-                        lambda warmup: ee.run_throughput(prepared, cfg, policy, data, args.batch, warmup=warmup))
-  full_1, lat = ee.best_of(args.repeats,
-                        lambda warmup: ee.run_full_model(baseline, cfg, lat_data, 1, warmup=warmup),
-                        lambda warmup: ee.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
+  full_b, thr = inference.best_of(args.repeats,
+                        lambda warmup: inference.run_full_model(baseline, cfg, data, args.batch, warmup=warmup),
+                        lambda warmup: inference.run_throughput(prepared, cfg, policy, data, args.batch, warmup=warmup))
+  full_1, lat = inference.best_of(args.repeats,
+                        lambda warmup: inference.run_full_model(baseline, cfg, lat_data, 1, warmup=warmup),
+                        lambda warmup: inference.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
 
   want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)
   assert np.array_equal(thr.exit_index_N, want), "throughput path disagrees with the offline decisions"

@@ -122,7 +122,7 @@ def load_examples(args, task):
 
 def to_padded(encoded_split):
   """rome_flax.data's ragged EncodedSplit -> early_exit.Encoded (padded to the longest example)."""
-  from rome_flax.early_exit import Encoded
+  from rome_flax.inference import Encoded
   n = len(encoded_split)
   lengths = encoded_split.lengths
   S = int(lengths.max())
@@ -190,6 +190,7 @@ def run(args) -> dict:
   from tqdm.auto import tqdm
 
   from rome_flax import early_exit as ee
+  from rome_flax import inference
   from rome_flax import metrics, report, sweep
   from rome_flax.data import encode_split
 
@@ -231,7 +232,7 @@ def run(args) -> dict:
   prepared = ee.prepare_params(model.params)
 
   t0 = time.perf_counter()
-  exit_logits = ee.run_all_exits(prepared, cfg, encoded, args.batch_size, progress=progress("all exits"))
+  exit_logits = inference.run_all_exits(prepared, cfg, encoded, args.batch_size, progress=progress("all exits"))
   all_exits_seconds = time.perf_counter() - t0
   metric_fn = (lambda p, y: metrics.compute_metrics(task, p, y)) if labelled else None
   per_exit = sweep.per_exit_metrics(exit_logits, examples.labels, metric_fn, cfg.is_regression) if labelled else []
@@ -310,18 +311,19 @@ def measure_speed(prepared, cfg, policies, encoded, lengths, exit_logits, batch_
   pass of each counts, so both sides see the same machine load.
   """
   from rome_flax import early_exit as ee
+  from rome_flax import inference
   from rome_flax import sweep
   n_lat = min(latency_examples, encoded.num_examples)
-  lat_data = ee.Encoded(*(a[:n_lat] for a in encoded))
+  lat_data = inference.Encoded(*(a[:n_lat] for a in encoded))
   rows = []
   for policy in progress("measured speed")(policies):
     want = np.asarray(ep.decide(policy, np.asarray(exit_logits)).exit_index_N)
-    full_b, thr = ee.best_of(
-        repeats, lambda warmup: ee.run_full_model(prepared, cfg, encoded, batch_size, warmup=warmup),
-        lambda warmup: ee.run_throughput(prepared, cfg, policy, encoded, batch_size, chunk_size, warmup=warmup))
-    full_1, lat = ee.best_of(
-        repeats, lambda warmup: ee.run_full_model(prepared, cfg, lat_data, 1, warmup=warmup),
-        lambda warmup: ee.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
+    full_b, thr = inference.best_of(
+        repeats, lambda warmup: inference.run_full_model(prepared, cfg, encoded, batch_size, warmup=warmup),
+        lambda warmup: inference.run_throughput(prepared, cfg, policy, encoded, batch_size, chunk_size, warmup=warmup))
+    full_1, lat = inference.best_of(
+        repeats, lambda warmup: inference.run_full_model(prepared, cfg, lat_data, 1, warmup=warmup),
+        lambda warmup: inference.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
     rows.append({
         "setting": policy.describe(),
         "layer_ratio": cfg.num_layers / float((thr.exit_index_N + 1).mean()),

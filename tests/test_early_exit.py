@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rome_flax import early_exit as ee
+from rome_flax import inference
 from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
@@ -30,7 +31,7 @@ def encoded():
   mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
   ids = rng.integers(1, CFG.vocab_size, (N, S)).astype(np.int32) * mask
   types = ((np.arange(S)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
-  return ee.Encoded(ids, mask, types)
+  return inference.Encoded(ids, mask, types)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,12 @@ def policies(exit_logits):
 
 def test_all_exits_matches_forward(params, encoded, exit_logits):
   for dispatch in ee.DISPATCHES:
-    got = ee.run_all_exits(ee.prepare_params(params, dispatch), CFG, encoded, batch_size=8)
+    got = inference.run_all_exits(ee.prepare_params(params, dispatch), CFG, encoded, batch_size=8)
     np.testing.assert_allclose(got, exit_logits, atol=1e-5)
 
 
 def test_full_model_is_final_exit(params, encoded, exit_logits):
-  res = ee.run_full_model(ee.prepare_params(params), CFG, encoded, batch_size=8)
+  res = inference.run_full_model(ee.prepare_params(params), CFG, encoded, batch_size=8)
   np.testing.assert_allclose(res.logits_NxC, exit_logits[-1], atol=1e-5)
   assert res.seconds > 0 and res.warmup_seconds > 0
 
@@ -76,10 +77,10 @@ def test_paths_equal_offline_decisions(params, encoded, exit_logits, dispatch):
     want = ep.decide(policy, jnp.asarray(exit_logits))
     want_exit, want_logits = np.asarray(want.exit_index_N), np.asarray(want.logits_NxC)
     spread |= set(want_exit.tolist())
-    runs = [ee.run_latency(prepared, CFG, policy, encoded, batch_size=1),
-            ee.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=16)]
+    runs = [inference.run_latency(prepared, CFG, policy, encoded, batch_size=1),
+            inference.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=16)]
     if n == 0:
-      runs.append(ee.run_latency(prepared, CFG, policy, encoded, batch_size=5))
+      runs.append(inference.run_latency(prepared, CFG, policy, encoded, batch_size=5))
     for res in runs:
       np.testing.assert_array_equal(res.exit_index_N, want_exit, err_msg=policy.describe())
       np.testing.assert_array_equal(res.logits_NxC.argmax(-1), want_logits.argmax(-1))
@@ -90,10 +91,10 @@ def test_paths_equal_offline_decisions(params, encoded, exit_logits, dispatch):
 def test_latency_stops_early_and_throughput_skips_work(params, encoded, exit_logits):
   prepared = ee.prepare_params(params)
   policy = policies(exit_logits)[0]
-  lat = ee.run_latency(prepared, CFG, policy, encoded, batch_size=1)
+  lat = inference.run_latency(prepared, CFG, policy, encoded, batch_size=1)
   # batch 1: layers run = sum of (exit index + 1)
   assert lat.layer_runs == int((lat.exit_index_N + 1).sum())
-  thr = ee.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=32)
+  thr = inference.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=32)
   example_layers = int((thr.exit_index_N + 1).sum())
   # each layer batch runs at most 4 examples, and at most one partial batch per layer
   assert -(-example_layers // 4) <= thr.layer_runs <= example_layers // 4 + CFG.num_layers
@@ -111,14 +112,14 @@ def test_latency_exit_does_not_retrace_for_new_thresholds(params, encoded, exit_
 
 
 def test_plan_pads_and_buckets(encoded):
-  pieces = ee.plan(encoded, 8)
+  pieces = inference.plan(encoded, 8)
   rows = np.concatenate([p.rows for p in pieces])
   assert sorted(rows[rows >= 0].tolist()) == list(range(encoded.num_examples))
   assert all(p.arrays[0].shape == (8, 16) for p in pieces)
   mask = np.ones((3, 40), np.int32)
   mask[:, 20:] = 0
-  short = ee.Encoded(mask.copy(), mask, np.zeros_like(mask))
-  assert ee.plan(short, 2)[0].arrays[0].shape == (2, 32)
+  short = inference.Encoded(mask.copy(), mask, np.zeros_like(mask))
+  assert inference.plan(short, 2)[0].arrays[0].shape == (2, 32)
 
 
 def test_throughput_trims_batches_of_short_examples_exactly(params):
@@ -128,12 +129,12 @@ def test_throughput_trims_batches_of_short_examples_exactly(params):
   lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, S + 1, 12)])
   mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
   ids = rng.integers(1, CFG.vocab_size, (N, S)).astype(np.int32) * mask
-  encoded = ee.Encoded(ids, mask, np.zeros_like(ids))
+  encoded = inference.Encoded(ids, mask, np.zeros_like(ids))
   assert ee.trim_lengths(S) == (16, 32, 40)
   logits = np.asarray(model_lib.forward(params, CFG, ids, mask).exit_logits)
   policy = policies(logits)[0]
   want = ep.decide(policy, jnp.asarray(logits))
-  res = ee.run_throughput(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24)
+  res = inference.run_throughput(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24)
   np.testing.assert_array_equal(res.exit_index_N, np.asarray(want.exit_index_N))
   np.testing.assert_allclose(res.logits_NxC, np.asarray(want.logits_NxC), atol=1e-5)
 
@@ -150,8 +151,8 @@ def test_predict_texts_with_both_paths():
   policy = ep.make_policy("maxprob", 0.7, 2, num_labels=2)
   want = ep.decide(policy, all_z)
   for path in ("throughput", "latency"):
-    got = ee.predict(model, texts, policy, batch_size=4, path=path)
+    got = inference.predict(model, texts, policy, batch_size=4, path=path)
     np.testing.assert_array_equal(got.exit_layers, np.asarray(want.exit_index_N) + 1)
     np.testing.assert_array_equal(got.predictions, np.asarray(want.logits_NxC).argmax(-1))
   with pytest.raises(RomeFlaxError, match="exits"):
-    ee.predict(model, texts, ep.make_policy("maxprob", 0.7, 4, num_labels=2))
+    inference.predict(model, texts, ep.make_policy("maxprob", 0.7, 4, num_labels=2))
