@@ -4,59 +4,47 @@
   python train.py --config configs/sst2_minilm.py --method deebert --output_dir runs/sst2_deebert
   python train.py --config configs/sst2_minilm.py --resume   # continue a killed run
 
-Every TrainConfig field is a flag (`--learning_rate 5e-5`); see rome_flax/train_config.py.
+Every TrainConfig field is a flag (`--learning_rate 5e-5`, or by group `--optim.learning_rate 5e-5`);
+see rome_flax/train_config.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
 import os
 import sys
-
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def build_parser():
-  from rome_flax.train_config import TrainConfig
-  parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+  from rome_flax import cli, train_config
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", help="config file defining get_config() -> dict of overrides "
                       "(default: configs/default.py)")
   parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
   parser.add_argument("--overwrite", action="store_true", help="delete whatever output_dir holds first")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (as if killed)")
-  for f in dataclasses.fields(TrainConfig):
-    parser.add_argument(f"--{f.name}", dest=f"set_{f.name}", metavar="VALUE", default=None)
+  for name in train_config.field_names():
+    parser.add_argument(f"--{name}", f"--{train_config.dotted_name(name)}", dest=f"set_{name}", metavar="VALUE",
+                        default=None)
   return parser
+
+
+def run(args) -> None:
+  from rome_flax import train_config, trainer
+  cfg = train_config.load_config_file(args.config or DEFAULT_CONFIG)
+  overrides = {k[4:]: train_config.parse_value(k[4:], v) for k, v in vars(args).items()
+               if k.startswith("set_") and v is not None}
+  trainer.train(cfg.replace(**overrides), resume=args.resume, overwrite=args.overwrite,
+                progress=not args.no_progress, max_steps=args.max_steps)
 
 
 def main(argv=None) -> int:
   from rome_flax.runtime import retain_host_memory
   retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  args = build_parser().parse_args(argv)
-  from rome_flax.errors import RomeFlaxError
-  try:
-    from rome_flax import train_config, trainer
-    cfg = train_config.load_config_file(args.config or DEFAULT_CONFIG)
-    overrides = {k[4:]: train_config.parse_value(k[4:], v) for k, v in vars(args).items()
-                 if k.startswith("set_") and v is not None}
-    cfg = cfg.replace(**overrides)
-    trainer.train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  max_steps=args.max_steps)
-  except RomeFlaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  from rome_flax import cli
+  return cli.run(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ killed mid-save leaves the earlier checkpoints intact.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,13 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.files import write_json
 from rome_flax.train_step import TrainState
-
-
-def write_json_atomic(path: Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 class RunCheckpoints:
@@ -52,7 +46,7 @@ class RunCheckpoints:
     step = int(state.step)
     self.best.save(step, args=ocp.args.StandardSave(_as_tree(state)), force=True)
     self.best.wait_until_finished()
-    write_json_atomic(self.best_info_path, {"step": step, "value": value, **info})
+    write_json(self.best_info_path, {"step": step, "value": value, **info}, sort_keys=True)
 
   def best_value(self) -> Optional[float]:
     if not self.best_info_path.is_file():

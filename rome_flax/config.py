@@ -35,6 +35,7 @@ class ModelConfig:
   num_labels: int = 2
   exit_pooling: str = "cls"
   dtype: str = "float32"
+  head: str = "sequence"         # exit head kind (heads.HEAD_KINDS): what every exit computes
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:

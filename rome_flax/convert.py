@@ -20,7 +20,7 @@ import numpy as np
 
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.model import param_shapes, swap_kernel_axes
+from rome_flax.model import init_params
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -170,7 +170,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   Returns (params, LoadReport). Everything the checkpoint lacks keeps its random init.
   """
   sd = {_strip(k): v for k, v in state_dict.items() if not _IGNORED.search(k)}
-  params = _numpy_init(cfg, 0 if rng is None else int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+  params = init_params(cfg, 0 if rng is None else rng, host=True)   # what the checkpoint lacks keeps this init
   missing: list[str] = []
   L, D = cfg.num_layers, cfg.hidden_size
 
@@ -243,21 +243,6 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   return params, LoadReport(missing=missing, unexpected=sorted(sd), classifier_from_checkpoint=classifier_from_checkpoint)
 
 
-def _numpy_init(cfg: ModelConfig, seed: int):
-  """BERT init (as model.init_params) in NumPy: converting a checkpoint then compiles nothing."""
-  rs = np.random.default_rng(seed)
-  def leaf(path, s):
-    name = path[-1].key
-    if name in ("kernel", "embedding"):
-      return (cfg.initializer_range * rs.standard_normal(s.shape)).astype(np.float32)
-    return (np.ones if name == "scale" else np.zeros)(s.shape, np.float32)
-  # Kernels drawn [in, out] and transposed, as model._kernel_init: a seed gives the heads it always gave.
-  in_out_shapes = jax.eval_shape(swap_kernel_axes, param_shapes(cfg))
-  params = swap_kernel_axes(jax.tree_util.tree_map_with_path(leaf, in_out_shapes))
-  params["exits"]["pooler"]["kernel"][:] = params["exits"]["pooler"]["kernel"][0]  # copies of one pooler
-  return params
-
-
 def _put_ln(sd, base, tree, missing, dim):
   try:
     w, b = _ln(sd, base)
@@ -287,33 +272,3 @@ def load_hf_checkpoint(path_or_id: str, *, num_labels: Optional[int] = None, exi
       k for k in map(_strip, state_dict) if k.startswith("encoder.layer.")):
     raise RomeFlaxError(f"{ckpt_dir}: no BERT/RoBERTa encoder weights found (first missing: {core_missing[0]})")
   return cfg, params, report, ckpt_dir
-
-
-def main(argv=None) -> int:
-  """`python -m rome_flax convert SRC OUT_DIR`: a Hugging Face checkpoint -> a rome_flax export."""
-  import argparse
-  import sys
-
-  from rome_flax.pretrained import MultiExitBert
-
-  ap = argparse.ArgumentParser(prog="python -m rome_flax convert", description=main.__doc__)
-  ap.add_argument("src", help="Hugging Face checkpoint directory or hub id")
-  ap.add_argument("out_dir", help="directory to write the rome_flax export to")
-  ap.add_argument("--num_labels", type=int, default=None)
-  ap.add_argument("--exit_pooling", choices=["cls", "mean"], default="cls")
-  ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  ap.add_argument("--seed", type=int, default=0, help="seed of the new exit classifiers")
-  ap.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
-  args = ap.parse_args(argv)
-  try:
-    if Path(args.out_dir).exists() and not args.overwrite:
-      raise RomeFlaxError(f"{args.out_dir} already exists; pass --overwrite to replace it")
-    model = MultiExitBert.from_pretrained(args.src, num_labels=args.num_labels, exit_pooling=args.exit_pooling,
-                                          dtype=args.dtype, seed=args.seed)
-    out = model.save_pretrained(args.out_dir, metadata={"source": args.src})
-  except RomeFlaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"converted {args.src} -> {out} ({model.config.model_type}, {model.config.num_layers} layers, "
-        f"{model.config.num_labels} labels); {model.load_report.summary()}")
-  return 0

@@ -37,10 +37,15 @@ class Split:
   def __len__(self) -> int:
     return len(self.texts_a)
 
+  def head(self, n: int) -> "Split":
+    """The first n examples (quick checks)."""
+    return _head(self, n, ("texts_a", "texts_b", "labels", "ids"))
+
 
 @dataclasses.dataclass
 class EncodedSplit:
-  """Token ids per example (ragged, truncated to max_length) plus labels."""
+  """Token ids per example (ragged, truncated to max_length) plus labels: the one encoded form of a
+  split, batched by `batches` for training and evaluation and by `inference.plan` for inference."""
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
   labels: Optional[np.ndarray]
@@ -54,6 +59,43 @@ class EncodedSplit:
   @property
   def lengths(self) -> np.ndarray:
     return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+
+  def head(self, n: int) -> "EncodedSplit":
+    """The first n examples."""
+    return _head(self, n, ("input_ids", "token_type_ids", "labels"))
+
+  @classmethod
+  def from_padded(cls, input_ids, attention_mask, token_type_ids=None, labels=None, pad_id: int = 0,
+                  is_regression: Optional[bool] = None) -> "EncodedSplit":
+    """A split from right-padded [N, S] arrays (tests, benchmarks, already tokenised data).
+
+    Each row keeps the tokens its attention mask covers; max_length is S.
+    """
+    ids_NxS = np.asarray(input_ids, np.int32)
+    mask_NxS = np.asarray(attention_mask)
+    if ids_NxS.ndim != 2 or mask_NxS.shape != ids_NxS.shape:
+      raise RomeFlaxError(f"input_ids and attention_mask must be [N, S] arrays of one shape, got "
+                          f"{ids_NxS.shape} and {mask_NxS.shape}")
+    types_NxS = np.zeros_like(ids_NxS) if token_type_ids is None else np.asarray(token_type_ids, np.int32)
+    length_N = (mask_NxS != 0).sum(1)
+    if not np.array_equal(mask_NxS != 0, np.arange(ids_NxS.shape[1])[None] < length_N[:, None]):
+      raise RomeFlaxError("attention_mask must be right padding: ones, then zeros, in every row")
+    labels = None if labels is None else np.asarray(labels)
+    return cls([ids_NxS[r, :k] for r, k in enumerate(length_N)], [types_NxS[r, :k] for r, k in enumerate(length_N)],
+               labels, ids_NxS.shape[1], int(pad_id), _is_regression(labels, is_regression))
+
+
+def _head(split, n: int, fields: tuple[str, ...]):
+  if n < 1:
+    raise RomeFlaxError(f"need at least one example, got {n}")
+  return dataclasses.replace(split, **{f: getattr(split, f)[:n] for f in fields if getattr(split, f) is not None})
+
+
+def _is_regression(labels: Optional[np.ndarray], is_regression: Optional[bool]) -> bool:
+  """The caller's word, else float labels mean regression."""
+  if is_regression is not None:
+    return bool(is_regression)
+  return labels is not None and labels.dtype.kind == "f"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -265,19 +307,49 @@ def encode_split(tokenizer, split: Split, max_length: int, is_regression: Option
   ids = [np.asarray(x, np.int32) for x in enc["input_ids"]]
   types = [np.asarray(x, np.int32) for x in enc["token_type_ids"]]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  regression = (split.labels is not None and split.labels.dtype.kind == "f") if is_regression is None else is_regression
-  return EncodedSplit(ids, types, split.labels, max_length, int(pad_id), bool(regression))
+  return EncodedSplit(ids, types, split.labels, max_length, int(pad_id), _is_regression(split.labels, is_regression))
 
 
 # ----------------------------------------------------------------------------- batching
 
 
-def bucket_length(n: int, max_length: int) -> int:
-  """Padded length of a batch whose longest example has n tokens."""
+def bucket_length(n: int, cap: int) -> int:
+  """Padded length of a batch whose longest example has n tokens: the next of BUCKETS, at most cap
+  (a split's max_length), and cap beyond the last bucket. The one rule of training, evaluation and
+  inference batches: a handful of lengths, so jit compiles a handful of programs."""
   for b in BUCKETS:
     if n <= b:
-      return min(b, max_length)
-  return max_length
+      return min(b, cap)
+  return cap
+
+
+def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool = False) -> dict[str, np.ndarray]:
+  """Examples `rows` of a split as one fixed-shape batch: {input_ids, attention_mask, token_type_ids,
+  labels, example_ids}, num_rows rows padded to the bucket (`bucket_length`) of the longest example.
+
+  Rows past len(rows) are padding: example_ids -1, label 0, and no tokens, or with repeat_first a
+  copy of the first example's tokens, so that a rule over the whole batch (the latency path stops
+  once every row has exited) waits for no padding row. An example's own row is the same whatever
+  else is in the batch; only the padding length changes, and attention masks it out.
+  """
+  rows = np.asarray(rows)
+  seq = bucket_length(max(len(encoded.input_ids[i]) for i in rows), encoded.max_length)
+  input_ids = np.full((num_rows, seq), encoded.pad_id, np.int32)
+  token_types = np.zeros((num_rows, seq), np.int32)
+  mask = np.zeros((num_rows, seq), np.int32)
+  filled = np.concatenate([rows, np.full(num_rows - len(rows), rows[0])]) if repeat_first else rows
+  for row, i in enumerate(filled):
+    k = len(encoded.input_ids[i])
+    input_ids[row, :k] = encoded.input_ids[i]
+    token_types[row, :k] = encoded.token_type_ids[i]
+    mask[row, :k] = 1
+  example_ids = np.full((num_rows,), -1, np.int32)
+  example_ids[:len(rows)] = rows
+  labels = np.zeros((num_rows,), np.float32 if encoded.is_regression else np.int32)
+  if encoded.labels is not None:
+    labels[:len(rows)] = encoded.labels[rows]
+  return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types,
+          "labels": labels, "example_ids": example_ids}
 
 
 def num_batches(encoded: EncodedSplit, batch_size: int) -> int:
@@ -302,28 +374,11 @@ def _order(encoded: EncodedSplit, batch_size: int, shuffle: bool, seed: int, epo
 
 def batches(encoded: EncodedSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
             start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-shape batches: {input_ids, attention_mask, token_type_ids, labels, example_ids}.
+  """Fixed-shape batches (`pad_batch`): {input_ids, attention_mask, token_type_ids, labels, example_ids}.
 
   With shuffle, the order is a function of (seed, epoch) alone, and examples of similar length are
   batched together. Every batch has batch_size rows (missing rows: example_ids -1, no tokens) and a
   bucketed length. `start` skips that many batches (resuming mid-epoch).
   """
-  labels = encoded.labels
-  label_dtype = np.float32 if encoded.is_regression else np.int32
   for idx in _order(encoded, batch_size, shuffle, seed, epoch)[start:]:
-    seq = bucket_length(int(max(len(encoded.input_ids[i]) for i in idx)), encoded.max_length)
-    input_ids = np.full((batch_size, seq), encoded.pad_id, np.int32)
-    token_types = np.zeros((batch_size, seq), np.int32)
-    mask = np.zeros((batch_size, seq), np.int32)
-    for row, i in enumerate(idx):
-      k = len(encoded.input_ids[i])
-      input_ids[row, :k] = encoded.input_ids[i]
-      token_types[row, :k] = encoded.token_type_ids[i]
-      mask[row, :k] = 1
-    example_ids = np.full((batch_size,), -1, np.int32)
-    example_ids[:len(idx)] = idx
-    batch_labels = np.zeros((batch_size,), label_dtype)
-    if labels is not None:
-      batch_labels[:len(idx)] = labels[idx]
-    yield {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types,
-           "labels": batch_labels, "example_ids": example_ids}
+    yield pad_batch(encoded, idx, batch_size)

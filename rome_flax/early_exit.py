@@ -14,10 +14,13 @@ batch (cut to the length bucket of its longest example), scatters the results ba
 examples that exit. Shapes never change, so nothing recompiles, and an exited example costs
 nothing more. At most one partial batch per layer per chunk; the host streams chunks.
 
-Layer dispatch. `prepare_params(..., dispatch='switch')` (default) unstacks the layers once and
-picks layer i with `lax.switch` over static branches, so weights are read in place;
-`dispatch='slice'` keeps the stacked layout and indexes it with the traced i (`model.run_layer`),
-which copies the layer's weights each iteration. Measured on CPU with MiniLM at batch 1 (6 layers,
+Every path runs the model's one unit of work (`model.layer_and_exit`): the full model and the
+all-exits pass are `model.forward`, the loops call `model.layer_and_exit_at` with a traced layer.
+
+Layer dispatch. `prepare_params(..., dispatch='switch')` (default) puts the parameters in the
+per-layer layout (`model.unstack_layers`), and `model.layer_and_exit_at` picks layer i with
+`lax.switch` over static branches, so weights are read in place; `dispatch='slice'` keeps the
+stacked layout and indexes it with the traced i, which copies the layer's weights each iteration. Measured on CPU with MiniLM at batch 1 (6 layers,
 32 tokens, no exit taken): full model 7.9 ms, switch loop 8.4 ms, slice loop 9.5 ms; a full model
 that slices stacked weights with static indices took 21.9 ms, so the baseline here also runs on
 unstacked weights. bench/early_exit.py --dispatch slice compares the two loops end to end.
@@ -29,12 +32,10 @@ All paths call `exit_policy.step`, so they take exactly the decisions that
 from __future__ import annotations
 
 import functools
-import time
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
@@ -44,47 +45,11 @@ from rome_flax.errors import RomeFlaxError
 DISPATCHES = ("switch", "slice")
 
 
-# ----------------------------------------------------------------------------- parameters and layers
-
-
 def prepare_params(params: dict, dispatch: str = "switch") -> dict:
-  """Parameters laid out for a dispatch mode ('switch': per-layer trees; 'slice': stacked as is)."""
+  """Parameters laid out for a dispatch mode ('switch': the per-layer layout; 'slice': stacked)."""
   if dispatch not in DISPATCHES:
     raise RomeFlaxError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-  if dispatch == "slice":
-    return params
-  per_layer = model_lib.unstack_layers(params)
-  return {"embeddings": params["embeddings"], "layer_list": per_layer["layers"],
-          "exit_list": per_layer["exits"]}
-
-
-def _static_layer_exit(prepared, cfg: ModelConfig, k: int, h_BxSxD, mask_BxS, bias_Bx1x1xS,
-                       with_exit: bool = True):
-  """Layer k (+ exit k) with a Python int k."""
-  if "layer_list" in prepared:
-    h_BxSxD = model_lib.EncoderLayer(cfg).apply({"params": prepared["layer_list"][k]}, h_BxSxD, bias_Bx1x1xS,
-                                                True)
-    if not with_exit:
-      return h_BxSxD, None
-    return h_BxSxD, model_lib.ExitHead(cfg).apply({"params": prepared["exit_list"][k]}, h_BxSxD, mask_BxS, True)
-  h_BxSxD = model_lib.run_layer(prepared, cfg, k, h_BxSxD, bias_Bx1x1xS)
-  if not with_exit:
-    return h_BxSxD, None
-  return h_BxSxD, model_lib.run_exit(prepared, cfg, k, h_BxSxD, mask_BxS)
-
-
-def _layer_exit(prepared, cfg: ModelConfig, i, h_BxSxD, mask_BxS, bias_Bx1x1xS):
-  """Layer i + exit i with a traced i: `lax.switch` over static branches, or a dynamic slice."""
-  if "layer_list" in prepared:
-    branches = [functools.partial(_static_layer_exit, prepared, cfg, k) for k in range(cfg.num_layers)]
-    return jax.lax.switch(i, branches, h_BxSxD, mask_BxS, bias_Bx1x1xS)
-  h_BxSxD = model_lib.run_layer(prepared, cfg, i, h_BxSxD, bias_Bx1x1xS)
-  return h_BxSxD, model_lib.run_exit(prepared, cfg, i, h_BxSxD, mask_BxS)
-
-
-def _embed(prepared, cfg, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS):
-  return model_lib.embed(prepared, cfg, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS,
-                         deterministic=True)
+  return model_lib.stack_layers(params) if dispatch == "slice" else model_lib.unstack_layers(params)
 
 
 # ----------------------------------------------------------------------------- jitted paths
@@ -99,26 +64,14 @@ class ExitResult(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def full_model(prepared, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS):
   """Baseline: every layer, final exit only (no highway heads computed). Returns logits [B,C]."""
-  mask_BxS = jnp.asarray(attention_mask_BxS, jnp.int32)
-  h_BxSxD = _embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
-  bias = model_lib.attention_bias(mask_BxS)
-  for k in range(cfg.num_layers):
-    h_BxSxD, logits_BxC = _static_layer_exit(prepared, cfg, k, h_BxSxD, mask_BxS, bias,
-                                             with_exit=k == cfg.num_layers - 1)
-  return logits_BxC
+  return model_lib.forward(prepared, cfg, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS,
+                           exits=(cfg.num_layers - 1,)).exit_logits[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def all_exits(prepared, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS):
   """Every exit's logits [E,B,C] in one pass (what the offline sweep caches)."""
-  mask_BxS = jnp.asarray(attention_mask_BxS, jnp.int32)
-  h_BxSxD = _embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
-  bias = model_lib.attention_bias(mask_BxS)
-  logits = []
-  for k in range(cfg.num_layers):
-    h_BxSxD, logits_BxC = _static_layer_exit(prepared, cfg, k, h_BxSxD, mask_BxS, bias)
-    logits.append(logits_BxC)
-  return jnp.stack(logits)
+  return model_lib.forward(prepared, cfg, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS).exit_logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -127,7 +80,7 @@ def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_Bx
   """Runs layers until every example of the batch has exited; each keeps its first exit."""
   mask_BxS = jnp.asarray(attention_mask_BxS, jnp.int32)
   B = mask_BxS.shape[0]
-  h_BxSxD = _embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
+  h_BxSxD = model_lib.embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
   bias = model_lib.attention_bias(mask_BxS)
 
   def cond(carry):
@@ -136,7 +89,7 @@ def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_Bx
 
   def body(carry):
     i, h_BxSxD, state, done_B, exit_B, out_BxC = carry
-    h_BxSxD, logits_BxC = _layer_exit(prepared, cfg, i, h_BxSxD, mask_BxS, bias)
+    h_BxSxD, logits_BxC = model_lib.layer_and_exit_at(prepared, cfg, i, h_BxSxD, mask_BxS, bias)
     state, exit_now_B = ep.step(policy, state, logits_BxC, i)
     newly_B = exit_now_B & ~done_B
     exit_B = jnp.where(newly_B, i, exit_B)
@@ -180,12 +133,12 @@ def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longes
       return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
     return branch
 
-  if "layer_list" in prepared:
-    branches = [cut(s, functools.partial(_static_layer_exit, prepared, cfg, j))
-                for j in range(cfg.num_layers) for s in lengths]
+  if model_lib.is_unstacked(prepared):
+    branches = [cut(s, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
+                for s in lengths]
     return jax.lax.switch(l * len(lengths) + k, branches, h_BxSxD, mask_BxS)
-  branches = [cut(s, functools.partial(_layer_exit, prepared, cfg, l)) for s in lengths]
-  return jax.lax.switch(k, branches, h_BxSxD, mask_BxS)
+  layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
+  return jax.lax.switch(k, [cut(s, layer_exit) for s in lengths], h_BxSxD, mask_BxS)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "lengths"))
@@ -203,7 +156,7 @@ def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_id
   L = cfg.num_layers
   lengths = tuple(lengths or trim_lengths(S))
   length_N = mask_NxS.sum(axis=1)
-  h_NxSxD = _embed(prepared, cfg, input_ids_NxS, mask_NxS, token_type_ids_NxS)
+  h_NxSxD = model_lib.embed(prepared, cfg, input_ids_NxS, mask_NxS, token_type_ids_NxS)
 
   def cond(carry):
     return ~jnp.all(carry[3])

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rome_flax import heads
 from rome_flax.errors import RomeFlaxError
 
 CRITERIA = ("entropy", "maxprob", "patience")
@@ -148,13 +149,6 @@ def entropy(logits_BxC) -> jax.Array:
   return -jnp.sum(jnp.exp(logp_BxC) * logp_BxC, axis=-1)
 
 
-def prediction(logits_BxC, is_regression: bool) -> jax.Array:
-  """The argmax class (int32) or the regression value (float32)."""
-  if is_regression:
-    return logits_BxC[..., 0].astype(jnp.float32)
-  return jnp.argmax(logits_BxC, axis=-1).astype(jnp.int32)
-
-
 def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i):
   """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits."""
   threshold = policy.threshold_E[i]
@@ -164,7 +158,7 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i):
   elif policy.criterion == "maxprob":
     confident_B = jnp.max(jax.nn.softmax(logits_BxC, axis=-1), axis=-1) >= threshold
   else:
-    pred_B = prediction(logits_BxC, policy.is_regression).astype(jnp.float32)
+    pred_B = heads.predictions(logits_BxC, policy.is_regression).astype(jnp.float32)
     if policy.is_regression:
       same_B = jnp.abs(pred_B - state.prev_B) < policy.delta
     else:

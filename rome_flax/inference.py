@@ -1,151 +1,108 @@
 """Early-exit inference over a dataset, on the host side: cutting it into pieces, running a jitted
-path (`early_exit`) piece by piece with one host sync at the end, timing, and raw-text prediction.
+path (`early_exit`) piece by piece with one host sync at the end, and raw-text prediction.
 
 The device paths themselves (latency `while_loop`, throughput scheduler, full model, all exits)
-live in `early_exit.py`; this module only feeds them.
+live in `early_exit.py`; this module only feeds them. Datasets are `data.EncodedSplit`s, padded
+piece by piece with `data.pad_batch` (the padder and length buckets of training batches), so an
+example's results do not depend on which piece it lands in or how long that piece is padded.
+Timing is `speed.py`'s job: a `Pass` is what it times.
 """
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rome_flax import data
 from rome_flax import exit_policy as ep
 from rome_flax.config import ModelConfig
-from rome_flax.early_exit import (ExitResult, TRIM_LENGTHS, all_exits, full_model, latency_exit,
-                                  prepare_params, throughput_chunk)
+from rome_flax.early_exit import ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk
 from rome_flax.errors import RomeFlaxError
+from rome_flax.heads import predictions
 
 
+def plan(encoded: data.EncodedSplit, rows_per_piece: int) -> list[dict[str, np.ndarray]]:
+  """Cuts a dataset into fixed-size pieces (batches or chunks), longest examples first, each padded
+  to its bucketed length by `data.pad_batch` (padding rows repeat a real example: see there).
 
-class Encoded(NamedTuple):
-  """Token arrays of a dataset, padded to one length S (rows are examples)."""
-  input_ids: np.ndarray       # [N, S] int32
-  attention_mask: np.ndarray  # [N, S] int32
-  token_type_ids: np.ndarray  # [N, S] int32
-
-  @property
-  def num_examples(self) -> int:
-    return self.input_ids.shape[0]
-
-
-def bucket_length(n: int, cap: Optional[int] = None) -> int:
-  """Padded length for a longest example of n tokens: the next of TRIM_LENGTHS (as training batches)."""
-  n = max(int(n), 1)
-  b = next((t for t in TRIM_LENGTHS if t >= n), -(-n // TRIM_LENGTHS[-1]) * TRIM_LENGTHS[-1])
-  return min(b, cap) if cap else b
-
-
-class Piece(NamedTuple):
-  rows: np.ndarray    # indices into the dataset; -1 marks padding rows
-  arrays: tuple       # (input_ids, attention_mask, token_type_ids), each [rows, S]
-
-
-def plan(encoded: Encoded, rows_per_piece: int, *, sort_by_length: bool = True) -> list[Piece]:
-  """Cuts a dataset into fixed-size pieces (batches or chunks) padded to a bucketed length.
-
-  Sorting by length first keeps padding small; results are per example, so order does not matter.
+  Sorting by length keeps padding small; results are per example, so order does not matter.
   """
-  N, S = encoded.input_ids.shape
-  if N == 0:
+  if len(encoded) == 0:
     raise RomeFlaxError("no examples to run")
-  lengths = encoded.attention_mask.sum(1)
-  order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(N)
-  pieces = []
-  for start in range(0, N, rows_per_piece):
-    rows = order[start:start + rows_per_piece]
-    s = bucket_length(lengths[rows].max(), cap=S)
-    pad = rows_per_piece - len(rows)
-    take = np.concatenate([rows, np.full(pad, rows[0])]) if pad else rows
-    arrays = tuple(np.ascontiguousarray(a[take, :s]).astype(np.int32)
-                   for a in (encoded.input_ids, encoded.attention_mask, encoded.token_type_ids))
-    pieces.append(Piece(np.concatenate([rows, np.full(pad, -1)]), arrays))
-  return pieces
+  order = np.argsort(-encoded.lengths, kind="stable")
+  return [data.pad_batch(encoded, order[start:start + rows_per_piece], rows_per_piece, repeat_first=True)
+          for start in range(0, len(encoded), rows_per_piece)]
+
+
+def _device_arrays(piece: dict) -> tuple:
+  return tuple(jnp.asarray(piece[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
 class RunResult(NamedTuple):
   logits_NxC: np.ndarray
   exit_index_N: np.ndarray    # 0-based exit per example (final exit for the full model)
   layer_runs: int             # layers run (latency) / layer batches run (throughput) / batches x L (full)
-  seconds: float              # wall clock of the timed pass, compile and warm-up excluded
-  warmup_seconds: float       # first call per distinct shape (compile + one run)
 
 
-def _run(pieces: list[Piece], fn, num_examples: int, num_labels: int, final_exit: int,
-         progress=None, warmup: bool = True) -> RunResult:
-  """Warm-up (one call per distinct shape, timed apart), then the timed pass; one host sync at the end."""
-  t0 = time.perf_counter()
-  seen = set()
-  for piece in pieces if warmup else ():
-    key = tuple(a.shape for a in piece.arrays)
-    if key not in seen:
-      seen.add(key)
-      jax.block_until_ready(fn(piece))
-  warmup_seconds = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  outputs = []
-  for piece in (progress(pieces) if progress else pieces):
-    outputs.append(fn(piece))
-  outputs = jax.block_until_ready(outputs)
-  seconds = time.perf_counter() - t0
-  logits = np.zeros((num_examples, num_labels), np.float32)
-  exits = np.full((num_examples,), final_exit, np.int32)
-  runs = 0
-  for piece, out in zip(pieces, outputs):
-    keep = piece.rows >= 0
-    if isinstance(out, ExitResult):
-      logits[piece.rows[keep]] = np.asarray(out.logits_BxC)[keep]
-      exits[piece.rows[keep]] = np.asarray(out.exit_index_B)[keep]
-      runs += int(out.layer_runs)
-    else:
-      logits[piece.rows[keep]] = np.asarray(out)[keep]
-      runs += final_exit + 1
-  return RunResult(logits, exits, runs, seconds, warmup_seconds)
+class Pass:
+  """One pass of a jitted path over a dataset: its pieces and the call that runs one piece.
 
-
-def best_of(repeats: int, *runs) -> list[RunResult]:
-  """Calls each `run(warmup=...)` `repeats` times, alternating (warm-up in the first round only).
-
-  Returns each run's fastest timed pass, with its first-round warm-up time: side-by-side runs see
-  the same machine load, which makes their ratio meaningful on a shared machine.
+  Calling it runs every piece and syncs with the device once, at the end: that is what
+  `speed.compare` times, while `warm_up` (one call per distinct piece shape: compiles) happens
+  apart and `collect` (outputs -> per-example arrays) after.
   """
-  best: list[Optional[RunResult]] = [None] * len(runs)
-  for r in range(repeats):
-    for k, run in enumerate(runs):
-      res = run(warmup=r == 0)
-      if best[k] is None:
-        best[k] = res
-      elif res.seconds < best[k].seconds:
-        best[k] = res._replace(warmup_seconds=best[k].warmup_seconds)
-  return best
+
+  def __init__(self, pieces: list[dict], fn, num_examples: int, cfg: ModelConfig):
+    self.pieces, self.fn, self.num_examples, self.cfg = pieces, fn, num_examples, cfg
+
+  def warm_up(self) -> None:
+    seen = set()
+    for piece in self.pieces:
+      if piece["input_ids"].shape not in seen:
+        seen.add(piece["input_ids"].shape)
+        jax.block_until_ready(self.fn(piece))
+
+  def __call__(self, progress=None) -> list:
+    return jax.block_until_ready([self.fn(p) for p in (progress(self.pieces) if progress else self.pieces)])
+
+  def collect(self, outputs: list) -> RunResult:
+    final_exit = self.cfg.num_layers - 1
+    logits = np.zeros((self.num_examples, self.cfg.num_labels), np.float32)
+    exits = np.full((self.num_examples,), final_exit, np.int32)
+    runs = 0
+    for piece, out in zip(self.pieces, outputs):
+      rows = piece["example_ids"]
+      keep = rows >= 0
+      if isinstance(out, ExitResult):
+        logits[rows[keep]] = np.asarray(out.logits_BxC)[keep]
+        exits[rows[keep]] = np.asarray(out.exit_index_B)[keep]
+        runs += int(out.layer_runs)
+      else:
+        logits[rows[keep]] = np.asarray(out)[keep]
+        runs += final_exit + 1
+    return RunResult(logits, exits, runs)
+
+  def run(self, progress=None) -> RunResult:
+    return self.collect(self(progress))
 
 
-def _device_piece(piece: Piece):
-  return tuple(jnp.asarray(a) for a in piece.arrays)
-
-
-def run_full_model(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int, progress=None,
-                   warmup: bool = True) -> RunResult:
+def full_model_pass(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int) -> Pass:
   """The baseline at a batch size: all layers, final exit only."""
-  pieces = plan(encoded, batch_size)
-  fn = lambda p: full_model(prepared, cfg, *_device_piece(p))
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
+  return Pass(plan(encoded, batch_size), lambda p: full_model(prepared, cfg, *_device_arrays(p)), len(encoded), cfg)
 
 
-def run_latency(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: Encoded, batch_size: int = 1,
-                progress=None, warmup: bool = True) -> RunResult:
+def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
+                 batch_size: int = 1) -> Pass:
   """Latency path over a dataset, batch by batch (batch_size 1: classic per-example early exit)."""
-  pieces = plan(encoded, batch_size)
-  fn = lambda p: latency_exit(prepared, cfg, policy, *_device_piece(p))
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
+  return Pass(plan(encoded, batch_size), lambda p: latency_exit(prepared, cfg, policy, *_device_arrays(p)),
+              len(encoded), cfg)
 
 
-def run_throughput(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: Encoded, batch_size: int = 64,
-                   chunk_size: Optional[int] = None, progress=None, warmup: bool = True) -> RunResult:
+def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
+                    batch_size: int = 64, chunk_size: Optional[int] = None) -> Pass:
   """Throughput path over a dataset: chunks of `chunk_size` examples on device.
 
   The default chunk is 16 batches (or the whole dataset, rounded up to a batch, if smaller): larger
@@ -153,25 +110,26 @@ def run_throughput(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: E
   """
   if batch_size < 1:
     raise RomeFlaxError(f"batch_size must be >= 1, got {batch_size}")
-  chunk_size = chunk_size or min(16 * batch_size, -(-encoded.num_examples // batch_size) * batch_size)
+  chunk_size = chunk_size or min(16 * batch_size, -(-len(encoded) // batch_size) * batch_size)
   if chunk_size < batch_size:
     raise RomeFlaxError(f"chunk_size ({chunk_size}) must be at least batch_size ({batch_size})")
-  pieces = plan(encoded, chunk_size)
 
   def fn(p):
-    ids, mask, types = _device_piece(p)
-    return throughput_chunk(prepared, cfg, policy, ids, mask, types, jnp.asarray(p.rows >= 0), batch_size)
+    return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),
+                            batch_size)
 
-  return _run(pieces, fn, encoded.num_examples, cfg.num_labels, cfg.num_layers - 1, progress, warmup)
+  return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg)
 
 
-def run_all_exits(prepared, cfg: ModelConfig, encoded: Encoded, batch_size: int, progress=None) -> np.ndarray:
+def run_all_exits(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int,
+                  progress=None) -> np.ndarray:
   """Every exit's logits [E,N,C] for a dataset (the offline sweep's cache)."""
+  out = np.zeros((cfg.num_exits, len(encoded), cfg.num_labels), np.float32)
   pieces = plan(encoded, batch_size)
-  out = np.zeros((cfg.num_exits, encoded.num_examples, cfg.num_labels), np.float32)
   for piece in (progress(pieces) if progress else pieces):
-    keep = piece.rows >= 0
-    out[:, piece.rows[keep]] = np.asarray(all_exits(prepared, cfg, *_device_piece(piece)))[:, keep]
+    rows = piece["example_ids"]
+    keep = rows >= 0
+    out[:, rows[keep]] = np.asarray(all_exits(prepared, cfg, *_device_arrays(piece)))[:, keep]
   return out
 
 
@@ -195,10 +153,10 @@ def predict(model, texts, policy: ep.ExitPolicy, text_pairs=None, *, batch_size:
   texts = list(texts)
   if not texts:
     raise RomeFlaxError("no texts to predict")
-  arrays = model.encode(texts, text_pairs, max_length=max_length)
-  encoded = Encoded(*(np.asarray(arrays[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")))
+  split = data.Split("predict", "predict", texts, list(text_pairs) if text_pairs is not None else None, None,
+                     np.arange(len(texts)))
+  encoded = data.encode_split(model.tokenizer, split, max_length, is_regression=model.config.is_regression)
   prepared = prepare_params(model.params, dispatch)
-  run = run_throughput if path == "throughput" else run_latency
-  res = run(prepared, model.config, policy, encoded, batch_size, warmup=False)
-  preds = res.logits_NxC[:, 0] if model.config.is_regression else res.logits_NxC.argmax(-1)
-  return Prediction(preds, res.exit_index_N + 1, res.logits_NxC)
+  make = throughput_pass if path == "throughput" else latency_pass
+  res = make(prepared, model.config, policy, encoded, batch_size).run()
+  return Prediction(predictions(res.logits_NxC, model.config.is_regression), res.exit_index_N + 1, res.logits_NxC)

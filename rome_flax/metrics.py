@@ -7,18 +7,13 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.heads import predictions as logits_to_predictions
 from rome_flax.tasks import TaskSpec
 
 
 def primary_metric(task: TaskSpec) -> str:
   """The metric that ranks checkpoints and that tables report first."""
   return task.primary_metric
-
-
-def predictions_from_logits(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
-  """Class ids ([..., N] from [..., N, C]) or regression scores ([..., N] from [..., N, 1])."""
-  logits = np.asarray(logits)
-  return logits[..., 0] if task.is_regression else logits.argmax(-1)
 
 
 def compute_metrics(task: TaskSpec, predictions, labels) -> dict[str, float]:
@@ -28,7 +23,7 @@ def compute_metrics(task: TaskSpec, predictions, labels) -> dict[str, float]:
   """
   pred = np.asarray(predictions)
   if pred.ndim == 2:
-    pred = predictions_from_logits(task, pred)
+    pred = logits_to_predictions(pred, task.is_regression)
   labels = np.asarray(labels)
   if pred.shape != labels.shape:
     raise RomeFlaxError(f"{len(pred)} predictions for {len(labels)} labels")
@@ -60,6 +55,6 @@ _METRICS = {
 }
 
 
-def per_exit_metrics(task: TaskSpec, logits_ExNxC: np.ndarray, labels_N: np.ndarray) -> list[dict[str, float]]:
-  """compute_metrics for every exit's logits."""
-  return [compute_metrics(task, predictions_from_logits(task, z), labels_N) for z in np.asarray(logits_ExNxC)]
+def per_exit_metrics(task: TaskSpec, logits_ExNxC, labels_N) -> list[dict]:
+  """The task's metrics of every exit used alone: [{"exit": 1, <metric>: ...}, ..., {"exit": L, ...}]."""
+  return [{"exit": e + 1, **compute_metrics(task, z_NxC, labels_N)} for e, z_NxC in enumerate(np.asarray(logits_ExNxC))]

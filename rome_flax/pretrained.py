@@ -7,12 +7,11 @@ rome_flax export (`rome_flax_config.json` + Orbax `params/` + tokenizer files) w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rome_flax import layers
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
 from rome_flax.convert import LoadReport, load_hf_checkpoint, resolve_checkpoint_dir
 from rome_flax.errors import RomeFlaxError
+from rome_flax.files import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,47 @@ def _jit_forward(params, cfg, input_ids, attention_mask, token_type_ids, rng, de
                  output_hidden_states):
   return model_lib.forward(params, cfg, input_ids, attention_mask, token_type_ids,
                            deterministic=deterministic, rng=rng, output_hidden_states=output_hidden_states)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+  """What an export says about how it was made: written by train.py / convert, read by infer.py.
+
+  Stored under "metadata" in rome_flax_config.json with these names. Every field is optional and
+  unknown keys are ignored, so exports from older (or newer) rome_flax versions still load.
+  """
+  task: Optional[str] = None
+  label_names: tuple = ()
+  is_regression: Optional[bool] = None
+  method: Optional[str] = None
+  gr: Optional[str] = None            # the GR mode that was in effect ('none' when the method has none)
+  max_length: Optional[int] = None    # the training max length (infer.py's default)
+  dev_metrics: Optional[dict] = None  # split -> per-exit metric dicts at the end of training
+  primary_metric: Optional[str] = None
+  source: Optional[str] = None        # the checkpoint this was converted from
+
+  def __post_init__(self):
+    object.__setattr__(self, "label_names", tuple(self.label_names or ()))
+
+  def to_dict(self) -> dict:
+    """The fields that are set (JSON types), as rome_flax_config.json stores them."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if value is None or (f.name == "label_names" and not value):
+        continue
+      out[f.name] = list(value) if f.name == "label_names" else value
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Optional[dict]) -> "ExportInfo":
+    if not isinstance(d, dict):
+      return cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  def replace(self, **kw) -> "ExportInfo":
+    return dataclasses.replace(self, **kw)
 
 
 def load_tokenizer(path: Path):
@@ -60,12 +102,12 @@ class MultiExitBert:
   """
 
   def __init__(self, config: ModelConfig, params: dict, tokenizer: Any = None,
-               load_report: Optional[LoadReport] = None, metadata: Optional[dict] = None):
+               load_report: Optional[LoadReport] = None, export_info: Optional[ExportInfo] = None):
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
     self.load_report = load_report
-    self.metadata = dict(metadata or {})
+    self.export_info = export_info or ExportInfo()
 
   # ------------------------------------------------------------------ construction
   @classmethod
@@ -93,7 +135,7 @@ class MultiExitBert:
     log.log(level, "loaded %s: %s", ckpt_dir, report.summary())
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
     return cls(cfg, jax.tree.map(jnp.asarray, params), tokenizer, report,
-               metadata={"source": str(path_or_id)})
+               export_info=ExportInfo(source=str(path_or_id)))
 
   @classmethod
   def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files):
@@ -111,7 +153,7 @@ class MultiExitBert:
     cfg = cfg.replace(exit_pooling=exit_pooling or cfg.exit_pooling, dtype=dtype or cfg.dtype)
     params = restore_params(ckpt_dir / EXPORT_PARAMS, cfg, kernels_in_out=fmt == _LEGACY_IN_OUT_FORMAT)
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
-    return cls(cfg, params, tokenizer, metadata=saved.get("metadata", {}))
+    return cls(cfg, params, tokenizer, export_info=ExportInfo.from_dict(saved.get("metadata")))
 
   # ------------------------------------------------------------------ use
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, output_hidden_states: bool = False,
@@ -136,34 +178,34 @@ class MultiExitBert:
     return {k: np.asarray(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
   # ------------------------------------------------------------------ saving
-  def save_pretrained(self, out_dir: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
-    """Writes an export directory atomically: staged beside the target, then renamed into place."""
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+  def save_pretrained(self, out_dir: str | os.PathLike, export_info: Optional[ExportInfo] = None) -> Path:
+    """Writes an export directory atomically (files.staged_directory); `export_info` replaces
+    the model's own `export_info` in the written file."""
+    info = self.export_info if export_info is None else export_info
+    with staged_directory(out_dir) as stage:
       save_params(stage / EXPORT_PARAMS, self.params)
-      meta = {**self.metadata, **(metadata or {})}
       (stage / EXPORT_CONFIG).write_text(json.dumps(
-          {"format": EXPORT_FORMAT, "model": self.config.to_dict(), "metadata": meta}, indent=2, sort_keys=True))
+          {"format": EXPORT_FORMAT, "model": self.config.to_dict(), "metadata": info.to_dict()},
+          indent=2, sort_keys=True))
       if self.tokenizer is not None:
         self.tokenizer.save_pretrained(str(stage))
-      if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        stage.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        stage.rename(out_dir)
-    except BaseException:
-      shutil.rmtree(stage, ignore_errors=True)
-      raise
-    return out_dir
+    return Path(out_dir).absolute()
 
 
 MultiExitRoberta = MultiExitBert
 """RoBERTa checkpoints load through the same class (model_type is read from config.json)."""
+
+
+def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Optional[int] = None,
+                       exit_pooling: str = "cls", dtype: str = "float32", seed: int = 0,
+                       overwrite: bool = False) -> tuple[Path, MultiExitBert]:
+  """A Hugging Face checkpoint (directory or hub id) -> a rome_flax export; converting once makes
+  later loads skip the name mapping. Refuses to replace an existing out_dir unless `overwrite`."""
+  if Path(out_dir).exists() and not overwrite:
+    raise RomeFlaxError(f"{out_dir} already exists; pass --overwrite to replace it")
+  model = MultiExitBert.from_pretrained(src, num_labels=num_labels, exit_pooling=exit_pooling, dtype=dtype,
+                                        seed=seed)
+  return model.save_pretrained(out_dir, ExportInfo(source=str(src))), model
 
 
 def save_params(path: Path, params) -> None:
@@ -180,11 +222,11 @@ def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
     raise RomeFlaxError(f"{path} is missing: not a complete rome_flax export")
   shapes = model_lib.param_shapes(cfg)
   if kernels_in_out:
-    shapes = jax.eval_shape(model_lib.swap_kernel_axes, shapes)
+    shapes = jax.eval_shape(layers.swap_kernel_axes, shapes)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(path, target)
   except Exception as e:
     raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None
-  return model_lib.swap_kernel_axes(params) if kernels_in_out else params
+  return layers.swap_kernel_axes(params) if kernels_in_out else params

@@ -1,61 +1,25 @@
-"""Writing sweep results: JSON, CSV, Markdown tables, PNG plots, GLUE submission files.
+"""Writing early-exit results: JSON, CSV, Markdown tables, PNG plots, prediction and GLUE submission
+files, and `write_evaluation`, which writes every file of an `evaluation.ExitsEvaluation`.
 
-Every file is written atomically (a temporary file in the same directory, then `os.replace`), so a
-crash or a full disk never leaves a half-written result, and an earlier result stays intact until
-its replacement is complete.
+Every file goes through `files.py`'s atomic writer, so a crash or a full disk never leaves a
+half-written result, and an earlier result stays intact until its replacement is complete.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from rome_flax.errors import RomeFlaxError
+from rome_flax import files
 
-SPEED_COLUMNS = ("avg_exit_layer", "layer_ratio", "flops_ratio")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-  path = Path(path)
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  except OSError as e:
-    raise RomeFlaxError(f"cannot write {path}: {e.strerror or e}") from None
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-  return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path, obj) -> Path:
-  return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+# GLUE leaderboard file names per task and split.
+SUBMISSION_NAMES = {"cola": "CoLA", "sst-2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts-b": "STS-B",
+                    "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+MNLI_SUBMISSION = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
 
 
 def _cell(v, digits: int | None = 4) -> str:
@@ -95,15 +59,15 @@ def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None) -> s
 def write_table(out_dir, stem: str, rows: Sequence[dict], columns: Sequence[str] | None = None) -> list[Path]:
   """<stem>.json, <stem>.csv and <stem>.md in out_dir."""
   out_dir = Path(out_dir)
-  return [write_json(out_dir / f"{stem}.json", list(rows)),
-          atomic_write_text(out_dir / f"{stem}.csv", to_csv(rows, columns)),
-          atomic_write_text(out_dir / f"{stem}.md", to_markdown(rows, columns))]
+  return [files.write_json(out_dir / f"{stem}.json", list(rows)),
+          files.atomic_write_text(out_dir / f"{stem}.csv", to_csv(rows, columns)),
+          files.atomic_write_text(out_dir / f"{stem}.md", to_markdown(rows, columns))]
 
 
 def _savefig(fig, path) -> Path:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-  return atomic_write_bytes(path, buf.getvalue())
+  return files.atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: float | None = None,
@@ -153,15 +117,64 @@ def plot_per_exit(path, per_exit: Sequence[dict], metric: str) -> Path:
     plt.close(fig)
 
 
+def _label_cell(prediction, label_names: Sequence[str]) -> str:
+  """A prediction as files show it: its label name (classification) or its value (regression)."""
+  return label_names[int(prediction)] if label_names else f"{float(prediction):.6g}"
+
+
 def submission_tsv(example_ids, predictions, label_names: Sequence[str]) -> str:
   """GLUE submission file: `index<TAB>prediction`, label names for classification, values for regression."""
-  lines = ["index\tprediction"]
-  for i, p in zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist()):
-    lines.append(f"{i}\t{label_names[int(p)] if label_names else f'{float(p):.6g}'}")
+  lines = ["index\tprediction"] + [f"{i}\t{_label_cell(p, label_names)}"
+                                   for i, p in zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist())]
   return "\n".join(lines) + "\n"
 
 
-def best_tradeoff(settings: Sequence[dict], metric: str, reference: float, tolerance: float = 1.0):
-  """The setting with the highest layer ratio whose metric is within `tolerance` of the reference."""
-  ok = [r for r in settings if metric in r and r[metric] >= reference - tolerance]
-  return max(ok, key=lambda r: r["layer_ratio"]) if ok else None
+def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[str]) -> str:
+  """`index<TAB>prediction<TAB>exit_layer` per example (exit_layer 1-based)."""
+  lines = ["index\tprediction\texit_layer"] + [
+      f"{i}\t{_label_cell(p, label_names)}\t{e + 1}" for i, p, e in
+      zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist(), np.asarray(exit_index).tolist())]
+  return "\n".join(lines) + "\n"
+
+
+def safe_name(setting: str) -> str:
+  """A setting (e.g. 'entropy<0.1') as a file name."""
+  return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in setting.replace("<", "_lt_")
+                 .replace(">=", "_ge_"))
+
+
+def submission_file(task: str, split: str) -> str:
+  """The GLUE leaderboard's file name for a task's test split."""
+  name = MNLI_SUBMISSION.get(split) if task == "mnli" else SUBMISSION_NAMES.get(task)
+  return f"{name or task}.tsv"
+
+
+def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
+  """Every file of an `evaluation.ExitsEvaluation` in out_dir; returns their paths.
+
+  per_exit.{json,csv,md,png} (labelled), sweep.{json,csv,md}, predictions/<setting>.tsv,
+  submission/<setting>/<GLUE name>.tsv (unlabelled), speed.{json,csv,md} (timed settings),
+  tradeoff.png (labelled) and summary.json (`checkpoint` names the model there).
+  """
+  ev, out = evaluation, Path(out_dir)
+  written = []
+  if ev.per_exit:
+    written += write_table(out, "per_exit", ev.per_exit)
+    written.append(plot_per_exit(out / "per_exit.png", ev.per_exit, ev.metric))
+  written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
+  for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
+    name = safe_name(policy.describe())
+    written.append(files.atomic_write_text(out / "predictions" / f"{name}.tsv", predictions_tsv(
+        ev.example_ids, predictions, exits, ev.task.label_names)))
+    if not ev.labelled:
+      written.append(files.atomic_write_text(out / "submission" / name / submission_file(ev.task.name, ev.split),
+                                             submission_tsv(ev.example_ids, predictions, ev.task.label_names)))
+  if ev.speed:
+    written += write_table(out, "speed", ev.speed)
+  if ev.labelled:
+    speedup = f"throughput_speedup_b{ev.batch_size}"
+    measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in ev.settings if r["setting"] == s["setting"]]
+    written.append(plot_tradeoff(out / "tradeoff.png", ev.settings, ev.metric, final_metric=ev.final_metric,
+                                 measured=measured, measured_label=f"measured, throughput b={ev.batch_size}"))
+  written.append(files.write_json(out / "summary.json", {"checkpoint": checkpoint, **ev.summary}))
+  return written

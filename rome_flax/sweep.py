@@ -1,6 +1,6 @@
 """Offline threshold sweep: one all-exits pass, then any number of exit policies evaluated for free.
 
-`run_all_exits` (early_exit.py) caches every exit's logits [E,N,C]; `evaluate` applies each policy
+`inference.run_all_exits` caches every exit's logits [E,N,C]; `evaluate` applies each policy
 with `exit_policy.decide` (the same step the runtime paths use) and reports, per setting, the task
 metric, the average exit layer, the layer ratio L / average exit layer and the FLOPs ratio. Speed
 figures are named as in docs/method.md: the layer ratio is ElasticBERT's "speed-up"; DeeBERT's
@@ -14,15 +14,16 @@ included); the full model pays L layers and one head.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import exit_policy as ep
+from rome_flax import metrics
 from rome_flax.config import ModelConfig
-
-MetricFn = Callable[[np.ndarray, np.ndarray], dict]
+from rome_flax.heads import predictions
+from rome_flax.tasks import TaskSpec
 
 
 def layer_flops(cfg: ModelConfig, length) -> np.ndarray:
@@ -51,46 +52,44 @@ def flops_ratio(cfg: ModelConfig, exit_index_N, lengths_N) -> float:
   return float(full / early)
 
 
-def predictions(logits_NxC, is_regression: bool) -> np.ndarray:
-  logits_NxC = np.asarray(logits_NxC)
-  return logits_NxC[..., 0] if is_regression else logits_NxC.argmax(-1)
-
-
-def per_exit_metrics(exit_logits_ExNxC, labels_N, metric_fn: MetricFn, is_regression: bool) -> list[dict]:
-  """The task metrics of every exit used alone (exit 1..L)."""
-  return [{"exit": e + 1, **_floats(metric_fn(predictions(z, is_regression), labels_N))}
-          for e, z in enumerate(np.asarray(exit_logits_ExNxC))]
-
-
-def _floats(d: dict) -> dict:
-  return {k: float(v) for k, v in d.items()}
-
-
 def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelConfig, lengths_N,
-             labels_N: Optional[np.ndarray] = None, metric_fn: Optional[MetricFn] = None) -> list[dict]:
-  """One row per policy: setting, metrics (if labelled), exit statistics and speed ratios."""
+             labels_N: Optional[np.ndarray] = None, task: Optional[TaskSpec] = None) -> list[dict]:
+  """One row per policy: setting, the task's metrics (given labels and task), exit statistics and
+  speed ratios."""
   logits = jnp.asarray(exit_logits_ExNxC, jnp.float32)
   L = cfg.num_layers
   rows = []
   for policy in policies:
-    decision = ep.decide(policy, logits)
-    exit_N = np.asarray(decision.exit_index_N)
-    used_N = exit_N + 1
+    pred_N, exit_N = decisions(policy, logits, cfg.is_regression)
     highway_thresholds = np.asarray(policy.threshold_E)[:max(L - 1, 1)]   # the last exit always exits
     row = {"criterion": policy.criterion, "setting": policy.describe(),
            "thresholds": [float(f"{v:.6g}") for v in highway_thresholds],
            "min_exit_layer": policy.min_exit_layer}
-    if labels_N is not None and metric_fn is not None:
-      row.update(_floats(metric_fn(predictions(decision.logits_NxC, cfg.is_regression), labels_N)))
-    avg = float(used_N.mean())
-    row.update({"avg_exit_layer": avg, "layer_ratio": L / avg, "expected_saving": avg / L,
-                "flops_ratio": flops_ratio(cfg, exit_N, lengths_N),
-                "exit_shares": (np.bincount(exit_N, minlength=L) / len(exit_N)).round(4).tolist()})
+    if labels_N is not None and task is not None:
+      row.update(metrics.compute_metrics(task, pred_N, labels_N))
+    row.update(exit_statistics(cfg, exit_N, lengths_N))
     rows.append(row)
   return rows
+
+
+def exit_statistics(cfg: ModelConfig, exit_index_N, lengths_N) -> dict:
+  """Average exit layer, layer ratio, expected saving, FLOPs ratio and share of each exit of a set
+  of 0-based exit decisions (offline or measured)."""
+  exit_N = np.asarray(exit_index_N)
+  L = cfg.num_layers
+  avg = float((exit_N + 1).mean())
+  return {"avg_exit_layer": avg, "layer_ratio": L / avg, "expected_saving": avg / L,
+          "flops_ratio": flops_ratio(cfg, exit_N, lengths_N),
+          "exit_shares": (np.bincount(exit_N, minlength=L) / len(exit_N)).round(4).tolist()}
 
 
 def decisions(policy: ep.ExitPolicy, exit_logits_ExNxC, is_regression: bool):
   """(predictions, 0-based exit index) per example under one policy."""
   d = ep.decide(policy, jnp.asarray(exit_logits_ExNxC, jnp.float32))
-  return predictions(d.logits_NxC, is_regression), np.asarray(d.exit_index_N)
+  return predictions(np.asarray(d.logits_NxC), is_regression), np.asarray(d.exit_index_N)
+
+
+def best_tradeoff(settings: Sequence[dict], metric: str, reference: float, tolerance: float = 1.0):
+  """The setting with the highest layer ratio whose metric is within `tolerance` of the reference."""
+  ok = [r for r in settings if metric in r and r[metric] >= reference - tolerance]
+  return max(ok, key=lambda r: r["layer_ratio"]) if ok else None

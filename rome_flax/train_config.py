@@ -1,27 +1,35 @@
-"""The training run's configuration: one flat frozen dataclass, a config file, and CLI overrides.
+"""The training run's configuration, grouped by concern, from a config file and CLI overrides.
 
-A config file (`configs/*.py`) defines `get_config()` returning a dict of field overrides; the
-command line overrides single fields (`--learning_rate 5e-5`). Unknown keys are errors, so a typo
-never silently falls back to a default.
+`TrainConfig` holds five frozen groups: `network` (which model), `data`, `objective` (the method
+and its loss), `optim` (optimisation) and `run` (logs, evaluation, checkpoints, export). Every
+field name is unique across the groups, so a flat `{"learning_rate": 5e-5}` names one field: that
+is what config files (`configs/*.py`, `get_config()` returning a dict) return, what the command
+line sets (`--learning_rate 5e-5`; `--optim.learning_rate` also works) and what a run's
+config.json stores. Unknown keys are errors, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
-from rome_flax.losses import GR_MODES, KL_REDUCTIONS, METHODS, PROTECT, LossConfig
+from rome_flax.methods import LossConfig
+
+
+def _check(checks) -> None:
+  for ok, msg in checks:
+    if not ok:
+      raise RomeFlaxError(msg)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  # Model: a Hugging Face checkpoint (directory or hub id), a rome_flax export, or None for a small
-  # randomly initialised BERT (sized by random_model_*) with the synthetic task's tokenizer.
+class NetworkOptions:
+  """A Hugging Face checkpoint (directory or hub id), a rome_flax export, or None for a small randomly
+  initialised BERT (sized by random_model_*) with the synthetic task's tokenizer."""
   model: Optional[str] = None
   random_model_layers: int = 4
   random_model_hidden: int = 64
@@ -29,7 +37,10 @@ class TrainConfig:
   random_model_intermediate: int = 128
   exit_pooling: str = "cls"
   dtype: str = "float32"
-  # Data.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
   task: str = "synthetic"
   data_dir: Optional[str] = None
   train_file: Optional[str] = None      # custom task: CSV / TSV / JSON Lines files
@@ -42,81 +53,136 @@ class TrainConfig:
   custom_regression: bool = False
   train_rows: int = 0                   # use only the first N training rows (0: all)
   max_length: int = 128
-  # Method (method.md).
-  method: str = "romebert"
-  gamma: float = 0.9
-  temperature: float = 3.0
-  kl_reduction: str = "reference"
-  gr: str = "projection"
-  gr_lambda: float = 0.01
-  protect: str = "auto"
-  # Optimisation.
+
+  def __post_init__(self):
+    if self.custom_labels is not None and not isinstance(self.custom_labels, tuple):
+      object.__setattr__(self, "custom_labels", tuple(self.custom_labels))   # hashable, as JSON lists load
+    _check([(self.train_rows >= 0, "train_rows must be >= 0")])
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveOptions:
+  """The method and its loss (method.md): `methods.LossConfig` without the task's `regression`;
+  the defaults and the checks are LossConfig's."""
+  method: str = LossConfig.method
+  gamma: float = LossConfig.gamma
+  temperature: float = LossConfig.temperature
+  kl_reduction: str = LossConfig.kl_reduction
+  gr: str = LossConfig.gr
+  gr_lambda: float = LossConfig.gr_lambda
+  protect: str = LossConfig.protect
+
+  def __post_init__(self):
+    self.loss_config(regression=False)
+
+  def loss_config(self, regression: bool) -> LossConfig:
+    return LossConfig(**dataclasses.asdict(self), regression=regression)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimOptions:
   learning_rate: float = 2e-5
   epochs: int = 3                       # per stage (DeeBERT trains two stages of this many epochs)
   batch_size: int = 8
-  eval_batch_size: int = 64
   warmup_ratio: float = 0.0
   weight_decay: float = 0.0
   adam_eps: float = 1e-8
   clip_norm: float = 1.0
-  seed: int = 42
-  # Bookkeeping.
+  seed: int = 42                        # parameter init of new heads, batch order, dropout
+
+  def __post_init__(self):
+    _check([(self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
   output_dir: str = "runs/default"
   log_every: int = 50
   eval_every: int = 0                   # steps between dev evaluations; 0 = at the end of every epoch
+  eval_batch_size: int = 64
   save_every: int = 500                 # steps between checkpoints (also at every evaluation and the end)
   keep_checkpoints: int = 2
   select_by: str = "mean_exits"         # best checkpoint by the mean over exits, or 'final_exit'
   export: bool = True
 
   def __post_init__(self):
-    checks = [(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-              (self.gr in GR_MODES, f"gr must be one of {', '.join(GR_MODES)}, got {self.gr!r}"),
-              (self.kl_reduction in KL_REDUCTIONS, f"kl_reduction must be one of {KL_REDUCTIONS}"),
-              (self.protect in PROTECT, f"protect must be one of {', '.join(PROTECT)}"),
-              (self.select_by in ("mean_exits", "final_exit"), "select_by must be mean_exits or final_exit"),
-              (self.epochs >= 1, "epochs must be at least 1"),
-              (self.batch_size >= 1, "batch_size must be at least 1"),
-              (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
-              (self.learning_rate > 0, "learning_rate must be positive"),
-              (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
-              (self.log_every >= 1, "log_every must be at least 1"),
-              (self.save_every >= 1, "save_every must be at least 1"),
-              (self.train_rows >= 0, "train_rows must be >= 0")]
-    for ok, msg in checks:
-      if not ok:
-        raise RomeFlaxError(msg)
+    _check([(self.select_by in ("mean_exits", "final_exit"), "select_by must be mean_exits or final_exit"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
+            (self.log_every >= 1, "log_every must be at least 1"),
+            (self.save_every >= 1, "save_every must be at least 1")])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  network: NetworkOptions = NetworkOptions()
+  data: DataOptions = DataOptions()
+  objective: ObjectiveOptions = ObjectiveOptions()
+  optim: OptimOptions = OptimOptions()
+  run: RunOptions = RunOptions()
 
   def loss_config(self, regression: bool) -> LossConfig:
-    """The LossConfig fields this flat config mirrors (same names), so the two cannot drift apart."""
-    shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig) if f.name != "regression"}
-    return LossConfig(**shared, regression=regression)
+    return self.objective.loss_config(regression)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The flat form: field name -> value (config.json, the --resume check)."""
+    return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
-  def replace(self, **kw) -> "TrainConfig":
-    unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+  def replace(self, **flat) -> "TrainConfig":
+    """A copy with fields replaced by flat name (`learning_rate=...`) or dotted (`optim.learning_rate`)."""
+    by_group: dict[str, dict] = {}
+    unknown = []
+    for key, value in flat.items():
+      group = _locate(key)
+      if group is None:
+        unknown.append(key)
+      else:
+        by_group.setdefault(group, {})[key.rsplit(".", 1)[-1]] = value
     if unknown:
       raise RomeFlaxError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-    if "custom_labels" in kw and kw["custom_labels"] is not None:
-      kw["custom_labels"] = tuple(kw["custom_labels"])
-    return dataclasses.replace(self, **kw)
+    return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **kw) for g, kw in by_group.items()})
+
+  @classmethod
+  def from_dict(cls, flat: dict[str, Any]) -> "TrainConfig":
+    return cls().replace(**flat)
+
+
+GROUPS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_GROUP_OF = {f.name: group for group in GROUPS for f in dataclasses.fields(getattr(TrainConfig, group))}
+_HINTS = {name: typing.get_type_hints(type(getattr(TrainConfig, _GROUP_OF[name])))[name] for name in _GROUP_OF}
+_OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint)}
+
+
+def _locate(key: str) -> Optional[str]:
+  """The group of a flat or dotted field name (None when there is no such field)."""
+  group, _, name = key.rpartition(".")
+  owner = _GROUP_OF.get(name)
+  return owner if owner is not None and group in ("", owner) else None
+
+
+def field_names() -> tuple[str, ...]:
+  """Every field's flat name, group by group."""
+  return tuple(_GROUP_OF)
+
+
+def dotted_name(name: str) -> str:
+  return f"{_GROUP_OF[name]}.{name}"
 
 
 def field_types() -> dict[str, type]:
   """Field name -> the plain type its command-line value parses to."""
-  hints = typing.get_type_hints(TrainConfig)
   out = {}
-  for f in dataclasses.fields(TrainConfig):
-    hint = hints[f.name]
+  for name, hint in _HINTS.items():
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    out[f.name] = args[0] if args else hint
+    out[name] = args[0] if args else hint
   return out
 
 
 def parse_value(name: str, raw: str) -> Any:
   """A command-line string as the field's type ('none' clears an optional field)."""
+  name = name.rsplit(".", 1)[-1]
   kind = field_types()[name]
   if raw.lower() in ("none", "null") and name in _OPTIONAL:
     return None
@@ -134,12 +200,8 @@ def parse_value(name: str, raw: str) -> Any:
     raise RomeFlaxError(f"--{name}: cannot read {raw!r} as {kind.__name__}") from None
 
 
-_OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig)
-             if type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])}
-
-
 def load_config_file(path: str | Path) -> TrainConfig:
-  """TrainConfig with the overrides of a config file's `get_config()` (a dict)."""
+  """TrainConfig with the overrides of a config file's `get_config()` (a flat dict)."""
   path = Path(path)
   if not path.is_file():
     raise RomeFlaxError(f"config file {path} does not exist")
@@ -155,10 +217,7 @@ def load_config_file(path: str | Path) -> TrainConfig:
   if not isinstance(overrides, dict):
     raise RomeFlaxError(f"{path}: get_config() must return a dict of TrainConfig fields")
   try:
-    return TrainConfig().replace(**overrides)
+    return TrainConfig.from_dict(overrides)
   except RomeFlaxError as e:
     raise RomeFlaxError(f"{path}: {e}") from None
 
-
-def config_from_json(text: str) -> TrainConfig:
-  return TrainConfig().replace(**json.loads(text))

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rome_flax import methods
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
-from rome_flax.losses import LossConfig, LossTerms, loss_terms
+from rome_flax.losses import LossTerms
+from rome_flax.methods import LossConfig, loss_terms
 
 _TINY = 1e-30
-_TRAINED = 1.0   # the gate of a fully trained leaf: its update is used as is
 
 
 class TrainState(NamedTuple):
@@ -59,83 +60,55 @@ def weight_decay_mask(params) -> Any:
 
 
 def _train_layout_like(params):
-  """The train layout's tree of shapes (no copies): what masks over the train state are built on."""
+  """The per-layer layout's tree of shapes (no copies): what masks over the train state are built on."""
   return jax.eval_shape(model_lib.unstack_layers, params)
 
 
-def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
+def trainable_mask(params, cfg: ModelConfig, method: str, stage: int = 1):
+  """True for the leaves (per-layer layout) that `stage` of `method` trains, as `methods.py` declares."""
+  plan = methods.get_method(method).stage(stage).plan(cfg.num_layers)
+  params = _train_layout_like(params)
+  encoder = lambda tree: jax.tree.map(lambda _: plan.train_encoder, tree)
+  return {"embeddings": encoder(params["embeddings"]), "layers": encoder(params["layers"]),
+          "exits": tuple(jax.tree.map(lambda _, i=i: i in plan.exits, head) for i, head in enumerate(params["exits"]))}
+
+
+def make_optimizer(cfg: OptimConfig, trainable=None) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (betas 0.9 / 0.999) with the linear schedule, for parameters
-  in the train layout (`model.unstack_layers`; stacked `params` are converted for the mask)."""
+  in the per-layer layout (`model.unstack_layers`).
+
+  `trainable` (a bool tree, `trainable_mask`) freezes the other leaves with optax: their updates
+  are zero and they hold no optimiser state (DeeBERT stage 2 keeps Adam moments for the heads only).
+  The clipping norm is taken over the trained leaves; a frozen leaf's gradient is zero in every
+  method (outside the loss, or behind a stop-gradient), so it is the norm over all.
+  """
   schedule = learning_rate_schedule(cfg)
   if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
     adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps)
   else:
     adam = optax.adamw(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                       mask=weight_decay_mask(_train_layout_like(params)))
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+                       mask=weight_decay_mask)
+  inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+  if trainable is None or all(jax.tree.leaves(trainable)):
+    return inner
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
 
 
-# ----------------------------------------------------------------------------- what a stage trains
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-  """Which layers and exits a step runs and which parameters it updates."""
-  exits: tuple[int, ...]         # 0-based exits whose logits the loss sees
-  num_layers: int                # encoder layers to run
-  train_encoder: bool            # False: embeddings and layers frozen (DeeBERT stage 2)
-  train_exits: tuple[int, ...]   # 0-based exits whose heads are updated
-
-
-def stage_plan(cfg: ModelConfig, method: str, stage: int = 1) -> StagePlan:
-  L = cfg.num_layers
-  every = tuple(range(L))
-  if method == "final_only" or (method == "deebert" and stage == 1):
-    return StagePlan((L - 1,), L, True, (L - 1,))
-  if method == "deebert":
-    # Stage 2: only the highways learn; the last layer feeds no highway, so it is not even run.
-    return StagePlan(every[:-1], L - 1, False, every[:-1])
-  return StagePlan(every, L, True, every)
-
-
-def trainable_mask(params, cfg: ModelConfig, plan: StagePlan):
-  """1/0 factors per leaf of the train layout (one per exit head) that gate the updates."""
-  params = _train_layout_like(params)
-  encoder = _TRAINED if plan.train_encoder else 0.0
-  return {
-      "embeddings": jax.tree.map(lambda _: encoder, params["embeddings"]),
-      "layers": jax.tree.map(lambda _: encoder, params["layers"]),
-      "exits": tuple(jax.tree.map(lambda _: _TRAINED if i in plan.train_exits else 0.0, head)
-                     for i, head in enumerate(params["exits"])),
-  }
+def stage_optimizer(cfg: OptimConfig, params, model_cfg: ModelConfig, method: str,
+                    stage: int = 1) -> optax.GradientTransformation:
+  """The optimiser of one stage of a method: `make_optimizer` frozen to what the stage trains."""
+  return make_optimizer(cfg, trainable_mask(params, model_cfg, method, stage))
 
 
 # ----------------------------------------------------------------------------- forward for training
 
 
-def exits_forward(params, cfg: ModelConfig, batch, rng, plan: StagePlan, taps_KxBxSxD=None):
-  """Logits [len(plan.exits), B, C] with dropout on, running only what the plan needs.
-
-  `taps_KxBxSxD` (zeros) are added to the outputs of layers 1..K so that their gradient is the
-  loss's gradient with respect to those hidden states (GR penalty mode). The dropout keys are
-  those of `model.forward`, so the same rng gives the same masks.
-  """
-  mask_BxS = batch["attention_mask"]
-  h_BxSxD = model_lib.embed(params, cfg, batch["input_ids"], mask_BxS, batch["token_type_ids"],
-                            deterministic=False, rng=rng)
-  mask_bias = model_lib.attention_bias(mask_BxS)
-  # With 'cls' pooling the last layer run feeds only its exit's token 0: compute just that.
-  short_last = model_lib.last_layer_first_token_only(cfg)
-  logits = []
-  for i in range(plan.num_layers):
-    h_BxSxD = model_lib.run_layer(params, cfg, i, h_BxSxD, mask_bias, deterministic=False, rng=rng,
-                                  first_token_only=short_last and i == plan.num_layers - 1)
-    if taps_KxBxSxD is not None and i < taps_KxBxSxD.shape[0]:
-      h_BxSxD = h_BxSxD + taps_KxBxSxD[i].astype(h_BxSxD.dtype)
-    if i in plan.exits:
-      h_exit = h_BxSxD if plan.train_encoder else jax.lax.stop_gradient(h_BxSxD)
-      logits.append(model_lib.run_exit(params, cfg, i, h_exit, mask_BxS, deterministic=False, rng=rng))
-  return jnp.stack(logits)
+def stage_forward(params, cfg: ModelConfig, batch, rng, plan: methods.StagePlan, taps_KxBxSxD=None):
+  """Logits [len(plan.exits), B, C] with dropout on, running only what the stage needs (`model.forward`)."""
+  return model_lib.forward(params, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                           deterministic=False, rng=rng, exits=plan.exits, num_layers=plan.num_layers,
+                           stop_gradient_exits=not plan.train_encoder, taps_KxBxSxD=taps_KxBxSxD).exit_logits
 
 
 def example_weights(batch) -> jax.Array:
@@ -183,14 +156,14 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
 
   protect_final: GR group A (kept intact) is the final exit's term; else the highways' terms.
   """
-  plan = stage_plan(cfg, loss_cfg.method, stage)
+  plan = loss_cfg.method_spec.stage(stage).plan(cfg.num_layers)
 
   def loss_of_logits(logits, batch) -> LossTerms:
     return loss_terms(logits, batch["labels"], example_weights(batch), loss_cfg, stage)
 
   def plain_grads(params, batch, rng):
     def total(p):
-      terms = loss_of_logits(exits_forward(p, cfg, batch, rng, plan), batch)
+      terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan), batch)
       return terms.total, (terms, {})
     return jax.grad(total, has_aux=True)(params)
 
@@ -202,7 +175,7 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
 
     def total(p):
       def highway_of_taps(t):
-        terms = loss_of_logits(exits_forward(p, cfg, batch, rng, plan, taps_KxBxSxD=t), batch)
+        terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan, taps_KxBxSxD=t), batch)
         return terms.highway, terms
       d_taps, terms = jax.grad(highway_of_taps, has_aux=True)(taps)
       penalty = jnp.maximum(weights.sum(), 1.0) * jnp.sum(d_taps ** 2)
@@ -210,7 +183,7 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
     return jax.grad(total, has_aux=True)(params)
 
   def projection_grads(params, batch, rng):
-    logits, pullback = jax.vjp(lambda p: exits_forward(p, cfg, batch, rng, plan), params)
+    logits, pullback = jax.vjp(lambda p: stage_forward(p, cfg, batch, rng, plan), params)
     terms = loss_of_logits(logits, batch)
     d_final = jax.grad(lambda z: loss_of_logits(z, batch).final)(logits)
     d_highway = jax.grad(lambda z: loss_of_logits(z, batch).highway)(logits)
@@ -226,26 +199,20 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
   return plain_grads
 
 
-def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation,
-                    params_like, *, stage: int = 1, protect_final: bool = False,
-                    schedule: Callable | None = None, stage_offset: int = 0,
-                    donate: bool = True) -> Callable:
+def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation, *,
+                    stage: int = 1, protect_final: bool = False, schedule: Callable | None = None,
+                    stage_offset: int = 0, donate: bool = True) -> Callable:
   """A jitted `(state, batch) -> (state, metrics)` for one method and stage (state buffers donated).
 
-  Updates of parameters the stage does not train are zeroed (weight decay included).
+  What the stage does not train is frozen by its optimiser (`stage_optimizer`).
   schedule / stage_offset: only to log the learning rate of the stage's schedule.
   """
-  plan = stage_plan(cfg, loss_cfg.method, stage)
-  gate = trainable_mask(params_like, cfg, plan)
-  gate_all_ones = plan.train_encoder and len(plan.train_exits) == cfg.num_layers
   grads_fn = make_grads_fn(cfg, loss_cfg, stage=stage, protect_final=protect_final)
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     grads, (terms, extra) = grads_fn(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    if not gate_all_ones:
-      updates = jax.tree.map(lambda u, g: u if g is _TRAINED else u * g, updates, gate)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": terms.total, "loss_final": terms.final, "loss_highway": terms.highway,
                "grad_norm": optax.tree.norm(grads), **extra}

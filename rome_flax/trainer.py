@@ -1,9 +1,10 @@
-"""The training loop: data, model, steps per stage, evaluation of every exit, logs, checkpoints, export.
+"""The training loop: steps over a `schedule.Schedule`, with evaluation, best-checkpoint selection,
+checkpointing, metric logging and progress as hooks that run after the steps they are due at.
 
 The host only feeds batches and reads metrics back every `log_every` steps (no sync per step).
 Everything a step depends on is a function of (config, step): the batch order of an epoch comes
-from (seed, epoch), the dropout key from (seed, step); so `resume` restores a checkpoint and goes
-on exactly as the uninterrupted run would have.
+from (seed, data epoch), the dropout key from (seed, step); so `resume` restores a checkpoint and
+goes on exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -12,33 +13,35 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
 from rome_flax import data as data_lib
+from rome_flax import methods
 from rome_flax import metrics as metrics_lib
 from rome_flax import model as model_lib
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
-from rome_flax.checkpoint import RunCheckpoints, write_json_atomic
+from rome_flax import train_step as steps
+from rome_flax.checkpoint import RunCheckpoints
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.losses import protect_final
-from rome_flax.pretrained import MultiExitBert
+from rome_flax.files import atomic_write_text, write_json
+from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.schedule import Schedule
 from rome_flax.tasks import TaskSpec, get_task
-from rome_flax.train_config import TrainConfig
-from rome_flax import train_step as steps
+from rome_flax.train_config import DataOptions, TrainConfig
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
 EXPORT_DIR = "export"
 
 
@@ -52,7 +55,7 @@ class RunData:
 # ----------------------------------------------------------------------------- setup
 
 
-def resolve_task(cfg: TrainConfig) -> TaskSpec:
+def resolve_task(cfg: DataOptions) -> TaskSpec:
   if cfg.task.lower() != "custom":
     return get_task(cfg.task)
   if cfg.train_file is None:
@@ -64,24 +67,25 @@ def resolve_task(cfg: TrainConfig) -> TaskSpec:
 
 
 def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
-  if cfg.model is None:
-    mcfg = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=cfg.random_model_hidden,
-                       num_hidden_layers=cfg.random_model_layers, num_attention_heads=cfg.random_model_heads,
-                       intermediate_size=cfg.random_model_intermediate,
-                       max_position_embeddings=max(cfg.max_length, 64), num_labels=task.num_labels,
-                       exit_pooling=cfg.exit_pooling, dtype=cfg.dtype)
-    return MultiExitBert.from_config(mcfg, seed=cfg.seed, tokenizer=synthetic.build_tokenizer())
-  model = MultiExitBert.from_pretrained(cfg.model, num_labels=task.num_labels, exit_pooling=cfg.exit_pooling,
-                                        dtype=cfg.dtype, seed=cfg.seed)
+  net, max_length, seed = cfg.network, cfg.data.max_length, cfg.optim.seed
+  if net.model is None:
+    mcfg = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=net.random_model_hidden,
+                       num_hidden_layers=net.random_model_layers, num_attention_heads=net.random_model_heads,
+                       intermediate_size=net.random_model_intermediate,
+                       max_position_embeddings=max(max_length, 64), num_labels=task.num_labels,
+                       exit_pooling=net.exit_pooling, dtype=net.dtype)
+    return MultiExitBert.from_config(mcfg, seed=seed, tokenizer=synthetic.build_tokenizer())
+  model = MultiExitBert.from_pretrained(net.model, num_labels=task.num_labels, exit_pooling=net.exit_pooling,
+                                        dtype=net.dtype, seed=seed)
   if model.config.num_layers < 2:
     raise RomeFlaxError("a multi-exit model needs at least 2 layers")
-  if cfg.max_length > model.config.max_position_embeddings:
-    raise RomeFlaxError(f"max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} "
+  if max_length > model.config.max_position_embeddings:
+    raise RomeFlaxError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings} "
                         "positions")
   return model
 
 
-def load_data(cfg: TrainConfig, task: TaskSpec, tokenizer) -> RunData:
+def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
   custom = {}
   if task.name == "custom":
     custom = {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
@@ -91,10 +95,7 @@ def load_data(cfg: TrainConfig, task: TaskSpec, tokenizer) -> RunData:
     custom = {"seed": 0}
   train = data_lib.load_split(task, "train", cfg.data_dir, **custom)
   if cfg.train_rows:
-    train = dataclasses.replace(train, texts_a=train.texts_a[:cfg.train_rows],
-                                texts_b=None if train.texts_b is None else train.texts_b[:cfg.train_rows],
-                                labels=None if train.labels is None else train.labels[:cfg.train_rows],
-                                ids=train.ids[:cfg.train_rows])
+    train = train.head(cfg.train_rows)
   if train.labels is None:
     raise RomeFlaxError("the training split has no labels")
   eval_splits = ("dev",) if task.name == "custom" else task.eval_splits
@@ -127,8 +128,7 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
       differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
       if differ:
         raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
-  out.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(config_path, cfg.to_dict())
+  write_json(config_path, cfg.to_dict(), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -148,52 +148,159 @@ def evaluate(eval_step, params, task: TaskSpec, encoded: data_lib.EncodedSplit, 
   return metrics_lib.per_exit_metrics(task, logits_ExNxC, encoded.labels), logits_ExNxC
 
 
+def exit_values(task: TaskSpec, per_exit: list[dict]) -> list[float]:
+  """The primary metric of every exit (a per-exit dict may carry other keys, e.g. its exit number)."""
+  key = metrics_lib.primary_metric(task)
+  return [float(m[key]) for m in per_exit]
+
+
+def selection_value(select_by: str, task: TaskSpec, per_exit: list[dict]) -> float:
+  values = exit_values(task, per_exit)
+  return float(values[-1] if select_by == "final_exit" else np.mean(values))
+
+
+def format_exits(task: TaskSpec, per_exit: list[dict]) -> str:
+  return f"{metrics_lib.primary_metric(task)} per exit: " + " ".join(f"{v:.1f}" for v in exit_values(task, per_exit))
+
+
 # ----------------------------------------------------------------------------- logging
 
 
-class RunLog:
-  """metrics.jsonl (appended; truncated to the resumed step on resume) + TensorBoard events."""
+class MetricsWriter:
+  """The one writer of a run's metrics: metrics.jsonl (appended; on resume, cut back to the resumed
+  step so nothing is logged twice) and TensorBoard events.
+
+  A record is {"step", "kind", ...}: "train" records hold scalars (TensorBoard tag kind/name);
+  "eval" records hold a split and per-exit metric dicts (tag split/name/exitK).
+  """
 
   def __init__(self, out: Path, start_step: int):
     self.path = out / METRICS_FILE
     if self.path.is_file():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= start_step]
-      tmp = self.path.with_name(f".{self.path.name}.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, self.path)
+      atomic_write_text(self.path, "".join(line + "\n" for line in kept))
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step or None)
+    self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
 
   def write(self, records: list[dict]) -> None:
     with open(self.path, "a") as f:
       f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     for record in records:
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
-          self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-  def write_eval(self, step: int, split: str, per_exit: list[dict]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "kind": "eval", "split": split, "exits": per_exit}, sort_keys=True) + "\n")
-    for i, m in enumerate(per_exit):
-      for name, value in m.items():
-        self.tb.add_scalar(f"{split}/{name}/exit{i + 1}", value, step)
+      for tag, value in _scalars(record):
+        self.tb.add_scalar(tag, value, record["step"])
     self.tb.flush()
 
   def close(self) -> None:
     self.tb.close()
 
 
-def selection_value(cfg: TrainConfig, task: TaskSpec, per_exit: list[dict]) -> float:
-  key = metrics_lib.primary_metric(task)
-  values = [m[key] for m in per_exit]
-  return float(values[-1] if cfg.select_by == "final_exit" else np.mean(values))
+def _scalars(record: dict):
+  """(TensorBoard tag, value) of every number in a record."""
+  numbers = lambda d: ((k, v) for k, v in d.items() if k not in ("step", "exit") and isinstance(v, (int, float))
+                       and not isinstance(v, bool))
+  if "exits" in record:
+    for i, m in enumerate(record["exits"]):
+      yield from ((f"{record['split']}/{k}/exit{i + 1}", v) for k, v in numbers(m))
+  else:
+    yield from ((f"{record['kind']}/{k}", v) for k, v in numbers(record))
 
 
-def format_exits(task: TaskSpec, per_exit: list[dict]) -> str:
-  key = metrics_lib.primary_metric(task)
-  return f"{key} per exit: " + " ".join(f"{m[key]:.1f}" for m in per_exit)
+class TrainMetrics:
+  """Keeps every step's metrics on device until `flush`, which reads them back in one host sync,
+  stops the run on a non-finite loss, and writes one record per step (GR's cos / norms are per
+  step); the window's training speed goes on its last record."""
+
+  def __init__(self, writer: MetricsWriter, batch_size: int, last_good: Callable[[], str],
+               shown: Callable[[dict], None]):
+    self.writer, self.batch_size, self.last_good, self.shown = writer, batch_size, last_good, shown
+    self.pending: list[tuple[int, Any]] = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """The speed shown is training's: time spent evaluating or saving is not counted."""
+    self.t0 = time.perf_counter()
+
+  def add(self, info: "StepInfo") -> None:
+    self.pending.append((info.step, info.metrics))
+
+  def flush(self, _info: Optional["StepInfo"] = None) -> None:
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    for (step, _), m in zip(self.pending, fetched):
+      if not math.isfinite(float(m["loss"])):
+        raise RomeFlaxError(f"non-finite loss at step {step}; stopping ({self.last_good()})")
+    speed = len(self.pending) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+    records = [{"step": step, "kind": "train", **{k: float(v) for k, v in m.items()}}
+               for (step, _), m in zip(self.pending, fetched)]
+    records[-1]["examples_per_s"] = speed
+    self.writer.write(records)
+    self.shown({"loss": f"{np.mean([r['loss'] for r in records]):.4f}", "ex_s": f"{speed:.0f}"})
+    self.pending = []
+    self.restart_clock()
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+  """What a hook sees after a step: `step` steps have been taken; `metrics` are still on device."""
+  step: int
+  state: steps.TrainState
+  metrics: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  fn: Callable[[StepInfo], None]
+  every: int = 0                                  # after every `every`-th step (0: not by count)
+  when: Optional[Callable[[int], bool]] = None    # and after the steps for which when(step) holds
+
+  def due(self, step: int) -> bool:
+    return bool(self.every and step % self.every == 0) or (self.when is not None and self.when(step))
+
+
+class Hooks:
+  """Actions run after the steps they are due at, in the order they were added."""
+
+  def __init__(self):
+    self.hooks: list[Hook] = []
+
+  def add(self, fn: Callable[[StepInfo], None], *, every: int = 0,
+          when: Optional[Callable[[int], bool]] = None) -> None:
+    self.hooks.append(Hook(fn, every, when))
+
+  def run(self, info: StepInfo) -> None:
+    for hook in self.hooks:
+      if hook.due(info.step):
+        hook.fn(info)
+
+
+# ----------------------------------------------------------------------------- one stage's program
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+  """A stage's optimiser (frozen to what the stage trains, so its state differs between stages)
+  and its jitted step."""
+  optimizer: Any
+  step_fn: Callable
+
+
+def stage_programs(cfg: TrainConfig, mcfg: ModelConfig, params, method: methods.Method, loss_cfg,
+                   protect: bool, sched: Schedule) -> dict[int, StageProgram]:
+  optim_cfg = steps.OptimConfig(cfg.optim.learning_rate, int(cfg.optim.warmup_ratio * sched.stage_steps),
+                                sched.stage_steps, cfg.optim.weight_decay, cfg.optim.adam_eps, cfg.optim.clip_norm)
+  lr = steps.learning_rate_schedule(optim_cfg)   # every stage has its own run of the same schedule
+  programs = {}
+  for stage in range(1, method.num_stages + 1):
+    optimizer = steps.stage_optimizer(optim_cfg, params, mcfg, method.name, stage)
+    programs[stage] = StageProgram(optimizer, steps.make_train_step(
+        mcfg, loss_cfg, optimizer, stage=stage, protect_final=protect, schedule=lr,
+        stage_offset=(stage - 1) * sched.stage_steps))
+  return programs
 
 
 # ----------------------------------------------------------------------------- the run
@@ -201,139 +308,126 @@ def format_exits(task: TaskSpec, per_exit: list[dict]) -> str:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           max_steps: Optional[int] = None) -> dict:
-  """Runs (or resumes) a training run into cfg.output_dir; returns the final dev metrics per exit.
+  """Runs (or resumes) a training run into cfg.run.output_dir; returns the final dev metrics per exit.
 
   max_steps stops early after that many total steps (as if killed; for tests and quick checks).
   """
   sharding_lib.maybe_initialize_distributed()
   mesh = sharding_lib.data_mesh()  # data parallel over every device; one device: a no-op
-  sharding_lib.check_batch_size(cfg.batch_size, mesh)
-  out = Path(cfg.output_dir).absolute()
-  task = resolve_task(cfg)
+  sharding_lib.check_batch_size(cfg.optim.batch_size, mesh)
+  out = Path(cfg.run.output_dir).absolute()
+  task = resolve_task(cfg.data)
   model = load_model(cfg, task)
-  run_data = load_data(cfg, task, model.tokenizer)
+  run_data = load_data(cfg.data, task, model.tokenizer)
   prepare_output_dir(out, cfg, resume, overwrite)
   mcfg = model.config
 
-  steps_per_epoch = data_lib.num_batches(run_data.train, cfg.batch_size)
-  stage_steps = steps_per_epoch * cfg.epochs
-  num_stages = 2 if cfg.method == "deebert" else 1
-  total_steps = stage_steps * num_stages
-  optim_cfg = steps.OptimConfig(cfg.learning_rate, int(cfg.warmup_ratio * stage_steps), stage_steps,
-                                cfg.weight_decay, cfg.adam_eps, cfg.clip_norm)
-  optimizer = steps.make_optimizer(optim_cfg, model.params)
-  schedule = steps.learning_rate_schedule(optim_cfg)
+  method = methods.get_method(cfg.objective.method)
+  sched = Schedule(data_lib.num_batches(run_data.train, cfg.optim.batch_size), cfg.optim.epochs, method.num_stages)
   loss_cfg = cfg.loss_config(task.is_regression)
-  protect = protect_final(loss_cfg, task.protect_final)
-  step_fns = {stage: steps.make_train_step(mcfg, loss_cfg, optimizer, model.params, stage=stage,
-                                           protect_final=protect, schedule=schedule,
-                                           stage_offset=(stage - 1) * stage_steps)
-              for stage in range(1, num_stages + 1)}
+  protect = methods.protect_final(loss_cfg, task.protect_final)
+  programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched)
   eval_step = steps.make_eval_step(mcfg)
-  eval_every = cfg.eval_every or steps_per_epoch
 
-  ckpts = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints)
-  state = steps.init_train_state(model.params, optimizer, cfg.seed)
+  # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
+  ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)
+  latest = ckpts.latest_step() if resume else None
+  stage = sched.stage_after(latest or 0)
+  state = steps.init_train_state(model.params, programs[stage].optimizer, cfg.optim.seed)
   model.params = None  # the state owns the parameters now (its buffers are donated every step)
-  if resume and ckpts.latest_step() is not None:
+  if latest is not None:
     state = ckpts.restore(state)
     log.info("resumed from step %d", int(state.step))
   state = sharding_lib.replicate(state, mesh)
   start = int(state.step)
-  best = ckpts.best_value()
-  run_log = RunLog(out, start)
-  print(f"task {task.name}: {len(run_data.train)} train examples, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps ({num_stages} stage{'s' if num_stages > 1 else ''}), method {cfg.method}"
-        + (f", GR {cfg.gr} protecting the {'final exit' if protect else 'highways'}" if loss_cfg.uses_gr else ""),
+  end = sched.total_steps if max_steps is None else min(sched.total_steps, max_steps)
+  print(f"task {task.name}: {len(run_data.train)} train examples, {sched.steps_per_epoch} steps/epoch, "
+        f"{sched.total_steps} steps ({method.num_stages} stage{'s' if method.num_stages > 1 else ''}), "
+        f"method {method.name}"
+        + (f", GR {loss_cfg.gr} protecting the {'final exit' if protect else 'highways'}" if loss_cfg.uses_gr else ""),
         flush=True)
 
-  pending: list[tuple[int, dict]] = []
+  writer = MetricsWriter(out, start)
+  bar = _progress(sched.total_steps, start, progress)
   last_good = ckpts.latest_step()
+  best = ckpts.best_value()
   results: dict = {}
-  bar = _progress(total_steps, start, progress)
-  t_log = time.perf_counter()
 
-  def flush_metrics() -> None:
-    """Reads back the pending steps' metrics (one host sync), checks them, logs one record per step
-    (GR's cos / norms are per step); the window's speed goes on its last record."""
-    nonlocal t_log, pending
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if not math.isfinite(float(m["loss"])):
-        where = f"the last good checkpoint is step {last_good} in {ckpts.last.directory}" if last_good is not None \
-            else "no checkpoint was saved"
-        raise RomeFlaxError(f"non-finite loss at step {s + 1}; stopping ({where})")
-    speed = len(pending) * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9)
-    records = [{"step": s + 1, "kind": "train", **{k: float(v) for k, v in m.items()}}
-               for (s, _), m in zip(pending, fetched)]
-    records[-1]["examples_per_s"] = speed
-    run_log.write(records)
-    bar.set_postfix(loss=f"{np.mean([float(m['loss']) for m in fetched]):.4f}", ex_s=f"{speed:.0f}")
-    pending, t_log = [], time.perf_counter()
+  def where_last_good() -> str:
+    return (f"the last good checkpoint is step {last_good} in {ckpts.last.directory}"
+            if last_good is not None else "no checkpoint was saved")
 
-  def save(state_now) -> None:
+  train_metrics = TrainMetrics(writer, cfg.optim.batch_size, where_last_good, lambda shown: bar.set_postfix(**shown))
+
+  def evaluate_all(info: StepInfo) -> None:
+    """Every exit on every eval split; the first split's selection value picks the best checkpoint."""
+    nonlocal best
+    train_metrics.flush()
+    for split, encoded in run_data.evals.items():
+      per_exit, _ = evaluate(eval_step, info.state.params, task, encoded, cfg.run.eval_batch_size)
+      writer.write([{"step": info.step, "kind": "eval", "split": split, "exits": per_exit}])
+      results[split] = per_exit
+      bar.write(f"step {info.step} {split} {format_exits(task, per_exit)}")
+    first = results[next(iter(run_data.evals))]
+    value = selection_value(cfg.run.select_by, task, first)
+    if best is None or value > best:
+      best = value
+      ckpts.save_best(info.state, value, {"select_by": cfg.run.select_by, "exits": first})
+
+  def save(info: StepInfo) -> None:
     nonlocal last_good
-    flush_metrics()
-    last_good = ckpts.save(state_now)
+    train_metrics.flush()
+    last_good = ckpts.save(info.state)
+    train_metrics.restart_clock()
+
+  eval_every = cfg.run.eval_every or sched.steps_per_epoch
+  evaluates = lambda step: bool(run_data.evals) and (step % eval_every == 0 or step == sched.total_steps)
+  hooks = Hooks()
+  hooks.add(train_metrics.add, every=1)
+  hooks.add(lambda info: bar.update(1), every=1)
+  hooks.add(train_metrics.flush, every=cfg.run.log_every)
+  hooks.add(evaluate_all, when=evaluates)
+  hooks.add(save, every=cfg.run.save_every, when=lambda step: evaluates(step) or step == end)
 
   try:
     step = start
-    end = total_steps if max_steps is None else min(total_steps, max_steps)
     while step < end:
-      stage = step // stage_steps + 1
-      if stage > 1 and step % stage_steps == 0:
-        # DeeBERT stage 2 starts with a fresh optimizer (and its own schedule).
-        state = state._replace(opt_state=optimizer.init(state.params))
-      in_stage = step - (stage - 1) * stage_steps
-      epoch = in_stage // steps_per_epoch
-      data_epoch = (stage - 1) * cfg.epochs + epoch
-      for batch in data_lib.batches(run_data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                    epoch=data_epoch, start=in_stage % steps_per_epoch):
-        state, m = step_fns[stage](state, sharding_lib.shard_batch(batch, mesh))
-        pending.append((step, m))
+      pos = sched.at(step)
+      if pos.stage != stage:
+        # A new stage starts with a fresh optimiser (its own frozen set and schedule).
+        stage = pos.stage
+        state = state._replace(opt_state=programs[stage].optimizer.init(state.params))
+      for batch in data_lib.batches(run_data.train, cfg.optim.batch_size, shuffle=True, seed=cfg.optim.seed,
+                                    epoch=pos.data_epoch, start=pos.batch):
+        state, m = programs[stage].step_fn(state, sharding_lib.shard_batch(batch, mesh))
         step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0:
-          flush_metrics()
-        evaluate_now = run_data.evals and (step % eval_every == 0 or step == total_steps)
-        if evaluate_now:
-          flush_metrics()
-          for split, encoded in run_data.evals.items():
-            per_exit, _ = evaluate(eval_step, state.params, task, encoded, cfg.eval_batch_size)
-            run_log.write_eval(step, split, per_exit)
-            results[split] = per_exit
-            bar.write(f"step {step} {split} {format_exits(task, per_exit)}")
-          first = results[next(iter(run_data.evals))]
-          value = selection_value(cfg, task, first)
-          if best is None or value > best:
-            best = value
-            ckpts.save_best(state, value, {"select_by": cfg.select_by, "exits": first})
-        if step % cfg.save_every == 0 or evaluate_now or step == end:
-          save(state)
-          t_log = time.perf_counter()  # the speed shown is training's, not evaluation's or saving's
+        hooks.run(StepInfo(step, state, m))
         if step >= end:
           break
-    flush_metrics()
-    if step >= total_steps and cfg.export:
-      path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, task, cfg, results)
-      print(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / 'tb'})", flush=True)
+    train_metrics.flush()
+    if step >= sched.total_steps and cfg.run.export:
+      info = export_info(cfg, task, method, results)
+      path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, info)
+      print(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})", flush=True)
   finally:
     bar.close()
-    run_log.close()
+    writer.close()
     ckpts.close()
   return results
 
 
-def export_model(path: Path, mcfg: ModelConfig, params, tokenizer, task: TaskSpec, cfg: TrainConfig,
-                 results: dict) -> Path:
+def export_info(cfg: TrainConfig, task: TaskSpec, method: methods.Method, results: dict) -> ExportInfo:
+  """What infer.py needs to know about a trained model."""
+  gr = cfg.objective.gr
+  return ExportInfo(task=task.name, label_names=task.label_names, is_regression=task.is_regression,
+                    method=method.name, gr=gr if method.uses_gr(gr) else "none", max_length=cfg.data.max_length,
+                    dev_metrics=results, primary_metric=task.primary_metric)
+
+
+def export_model(path: Path, mcfg: ModelConfig, params, tokenizer, info: ExportInfo) -> Path:
   """The trained model for infer.py: params + config + tokenizer files in one directory (atomic)."""
-  meta = {"task": task.name, "label_names": list(task.label_names), "is_regression": task.is_regression,
-          "method": cfg.method, "gr": cfg.gr if cfg.method == "romebert" else "none",
-          "max_length": cfg.max_length, "dev_metrics": results, "primary_metric": task.primary_metric}
   params = model_lib.stack_layers(jax.device_get(params))   # the train state's layout -> the model's
-  return MultiExitBert(mcfg, params, tokenizer).save_pretrained(path, metadata=meta)
+  return MultiExitBert(mcfg, params, tokenizer, export_info=info).save_pretrained(path)
 
 
 def _progress(total: int, initial: int, enabled: bool):

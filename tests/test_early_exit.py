@@ -1,10 +1,12 @@
-"""Latency and throughput paths take exactly the decisions of the offline all-exits pass + policy."""
+"""Latency and throughput paths take exactly the decisions of the offline all-exits pass + policy;
+the host side (`inference`) feeds them pieces padded by `data.pad_batch`."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rome_flax import data
 from rome_flax import early_exit as ee
 from rome_flax import inference
 from rome_flax import exit_policy as ep
@@ -23,21 +25,29 @@ def params():
   return p
 
 
-@pytest.fixture(scope="module")
-def encoded():
-  rng = np.random.default_rng(0)
-  N, S = 29, 16
-  lengths = rng.integers(3, S + 1, N)
+def padded_arrays(seed: int, N: int, S: int, lengths=None):
+  """(input_ids, attention_mask, token_type_ids) [N, S], right-padded, of random lengths."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, S + 1, N) if lengths is None else lengths
   mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
   ids = rng.integers(1, CFG.vocab_size, (N, S)).astype(np.int32) * mask
   types = ((np.arange(S)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
-  return inference.Encoded(ids, mask, types)
+  return ids, mask, types
 
 
 @pytest.fixture(scope="module")
-def exit_logits(params, encoded):
-  return np.asarray(model_lib.forward(params, CFG, encoded.input_ids, encoded.attention_mask,
-                                      encoded.token_type_ids).exit_logits)
+def arrays():
+  return padded_arrays(0, 29, 16)
+
+
+@pytest.fixture(scope="module")
+def encoded(arrays):
+  return data.EncodedSplit.from_padded(*arrays)
+
+
+@pytest.fixture(scope="module")
+def exit_logits(params, arrays):
+  return np.asarray(model_lib.forward(params, CFG, *arrays).exit_logits)
 
 
 def gap_median(values):
@@ -63,9 +73,9 @@ def test_all_exits_matches_forward(params, encoded, exit_logits):
 
 
 def test_full_model_is_final_exit(params, encoded, exit_logits):
-  res = inference.run_full_model(ee.prepare_params(params), CFG, encoded, batch_size=8)
+  res = inference.full_model_pass(ee.prepare_params(params), CFG, encoded, batch_size=8).run()
   np.testing.assert_allclose(res.logits_NxC, exit_logits[-1], atol=1e-5)
-  assert res.seconds > 0 and res.warmup_seconds > 0
+  assert res.layer_runs == 4 * CFG.num_layers   # 29 examples: 4 batches of 8
 
 
 @pytest.mark.parametrize("dispatch", ee.DISPATCHES)
@@ -77,10 +87,10 @@ def test_paths_equal_offline_decisions(params, encoded, exit_logits, dispatch):
     want = ep.decide(policy, jnp.asarray(exit_logits))
     want_exit, want_logits = np.asarray(want.exit_index_N), np.asarray(want.logits_NxC)
     spread |= set(want_exit.tolist())
-    runs = [inference.run_latency(prepared, CFG, policy, encoded, batch_size=1),
-            inference.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=16)]
+    runs = [inference.latency_pass(prepared, CFG, policy, encoded, batch_size=1).run(),
+            inference.throughput_pass(prepared, CFG, policy, encoded, batch_size=4, chunk_size=16).run()]
     if n == 0:
-      runs.append(inference.run_latency(prepared, CFG, policy, encoded, batch_size=5))
+      runs.append(inference.latency_pass(prepared, CFG, policy, encoded, batch_size=5).run())
     for res in runs:
       np.testing.assert_array_equal(res.exit_index_N, want_exit, err_msg=policy.describe())
       np.testing.assert_array_equal(res.logits_NxC.argmax(-1), want_logits.argmax(-1))
@@ -91,19 +101,19 @@ def test_paths_equal_offline_decisions(params, encoded, exit_logits, dispatch):
 def test_latency_stops_early_and_throughput_skips_work(params, encoded, exit_logits):
   prepared = ee.prepare_params(params)
   policy = policies(exit_logits)[0]
-  lat = inference.run_latency(prepared, CFG, policy, encoded, batch_size=1)
+  lat = inference.latency_pass(prepared, CFG, policy, encoded, batch_size=1).run()
   # batch 1: layers run = sum of (exit index + 1)
   assert lat.layer_runs == int((lat.exit_index_N + 1).sum())
-  thr = inference.run_throughput(prepared, CFG, policy, encoded, batch_size=4, chunk_size=32)
+  thr = inference.throughput_pass(prepared, CFG, policy, encoded, batch_size=4, chunk_size=32).run()
   example_layers = int((thr.exit_index_N + 1).sum())
   # each layer batch runs at most 4 examples, and at most one partial batch per layer
   assert -(-example_layers // 4) <= thr.layer_runs <= example_layers // 4 + CFG.num_layers
-  assert thr.layer_runs < -(-encoded.num_examples // 4) * CFG.num_layers
+  assert thr.layer_runs < -(-len(encoded) // 4) * CFG.num_layers
 
 
-def test_latency_exit_does_not_retrace_for_new_thresholds(params, encoded, exit_logits):
+def test_latency_exit_does_not_retrace_for_new_thresholds(params, arrays, exit_logits):
   prepared = ee.prepare_params(params)
-  ids, mask, types = (jnp.asarray(a[:1, :16]) for a in encoded)
+  ids, mask, types = (jnp.asarray(a[:1, :16]) for a in arrays)
   ee.latency_exit(prepared, CFG, policies(exit_logits)[0], ids, mask, types)
   before = ee.latency_exit._cache_size()
   for tau in (0.1, 0.5, 0.9):
@@ -113,28 +123,47 @@ def test_latency_exit_does_not_retrace_for_new_thresholds(params, encoded, exit_
 
 def test_plan_pads_and_buckets(encoded):
   pieces = inference.plan(encoded, 8)
-  rows = np.concatenate([p.rows for p in pieces])
-  assert sorted(rows[rows >= 0].tolist()) == list(range(encoded.num_examples))
-  assert all(p.arrays[0].shape == (8, 16) for p in pieces)
+  rows = np.concatenate([p["example_ids"] for p in pieces])
+  assert sorted(rows[rows >= 0].tolist()) == list(range(len(encoded)))
+  assert all(p["input_ids"].shape == (8, 16) for p in pieces)
+  lengths = [p["attention_mask"].sum(1).max() for p in pieces]
+  assert lengths == sorted(lengths, reverse=True)   # longest first
+  # padding rows repeat the piece's first example (a batch-wide stopping rule waits for no padding row)
+  last = pieces[-1]
+  pad = last["example_ids"] < 0
+  assert pad.sum() == 4 * 8 - 29 and (last["input_ids"][pad] == last["input_ids"][0]).all()
   mask = np.ones((3, 40), np.int32)
   mask[:, 20:] = 0
-  short = inference.Encoded(mask.copy(), mask, np.zeros_like(mask))
-  assert inference.plan(short, 2)[0].arrays[0].shape == (2, 32)
+  short = data.EncodedSplit.from_padded(mask.copy(), mask)
+  assert inference.plan(short, 2)[0]["input_ids"].shape == (2, 32)
+  assert set(ee.trim_lengths(512)) == set(data.BUCKETS)   # the throughput path trims to the same buckets
+
+
+def test_results_do_not_depend_on_padding(params):
+  """Pieces of other sizes pad the same examples to other lengths (16, 32, 40): same results."""
+  ids, mask, types = padded_arrays(2, 24, 40)
+  encoded = data.EncodedSplit.from_padded(ids, mask, types)
+  prepared = ee.prepare_params(params)
+  want = np.asarray(model_lib.forward(params, CFG, ids, mask, types).exit_logits)
+  shapes = set()
+  for batch_size in (3, 24):
+    shapes |= {p["input_ids"].shape[1] for p in inference.plan(encoded, batch_size)}
+    np.testing.assert_allclose(inference.run_all_exits(prepared, CFG, encoded, batch_size), want, atol=1e-5)
+  assert shapes == {16, 32, 40}
 
 
 def test_throughput_trims_batches_of_short_examples_exactly(params):
   """A chunk padded to 40 tokens runs batches of short examples at 16 or 32 tokens: same decisions."""
   rng = np.random.default_rng(1)
-  N, S = 24, 40
+  S = 40
   lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, S + 1, 12)])
-  mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
-  ids = rng.integers(1, CFG.vocab_size, (N, S)).astype(np.int32) * mask
-  encoded = inference.Encoded(ids, mask, np.zeros_like(ids))
+  ids, mask, _ = padded_arrays(1, 24, S, lengths)
+  encoded = data.EncodedSplit.from_padded(ids, mask)
   assert ee.trim_lengths(S) == (16, 32, 40)
   logits = np.asarray(model_lib.forward(params, CFG, ids, mask).exit_logits)
   policy = policies(logits)[0]
   want = ep.decide(policy, jnp.asarray(logits))
-  res = inference.run_throughput(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24)
+  res = inference.throughput_pass(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24).run()
   np.testing.assert_array_equal(res.exit_index_N, np.asarray(want.exit_index_N))
   np.testing.assert_allclose(res.logits_NxC, np.asarray(want.logits_NxC), atol=1e-5)
 
@@ -156,3 +185,31 @@ def test_predict_texts_with_both_paths():
     np.testing.assert_array_equal(got.predictions, np.asarray(want.logits_NxC).argmax(-1))
   with pytest.raises(RomeFlaxError, match="exits"):
     inference.predict(model, texts, ep.make_policy("maxprob", 0.7, 4, num_labels=2))
+
+
+def test_speed_compare_interleaves_after_warm_up():
+  from rome_flax import speed
+  calls = []
+
+  class WithWarmUp:
+    def warm_up(self):
+      calls.append("A-warm")
+
+    def __call__(self):
+      calls.append("A")
+      return len(calls)
+
+  timed = speed.compare({"a": WithWarmUp(), "b": lambda: calls.append("B")}, rounds=2, warmup=2)
+  assert calls == ["A-warm", "B", "B", "A", "B", "A", "B"]
+  assert len(timed["a"].seconds) == 2 and timed["a"].result == 6 and timed["b"].warmup_seconds >= 0
+  assert timed["a"].fastest <= timed["a"].median
+
+
+def test_early_exit_speed_measures_both_paths(params, encoded, exit_logits):
+  from rome_flax import speed
+  policy = policies(exit_logits)[0]
+  got = speed.early_exit_speed(ee.prepare_params(params), CFG, policy, encoded, 8, latency_examples=5, repeats=1)
+  want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)
+  np.testing.assert_array_equal(got.throughput.run.exit_index_N, want)
+  np.testing.assert_array_equal(got.latency.run.exit_index_N, want[:5])
+  assert got.latency_examples == 5 and got.throughput_speedup > 0 and got.latency_speedup > 0

@@ -12,7 +12,7 @@ from rome_flax import infer_cli
 from rome_flax import model as model_lib
 from rome_flax import synthetic
 from rome_flax.config import ModelConfig
-from rome_flax.pretrained import MultiExitBert
+from rome_flax.pretrained import ExportInfo, MultiExitBert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def _export(path, num_labels, task, label_names):
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   params["exits"]["classifier"]["kernel"] = params["exits"]["classifier"]["kernel"] * 100.0
   MultiExitBert(cfg, params, synthetic.build_tokenizer()).save_pretrained(
-      path, metadata={"task": task, "label_names": label_names, "max_length": 32})
+      path, ExportInfo(task=task, label_names=label_names, max_length=32))
   return path
 
 

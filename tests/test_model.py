@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rome_flax import layers
 from rome_flax import model as M
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import MultiExitBert
+from rome_flax.pretrained import ExportInfo, MultiExitBert
 
 
 def _batch(cfg, B=3, S=10, seed=0):
@@ -133,18 +134,36 @@ def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
   ids, mask, types = _batch(tiny_config)
   out = model(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
   assert out.exit_logits.shape == (2, 3, 3)
-  path = model.save_pretrained(tmp_path / "export", metadata={"task": "unit"})
+  path = model.save_pretrained(tmp_path / "export", ExportInfo(task="unit", label_names=["a", "b", "c"]))
   again = MultiExitBert.from_pretrained(path)
   assert again.config == tiny_config
-  assert again.metadata["task"] == "unit"
+  assert again.export_info == ExportInfo(task="unit", label_names=("a", "b", "c"))
   # Same code path (output_hidden_states) on both sides: the parameters must round-trip bit for bit.
   np.testing.assert_array_equal(again(ids, mask, types, output_hidden_states=True).exit_logits, out.exit_logits)
   # Saving over an existing export replaces it whole (staged, then renamed).
-  model.save_pretrained(path, metadata={"task": "second"})
-  assert MultiExitBert.from_pretrained(path).metadata["task"] == "second"
+  model.save_pretrained(path, ExportInfo(task="second"))
+  assert MultiExitBert.from_pretrained(path).export_info.task == "second"
   assert not any(p.name.startswith(".export.tmp") for p in tmp_path.iterdir())
   with pytest.raises(RomeFlaxError, match="labels"):
     MultiExitBert.from_pretrained(path, num_labels=5)
+
+
+def test_export_info_reads_older_and_newer_exports(tiny_config, tmp_path):
+  """The "metadata" record keeps today's keys; unknown keys are ignored, missing ones default."""
+  import json
+
+  from rome_flax import pretrained
+  path = MultiExitBert.from_config(tiny_config).save_pretrained(
+      tmp_path / "export", ExportInfo(task="sst-2", max_length=64, dev_metrics={"dev": [{"accuracy": 50.0}]}))
+  saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
+  assert saved["metadata"] == {"task": "sst-2", "max_length": 64, "dev_metrics": {"dev": [{"accuracy": 50.0}]}}
+  saved["metadata"] = {"task": "rte", "label_names": ["entailment", "not_entailment"], "from_the_future": 1}
+  (path / pretrained.EXPORT_CONFIG).write_text(json.dumps(saved))
+  info = MultiExitBert.from_pretrained(path).export_info
+  assert info.task == "rte" and info.label_names == ("entailment", "not_entailment") and info.max_length is None
+  del saved["metadata"]
+  (path / pretrained.EXPORT_CONFIG).write_text(json.dumps(saved))
+  assert MultiExitBert.from_pretrained(path).export_info == ExportInfo()
 
 
 def test_export_format_1_with_in_out_kernels_still_loads(tiny_config, tmp_path):
@@ -157,7 +176,7 @@ def test_export_format_1_with_in_out_kernels_still_loads(tiny_config, tmp_path):
   assert json.loads((path / pretrained.EXPORT_CONFIG).read_text())["format"] == "rome_flax/2"
   legacy = tmp_path / "legacy"
   legacy.mkdir()
-  pretrained.save_params(legacy / pretrained.EXPORT_PARAMS, M.swap_kernel_axes(model.params))
+  pretrained.save_params(legacy / pretrained.EXPORT_PARAMS, layers.swap_kernel_axes(model.params))
   saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
   (legacy / pretrained.EXPORT_CONFIG).write_text(json.dumps(dict(saved, format="rome_flax/1")))
   assert model.params["layers"]["intermediate"]["kernel"].shape[1:] == (tiny_config.intermediate_size,
@@ -190,10 +209,10 @@ def test_last_layer_first_token_only_gives_same_logits(tiny_config, dtype):
 def test_dropout_mask_rate_independence_and_determinism():
   shape, keep = (8, 4, 64, 64), 0.9
   key = jax.random.PRNGKey(11)
-  m = np.asarray(M.dropout_keep_mask(key, shape, keep)).ravel()
+  m = np.asarray(layers.dropout_keep_mask(key, shape, keep)).ravel()
   assert abs(m.mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / m.size)          # the rate, within 4 sigma
-  np.testing.assert_array_equal(m, np.asarray(M.dropout_keep_mask(key, shape, keep)).ravel())
-  others = [np.asarray(M.dropout_keep_mask(k, shape, keep)).ravel()
+  np.testing.assert_array_equal(m, np.asarray(layers.dropout_keep_mask(key, shape, keep)).ravel())
+  others = [np.asarray(layers.dropout_keep_mask(k, shape, keep)).ravel()
             for k in (jax.random.fold_in(key, 1), jax.random.PRNGKey(12), jax.random.key(11))]
   tol = 4 / np.sqrt(m.size)
   for o in others[:2]:   # another key: an unrelated mask
@@ -202,16 +221,16 @@ def test_dropout_mask_rate_independence_and_determinism():
   for lag in (1, 64, 4096):   # neighbours along every axis are independent
     assert abs(np.corrcoef(m[:-lag], m[lag:])[0, 1]) < tol
   x = jnp.ones((256, 512))
-  y = M.Dropout(0.25).apply({}, x, False, rngs={"dropout": key})
+  y = layers.Dropout(0.25).apply({}, x, False, rngs={"dropout": key})
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
   assert abs(float(y.mean()) - 1.0) < 0.01
-  np.testing.assert_array_equal(M.Dropout(0.25).apply({}, x, True), x)
+  np.testing.assert_array_equal(layers.Dropout(0.25).apply({}, x, True), x)
 
 
 def test_linear_stores_kernels_out_by_in():
   """model.Linear is PyTorch's nn.Linear: kernel [out, in], y = x @ W.T + b; default init uses fan-in."""
   x = np.random.default_rng(0).standard_normal((2, 5, 256)).astype(np.float32)
-  layer = M.Linear(8)
+  layer = layers.Linear(8)
   params = layer.init(jax.random.PRNGKey(0), x)["params"]
   assert params["kernel"].shape == (8, 256) and params["bias"].shape == (8,)
   assert abs(float(params["kernel"].std()) * 256 ** 0.5 - 1.0) < 0.15

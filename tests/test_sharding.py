@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent("""
   import jax, numpy as np
   assert jax.device_count() == 8, jax.devices()
   from rome_flax.config import ModelConfig
-  from rome_flax.losses import LossConfig
+  from rome_flax.methods import LossConfig
   from rome_flax.model import init_params
   from rome_flax import sharding, train_step as steps
 

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rome_flax import methods
 from rome_flax import model as model_lib
 from rome_flax import train_step as ts
 from rome_flax.config import ModelConfig
-from rome_flax.losses import LossConfig, loss_terms
+from rome_flax.methods import LossConfig, loss_terms
 
 L = 3
 
@@ -136,8 +137,8 @@ def changed(before, after):
 def test_stages_update_only_what_they_train(setup, method, stage):
   cfg, params, batch = setup
   opt_cfg = ts.OptimConfig(learning_rate=1e-2, total_steps=10, weight_decay=0.1)
-  optimizer = ts.make_optimizer(opt_cfg, params)
-  step = ts.make_train_step(cfg, LossConfig(method=method), optimizer, params, stage=stage)
+  optimizer = ts.stage_optimizer(opt_cfg, params, cfg, method, stage)
+  step = ts.make_train_step(cfg, LossConfig(method=method), optimizer, stage=stage)
   before = jax.device_get(params)
   state = ts.init_train_state(jax.tree.map(jnp.array, params), optimizer, seed=0)
   for _ in range(2):
@@ -175,11 +176,24 @@ def test_dropout_differs_per_step_but_is_reproducible():
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   batch = {"input_ids": np.full((2, 4), 5, np.int32), "attention_mask": np.ones((2, 4), np.int32),
            "token_type_ids": np.zeros((2, 4), np.int32)}
-  plan = ts.stage_plan(cfg, "romebert")
-  a = ts.exits_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
-  b = ts.exits_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
-  c = ts.exits_forward(params, cfg, batch, jax.random.PRNGKey(2), plan)
+  plan = methods.get_method("romebert").stage(1).plan(cfg.num_layers)
+  a = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
+  b = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
+  c = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(2), plan)
   ref = model_lib.forward(params, cfg, batch["input_ids"], deterministic=False, rng=jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(a, ref.exit_logits, rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 0
+
+
+def test_frozen_parameters_hold_no_optimizer_state(setup):
+  """DeeBERT stage 2 freezes the encoder and the final exit with optax: Adam moments for the highways only."""
+  cfg, params, _ = setup
+  opt_cfg = ts.OptimConfig(learning_rate=1e-2, total_steps=10)
+  moments = lambda opt: sum(x.size for x in jax.tree.leaves(ts.init_train_state(params, opt, seed=0).opt_state))
+  both = moments(ts.stage_optimizer(opt_cfg, params, cfg, "romebert", 1))
+  heads_only = moments(ts.stage_optimizer(opt_cfg, params, cfg, "deebert", 2))
+  highway_params = sum(x[:L - 1].size for x in jax.tree.leaves(params["exits"]))
+  all_params = sum(x.size for x in jax.tree.leaves(params))
+  assert both >= 2 * all_params
+  assert 2 * highway_params <= heads_only < 2 * highway_params + 16   # two moments each, plus counters

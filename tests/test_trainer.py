@@ -40,15 +40,15 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path, method):
   broken = tiny(tmp_path, "broken", method=method)
   kill_at = 19 if method == "deebert" else 7          # deebert: inside stage 2 (16 steps per stage)
   trainer.train(broken, progress=False, max_steps=kill_at)
-  last = Path(broken.output_dir) / "checkpoints" / "last"
+  last = Path(broken.run.output_dir) / "checkpoints" / "last"
   shutil.rmtree(last / str(kill_at))                  # killed after step kill_at, before its save
-  assert not (Path(broken.output_dir) / "export").exists()
+  assert not (Path(broken.run.output_dir) / "export").exists()
   trainer.train(broken, progress=False, resume=True)
 
-  a, b = exported_params(straight.output_dir), exported_params(broken.output_dir)
+  a, b = exported_params(straight.run.output_dir), exported_params(broken.run.output_dir)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  steps = [json.loads(line)["step"] for line in (Path(broken.output_dir) / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in (Path(broken.run.output_dir) / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["kind"] == "train"]
   assert steps == sorted(set(steps))                  # nothing logged twice after the resume
 
@@ -56,7 +56,7 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path, method):
 def test_outputs_of_a_run(tmp_path):
   cfg = tiny(tmp_path, method="romebert", gr="projection")
   trainer.train(cfg, progress=False)
-  out = Path(cfg.output_dir)
+  out = Path(cfg.run.output_dir)
   assert json.loads((out / "config.json").read_text())["method"] == "romebert"
   records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   train_rec = [r for r in records if r["kind"] == "train"]
@@ -65,7 +65,9 @@ def test_outputs_of_a_run(tmp_path):
   assert list((out / "tb").iterdir())
   assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] in (8, 16)
   model = MultiExitBert.from_pretrained(out / "export")
-  assert model.metadata["task"] == "synthetic" and model.metadata["label_names"] == ["negative", "positive"]
+  info = model.export_info
+  assert info.task == "synthetic" and info.label_names == ("negative", "positive") and info.max_length == 16
+  assert info.method == "romebert" and info.gr == "projection" and set(info.dev_metrics) == {"dev"}
   assert model.tokenizer is not None
   enc = model.encode(["good film"])
   assert model(enc["input_ids"], enc["attention_mask"]).exit_logits.shape == (2, 1, 2)
@@ -74,12 +76,12 @@ def test_outputs_of_a_run(tmp_path):
 def test_output_dir_of_another_run_is_refused(tmp_path):
   cfg = tiny(tmp_path, epochs=1, eval_every=0)
   trainer.train(cfg, progress=False)
-  before = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir())
+  before = sorted(p.name for p in (Path(cfg.run.output_dir) / "checkpoints" / "last").iterdir())
   with pytest.raises(RomeFlaxError, match="already holds a run"):
     trainer.train(cfg, progress=False)
   with pytest.raises(RomeFlaxError, match="config differs in learning_rate"):
     trainer.train(cfg.replace(learning_rate=0.5), progress=False, resume=True)
-  assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir()) == before
+  assert sorted(p.name for p in (Path(cfg.run.output_dir) / "checkpoints" / "last").iterdir()) == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -89,13 +91,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
              train_rows=0, epochs=1, save_every=1, log_every=1, batch_size=8)
   with pytest.raises(RomeFlaxError, match=r"non-finite loss at step \d+; stopping \(the last good checkpoint is step"):
     trainer.train(cfg, progress=False)
-  saved = [int(p.name) for p in (Path(cfg.output_dir) / "checkpoints" / "last").iterdir() if p.name.isdigit()]
+  saved = [int(p.name) for p in (Path(cfg.run.output_dir) / "checkpoints" / "last").iterdir() if p.name.isdigit()]
   assert all(s >= 1 for s in saved)
 
 
 def test_config_file_and_overrides(tmp_path):
   cfg = load_config_file(ROOT / "configs" / "default.py")
-  assert cfg.task == "synthetic" and cfg.model is None
+  assert cfg.data.task == "synthetic" and cfg.network.model is None
   assert parse_value("learning_rate", "5e-5") == 5e-5 and parse_value("export", "false") is False
   assert parse_value("model", "none") is None
   with pytest.raises(RomeFlaxError, match="unknown config key"):
@@ -143,7 +145,7 @@ def test_mnli_reports_matched_and_mismatched_and_stsb_regresses(tmp_path):
     (sts / f"{name}.tsv").write_text("\n".join(lines) + "\n")
   results = trainer.train(tiny(tmp_path, "stsb", task="sts-b", data_dir=str(sts), epochs=1, train_rows=0,
                                method="romebert", gr="penalty"), progress=False)
-  assert set(results["dev"][0]) == {"pearson", "spearman"}
+  assert set(results["dev"][0]) == {"exit", "pearson", "spearman"}
   assert MultiExitBert.from_pretrained(tmp_path / "stsb" / "export").config.num_labels == 1
 
 

@@ -1,0 +1,170 @@
+"""Early-exit evaluation of a model on a dataset, as a library program: figures in, figures out.
+
+`evaluate_exits` runs one all-exits pass, caches every exit's logits, evaluates every policy
+offline from that cache (per-exit metrics, per-setting metric / exit statistics / FLOPs ratio,
+each example's prediction and exit), then times the throughput and latency paths of the chosen
+settings against the full model (`speed.early_exit_speed`). It writes no file and prints nothing:
+`report.write_evaluation` writes the results, infer.py prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from rome_flax import data
+from rome_flax import early_exit as ee
+from rome_flax import exit_policy as ep
+from rome_flax import inference, metrics, speed, sweep
+from rome_flax.errors import RomeFlaxError
+from rome_flax.tasks import TaskSpec
+
+MEASURE_SPEED = ("best", "all", "none")
+DEFAULT_MAX_LENGTH = 128
+
+# progress("what") -> a wrapper of an iterable (e.g. a tqdm bar); None: no progress shown
+Progress = Optional[Callable[[str], Callable[[Iterable], Iterable]]]
+
+
+@dataclasses.dataclass
+class ExitsEvaluation:
+  task: TaskSpec
+  split: str
+  example_ids: np.ndarray            # the split's own example ids (GLUE 'index'), one per example
+  metric: Optional[str]              # the metric settings are ranked and plotted by; None: no labels
+  num_layers: int
+  batch_size: int
+  max_length: int
+  all_exits_seconds: float           # the all-exits pass (compile included)
+  per_exit: list[dict]               # metrics.per_exit_metrics; [] without labels
+  settings: list[dict]               # sweep.evaluate rows, one per policy
+  policies: list[ep.ExitPolicy]
+  predictions: list[np.ndarray]      # per policy: class ids or values per example
+  exits: list[np.ndarray]            # per policy: 0-based exit per example
+  best: Optional[dict]               # the fastest setting within 1 point of the final exit (labelled)
+  speed: list[dict]                  # measured rows of the timed settings
+  latency_examples: int              # examples the latency path was timed on
+
+  @property
+  def labelled(self) -> bool:
+    return self.metric is not None
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.example_ids)
+
+  @property
+  def final_metric(self) -> Optional[float]:
+    return self.per_exit[-1][self.metric] if self.per_exit else None
+
+  @property
+  def sweep_columns(self) -> list[str]:
+    """The settings table's columns: the ranked metric first, then the task's other metrics."""
+    named = [self.metric] + [m for m in self.task.metric_names if m != self.metric] if self.labelled else []
+    return ["setting", *named, "avg_exit_layer", "layer_ratio", "flops_ratio", "expected_saving", "exit_shares"]
+
+  @property
+  def summary(self) -> dict:
+    return {"task": self.task.name, "split": self.split, "examples": self.num_examples,
+            "num_layers": self.num_layers, "labelled": self.labelled, "metric": self.metric,
+            "batch_size": self.batch_size, "max_length": self.max_length,
+            "all_exits_pass_seconds": round(self.all_exits_seconds, 3),
+            "final_exit": self.per_exit[-1] if self.per_exit else None, "settings": self.settings,
+            "speed": self.speed}
+
+
+def _no_progress(desc: str):
+  return lambda iterable: iterable
+
+
+def check_options(*, batch_size: int, measure_speed: str = "best", latency_examples: int = 128,
+                  speed_repeats: int = 2, chunk_size: Optional[int] = None) -> None:
+  """Raises RomeFlaxError for an option out of range (infer.py checks before loading anything)."""
+  for name, value in (("batch_size", batch_size), ("latency_examples", latency_examples),
+                      ("speed_repeats", speed_repeats), ("chunk_size", chunk_size or 1)):
+    if value < 1:
+      raise RomeFlaxError(f"{name} must be >= 1, got {value}")
+  if measure_speed not in MEASURE_SPEED:
+    raise RomeFlaxError(f"measure_speed must be one of {', '.join(MEASURE_SPEED)}, got {measure_speed!r}")
+
+
+def evaluate_exits(model, task: TaskSpec, examples: data.Split, policies: Sequence[ep.ExitPolicy], *,
+                   batch_size: int = 64, max_length: Optional[int] = None, metric: Optional[str] = None,
+                   measure_speed: str = "best", latency_examples: int = 128, speed_repeats: int = 2,
+                   chunk_size: Optional[int] = None, progress: Progress = None) -> ExitsEvaluation:
+  """Early-exit evaluation of a `MultiExitBert` on a split's examples under each policy.
+
+  max_length defaults to the export's training max length (else 128); metric to the task's primary
+  metric (labelled splits only). measure_speed: time the fastest setting within 1 point of the final
+  exit ('best'; labelled splits), every setting ('all') or none; the latency path is timed on the
+  first `latency_examples`, each side's fastest of `speed_repeats` passes counts.
+  """
+  check_options(batch_size=batch_size, measure_speed=measure_speed, latency_examples=latency_examples,
+                speed_repeats=speed_repeats, chunk_size=chunk_size)
+  cfg = model.config
+  labelled = examples.labels is not None
+  if metric is not None:
+    if not labelled:
+      raise RomeFlaxError(f"split {examples.split!r} has no labels: metric {metric!r} cannot be computed")
+    if metric not in task.metric_names:
+      raise RomeFlaxError(f"task {task.name} has metrics {', '.join(task.metric_names)}, not {metric!r}")
+  if not policies:
+    raise RomeFlaxError("no exit policy to evaluate")
+  for policy in policies:
+    if policy.num_exits != cfg.num_exits:
+      raise RomeFlaxError(f"policy {policy.describe()} is for {policy.num_exits} exits, the model has "
+                          f"{cfg.num_exits}")
+  bar = progress or _no_progress
+  max_length = max_length or model.export_info.max_length or DEFAULT_MAX_LENGTH
+  encoded = data.encode_split(model.tokenizer, examples, max_length, is_regression=task.is_regression)
+  prepared = ee.prepare_params(model.params)
+
+  t0 = time.perf_counter()
+  exit_logits = inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"))
+  all_exits_seconds = time.perf_counter() - t0
+  metric = (metric or metrics.primary_metric(task)) if labelled else None
+  per_exit = metrics.per_exit_metrics(task, exit_logits, examples.labels) if labelled else []
+  settings = sweep.evaluate(policies, exit_logits, cfg, encoded.lengths, examples.labels, task)
+  decided = [sweep.decisions(policy, exit_logits, cfg.is_regression) for policy in policies]
+  best = sweep.best_tradeoff(settings, metric, per_exit[-1][metric]) if labelled else None
+
+  timed = {"all": range(len(policies)), "none": [],
+           "best": [settings.index(best)] if best is not None else []}[measure_speed]
+  speed_rows = []
+  n_lat = min(latency_examples, len(encoded))
+  for k in bar("measured speed")(timed):
+    measured = speed.early_exit_speed(prepared, cfg, policies[k], encoded, batch_size,
+                                      latency_examples=n_lat, repeats=speed_repeats, chunk_size=chunk_size)
+    speed_rows.append(speed_row(cfg, policies[k], measured, encoded.lengths, decided[k][1]))
+
+  return ExitsEvaluation(
+      task=task, split=examples.split, example_ids=examples.ids, metric=metric, num_layers=cfg.num_layers,
+      batch_size=batch_size, max_length=max_length, all_exits_seconds=all_exits_seconds, per_exit=per_exit,
+      settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
+      exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat)
+
+
+def speed_row(cfg, policy: ep.ExitPolicy, measured: speed.EarlyExitSpeed, lengths_N, offline_exit_N) -> dict:
+  """One timed setting: measured speed-ups and rates beside the exit statistics of the runs, and
+  whether both paths took exactly the offline decisions."""
+  thr, lat, n_lat = measured.throughput, measured.latency, measured.latency_examples
+  stats = sweep.exit_statistics(cfg, thr.run.exit_index_N, lengths_N)
+  n = len(thr.run.exit_index_N)
+  return {
+      "setting": policy.describe(),
+      "layer_ratio": stats["layer_ratio"],
+      "flops_ratio": stats["flops_ratio"],
+      f"throughput_speedup_b{measured.batch_size}": measured.throughput_speedup,
+      "throughput_ex_per_s": n / thr.seconds,
+      "full_ex_per_s": n / measured.full_throughput.seconds,
+      "latency_layer_ratio": sweep.exit_statistics(cfg, lat.run.exit_index_N, lengths_N[:n_lat])["layer_ratio"],
+      "latency_speedup_b1": measured.latency_speedup,
+      "latency_ms": 1e3 * lat.seconds / n_lat, "full_latency_ms": 1e3 * measured.full_latency.seconds / n_lat,
+      "warmup_s_throughput": thr.warmup_seconds, "warmup_s_latency": lat.warmup_seconds,
+      "warmup_s_full": measured.full_throughput.warmup_seconds + measured.full_latency.warmup_seconds,
+      "exits_match_offline": bool(np.array_equal(thr.run.exit_index_N, offline_exit_N)
+                                  and np.array_equal(lat.run.exit_index_N, offline_exit_N[:n_lat])),
+  }

@@ -1,0 +1,148 @@
+"""The method registry: each training method declared once, as a table row (method.md).
+
+A `Method` lists its stages; a `Stage` says which exits the step computes, whether the encoder
+trains, and which loss terms it optimises. The train step, the trainer and the export only look a
+method up here, so a new method is one entry in `METHODS`:
+
+  MY_METHOD = Method("my_method", (Stage("all", True, my_terms),), supports_gr=True)
+
+Every method's loss comes as two terms, `final` and `highway` (`losses.LossTerms`); RomeBERT's
+gradient regularisation acts on exactly these two groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from rome_flax import losses
+from rome_flax.errors import RomeFlaxError
+
+GR_MODES = ("projection", "penalty", "none")
+KL_REDUCTIONS = ("reference", "batchmean")
+PROTECT = ("auto", "final", "highways")
+EXIT_SETS = ("all", "final", "highways")
+
+TermsFn = Callable[..., losses.LossTerms]   # (logits_ExBxC, labels_B, weights_B, LossConfig) -> LossTerms
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """A stage resolved for a model depth: which layers and exits a step runs and what it updates."""
+  exits: tuple[int, ...]         # 0-based exits whose logits the loss sees (and whose heads train)
+  num_layers: int                # encoder layers to run
+  train_encoder: bool            # False: embeddings and layers frozen, exits read stop_gradient(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a method.
+
+  exits: 'all' (every exit), 'final' (the final exit alone) or 'highways' (exits 1..L-1 only; the
+  last layer then feeds nothing the loss reads, so it is not run).
+  """
+  exits: str
+  train_encoder: bool
+  terms: TermsFn
+
+  def __post_init__(self):
+    if self.exits not in EXIT_SETS:
+      raise ValueError(f"Stage.exits must be one of {EXIT_SETS}, got {self.exits!r}")
+
+  def plan(self, num_layers: int) -> StagePlan:
+    every = tuple(range(num_layers))
+    if self.exits == "final":
+      return StagePlan((num_layers - 1,), num_layers, self.train_encoder)
+    if self.exits == "highways":
+      return StagePlan(every[:-1], num_layers - 1, self.train_encoder)
+    return StagePlan(every, num_layers, self.train_encoder)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  stages: tuple[Stage, ...]
+  supports_gr: bool = False      # GR (projection / penalty) applies to its final vs highway terms
+  summary: str = ""
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stages)
+
+  def stage(self, stage: int) -> Stage:
+    """Stage `stage` (1-based)."""
+    if not 1 <= stage <= self.num_stages:
+      raise RomeFlaxError(f"method {self.name} has {self.num_stages} stage(s), not a stage {stage}")
+    return self.stages[stage - 1]
+
+  def uses_gr(self, gr: str) -> bool:
+    return self.supports_gr and gr != "none"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("romebert", (Stage("all", True, losses.romebert_terms),), supports_gr=True,
+           summary="one stage: CE on the final exit, (1-g) CE + g T^2 KL(final || exit) on every highway, GR"),
+    Method("deebert", (Stage("final", True, losses.final_terms), Stage("highways", False, losses.highway_terms)),
+           summary="two stages: the final exit with the encoder, then the highways on a frozen encoder"),
+    Method("pabee", (Stage("all", True, losses.pabee_terms),),
+           summary="one stage: every exit's CE weighted by its layer number"),
+    Method("joint", (Stage("all", True, losses.joint_terms),),
+           summary="one stage: every exit's CE, unweighted"),
+    Method("final_only", (Stage("final", True, losses.final_terms),),
+           summary="ordinary fine-tuning: the final exit alone"),
+)}
+METHOD_NAMES = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+  if name not in METHODS:
+    raise RomeFlaxError(f"method must be one of {', '.join(METHOD_NAMES)}, got {name!r}")
+  return METHODS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What a train step optimises (hashable: the step closes over it).
+
+  kl_reduction: 'reference' divides the KL by batch x labels, as the published code's PyTorch
+  KLDivLoss('mean') does; it is the default because the published gamma / T were tuned with it.
+  'batchmean' divides by the batch only (the textbook KL, C times larger).
+  protect: which gradient group GR keeps intact; 'auto' = method.md's rule (final exit for MNLI and
+  QQP, the highways for every other task).
+  """
+  method: str = "romebert"
+  gamma: float = 0.9
+  temperature: float = 3.0
+  kl_reduction: str = "reference"
+  gr: str = "projection"
+  gr_lambda: float = 0.01
+  protect: str = "auto"
+  regression: bool = False
+
+  def __post_init__(self):
+    get_method(self.method)
+    for field, allowed in (("gr", GR_MODES), ("kl_reduction", KL_REDUCTIONS), ("protect", PROTECT)):
+      if getattr(self, field) not in allowed:
+        raise RomeFlaxError(f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+    if not 0.0 <= self.gamma <= 1.0:
+      raise RomeFlaxError(f"gamma must be in [0, 1], got {self.gamma}")
+    if self.temperature <= 0:
+      raise RomeFlaxError(f"temperature must be positive, got {self.temperature}")
+
+  @property
+  def method_spec(self) -> Method:
+    return METHODS[self.method]
+
+  @property
+  def uses_gr(self) -> bool:
+    return self.method_spec.uses_gr(self.gr)
+
+
+def loss_terms(logits_ExBxC, labels_B, weights_B, cfg: LossConfig, stage: int = 1) -> losses.LossTerms:
+  """The method's loss in `stage` on the exits that stage computes (its `StagePlan.exits`, in order)."""
+  return cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg)
+
+
+def protect_final(cfg: LossConfig, task_protects_final: bool) -> bool:
+  """True when GR keeps the final exit's gradient intact and projects the highways' (group A = final)."""
+  return task_protects_final if cfg.protect == "auto" else cfg.protect == "final"
