@@ -150,24 +150,42 @@ def project_conflicting(g_protected, g_other, num_layers: int):
 # ----------------------------------------------------------------------------- the step
 
 
-def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
-                  protect_final: bool = False) -> Callable:
+def split_micro_batches(batch, accum_steps: int):
+  """[B, ...] -> [K, B/K, ...] with micro-batch k = rows k, K + k, 2K + k, ... (strided, not blocks):
+  on a data-parallel mesh each device's contiguous rows then hold a share of every micro-batch, so
+  the split moves no data between devices."""
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {accum_steps} micro-batches")
+    return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1, protect_final: bool = False,
+                  accum_steps: int = 1) -> Callable:
   """`(params, batch, rng) -> (grads, (LossTerms, extra metrics))` of one method and stage.
 
   protect_final: GR group A (kept intact) is the final exit's term; else the highways' terms.
+  accum_steps K: the batch runs as K micro-batches in a `lax.scan` (activations of one micro-batch
+  at a time). Each micro-batch loss is scaled by its share of the batch's real examples, so the
+  summed gradients are the full batch's (every loss here is a weighted batch mean); GR projects the
+  accumulated gradients of its two groups, i.e. the full batch's. Dropout keys differ per micro-batch.
   """
   plan = loss_cfg.method_spec.stage(stage).plan(cfg.num_layers)
+  mode = loss_cfg.gr if loss_cfg.uses_gr else "none"
 
-  def loss_of_logits(logits, batch) -> LossTerms:
-    return loss_terms(logits, batch["labels"], example_weights(batch), loss_cfg, stage)
+  def loss_of_logits(logits, batch, scale) -> LossTerms:
+    terms = loss_terms(logits, batch["labels"], example_weights(batch), loss_cfg, stage)
+    return terms if scale is None else LossTerms(terms.final * scale, terms.highway * scale)
 
-  def plain_grads(params, batch, rng):
+  def plain_groups(params, batch, rng, scale):
     def total(p):
-      terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan), batch)
-      return terms.total, (terms, {})
-    return jax.grad(total, has_aux=True)(params)
+      terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan), batch, scale)
+      return terms.total, terms
+    grads, terms = jax.grad(total, has_aux=True)(params)
+    return (grads,), terms, {}
 
-  def penalty_grads(params, batch, rng):
+  def penalty_groups(params, batch, rng, scale):
     """loss + lambda * mean_b |d highway_b / d h_b|^2 over the outputs of layers 1..L-1 (double backprop)."""
     B, S = batch["input_ids"].shape
     taps = jnp.zeros((cfg.num_layers - 1, B, S, cfg.hidden_size), jnp.float32)
@@ -175,39 +193,64 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1,
 
     def total(p):
       def highway_of_taps(t):
-        terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan, taps_KxBxSxD=t), batch)
+        terms = loss_of_logits(stage_forward(p, cfg, batch, rng, plan, taps_KxBxSxD=t), batch, None)
         return terms.highway, terms
       d_taps, terms = jax.grad(highway_of_taps, has_aux=True)(taps)
       penalty = jnp.maximum(weights.sum(), 1.0) * jnp.sum(d_taps ** 2)
-      return terms.total + loss_cfg.gr_lambda * penalty, (terms, {"gr_penalty": penalty})
-    return jax.grad(total, has_aux=True)(params)
+      if scale is not None:
+        terms, penalty = LossTerms(terms.final * scale, terms.highway * scale), penalty * scale
+      return terms.total + loss_cfg.gr_lambda * penalty, (terms, penalty)
+    grads, (terms, penalty) = jax.grad(total, has_aux=True)(params)
+    return (grads,), terms, {"gr_penalty": penalty}
 
-  def projection_grads(params, batch, rng):
+  def projection_groups(params, batch, rng, scale):
+    """One forward, two cotangents pulled back: the final term's and the highway terms' gradients."""
     logits, pullback = jax.vjp(lambda p: stage_forward(p, cfg, batch, rng, plan), params)
-    terms = loss_of_logits(logits, batch)
-    d_final = jax.grad(lambda z: loss_of_logits(z, batch).final)(logits)
-    d_highway = jax.grad(lambda z: loss_of_logits(z, batch).highway)(logits)
+    terms = loss_of_logits(logits, batch, scale)
+    d_final = jax.grad(lambda z: loss_of_logits(z, batch, scale).final)(logits)
+    d_highway = jax.grad(lambda z: loss_of_logits(z, batch, scale).highway)(logits)
     (g_final,), (g_highway,) = pullback(d_final), pullback(d_highway)
+    return (g_final, g_highway), terms, {}
+
+  groups_fn = {"projection": projection_groups, "penalty": penalty_groups, "none": plain_groups}[mode]
+
+  def finish(groups, terms, extra):
+    if mode != "projection":
+      return groups[0], (terms, extra)
+    g_final, g_highway = groups
     g_a, g_b = (g_final, g_highway) if protect_final else (g_highway, g_final)
     grads, stats = project_conflicting(g_a, g_b, cfg.num_layers)
-    return grads, (terms, stats)
+    return grads, (terms, {**extra, **stats})
 
-  if loss_cfg.uses_gr and loss_cfg.gr == "projection":
-    return projection_grads
-  if loss_cfg.uses_gr and loss_cfg.gr == "penalty":
-    return penalty_grads
-  return plain_grads
+  def grads_fn(params, batch, rng):
+    if accum_steps == 1:
+      return finish(*groups_fn(params, batch, rng, None))
+    total_weight = jnp.maximum(example_weights(batch).sum(), 1.0)
+
+    def body(carry, xs):
+      micro, k = xs
+      scale = example_weights(micro).sum() / total_weight
+      out = groups_fn(params, micro, jax.random.fold_in(rng, k), scale)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        groups_fn, params, jax.tree.map(lambda x: x[0], split_micro_batches(batch, accum_steps)), rng, 1.0))
+    summed, _ = jax.lax.scan(body, zeros, (split_micro_batches(batch, accum_steps), jnp.arange(accum_steps)))
+    return finish(*summed)
+
+  return grads_fn
 
 
 def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation, *,
                     stage: int = 1, protect_final: bool = False, schedule: Callable | None = None,
-                    stage_offset: int = 0, donate: bool = True) -> Callable:
+                    stage_offset: int = 0, donate: bool = True, accum_steps: int = 1) -> Callable:
   """A jitted `(state, batch) -> (state, metrics)` for one method and stage (state buffers donated).
 
   What the stage does not train is frozen by its optimiser (`stage_optimizer`).
   schedule / stage_offset: only to log the learning rate of the stage's schedule.
+  accum_steps: gradient accumulation over that many micro-batches inside the step (`make_grads_fn`).
   """
-  grads_fn = make_grads_fn(cfg, loss_cfg, stage=stage, protect_final=protect_final)
+  grads_fn = make_grads_fn(cfg, loss_cfg, stage=stage, protect_final=protect_final, accum_steps=accum_steps)
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
