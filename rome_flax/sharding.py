@@ -1,7 +1,9 @@
-"""Data parallelism with JAX's own sharding: one mesh axis 'data', batches split, state replicated.
+"""Data parallelism with JAX's own sharding: one mesh axis 'data', batches split, state replicated
+or sharded (FSDP-style).
 
-jit propagates the shardings: the train step's gradient means become all-reduces that XLA inserts,
-so the same step function runs on one CPU, eight accelerators, or several hosts
+jit propagates the shardings: the train step's gradient means become all-reduces that XLA inserts
+(and, with a sharded state, all-gathers of each weight before use and reduce-scatters of its
+gradient), so the same step function runs on one CPU, eight accelerators, or several hosts
 (`jax.distributed`), with no engine of our own.
 """
 
@@ -43,6 +45,45 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places every leaf on every device of the mesh (parameters, optimiser state, rng)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+# Leaves smaller than this stay replicated under FSDP: biases and LayerNorms are a rounding error of
+# the memory, and gathering them would cost a collective each.
+FSDP_MIN_ELEMENTS = 2 ** 14
+
+
+def fsdp_spec(shape: tuple, num_shards: int, min_elements: int = FSDP_MIN_ELEMENTS) -> P:
+  """The partition of one array under FSDP: along its largest axis that `num_shards` divides (the
+  first such axis on ties), replicated when it is small or no axis divides."""
+  if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_elements:
+    return P()
+  axes = sorted((n, -a) for a, n in enumerate(shape) if n % num_shards == 0)
+  if not axes:
+    return P()
+  axis = -axes[-1][1]
+  return P(*[DATA_AXIS if a == axis else None for a in range(len(shape))])
+
+
+def state_shardings(tree: Any, mesh: Mesh, fsdp: bool = False, min_elements: int = FSDP_MIN_ELEMENTS) -> Any:
+  """NamedShardings for a train state (or any tree of arrays / shapes): replicated, or with every
+  large array sharded over the 'data' axis (parameters and the optimiser moments alike, since the
+  moments have the parameters' shapes)."""
+  if not fsdp:
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.shape[DATA_AXIS], min_elements)), tree)
+
+
+def place_state(tree: Any, mesh: Mesh, fsdp: bool = False, min_elements: int = FSDP_MIN_ELEMENTS) -> Any:
+  """Puts a train state on the mesh, replicated or FSDP-sharded (`state_shardings`)."""
+  return jax.device_put(tree, state_shardings(tree, mesh, fsdp, min_elements))
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes of `tree` (arrays or ShapeDtypeStructs) held by one device under `shardings`."""
+  sizes = jax.tree.map(lambda x, s: int(np.prod(s.shard_shape(tuple(x.shape)), dtype=np.int64))
+                       * np.dtype(x.dtype).itemsize, tree, shardings)
+  return int(sum(jax.tree.leaves(sizes)))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

@@ -243,12 +243,15 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1, pro
 
 def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation, *,
                     stage: int = 1, protect_final: bool = False, schedule: Callable | None = None,
-                    stage_offset: int = 0, donate: bool = True, accum_steps: int = 1) -> Callable:
+                    stage_offset: int = 0, donate: bool = True, accum_steps: int = 1,
+                    state_sharding: Any = None) -> Callable:
   """A jitted `(state, batch) -> (state, metrics)` for one method and stage (state buffers donated).
 
   What the stage does not train is frozen by its optimiser (`stage_optimizer`).
   schedule / stage_offset: only to log the learning rate of the stage's schedule.
   accum_steps: gradient accumulation over that many micro-batches inside the step (`make_grads_fn`).
+  state_sharding: shardings of the TrainState (`sharding.state_shardings`); the new state is held to
+  them, so an FSDP-sharded state stays sharded from step to step.
   """
   grads_fn = make_grads_fn(cfg, loss_cfg, stage=stage, protect_final=protect_final, accum_steps=accum_steps)
 
@@ -261,7 +264,10 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.Gra
                "grad_norm": optax.tree.norm(grads), **extra}
     if schedule is not None:
       metrics["lr"] = schedule(state.step - stage_offset)
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+    if state_sharding is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
+    return new_state, metrics
 
   return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
 

@@ -21,22 +21,44 @@ SCRIPT = textwrap.dedent("""
            "attention_mask": np.ones((16, 12), np.int32), "token_type_ids": np.zeros((16, 12), np.int32),
            "labels": rs.integers(0, 2, (16,)).astype(np.int32), "example_ids": np.arange(16, dtype=np.int32)}
   batch["attention_mask"][::3, 8:] = 0
-  opt = steps.make_optimizer(steps.OptimConfig(learning_rate=1e-3, total_steps=10), init_params(cfg, jax.random.PRNGKey(0)))
+  opt = steps.make_optimizer(steps.OptimConfig(learning_rate=1e-3, total_steps=10))
 
-  def run(mesh):
+  def run(mesh, fsdp=False, accum_steps=1):
     params = init_params(cfg, jax.random.PRNGKey(0))
-    step = steps.make_train_step(cfg, LossConfig(method="romebert", gr="projection"), opt, params)
     state = steps.init_train_state(params, opt, seed=1)
-    if mesh is not None:
-      state = sharding.replicate(state, mesh)
+    shardings = None
+    if mesh is not None:   # min_elements 256: this tiny model's matrices are sharded too
+      shardings = sharding.state_shardings(state, mesh, fsdp, min_elements=256)
+      state = sharding.place_state(state, mesh, fsdp, min_elements=256)
+    step = steps.make_train_step(cfg, LossConfig(method="romebert", gr="projection"), opt,
+                                 accum_steps=accum_steps, state_sharding=shardings)
     for _ in range(3):
       b = sharding.shard_batch(batch, mesh) if mesh is not None else batch
       state, metrics = step(state, b)
     return jax.device_get(state.params), jax.device_get(metrics)
 
   mesh = sharding.data_mesh()
-  p8, m8 = run(mesh)
   p1, m1 = run(None)
+  # FSDP: the large matrices are really split 8 ways, and the numbers are those of one device.
+  pf, mf = run(mesh, fsdp=True)
+  errf = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(p1)))
+  print("fsdp max param diff", errf)
+  assert errf < 1e-4, errf
+  state = steps.init_train_state(init_params(cfg, jax.random.PRNGKey(0)), opt, seed=1)
+  placed = sharding.place_state(state, mesh, fsdp=True, min_elements=256)
+  word = placed.params["embeddings"]["word"]["embedding"]
+  assert word.sharding.shard_shape(word.shape) == (50, 4), word.sharding   # [50, 32] split along 32
+  full = sharding.bytes_per_device(state, sharding.state_shardings(state, mesh, False))
+  split = sharding.bytes_per_device(state, sharding.state_shardings(state, mesh, True, min_elements=256))
+  assert split < full, (split, full)
+  # Gradient accumulation on the mesh (2 strided micro-batches, each spread over the 8 devices) gives
+  # one device's accumulation (dropout keys differ per micro-batch, so not the unsplit batch's).
+  pa, ma = run(mesh, accum_steps=2)
+  pa1, _ = run(None, accum_steps=2)
+  erra = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pa1)))
+  print("accum max param diff", erra)
+  assert erra < 1e-4, erra
+  p8, m8 = run(mesh)
   err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)))
   print("max param diff", err, "loss", m8["loss"], m1["loss"])
   assert err < 1e-4, err
