@@ -224,3 +224,27 @@ def test_gradient_accumulation_equals_the_full_batch(setup, method, gr):
     np.testing.assert_allclose(out[4][1][name], out[1][1][name], rtol=1e-4, atol=1e-6, err_msg=name)
   if gr == "projection":
     assert 0.0 < abs(float(out[1][1]["gr_cos"])) < 1.0
+
+
+def test_bfloat16_training_tracks_float32(setup):
+  """dtype='bfloat16': bf16 matmuls; float32 parameters, Adam moments, loss and GR dot products. Three
+  GR steps stay within 2% of the float32 run's parameter change and loss."""
+  cfg, params, batch = setup
+  opt = ts.stage_optimizer(ts.OptimConfig(learning_rate=1e-3, total_steps=10), params, cfg, "romebert", 1)
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    c = cfg.replace(dtype=dtype)
+    step = ts.make_train_step(c, LossConfig(method="romebert", gr="projection"), opt)
+    state = ts.init_train_state(jax.tree.map(jnp.array, params), opt, seed=0)
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim)
+    assert metrics["gr_cos"].dtype == jnp.float32
+    runs[dtype] = (flat(state.params) - flat(params), np.array(losses))
+  d32, d16 = runs["float32"][0], runs["bfloat16"][0]
+  print(f"bf16 vs f32: relative parameter-change error {np.linalg.norm(d16 - d32) / np.linalg.norm(d32):.4f}, "
+        f"loss {runs['bfloat16'][1]} vs {runs['float32'][1]}")
+  assert np.linalg.norm(d16 - d32) < 0.02 * np.linalg.norm(d32)
+  np.testing.assert_allclose(runs["bfloat16"][1], runs["float32"][1], rtol=0.02)
