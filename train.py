@@ -25,9 +25,12 @@ def build_parser():
   parser.add_argument("--overwrite", action="store_true", help="delete whatever output_dir holds first")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (as if killed)")
+  groups = {}
   for name in train_config.field_names():
-    parser.add_argument(f"--{name}", f"--{train_config.dotted_name(name)}", dest=f"set_{name}", metavar="VALUE",
-                        default=None)
+    group = train_config.dotted_name(name).split(".")[0]
+    if group not in groups:
+      groups[group] = parser.add_argument_group(f"{group} options (TrainConfig.{group})")
+    groups[group].add_argument(f"--{name}", f"--{group}.{name}", dest=f"set_{name}", metavar="VALUE", default=None)
   return parser
 
 

@@ -3,8 +3,8 @@
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
 from rome_flax.model import MultiExitOutput, embed, forward, init_params, run_exit, run_layer
-from rome_flax.pretrained import MultiExitBert, MultiExitRoberta
+from rome_flax.pretrained import ExportInfo, MultiExitBert, MultiExitRoberta
 
-__all__ = ["ModelConfig", "RomeFlaxError", "MultiExitOutput", "MultiExitBert", "MultiExitRoberta",
+__all__ = ["ModelConfig", "RomeFlaxError", "MultiExitOutput", "MultiExitBert", "MultiExitRoberta", "ExportInfo",
            "embed", "forward", "init_params", "run_exit", "run_layer"]
 __version__ = "0.1.0"

@@ -289,7 +289,7 @@ class StageProgram:
   step_fn: Callable
 
 
-def stage_programs(cfg: TrainConfig, mcfg: ModelConfig, params, method: methods.Method, loss_cfg,
+def stage_programs(cfg: TrainConfig, mcfg: ModelConfig, params, method: methods.Method, loss_cfg: methods.LossConfig,
                    protect: bool, sched: Schedule) -> dict[int, StageProgram]:
   optim_cfg = steps.OptimConfig(cfg.optim.learning_rate, int(cfg.optim.warmup_ratio * sched.stage_steps),
                                 sched.stage_steps, cfg.optim.weight_decay, cfg.optim.adam_eps, cfg.optim.clip_norm)

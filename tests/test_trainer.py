@@ -31,17 +31,21 @@ def exported_params(out):
   return jax.device_get(MultiExitBert.from_pretrained(Path(out) / "export").params)
 
 
-@pytest.mark.parametrize("method", ["romebert", "deebert"])
-def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path, method):
+@pytest.mark.parametrize("method,kill_at,saved", [
+    ("romebert", 7, False),
+    ("deebert", 19, False),   # inside stage 2 (16 steps per stage): the checkpoint holds stage 2's optimiser state
+    ("deebert", 16, True),    # the last step of stage 1, saved: stage 1's state, then stage 2 starts afresh
+])
+def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path, method, kill_at, saved):
   straight = tiny(tmp_path, "straight", method=method)
   results = trainer.train(straight, progress=False)
   assert len(results["dev"]) == 2 and "accuracy" in results["dev"][0]
 
   broken = tiny(tmp_path, "broken", method=method)
-  kill_at = 19 if method == "deebert" else 7          # deebert: inside stage 2 (16 steps per stage)
   trainer.train(broken, progress=False, max_steps=kill_at)
   last = Path(broken.run.output_dir) / "checkpoints" / "last"
-  shutil.rmtree(last / str(kill_at))                  # killed after step kill_at, before its save
+  if not saved:
+    shutil.rmtree(last / str(kill_at))                # killed after step kill_at, before its save
   assert not (Path(broken.run.output_dir) / "export").exists()
   trainer.train(broken, progress=False, resume=True)
 
@@ -158,7 +162,7 @@ def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
   cfg = ModelConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=24, max_position_embeddings=16, num_labels=2)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  optimizer = ts.make_optimizer(ts.OptimConfig(), params)
+  optimizer = ts.make_optimizer(ts.OptimConfig())
   ckpts = RunCheckpoints(tmp_path / "ckpt", keep=2)
   ckpts.save(ts.init_train_state(params, optimizer, seed=0, step=5))
   np.testing.assert_array_equal(ckpts.restore(ts.init_train_state(params, optimizer, seed=1)).rng,
@@ -167,5 +171,60 @@ def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
       params["layers"]["intermediate"], kernel=params["layers"]["intermediate"]["kernel"].swapaxes(1, 2))))
   with pytest.raises(RomeFlaxError, match=r"params/layers/0/intermediate/kernel is stored with shape \(24, 16\), "
                                           r"this run needs \(16, 24\)"):
-    ckpts.restore(ts.init_train_state(swapped, ts.make_optimizer(ts.OptimConfig(), swapped), seed=0))
+    ckpts.restore(ts.init_train_state(swapped, ts.make_optimizer(ts.OptimConfig()), seed=0))
   ckpts.close()
+
+
+def test_schedule_positions():
+  from rome_flax.schedule import Schedule
+  sched = Schedule(steps_per_epoch=4, epochs=2, num_stages=2)
+  assert (sched.stage_steps, sched.total_steps) == (8, 16)
+  pos = sched.at(13)
+  assert (pos.stage, pos.stage_step, pos.epoch, pos.data_epoch, pos.batch) == (2, 5, 1, 3, 1)
+  assert sched.at(8).starts_stage and not sched.at(9).starts_stage
+  # A checkpoint after step s holds the optimiser state of the stage of step s.
+  assert [sched.stage_after(s) for s in (0, 1, 8, 9, 16)] == [1, 1, 1, 2, 2]
+  with pytest.raises(RomeFlaxError, match="outside"):
+    sched.at(16)
+
+
+def test_hooks_run_when_due_in_order():
+  hooks, seen = trainer.Hooks(), []
+  hooks.add(lambda info: seen.append(("every 2", info.step)), every=2)
+  hooks.add(lambda info: seen.append(("at 3", info.step)), when=lambda step: step == 3)
+  hooks.add(lambda info: seen.append(("both", info.step)), every=2, when=lambda step: step == 3)
+  for step in range(1, 5):
+    hooks.run(trainer.StepInfo(step, None, {}))
+  assert seen == [("every 2", 2), ("both", 2), ("at 3", 3), ("both", 3), ("every 2", 4), ("both", 4)]
+
+
+def test_config_groups_flat_and_dotted_names():
+  cfg = TrainConfig().replace(**{"learning_rate": 5e-5, "run.output_dir": "x", "custom_labels": ["a", "b"]})
+  assert cfg.optim.learning_rate == 5e-5 and cfg.run.output_dir == "x" and cfg.data.custom_labels == ("a", "b")
+  flat = cfg.to_dict()
+  assert flat["learning_rate"] == 5e-5 and "optim" not in flat
+  assert TrainConfig.from_dict(json.loads(json.dumps(flat))) == cfg      # config.json round trip
+  assert cfg.loss_config(True).regression and cfg.loss_config(False).gamma == cfg.objective.gamma
+  with pytest.raises(RomeFlaxError, match=r"unknown config key\(s\): optim.output_dir"):
+    cfg.replace(**{"optim.output_dir": "y"})
+  with pytest.raises(RomeFlaxError, match="gamma must be in"):
+    cfg.replace(gamma=2.0)
+
+
+def test_metrics_writer_and_exit_lines_ignore_the_exit_number(tmp_path):
+  from rome_flax.tasks import get_task
+  task = get_task("synthetic")
+  per_exit = [{"exit": 1, "accuracy": 50.0}, {"exit": 2, "accuracy": 80.0}]
+  assert trainer.format_exits(task, per_exit) == "accuracy per exit: 50.0 80.0"
+  assert trainer.selection_value("mean_exits", task, per_exit) == 65.0
+  assert trainer.selection_value("final_exit", task, per_exit) == 80.0
+  writer = trainer.MetricsWriter(tmp_path, 0)
+  writer.write([{"step": 1, "kind": "train", "loss": 0.5}, {"step": 2, "kind": "train", "loss": 0.4}])
+  writer.write([{"step": 2, "kind": "eval", "split": "dev", "exits": per_exit}])
+  writer.close()
+  assert sorted(trainer._scalars({"step": 2, "kind": "eval", "split": "dev", "exits": per_exit})) == [
+      ("dev/accuracy/exit1", 50.0), ("dev/accuracy/exit2", 80.0)]
+  writer = trainer.MetricsWriter(tmp_path, 1)     # a resume from step 1 drops what came after it
+  writer.close()
+  assert [json.loads(line) for line in (tmp_path / trainer.METRICS_FILE).read_text().splitlines()] == [
+      {"step": 1, "kind": "train", "loss": 0.5}]

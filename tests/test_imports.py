@@ -1,0 +1,74 @@
+"""The package's import graph has no cycle: each module depends only on modules below it.
+
+Read from the source with `ast`, so imports inside functions (which hide a cycle until the function
+runs) count as much as the ones at the top of a module.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = "rome_flax"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+
+def module_names() -> dict[str, Path]:
+  return {(PACKAGE if p.stem == "__init__" else f"{PACKAGE}.{p.stem}"): p for p in sorted(ROOT.glob("*.py"))}
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+  """The package modules that a file imports anywhere (top level, functions, classes)."""
+  this = PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:   # relative: `from . import x`, `from .x import y`
+        base = ".".join(filter(None, [PACKAGE, base]))
+      # `from pkg import name` imports pkg.name when that is a module, else pkg itself.
+      found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+  return {m for m in found if m in modules and m != this}
+
+
+def import_graph() -> dict[str, set[str]]:
+  modules = module_names()
+  return {name: imported_modules(path, set(modules)) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]):
+  """One cycle as a list of modules (first == last), or None."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        cycle = visit(nxt)
+        if cycle:
+          return cycle
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_the_package_has_no_import_cycle():
+  graph = import_graph()
+  assert f"{PACKAGE}.trainer" in graph and graph[f"{PACKAGE}.trainer"], "the graph was not read"
+  cycle = find_cycle(graph)
+  assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
