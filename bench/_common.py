@@ -1,4 +1,7 @@
-"""Shared benchmark helpers: locate (or fetch) the MiniLM checkpoint, time callables fairly."""
+"""Shared benchmark helpers: locate (or fetch) the MiniLM checkpoint, the --default_malloc option.
+
+Timing is rome_flax.speed's (`compare`: interleaved rounds), the same that infer.py reports.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -44,23 +46,3 @@ def apply_malloc_option(args) -> bool:
     return False
   from rome_flax.runtime import retain_host_memory
   return retain_host_memory()
-
-
-def compare(fns: dict, *, warmup: int = 2, rounds: int = 7, min_time: float = 0.0, settle: float = 0.2) -> dict:
-  """Median seconds per call of each callable, measured in interleaved rounds (A, B, A, B, ...).
-
-  Interleaving makes the ratio robust to load that changes during the run: every contender sees
-  the same machine state, round by round.
-  """
-  for fn in fns.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in fns}
-  start = time.perf_counter()
-  while min(len(t) for t in times.values()) < rounds or time.perf_counter() - start < min_time:
-    for name, fn in fns.items():
-      time.sleep(settle)  # let the other framework's worker threads go idle (OpenMP spin-waits)
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

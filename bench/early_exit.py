@@ -6,8 +6,9 @@ along a random direction, and the entropy threshold is set at the median of exit
 the benchmark data: about half of the examples exit at layer 2, the rest run all 6 layers.
 
 Measures (a) the throughput path at batch 64 and (b) the latency path at batch 1, each against the
-full model (all layers, final exit only) on the same examples, batch size and machine. Compile and
-warm-up are excluded and printed apart; each timing is the best of --repeats passes, the two sides
+full model (all layers, final exit only) on the same examples, batch size and machine, through
+`rome_flax.speed.early_exit_speed`, the measurement infer.py reports. Compile and warm-up are
+excluded and printed apart; each timing is the best of --repeats passes, the two sides
 alternating. Last line: `of layer ratio: throughput = X.XX latency = Y.YY` (measured speed-up /
 layer ratio; targets X >= 0.9, Y >= 0.8).
 
@@ -51,12 +52,11 @@ def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float,
 
 
 def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
-  from rome_flax.inference import Encoded
+  from rome_flax.data import EncodedSplit
   rng = np.random.default_rng(seed)
   ids = rng.integers(1000, min(vocab, 30000), size=(n, seq)).astype(np.int32)
   ids[:, 0] = 101  # [CLS]
-  mask = np.ones_like(ids)
-  return Encoded(ids, mask, np.zeros_like(ids))
+  return EncodedSplit.from_padded(ids, np.ones_like(ids))
 
 
 def main():
@@ -76,13 +76,13 @@ def main():
   from rome_flax import early_exit as ee
   from rome_flax import inference
   from rome_flax import exit_policy as ep
-  from rome_flax.sweep import flops_ratio
+  from rome_flax.speed import early_exit_speed
+  from rome_flax.sweep import exit_statistics
 
   model = rome_flax.MultiExitBert.from_pretrained(minilm_dir(), num_labels=2, load_tokenizer_files=False)
   cfg = model.config
   L = cfg.num_layers
   data = synthetic_tokens(args.examples, args.seq, cfg.vocab_size, seed=1)
-  lat_data = inference.Encoded(*(a[:args.latency_examples] for a in data))
   # Centre and scale the chosen exit's logit gaps to a spread of about 3: entropies from ~0 to log 2.
   params = known_exit_params(model.params, cfg, args.exit_layer - 1, scale=1.0, shift=0.0)
   z = inference.run_all_exits(ee.prepare_params(params, args.dispatch), cfg, data, args.batch)[args.exit_layer - 1]
@@ -101,44 +101,39 @@ def main():
   tau = float((h[len(h) // 2 - 1] + h[len(h) // 2]) / 2)
   policy = ep.make_policy("entropy", tau, L, num_labels=cfg.num_labels)
 
-  def layer_stats(exit_index):
-    used = exit_index + 1
-    return used.mean(), L / used.mean(), flops_ratio(cfg, exit_index, np.full(len(exit_index), args.seq))
-
-  full_b, thr = inference.best_of(args.repeats,
-                        lambda warmup: inference.run_full_model(baseline, cfg, data, args.batch, warmup=warmup),
-                        lambda warmup: inference.run_throughput(prepared, cfg, policy, data, args.batch, warmup=warmup))
-  full_1, lat = inference.best_of(args.repeats,
-                        lambda warmup: inference.run_full_model(baseline, cfg, lat_data, 1, warmup=warmup),
-                        lambda warmup: inference.run_latency(prepared, cfg, policy, lat_data, 1, warmup=warmup))
+  measured = early_exit_speed(prepared, cfg, policy, data, args.batch, latency_examples=args.latency_examples,
+                              repeats=args.repeats, baseline=baseline)
+  full_b, thr = measured.full_throughput, measured.throughput
+  full_1, lat = measured.full_latency, measured.latency
+  stats = {name: exit_statistics(cfg, m.run.exit_index_N, data.lengths[:len(m.run.exit_index_N)])
+           for name, m in (("throughput", thr), ("latency", lat))}
 
   want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)
-  assert np.array_equal(thr.exit_index_N, want), "throughput path disagrees with the offline decisions"
-  assert np.array_equal(lat.exit_index_N, want[:args.latency_examples]), "latency path disagrees"
+  assert np.array_equal(thr.run.exit_index_N, want), "throughput path disagrees with the offline decisions"
+  assert np.array_equal(lat.run.exit_index_N, want[:measured.latency_examples]), "latency path disagrees"
 
   print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), seq {args.seq}, float32, "
         f"device {jax.devices()[0].device_kind}, dispatch {args.dispatch}")
   print(f"policy: {policy.describe()} (median entropy of exit {args.exit_layer}); exits 1..{L - 1} other than "
         f"{args.exit_layer} never confident")
-  for name, res in (("throughput set", thr), ("latency set", lat)):
-    shares = np.bincount(res.exit_index_N, minlength=L) / len(res.exit_index_N)
-    avg, ratio, fr = layer_stats(res.exit_index_N)
-    print(f"{name} ({len(res.exit_index_N)} examples): exit layer shares "
-          + " ".join(f"{k + 1}:{s:.2f}" for k, s in enumerate(shares))
-          + f"; average exit layer {avg:.2f}, layer ratio {ratio:.2f}, FLOPs ratio {fr:.2f}")
-  thr_speed = full_b.seconds / thr.seconds
-  lat_speed = full_1.seconds / lat.seconds
+  for name, m in (("throughput", thr), ("latency", lat)):
+    st = stats[name]
+    print(f"{name} set ({len(m.run.exit_index_N)} examples): exit layer shares "
+          + " ".join(f"{k + 1}:{s:.2f}" for k, s in enumerate(st["exit_shares"]))
+          + f"; average exit layer {st['avg_exit_layer']:.2f}, layer ratio {st['layer_ratio']:.2f}, "
+          f"FLOPs ratio {st['flops_ratio']:.2f}")
+  thr_speed, lat_speed = measured.throughput_speedup, measured.latency_speedup
   n_b = args.examples
   print(f"(a) throughput, batch {args.batch}: full model {full_b.seconds:.3f} s ({n_b / full_b.seconds:.1f} ex/s, "
-        f"{full_b.layer_runs} layer batches), early exit {thr.seconds:.3f} s ({n_b / thr.seconds:.1f} ex/s, "
-        f"{thr.layer_runs} layer batches); speed-up {thr_speed:.2f}; compile+warm-up excluded: full "
+        f"{full_b.run.layer_runs} layer batches), early exit {thr.seconds:.3f} s ({n_b / thr.seconds:.1f} ex/s, "
+        f"{thr.run.layer_runs} layer batches); speed-up {thr_speed:.2f}; compile+warm-up excluded: full "
         f"{full_b.warmup_seconds:.2f} s, early exit {thr.warmup_seconds:.2f} s")
-  n_1 = len(lat.exit_index_N)
+  n_1 = measured.latency_examples
   print(f"(b) latency, batch 1: full model {full_1.seconds / n_1 * 1e3:.2f} ms/example, early exit "
         f"{lat.seconds / n_1 * 1e3:.2f} ms/example; speed-up {lat_speed:.2f}; compile+warm-up excluded: full "
         f"{full_1.warmup_seconds:.2f} s, early exit {lat.warmup_seconds:.2f} s")
-  print(f"of layer ratio: throughput = {thr_speed / layer_stats(thr.exit_index_N)[1]:.2f} "
-        f"latency = {lat_speed / layer_stats(lat.exit_index_N)[1]:.2f}")
+  print(f"of layer ratio: throughput = {thr_speed / stats['throughput']['layer_ratio']:.2f} "
+        f"latency = {lat_speed / stats['latency']['layer_ratio']:.2f}")
 
 
 if __name__ == "__main__":

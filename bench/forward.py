@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from bench._common import add_malloc_option, apply_malloc_option, compare, minilm_dir
+from bench._common import add_malloc_option, apply_malloc_option, minilm_dir
 
 
 def main():
@@ -35,6 +35,7 @@ def main():
   from transformers import BertModel
   import rome_flax
   from rome_flax.model import forward
+  from rome_flax.speed import compare
 
   threads = os.cpu_count()
   torch.set_num_threads(threads)
@@ -54,8 +55,8 @@ def main():
     with torch.inference_mode():
       tmodel(input_ids=tids, attention_mask=tmask, token_type_ids=ttypes)
   timed = compare({"flax": lambda: fwd(model.params, ids_j, mask_j, types_j).block_until_ready(),
-                   "torch": torch_fwd}, rounds=args.rounds, min_time=args.min_time)
-  flax_s, torch_s = timed["flax"], timed["torch"]
+                   "torch": torch_fwd}, rounds=args.rounds, min_time=args.min_time, warmup=2, settle=0.2)
+  flax_s, torch_s = timed["flax"].median, timed["torch"].median
 
   print(f"device: {jax.devices()[0].device_kind}, cpu threads: torch {torch.get_num_threads()}, "
         f"jax {jax.device_count()} device(s); batch {args.batch}, seq {args.seq}, float32; "

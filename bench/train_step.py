@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,24 +84,16 @@ def main() -> None:
   candidates = {"romebert_gr": jax_step(model, "romebert", batch, 5e-5),
                 "final_only": jax_step(model, "final_only", batch, 5e-5),
                 "torch": torch_step(model_dir, batch, 5e-5)}
-  for run in candidates.values():   # compile / warm up
-    run()
-    run()
-  times = {name: [] for name in candidates}
-  for _ in range(args.rounds):
-    for name, run in candidates.items():
-      for _ in range(args.steps):
-        t = time.perf_counter()
-        run()
-        times[name].append(time.perf_counter() - t)
-  speed = {name: args.batch / float(np.median(ts)) for name, ts in times.items()}
+  from rome_flax.speed import compare
+  timed = compare(candidates, rounds=args.rounds, calls_per_round=args.steps, warmup=2)   # 2 calls compile / warm up
+  speed = {name: args.batch / t.median for name, t in timed.items()}
   print(f"device: CPU, {os.cpu_count()} cores; batch {args.batch}, seq {args.seq}, dropout on; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
         f"host memory retained: {retained}")
   labels = {"romebert_gr": "(a) rome_flax romebert GR step", "final_only": "(b) rome_flax final_only step",
             "torch": "(c) torch BertForSequenceClassification step"}
   for name, value in speed.items():
-    print(f"{labels[name]:48s} {value:7.2f} examples/s  ({1000 * float(np.median(times[name])):.0f} ms/step)")
+    print(f"{labels[name]:48s} {value:7.2f} examples/s  ({1000 * timed[name].median:.0f} ms/step)")
   print(f"ratio romebert_gr/torch = {speed['romebert_gr'] / speed['torch']:.2f} "
         f"final_only/torch = {speed['final_only'] / speed['torch']:.2f}")
 

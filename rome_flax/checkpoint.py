@@ -46,7 +46,8 @@ class RunCheckpoints:
     step = int(state.step)
     self.best.save(step, args=ocp.args.StandardSave(_as_tree(state)), force=True)
     self.best.wait_until_finished()
-    write_json(self.best_info_path, {"step": step, "value": value, **info}, sort_keys=True)
+    if jax.process_index() == 0:   # Orbax saves collectively; the side file has one writer
+      write_json(self.best_info_path, {"step": step, "value": value, **info}, sort_keys=True)
 
   def best_value(self) -> Optional[float]:
     if not self.best_info_path.is_file():

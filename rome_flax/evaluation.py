@@ -31,6 +31,7 @@ Progress = Optional[Callable[[str], Callable[[Iterable], Iterable]]]
 
 @dataclasses.dataclass
 class ExitsEvaluation:
+  """What `evaluate_exits` found; `summary` is summary.json's content (less the checkpoint's name)."""
   task: TaskSpec
   split: str
   example_ids: np.ndarray            # the split's own example ids (GLUE 'index'), one per example
@@ -83,8 +84,9 @@ def _no_progress(desc: str):
 def check_options(*, batch_size: int, measure_speed: str = "best", latency_examples: int = 128,
                   speed_repeats: int = 2, chunk_size: Optional[int] = None) -> None:
   """Raises RomeFlaxError for an option out of range (infer.py checks before loading anything)."""
-  for name, value in (("batch_size", batch_size), ("latency_examples", latency_examples),
-                      ("speed_repeats", speed_repeats), ("chunk_size", chunk_size or 1)):
+  counts = {"batch_size": batch_size, "latency_examples": latency_examples, "speed_repeats": speed_repeats,
+            "chunk_size": 1 if chunk_size is None else chunk_size}
+  for name, value in counts.items():
     if value < 1:
       raise RomeFlaxError(f"{name} must be >= 1, got {value}")
   if measure_speed not in MEASURE_SPEED:

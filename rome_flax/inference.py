@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import data
+from rome_flax import data, heads
 from rome_flax import exit_policy as ep
 from rome_flax.config import ModelConfig
 from rome_flax.early_exit import ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk
 from rome_flax.errors import RomeFlaxError
-from rome_flax.heads import predictions
 
 
 def plan(encoded: data.EncodedSplit, rows_per_piece: int) -> list[dict[str, np.ndarray]]:
@@ -159,4 +158,4 @@ def predict(model, texts, policy: ep.ExitPolicy, text_pairs=None, *, batch_size:
   prepared = prepare_params(model.params, dispatch)
   make = throughput_pass if path == "throughput" else latency_pass
   res = make(prepared, model.config, policy, encoded, batch_size).run()
-  return Prediction(predictions(res.logits_NxC, model.config.is_regression), res.exit_index_N + 1, res.logits_NxC)
+  return Prediction(heads.predictions(res.logits_NxC, model.config.is_regression), res.exit_index_N + 1, res.logits_NxC)

@@ -6,8 +6,8 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
+from rome_flax import heads
 from rome_flax.errors import RomeFlaxError
-from rome_flax.heads import predictions as logits_to_predictions
 from rome_flax.tasks import TaskSpec
 
 
@@ -23,7 +23,7 @@ def compute_metrics(task: TaskSpec, predictions, labels) -> dict[str, float]:
   """
   pred = np.asarray(predictions)
   if pred.ndim == 2:
-    pred = logits_to_predictions(pred, task.is_regression)
+    pred = heads.predictions(pred, task.is_regression)
   labels = np.asarray(labels)
   if pred.shape != labels.shape:
     raise RomeFlaxError(f"{len(pred)} predictions for {len(labels)} labels")

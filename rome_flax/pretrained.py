@@ -208,9 +208,18 @@ def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Opti
   return model.save_pretrained(out_dir, ExportInfo(source=str(src))), model
 
 
+def _local_checkpointer():
+  """An Orbax checkpointer run by the calling process alone: export parameters are host arrays that
+  one process writes (process 0 of a multi-host job) and any process reads, with no collective."""
+  import orbax.checkpoint as ocp
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_params(path: Path, params) -> None:
   import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
+  with _local_checkpointer() as ckptr:
     ckptr.save(Path(path).absolute(), jax.device_get(params))
 
 
@@ -225,7 +234,7 @@ def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
     shapes = jax.eval_shape(layers.swap_kernel_axes, shapes)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
       params = ckptr.restore(path, target)
   except Exception as e:
     raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None

@@ -64,19 +64,31 @@ def write_table(out_dir, stem: str, rows: Sequence[dict], columns: Sequence[str]
           files.atomic_write_text(out_dir / f"{stem}.md", to_markdown(rows, columns))]
 
 
-def _savefig(fig, path) -> Path:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-  return files.atomic_write_bytes(path, buf.getvalue())
+def _axes():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(figsize=(6, 4))
+
+
+def _save_plot(fig, ax, path, ylabel: str, title: str) -> Path:
+  """Labels, grid and title, then the PNG through the atomic writer; the figure is closed either way."""
+  import matplotlib.pyplot as plt
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.set_title(title)
+  try:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return files.atomic_write_bytes(path, buf.getvalue())
+  finally:
+    plt.close(fig)
 
 
 def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: float | None = None,
                   speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured") -> Path:
   """Task metric against speed-up, one curve per criterion; measured wall-clock points as crosses."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _axes()
   for criterion in dict.fromkeys(r["criterion"] for r in settings):
     pts = sorted((r[speed], r[metric]) for r in settings if r["criterion"] == criterion and metric in r)
     if pts:
@@ -89,32 +101,17 @@ def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: flo
   xlabel = {"layer_ratio": "layer ratio (L / average exit layer)",
             "flops_ratio": "FLOPs ratio (full / early exit)"}.get(speed, speed)
   ax.set_xlabel(f"speed-up: {xlabel}" + ("; crosses: measured wall clock" if measured else ""))
-  ax.set_ylabel(metric)
-  ax.grid(alpha=0.3)
   ax.legend()
-  ax.set_title(f"{metric} vs speed-up")
-  try:
-    return _savefig(fig, path)
-  finally:
-    plt.close(fig)
+  return _save_plot(fig, ax, path, metric, f"{metric} vs speed-up")
 
 
 def plot_per_exit(path, per_exit: Sequence[dict], metric: str) -> Path:
   """Task metric of each exit used alone."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _axes()
   ax.plot([r["exit"] for r in per_exit], [r[metric] for r in per_exit], marker="o")
   ax.set_xlabel("exit (layer)")
-  ax.set_ylabel(metric)
   ax.set_xticks([r["exit"] for r in per_exit])
-  ax.grid(alpha=0.3)
-  ax.set_title(f"{metric} per exit")
-  try:
-    return _savefig(fig, path)
-  finally:
-    plt.close(fig)
+  return _save_plot(fig, ax, path, metric, f"{metric} per exit")
 
 
 def _label_cell(prediction, label_names: Sequence[str]) -> str:

@@ -22,10 +22,41 @@ DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins a multi-host job when the launcher said so (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-  JAX_PROCESS_ID, or a cluster jax.distributed auto-detects); a single process does nothing."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("ROME_FLAX_DISTRIBUTED") == "1":
+  """Joins a multi-host job when the launcher said so: JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID (any machine, e.g. two processes over loopback), or ROME_FLAX_DISTRIBUTED=1 on a
+  cluster that `jax.distributed` auto-detects (SLURM, Open MPI, TPU pods). A single process, or a
+  job already initialised, does nothing."""
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    num, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    try:
+      jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(pid) if pid else None)
+    except ValueError as e:
+      raise RomeFlaxError(f"cannot join the distributed job: {e} (set JAX_COORDINATOR_ADDRESS, "
+                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
+  elif os.environ.get("ROME_FLAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Process 0 writes logs, metrics, configs and exports; every process takes part in checkpoints."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_to_host(tree: Any) -> Any:
+  """NumPy copies of (possibly sharded, possibly multi-process) arrays; every process must call it."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def data_mesh(devices: Optional[list] = None) -> Mesh:
@@ -86,11 +117,15 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
   return int(sum(jax.tree.leaves(sizes)))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, accum_steps: int = 1) -> None:
+  """The batch splits evenly over the devices, and each device's rows into the micro-batches."""
   per_process = batch_size // jax.process_count()
   if batch_size % mesh.size or per_process * jax.process_count() != batch_size:
     raise RomeFlaxError(f"batch size {batch_size} must be a multiple of the {mesh.size} devices "
                         f"({jax.process_count()} process(es)) it is split across")
+  if (batch_size // mesh.size) % accum_steps:
+    raise RomeFlaxError(f"batch size {batch_size} over {mesh.size} devices gives {batch_size // mesh.size} rows "
+                        f"per device, which do not split into grad_accum_steps {accum_steps} micro-batches")
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -24,6 +24,7 @@ from rome_flax.errors import RomeFlaxError
 
 @dataclasses.dataclass
 class Timing:
+  """One contender's timed calls (a speed-up is a ratio of two contenders' median or fastest)."""
   seconds: list[float]     # every timed call, in order
   warmup_seconds: float    # the warm-up, timed apart (compile + first calls)
   result: Any = None       # what the last timed call returned

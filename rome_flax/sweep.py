@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import exit_policy as ep
-from rome_flax import metrics
+from rome_flax import heads, metrics
 from rome_flax.config import ModelConfig
-from rome_flax.heads import predictions
 from rome_flax.tasks import TaskSpec
 
 
@@ -36,11 +35,8 @@ def layer_flops(cfg: ModelConfig, length) -> np.ndarray:
 
 
 def head_flops(cfg: ModelConfig, length) -> np.ndarray:
-  """FLOPs of one exit head (pooler + classifier; mean pooling adds a pass over the tokens)."""
-  s = np.asarray(length, np.float64)
-  D = cfg.hidden_size
-  pool = s * D if cfg.exit_pooling == "mean" else 0.0 * s
-  return pool + 2.0 * (D * D + D * cfg.num_labels)
+  """FLOPs of one exit head: its kind's own count (heads.py)."""
+  return heads.head_kind(cfg).flops(cfg, length)
 
 
 def flops_ratio(cfg: ModelConfig, exit_index_N, lengths_N) -> float:
@@ -86,7 +82,7 @@ def exit_statistics(cfg: ModelConfig, exit_index_N, lengths_N) -> dict:
 def decisions(policy: ep.ExitPolicy, exit_logits_ExNxC, is_regression: bool):
   """(predictions, 0-based exit index) per example under one policy."""
   d = ep.decide(policy, jnp.asarray(exit_logits_ExNxC, jnp.float32))
-  return predictions(np.asarray(d.logits_NxC), is_regression), np.asarray(d.exit_index_N)
+  return heads.predictions(np.asarray(d.logits_NxC), is_regression), np.asarray(d.exit_index_N)
 
 
 def best_tradeoff(settings: Sequence[dict], metric: str, reference: float, tolerance: float = 1.0):

@@ -89,10 +89,15 @@ class OptimOptions:
   adam_eps: float = 1e-8
   clip_norm: float = 1.0
   seed: int = 42                        # parameter init of new heads, batch order, dropout
+  grad_accum_steps: int = 1             # micro-batches per step, inside the one jitted step (same update)
 
   def __post_init__(self):
     _check([(self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1"),
+            (self.batch_size % self.grad_accum_steps == 0,
+             f"batch_size {self.batch_size} does not split into grad_accum_steps {self.grad_accum_steps} "
+             "micro-batches"),
             (self.learning_rate > 0, "learning_rate must be positive"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")])
 
@@ -107,6 +112,7 @@ class RunOptions:
   keep_checkpoints: int = 2
   select_by: str = "mean_exits"         # best checkpoint by the mean over exits, or 'final_exit'
   export: bool = True
+  fsdp: bool = False                    # shard parameters and optimiser state over the devices (FSDP-style)
 
   def __post_init__(self):
     _check([(self.select_by in ("mean_exits", "final_exit"), "select_by must be mean_exits or final_exit"),

@@ -279,9 +279,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
                     jax.random.PRNGKey(seed).astype(jnp.uint32))
 
 
-def make_eval_step(cfg: ModelConfig) -> Callable:
-  """Jitted `(params, batch) -> exit_logits [E, B, C]`, dropout off."""
+def make_eval_step(cfg: ModelConfig, out_sharding: Any = None) -> Callable:
+  """Jitted `(params, batch) -> exit_logits [E, B, C]`, dropout off. `out_sharding` (e.g. replicated
+  over the mesh) makes the logits readable on every process of a multi-host job."""
   def eval_fn(params, batch):
     return model_lib.forward(params, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                              deterministic=True).exit_logits
-  return jax.jit(eval_fn)
+  return jax.jit(eval_fn, out_shardings=out_sharding)

@@ -117,7 +117,7 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     raise RomeFlaxError(f"output_dir {out} is a file")
   if out.is_dir() and any(out.iterdir()):
     if overwrite:
-      shutil.rmtree(out)
+      pass   # wiped below, once every process has checked
     elif not resume:
       raise RomeFlaxError(f"output_dir {out} already holds a run; pass --resume to continue it or --overwrite")
     elif not config_path.is_file():
@@ -125,10 +125,17 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     else:
       saved = json.loads(config_path.read_text())
       now = json.loads(json.dumps(cfg.to_dict()))
-      differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+      defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+      # A field added since the run started counts as equal while it keeps its default.
+      differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
       if differ:
         raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
-  write_json(config_path, cfg.to_dict(), sort_keys=True)
+  sharding_lib.barrier("rome_flax:output_dir_checked")   # every process has looked before one writes
+  if sharding_lib.is_primary():
+    if overwrite and out.is_dir():
+      shutil.rmtree(out)
+    write_json(config_path, cfg.to_dict(), sort_keys=True)
+  sharding_lib.barrier("rome_flax:output_dir_ready")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -176,6 +183,9 @@ class MetricsWriter:
 
   def __init__(self, out: Path, start_step: int):
     self.path = out / METRICS_FILE
+    self.enabled = sharding_lib.is_primary()   # one writer per run, however many processes
+    if not self.enabled:
+      return
     if self.path.is_file():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= start_step]
@@ -184,6 +194,8 @@ class MetricsWriter:
     self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
 
   def write(self, records: list[dict]) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     for record in records:
@@ -192,7 +204,8 @@ class MetricsWriter:
     self.tb.flush()
 
   def close(self) -> None:
-    self.tb.close()
+    if self.enabled:
+      self.tb.close()
 
 
 def _scalars(record: dict):
@@ -290,16 +303,18 @@ class StageProgram:
 
 
 def stage_programs(cfg: TrainConfig, mcfg: ModelConfig, params, method: methods.Method, loss_cfg: methods.LossConfig,
-                   protect: bool, sched: Schedule) -> dict[int, StageProgram]:
+                   protect: bool, sched: Schedule, mesh) -> dict[int, StageProgram]:
   optim_cfg = steps.OptimConfig(cfg.optim.learning_rate, int(cfg.optim.warmup_ratio * sched.stage_steps),
                                 sched.stage_steps, cfg.optim.weight_decay, cfg.optim.adam_eps, cfg.optim.clip_norm)
   lr = steps.learning_rate_schedule(optim_cfg)   # every stage has its own run of the same schedule
   programs = {}
   for stage in range(1, method.num_stages + 1):
     optimizer = steps.stage_optimizer(optim_cfg, params, mcfg, method.name, stage)
+    state_like = jax.eval_shape(lambda p: steps.init_train_state(p, optimizer, 0), params)
     programs[stage] = StageProgram(optimizer, steps.make_train_step(
         mcfg, loss_cfg, optimizer, stage=stage, protect_final=protect, schedule=lr,
-        stage_offset=(stage - 1) * sched.stage_steps))
+        stage_offset=(stage - 1) * sched.stage_steps, accum_steps=cfg.optim.grad_accum_steps,
+        state_sharding=sharding_lib.state_shardings(state_like, mesh, cfg.run.fsdp)))
   return programs
 
 
@@ -314,7 +329,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   """
   sharding_lib.maybe_initialize_distributed()
   mesh = sharding_lib.data_mesh()  # data parallel over every device; one device: a no-op
-  sharding_lib.check_batch_size(cfg.optim.batch_size, mesh)
+  sharding_lib.check_batch_size(cfg.optim.batch_size, mesh, cfg.optim.grad_accum_steps)
   out = Path(cfg.run.output_dir).absolute()
   task = resolve_task(cfg.data)
   model = load_model(cfg, task)
@@ -326,8 +341,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   sched = Schedule(data_lib.num_batches(run_data.train, cfg.optim.batch_size), cfg.optim.epochs, method.num_stages)
   loss_cfg = cfg.loss_config(task.is_regression)
   protect = methods.protect_final(loss_cfg, task.protect_final)
-  programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched)
-  eval_step = steps.make_eval_step(mcfg)
+  programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched, mesh)
+  eval_step = steps.make_eval_step(mcfg, out_sharding=sharding_lib.replicated(mesh))
 
   # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
   ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)
@@ -335,20 +350,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   stage = sched.stage_after(latest or 0)
   state = steps.init_train_state(model.params, programs[stage].optimizer, cfg.optim.seed)
   model.params = None  # the state owns the parameters now (its buffers are donated every step)
+  # On the mesh first, then restore into those shardings: Orbax reads each device's part directly,
+  # whatever process count or sharding wrote the checkpoint.
+  state = sharding_lib.place_state(state, mesh, cfg.run.fsdp)
   if latest is not None:
     state = ckpts.restore(state)
     log.info("resumed from step %d", int(state.step))
-  state = sharding_lib.replicate(state, mesh)
   start = int(state.step)
   end = sched.total_steps if max_steps is None else min(sched.total_steps, max_steps)
-  print(f"task {task.name}: {len(run_data.train)} train examples, {sched.steps_per_epoch} steps/epoch, "
+  say = print if sharding_lib.is_primary() else (lambda *a, **k: None)
+  say(f"task {task.name}: {len(run_data.train)} train examples, {sched.steps_per_epoch} steps/epoch, "
         f"{sched.total_steps} steps ({method.num_stages} stage{'s' if method.num_stages > 1 else ''}), "
         f"method {method.name}"
         + (f", GR {loss_cfg.gr} protecting the {'final exit' if protect else 'highways'}" if loss_cfg.uses_gr else ""),
         flush=True)
 
   writer = MetricsWriter(out, start)
-  bar = _progress(sched.total_steps, start, progress)
+  bar = _progress(sched.total_steps, start, progress and sharding_lib.is_primary())
   last_good = ckpts.latest_step()
   best = ckpts.best_value()
   results: dict = {}
@@ -367,7 +385,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
       per_exit, _ = evaluate(eval_step, info.state.params, task, encoded, cfg.run.eval_batch_size)
       writer.write([{"step": info.step, "kind": "eval", "split": split, "exits": per_exit}])
       results[split] = per_exit
-      bar.write(f"step {info.step} {split} {format_exits(task, per_exit)}")
+      if sharding_lib.is_primary():
+        bar.write(f"step {info.step} {split} {format_exits(task, per_exit)}")
     first = results[next(iter(run_data.evals))]
     value = selection_value(cfg.run.select_by, task, first)
     if best is None or value > best:
@@ -408,7 +427,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if step >= sched.total_steps and cfg.run.export:
       info = export_info(cfg, task, method, results)
       path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, info)
-      print(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})", flush=True)
+      say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})", flush=True)
   finally:
     bar.close()
     writer.close()
@@ -425,9 +444,14 @@ def export_info(cfg: TrainConfig, task: TaskSpec, method: methods.Method, result
 
 
 def export_model(path: Path, mcfg: ModelConfig, params, tokenizer, info: ExportInfo) -> Path:
-  """The trained model for infer.py: params + config + tokenizer files in one directory (atomic)."""
-  params = model_lib.stack_layers(jax.device_get(params))   # the train state's layout -> the model's
-  return MultiExitBert(mcfg, params, tokenizer, export_info=info).save_pretrained(path)
+  """The trained model for infer.py: params + config + tokenizer files in one directory (atomic).
+
+  Every process takes part in gathering the (possibly sharded) parameters; process 0 writes."""
+  params = model_lib.stack_layers(sharding_lib.gather_to_host(params))   # the train layout -> the model's
+  if sharding_lib.is_primary():
+    MultiExitBert(mcfg, params, tokenizer, export_info=info).save_pretrained(path)
+  sharding_lib.barrier("rome_flax:exported")
+  return path
 
 
 def _progress(total: int, initial: int, enabled: bool):

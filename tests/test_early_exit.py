@@ -139,28 +139,27 @@ def test_plan_pads_and_buckets(encoded):
   assert set(ee.trim_lengths(512)) == set(data.BUCKETS)   # the throughput path trims to the same buckets
 
 
-def test_results_do_not_depend_on_padding(params):
-  """Pieces of other sizes pad the same examples to other lengths (16, 32, 40): same results."""
-  ids, mask, types = padded_arrays(2, 24, 40)
-  encoded = data.EncodedSplit.from_padded(ids, mask, types)
-  prepared = ee.prepare_params(params)
-  want = np.asarray(model_lib.forward(params, CFG, ids, mask, types).exit_logits)
-  shapes = set()
-  for batch_size in (3, 24):
-    shapes |= {p["input_ids"].shape[1] for p in inference.plan(encoded, batch_size)}
-    np.testing.assert_allclose(inference.run_all_exits(prepared, CFG, encoded, batch_size), want, atol=1e-5)
-  assert shapes == {16, 32, 40}
-
-
-def test_throughput_trims_batches_of_short_examples_exactly(params):
-  """A chunk padded to 40 tokens runs batches of short examples at 16 or 32 tokens: same decisions."""
+@pytest.fixture(scope="module")
+def wide(params):
+  """24 examples padded to 40 tokens: 12 short (3..15 tokens), 12 long (17..40), and their exit logits."""
   rng = np.random.default_rng(1)
-  S = 40
-  lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, S + 1, 12)])
-  ids, mask, _ = padded_arrays(1, 24, S, lengths)
-  encoded = data.EncodedSplit.from_padded(ids, mask)
-  assert ee.trim_lengths(S) == (16, 32, 40)
-  logits = np.asarray(model_lib.forward(params, CFG, ids, mask).exit_logits)
+  lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, 41, 12)])
+  ids, mask, types = padded_arrays(1, 24, 40, lengths)
+  logits = np.asarray(model_lib.forward(params, CFG, ids, mask, types).exit_logits)
+  return data.EncodedSplit.from_padded(ids, mask, types), logits
+
+
+def test_results_do_not_depend_on_padding(params, wide):
+  """Pieces pad the examples to 16, 32 or 40 tokens: the same results as all padded to 40."""
+  encoded, logits = wide
+  assert {p["input_ids"].shape[1] for p in inference.plan(encoded, 4)} == {16, 32, 40}
+  np.testing.assert_allclose(inference.run_all_exits(ee.prepare_params(params), CFG, encoded, 4), logits, atol=1e-5)
+
+
+def test_throughput_trims_batches_of_short_examples_exactly(params, wide):
+  """A chunk padded to 40 tokens runs batches of short examples at 16 or 32 tokens: same decisions."""
+  encoded, logits = wide
+  assert ee.trim_lengths(40) == (16, 32, 40)
   policy = policies(logits)[0]
   want = ep.decide(policy, jnp.asarray(logits))
   res = inference.throughput_pass(ee.prepare_params(params), CFG, policy, encoded, batch_size=4, chunk_size=24).run()

@@ -12,6 +12,7 @@ from rome_flax import infer_cli
 from rome_flax import model as model_lib
 from rome_flax import synthetic
 from rome_flax.config import ModelConfig
+from rome_flax.errors import RomeFlaxError
 from rome_flax.pretrained import ExportInfo, MultiExitBert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,24 @@ def test_entry_point_exit_code(tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(tmp_path / "missing"),
                          "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and proc.stderr.strip().startswith("error: checkpoint directory")
+
+
+def test_evaluate_exits_is_a_library_program(export, tmp_path, monkeypatch):
+  """The evaluation writes nothing; the reporting step writes what infer.py writes."""
+  from rome_flax import data, evaluation, report, tasks
+  from rome_flax import exit_policy as ep
+  monkeypatch.chdir(tmp_path)
+  model = MultiExitBert.from_pretrained(export)
+  task = tasks.get_task("synthetic")
+  examples = data.load_split(task, "dev").head(24)
+  policies = [ep.make_policy("entropy", t, 2, num_labels=2) for t in (0.0, 0.6)]
+  ev = evaluation.evaluate_exits(model, task, examples, policies, batch_size=8, measure_speed="none")
+  assert list(tmp_path.iterdir()) == []
+  assert ev.metric == "accuracy" and ev.max_length == 32 and [r["exit"] for r in ev.per_exit] == [1, 2]
+  assert ev.settings[0]["accuracy"] == pytest.approx(ev.final_metric) and ev.speed == []
+  assert len(ev.predictions) == len(ev.exits) == 2 and (ev.exits[0] == 1).all()
+  written = report.write_evaluation(tmp_path / "out", ev, checkpoint="ckpt")
+  assert json.loads((tmp_path / "out" / "summary.json").read_text())["checkpoint"] == "ckpt"
+  assert {p.name for p in written} >= {"sweep.json", "per_exit.png", "entropy_lt_0.6.tsv", "tradeoff.png"}
+  with pytest.raises(RomeFlaxError, match="has no labels"):
+    evaluation.evaluate_exits(model, task, data.load_split(task, "test").head(4), policies, metric="accuracy")

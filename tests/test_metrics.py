@@ -35,6 +35,8 @@ def test_per_exit_and_errors():
   logits = np.zeros((3, 4, 2))
   logits[2, :, 1] = 1
   per_exit = metrics.per_exit_metrics(tasks.get_task("sst-2"), logits, np.array([1, 1, 0, 1]))
-  assert [m["accuracy"] for m in per_exit] == [25.0, 25.0, 75.0]
+  assert per_exit == [{"exit": 1, "accuracy": 25.0}, {"exit": 2, "accuracy": 25.0}, {"exit": 3, "accuracy": 75.0}]
+  regression = metrics.per_exit_metrics(tasks.get_task("sts-b"), np.arange(8.0).reshape(2, 4, 1), np.arange(4.0))
+  assert [m["exit"] for m in regression] == [1, 2] and regression[0]["pearson"] == pytest.approx(100.0)
   with pytest.raises(RomeFlaxError):
     metrics.compute_metrics(tasks.get_task("sst-2"), np.zeros(3), np.zeros(4))

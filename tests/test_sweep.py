@@ -1,4 +1,4 @@
-"""Offline sweep figures and the report writers."""
+"""Offline sweep figures and the report writers (through files.py's one atomic writer)."""
 
 import csv
 import json
@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 
 from rome_flax import exit_policy as ep
-from rome_flax import report, sweep
+from rome_flax import files, metrics, report, sweep, tasks
 from rome_flax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
 CONF0, CONF1, UNSURE = [6.0, 0.0], [0.0, 6.0], [0.1, 0.0]
-
-
-def accuracy(p, y):
-  return {"accuracy": 100.0 * float(np.mean(p == y))}
+TASK = tasks.get_task("sst-2")   # accuracy only
 
 
 @pytest.fixture
@@ -33,7 +30,7 @@ def cached():
 def test_evaluate_rows(cached):
   z, labels = cached
   policies = [ep.make_policy("entropy", 0.1, 3, num_labels=2), ep.make_policy("entropy", 0.0, 3, num_labels=2)]
-  rows = sweep.evaluate(policies, z, CFG, np.full(4, 10), labels, accuracy)
+  rows = sweep.evaluate(policies, z, CFG, np.full(4, 10), labels, TASK)
   fast, full = rows
   assert fast["setting"] == "entropy<0.1"
   assert fast["avg_exit_layer"] == pytest.approx((1 + 2 + 3 + 1) / 4)
@@ -44,9 +41,11 @@ def test_evaluate_rows(cached):
   assert full["accuracy"] == pytest.approx(100.0)  # the final exit gets all four right
   # the full setting runs every highway head too, so it costs a little more than the full model
   assert full["flops_ratio"] < 1 < fast["flops_ratio"] < fast["layer_ratio"]
-  per_exit = sweep.per_exit_metrics(z, labels, accuracy, False)
+  per_exit = metrics.per_exit_metrics(TASK, z, labels)
   assert [r["exit"] for r in per_exit] == [1, 2, 3]
   assert per_exit[0]["accuracy"] == pytest.approx(50.0)
+  assert sweep.best_tradeoff(rows, "accuracy", per_exit[-1]["accuracy"]) is full
+  assert sweep.best_tradeoff(rows, "accuracy", 50.0) is fast
 
 
 def test_flops_ratio_counts_heads_that_ran():
@@ -66,7 +65,7 @@ def test_unlabelled_rows_have_no_metric(cached):
 def test_report_files(tmp_path, cached):
   z, labels = cached
   rows = sweep.evaluate([ep.make_policy("entropy", t, 3, num_labels=2) for t in (0.0, 0.1)] +
-                        [ep.make_policy("patience", 1, 3, num_labels=2)], z, CFG, np.full(4, 10), labels, accuracy)
+                        [ep.make_policy("patience", 1, 3, num_labels=2)], z, CFG, np.full(4, 10), labels, TASK)
   paths = report.write_table(tmp_path, "sweep", rows)
   assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.md"]
   assert json.loads((tmp_path / "sweep.json").read_text())[1]["setting"] == "entropy<0.1"
@@ -77,20 +76,20 @@ def test_report_files(tmp_path, cached):
   assert md[0].startswith("| criterion | setting") and len(md) == 5
   png = report.plot_tradeoff(tmp_path / "tradeoff.png", rows, "accuracy", final_metric=50.0)
   assert png.read_bytes()[:4] == b"\x89PNG"
-  per_exit = sweep.per_exit_metrics(z, labels, accuracy, False)
+  per_exit = metrics.per_exit_metrics(TASK, z, labels)
   assert report.plot_per_exit(tmp_path / "per_exit.png", per_exit, "accuracy").stat().st_size > 1000
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
   target = tmp_path / "result.json"
-  report.write_json(target, {"v": 1})
+  files.write_json(target, {"v": 1})
 
   def boom(*a, **k):
     raise OSError("disk full")
   monkeypatch.setattr(os, "replace", boom)
   with pytest.raises(OSError):
-    report.write_json(target, {"v": 2})
+    files.write_json(target, {"v": 2})
   assert json.loads(target.read_text()) == {"v": 1}
   assert os.listdir(tmp_path) == ["result.json"]
 
@@ -99,3 +98,11 @@ def test_submission_tsv():
   text = report.submission_tsv(np.array([0, 1, 2]), np.array([1, 0, 1]), ("negative", "positive"))
   assert text.splitlines() == ["index\tprediction", "0\tpositive", "1\tnegative", "2\tpositive"]
   assert report.submission_tsv([7], np.array([2.5]), ()).splitlines()[1] == "7\t2.5"
+
+
+def test_prediction_files_and_names():
+  text = report.predictions_tsv([4, 5], np.array([1, 0]), np.array([0, 2]), ("negative", "positive"))
+  assert text.splitlines() == ["index\tprediction\texit_layer", "4\tpositive\t1", "5\tnegative\t3"]
+  assert report.safe_name("entropy<0.1") == "entropy_lt_0.1"
+  assert report.submission_file("mnli", "test_mismatched") == "MNLI-mm.tsv"
+  assert report.submission_file("sst-2", "test") == "SST-2.tsv" and report.submission_file("x", "test") == "x.tsv"
