@@ -6,6 +6,10 @@
 
 Every TrainConfig field is a flag (`--learning_rate 5e-5`, or by group `--optim.learning_rate 5e-5`);
 see rome_flax/train_config.py.
+
+SIGTERM or Ctrl-C finishes the step in flight, saves a checkpoint and exits with code 3 (`--resume`
+continues exactly); bad input exits with code 2 and one `error:` line (`--debug` adds the traceback).
+One run at a time per output_dir (rome_flax.lock).
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ def jax_step(model, method: str, batch, lr: float):
   """A jitted rome_flax step and its state; returns a no-arg callable that runs one step."""
   import jax
   from rome_flax import train_step as ts
-  from rome_flax.losses import LossConfig
+  from rome_flax.methods import LossConfig
   opt_cfg = ts.OptimConfig(learning_rate=lr, total_steps=10_000)
-  optimizer = ts.make_optimizer(opt_cfg, model.params)
-  step = ts.make_train_step(model.config, LossConfig(method=method, gr="projection"), optimizer, model.params)
+  optimizer = ts.stage_optimizer(opt_cfg, model.params, model.config, method)   # as the trainer builds it
+  step = ts.make_train_step(model.config, LossConfig(method=method, gr="projection"), optimizer)
   holder = {"state": ts.init_train_state(jax.tree.map(lambda x: x.copy(), model.params), optimizer, seed=0)}
   batch = jax.device_put(batch)
 

@@ -1,7 +1,10 @@
 """What every entry point shares: an argument parser whose mistakes are one `error:` line, and the
 one error wrapper that turns a `RomeFlaxError` into `error: ...` on stderr and exit code 2.
 
-Anything else is a bug and keeps its traceback.
+Exit codes: 0 done; 2 bad input (`error: ...`); 3 training stopped by SIGTERM / SIGINT after saving
+a checkpoint (`--resume` continues; see preemption.py); 130 interrupted outside training (nothing
+to save). `--debug` adds the Python traceback to an error line. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -9,19 +12,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Callable, Optional, Sequence
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130   # the shell's code for SIGINT
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse with `error: ...` on one line and exit code 2 (no usage dump)."""
+  """argparse with `error: ...` on one line and exit code 2 (no usage dump), and `--debug`."""
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault("allow_abbrev", False)
     super().__init__(*args, **kwargs)
+    self.add_argument("--debug", action="store_true", help="show the Python traceback of an error too")
 
   def error(self, message):
     print(f"error: {message}", file=sys.stderr)
@@ -30,12 +37,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(program: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Optional[Sequence[str]] = None) -> int:
-  """Parses argv, runs `program(args)`; a RomeFlaxError becomes one `error:` line and exit code 2."""
+  """Parses argv, runs `program(args)`; a RomeFlaxError becomes one `error:` line and exit code 2,
+  a training run stopped by a signal one `stopped:` line and exit code 3."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   args = parser.parse_args(argv)
+  debug = getattr(args, "debug", False)
   try:
     program(args)
   except RomeFlaxError as e:
+    if debug:
+      traceback.print_exc()
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USER_ERROR
+  except Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return EXIT_PREEMPTED
+  except KeyboardInterrupt:
+    if debug:
+      traceback.print_exc()
+    print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
   return 0

@@ -170,7 +170,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   Returns (params, LoadReport). Everything the checkpoint lacks keeps its random init.
   """
   sd = {_strip(k): v for k, v in state_dict.items() if not _IGNORED.search(k)}
-  params = init_params(cfg, 0 if rng is None else rng, host=True)   # what the checkpoint lacks keeps this init
+  params = init_params(cfg, jax.random.PRNGKey(0) if rng is None else rng, host=True)   # what the checkpoint lacks keeps this init
   missing: list[str] = []
   L, D = cfg.num_layers, cfg.hidden_size
 

@@ -7,10 +7,12 @@ length bucket (so jit compiles a handful of programs) and a deterministic order 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -40,6 +42,11 @@ class Split:
   def head(self, n: int) -> "Split":
     """The first n examples (quick checks)."""
     return _head(self, n, ("texts_a", "texts_b", "labels", "ids"))
+
+  def rows(self, start: int, stop: int) -> "Split":
+    """Examples start..stop-1 (a chunk of a stream)."""
+    fields = ("texts_a", "texts_b", "labels", "ids")
+    return dataclasses.replace(self, **{f: getattr(self, f)[start:stop] for f in fields if getattr(self, f) is not None})
 
 
 @dataclasses.dataclass
@@ -108,11 +115,13 @@ def load_split(task: TaskSpec, split: str, data_dir: Optional[str] = None, **cus
   Custom tasks take `files={'train': path, ...}`, `text_a_column`, `text_b_column`, `label_column`.
   The synthetic task takes `seed` and `size`.
   """
-  if task.name == "synthetic":
+  if "files" in custom:   # a user's file, whatever the task (its labels must be the task's)
+    out = _load_custom(task, split, **custom)
+  elif task.name == "synthetic":
+    if data_dir is not None:
+      raise RomeFlaxError("task synthetic is generated, not read: drop data_dir")
     texts, labels = synthetic.make_split(split, seed=custom.get("seed", 0), size=custom.get("size"))
     out = Split(task.name, split, texts, None, labels if split != "test" else None, np.arange(len(texts)))
-  elif "files" in custom:
-    out = _load_custom(task, split, **custom)
   elif data_dir is not None:
     out = _load_tsv(task, split, Path(data_dir))
   else:
@@ -122,11 +131,46 @@ def load_split(task: TaskSpec, split: str, data_dir: Optional[str] = None, **cus
   return out
 
 
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
+def text_lines(path: Path) -> Iterator[str]:
+  """The lines of a UTF-8 text file, each with its line ending (a leading BOM dropped). A byte that
+  is not UTF-8, or a file that cannot be read, is one RomeFlaxError naming the file and line."""
+  try:
+    f = open(path, "rb")
+  except FileNotFoundError:
+    raise RomeFlaxError(f"{path} is missing") from None
+  except IsADirectoryError:
+    raise RomeFlaxError(f"{path} is a directory, not a data file") from None
+  except OSError as e:
+    raise RomeFlaxError(f"cannot read {path}: {e.strerror or e}") from None
+  with f:
+    n = 0
+    try:
+      for chunk in f:
+        # A lone '\r' ends a line too (old Mac files), as in Python's own universal newlines.
+        for raw in (_LONE_CR.split(chunk) if b"\r" in chunk else (chunk,)):
+          if not raw:
+            continue
+          n += 1
+          if n == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+          try:
+            yield raw.decode("utf-8")
+          except UnicodeDecodeError as e:
+            column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+            raise RomeFlaxError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                                "save the file as UTF-8") from None
+    except OSError as e:
+      raise RomeFlaxError(f"cannot read {path} (line {n + 1}): {e.strerror or e}") from None
+
+
 def _read_tsv_rows(path: Path) -> list[list[str]]:
   if not path.is_file():
-    raise RomeFlaxError(f"{path} is missing (expected the GLUE TSV layout in {path.parent})")
-  with open(path, encoding="utf-8-sig") as f:
-    return [line.rstrip("\r\n").split("\t") for line in f]
+    raise RomeFlaxError(f"{path} is {'a directory' if path.is_dir() else 'missing'} (expected the GLUE TSV "
+                        f"layout in {path.parent})")
+  return [line.rstrip("\r\n").split("\t") for line in text_lines(path)]
 
 
 def _load_tsv(task: TaskSpec, split: str, data_dir: Path) -> Split:
@@ -229,25 +273,36 @@ def _load_hub(task: TaskSpec, split: str) -> Split:
                labels, np.asarray(ds["idx"], np.int64))
 
 
-def _load_custom(task: TaskSpec, split: str, files: dict, text_a_column: str = "text",
-                 text_b_column: Optional[str] = None, label_column: Optional[str] = "label", **_) -> Split:
+def _load_custom(task: TaskSpec, split: str, files: dict, **columns) -> Split:
+  return concat_splits(list(iter_custom(task, split, files, **columns)))
+
+
+def iter_custom(task: TaskSpec, split: str, files: dict, text_a_column: str = "text",
+                text_b_column: Optional[str] = None, label_column: Optional[str] = "label",
+                chunk_rows: int = 8192, **_) -> Iterator[Split]:
+  """A custom split's file as Splits of up to `chunk_rows` examples, read as a stream: memory holds one
+  chunk's rows, whatever the file's size (`stream_split`; `load_split` joins the chunks)."""
   if split not in files or files[split] is None:
     raise RomeFlaxError(f"no file given for split {split!r} of the custom task")
   path = Path(files[split])
   if not path.is_file():
-    raise RomeFlaxError(f"{path} is missing")
-  records = read_records(path)
-  if not records:
-    raise RomeFlaxError(f"{path} has no rows")
-  keys = list(records[0][1])
-  for col in (text_a_column, text_b_column):
-    if col is not None and col not in keys:
-      raise RomeFlaxError(f"{path}: no column {col!r} (columns: {', '.join(keys)})")
-  has_label = label_column is not None and label_column in keys
-  if not has_label and not split.startswith("test"):
-    raise RomeFlaxError(f"{path}: no label column {label_column!r} (columns: {', '.join(keys)})")
-  texts_a, texts_b, labels = [], [], []
-  for line, rec in records:
+    raise RomeFlaxError(f"{path} is {'a directory, not a data file' if path.is_dir() else 'missing'}")
+  has_label, count = None, 0
+  texts_a, texts_b, labels, ids = [], [], [], []
+
+  def chunk() -> Split:
+    lab = np.asarray(labels, np.float32 if task.is_regression else np.int64) if has_label else None
+    return Split(task.name, split, texts_a, texts_b if text_b_column else None, lab, np.asarray(ids, np.int64))
+
+  for line, rec in iter_records(path):
+    if has_label is None:   # the first row names the columns
+      keys = [k for k in rec if k is not None]
+      for col in (text_a_column, text_b_column):
+        if col is not None and col not in keys:
+          raise RomeFlaxError(f"{path}: no column {col!r} (columns: {', '.join(keys)})")
+      has_label = label_column is not None and label_column in keys
+      if not has_label and not split.startswith("test"):
+        raise RomeFlaxError(f"{path}: no label column {label_column!r} (columns: {', '.join(keys)})")
     for col in (text_a_column, text_b_column, label_column if has_label else None):
       if col is not None and rec.get(col) is None:
         raise RomeFlaxError(f"{path}:{line}: missing value in column {col!r}")
@@ -256,38 +311,83 @@ def _load_custom(task: TaskSpec, split: str, files: dict, text_a_column: str = "
       texts_b.append(str(rec[text_b_column]))
     if has_label:
       labels.append(_parse_label(task, rec[label_column], str(path), line))
-  lab = np.asarray(labels, np.float32 if task.is_regression else np.int64) if has_label else None
-  return Split(task.name, split, texts_a, texts_b if text_b_column else None, lab, np.arange(len(texts_a)))
+    ids.append(count)
+    count += 1
+    if len(texts_a) == chunk_rows:
+      yield chunk()
+      texts_a, texts_b, labels, ids = [], [], [], []
+  if count == 0:
+    raise RomeFlaxError(f"{path} has no rows")
+  if texts_a:
+    yield chunk()
+
+
+def concat_splits(chunks: list[Split]) -> Split:
+  """One Split from consecutive chunks of one split."""
+  first = chunks[0]
+  join = lambda field: None if getattr(first, field) is None else \
+      [x for c in chunks for x in getattr(c, field)]
+  return Split(first.task, first.split, join("texts_a"), join("texts_b"),
+               None if first.labels is None else np.concatenate([c.labels for c in chunks]),
+               np.concatenate([c.ids for c in chunks]))
+
+
+def stream_split(task: TaskSpec, split: str, data_dir: Optional[str] = None, chunk_rows: int = 8192,
+                 **custom) -> Iterator[Split]:
+  """`load_split` as an iterator of Splits of up to `chunk_rows` examples. A custom file is read as a
+  stream (memory holds one chunk); GLUE, hub and synthetic splits are bounded and read whole."""
+  if "files" in custom and task.name != "synthetic":
+    yield from iter_custom(task, split, chunk_rows=chunk_rows, **custom)
+    return
+  whole = load_split(task, split, data_dir, **custom)
+  for start in range(0, len(whole), chunk_rows):
+    yield whole.rows(start, start + chunk_rows)
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
   """(line number, row dict) of a .csv / .tsv (header row) or .jsonl / .json (one object per line) file."""
+  return list(iter_records(path))
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+  """`read_records` as a stream, one row at a time."""
   suffix = path.suffix.lower()
   if suffix in (".jsonl", ".json"):
-    out = []
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise RomeFlaxError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-          raise RomeFlaxError(f"{path}:{n}: expected one JSON object per line")
-        out.append((n, rec))
-    return out
+    for n, line in enumerate(text_lines(path), 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise RomeFlaxError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+      except RecursionError:
+        raise RomeFlaxError(f"{path}:{n}: JSON nested too deeply") from None
+      if not isinstance(rec, dict):
+        raise RomeFlaxError(f"{path}:{n}: expected one JSON object per line")
+      yield n, rec
+    return
   if suffix in (".csv", ".tsv"):
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-      return [(reader.line_num, row) for row in reader]
+    reader = csv.DictReader(text_lines(path), delimiter="\t" if suffix == ".tsv" else ",")
+    try:
+      for row in reader:
+        yield reader.line_num, row
+      return
+    except csv.Error as e:
+      raise RomeFlaxError(f"{path}:{reader.line_num}: not valid {suffix[1:].upper()} ({e})") from None
   raise RomeFlaxError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl)")
 
 
 def custom_label_names(path: str | Path, label_column: str = "label") -> tuple[str, ...]:
   """Sorted distinct labels of a custom training file (the label set when the user gives none)."""
-  names = sorted({str(rec.get(label_column)) for _, rec in read_records(Path(path))
-                  if rec.get(label_column) is not None})
+  records = read_records(Path(path))
+  if records and not any(label_column in rec for _, rec in records):
+    columns = ", ".join(str(k) for k in records[0][1] if k is not None)
+    raise RomeFlaxError(f"{path}: no label column {label_column!r} (columns: {columns}); name it with "
+                        "label_column")
+  for line, rec in records:
+    if rec.get(label_column) is None:
+      raise RomeFlaxError(f"{path}:{line}: missing value in column {label_column!r}")
+  names = sorted({str(rec[label_column]) for _, rec in records})
   if len(names) < 2:
     raise RomeFlaxError(f"{path}: column {label_column!r} has fewer than two distinct labels")
   return tuple(names)

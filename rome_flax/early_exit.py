@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
+from rome_flax.data import BUCKETS
 from rome_flax.errors import RomeFlaxError
 
 DISPATCHES = ("switch", "slice")
@@ -108,12 +109,10 @@ def _pick_layer(counts_L, batch_size):
   return jnp.where(jnp.any(has_full), jnp.argmax(has_full), jnp.argmax(counts_L > 0)).astype(jnp.int32)
 
 
-TRIM_LENGTHS = (16, 32, 64, 128, 256, 512)
-
-
 def trim_lengths(seq_len: int) -> tuple[int, ...]:
-  """Lengths a gathered batch may be trimmed to inside a chunk padded to seq_len."""
-  return tuple(sorted({min(b, seq_len) for b in TRIM_LENGTHS} | {seq_len}))
+  """Lengths a gathered batch may be trimmed to inside a chunk padded to seq_len: the buckets of
+  `data.bucket_length`, the one bucketing rule of training and inference batches."""
+  return tuple(sorted({min(b, seq_len) for b in BUCKETS} | {seq_len}))
 
 
 def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple):
@@ -185,3 +184,25 @@ def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_id
           jnp.zeros((N,), jnp.int32), jnp.zeros((N, cfg.num_labels), jnp.float32))
   runs, _, _, _, _, exit_N, out_NxC = jax.lax.while_loop(cond, body, init)
   return ExitResult(out_NxC, exit_N, runs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "mesh"))
+def throughput_chunks(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_DxNxS, attention_mask_DxNxS,
+                      token_type_ids_DxNxS, valid_DxN, batch_size: int, mesh) -> ExitResult:
+  """`throughput_chunk` on every device of `mesh` at once, each device on its own chunk (row d of the
+  [D, N, S] inputs): one scheduler per device, no collectives, each device's loop stops on its own.
+
+  Returns the D chunks' results flattened to D*N examples; layer_runs is the sum over devices.
+  """
+  from jax.sharding import PartitionSpec as P
+  axis = mesh.axis_names[0]
+
+  def per_device(prepared, policy, ids, mask, types, valid):
+    res = throughput_chunk(prepared, cfg, policy, ids[0], mask[0], types[0], valid[0], batch_size)
+    return jax.tree.map(lambda x: x[None], res)
+
+  res = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P(axis)),
+                      out_specs=P(axis), check_vma=False)(
+      prepared, policy, input_ids_DxNxS, attention_mask_DxNxS, token_type_ids_DxNxS, valid_DxN)
+  D, N = valid_DxN.shape
+  return ExitResult(res.logits_BxC.reshape(D * N, -1), res.exit_index_B.reshape(D * N), res.layer_runs.sum())

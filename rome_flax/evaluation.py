@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +24,10 @@ from rome_flax.tasks import TaskSpec
 
 MEASURE_SPEED = ("best", "all", "none")
 DEFAULT_MAX_LENGTH = 128
+# Examples tokenised and run through the all-exits pass at a time: what is kept of a chunk is its
+# logits [E, n, C], lengths and ids (~60 bytes an example for 6 exits), not its tokens, so peak
+# memory no longer follows the split's tokenised size. The speed measurement runs on the first chunk.
+STREAM_EXAMPLES = 8192
 
 # progress("what") -> a wrapper of an iterable (e.g. a tqdm bar); None: no progress shown
 Progress = Optional[Callable[[str], Callable[[Iterable], Iterable]]]
@@ -82,8 +86,12 @@ def _no_progress(desc: str):
 
 
 def check_options(*, batch_size: int, measure_speed: str = "best", latency_examples: int = 128,
-                  speed_repeats: int = 2, chunk_size: Optional[int] = None) -> None:
+                  speed_repeats: int = 2, chunk_size: Optional[int] = None, devices: Optional[int] = None) -> None:
   """Raises RomeFlaxError for an option out of range (infer.py checks before loading anything)."""
+  mesh = inference.local_mesh(devices)
+  if mesh.size > 1 and batch_size % mesh.size:
+    raise RomeFlaxError(f"batch_size {batch_size} must be a multiple of the {mesh.size} devices it is split across "
+                        "(or pass --devices)")
   counts = {"batch_size": batch_size, "latency_examples": latency_examples, "speed_repeats": speed_repeats,
             "chunk_size": 1 if chunk_size is None else chunk_size}
   for name, value in counts.items():
@@ -93,26 +101,38 @@ def check_options(*, batch_size: int, measure_speed: str = "best", latency_examp
     raise RomeFlaxError(f"measure_speed must be one of {', '.join(MEASURE_SPEED)}, got {measure_speed!r}")
 
 
-def evaluate_exits(model, task: TaskSpec, examples: data.Split, policies: Sequence[ep.ExitPolicy], *,
+def _chunks(examples, size: int) -> Iterator[data.Split]:
+  """A split in chunks of `size` examples, or the chunks an iterable of splits already is (a reader
+  that streams its file)."""
+  if not isinstance(examples, data.Split):
+    yield from examples
+    return
+  for start in range(0, len(examples), size):
+    yield examples.rows(start, start + size)
+
+
+def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPolicy], *,
                    batch_size: int = 64, max_length: Optional[int] = None, metric: Optional[str] = None,
                    measure_speed: str = "best", latency_examples: int = 128, speed_repeats: int = 2,
-                   chunk_size: Optional[int] = None, progress: Progress = None) -> ExitsEvaluation:
-  """Early-exit evaluation of a `MultiExitBert` on a split's examples under each policy.
+                   chunk_size: Optional[int] = None, progress: Progress = None, devices: Optional[int] = None
+                   ) -> ExitsEvaluation:
+  """Early-exit evaluation of a `MultiExitBert` on a split's examples (a `data.Split`, or an iterable
+  of them read as a stream) under each policy.
 
+  The examples are tokenised and run `STREAM_EXAMPLES` at a time; the paths are timed on the first
+  chunk.
   max_length defaults to the export's training max length (else 128); metric to the task's primary
   metric (labelled splits only). measure_speed: time the fastest setting within 1 point of the final
   exit ('best'; labelled splits), every setting ('all') or none; the latency path is timed on the
-  first `latency_examples`, each side's fastest of `speed_repeats` passes counts.
+  first `latency_examples`, each side's fastest of `speed_repeats` passes counts. devices: how many of
+  this process's devices the all-exits pass and the batch-size passes use (default all; results are
+  those of one device).
   """
   check_options(batch_size=batch_size, measure_speed=measure_speed, latency_examples=latency_examples,
-                speed_repeats=speed_repeats, chunk_size=chunk_size)
+                speed_repeats=speed_repeats, chunk_size=chunk_size, devices=devices)
   cfg = model.config
-  labelled = examples.labels is not None
-  if metric is not None:
-    if not labelled:
-      raise RomeFlaxError(f"split {examples.split!r} has no labels: metric {metric!r} cannot be computed")
-    if metric not in task.metric_names:
-      raise RomeFlaxError(f"task {task.name} has metrics {', '.join(task.metric_names)}, not {metric!r}")
+  if metric is not None and metric not in task.metric_names:
+    raise RomeFlaxError(f"task {task.name} has metrics {', '.join(task.metric_names)}, not {metric!r}")
   if not policies:
     raise RomeFlaxError("no exit policy to evaluate")
   for policy in policies:
@@ -121,29 +141,46 @@ def evaluate_exits(model, task: TaskSpec, examples: data.Split, policies: Sequen
                           f"{cfg.num_exits}")
   bar = progress or _no_progress
   max_length = max_length or model.export_info.max_length or DEFAULT_MAX_LENGTH
-  encoded = data.encode_split(model.tokenizer, examples, max_length, is_regression=task.is_regression)
   prepared = ee.prepare_params(model.params)
+  mesh = inference.local_mesh(devices)
 
   t0 = time.perf_counter()
-  exit_logits = inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"))
+  logits, lengths, ids, labels, timed_set, split_name = [], [], [], [], None, None
+  for chunk in _chunks(examples, STREAM_EXAMPLES):
+    encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
+    logits.append(inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"), mesh=mesh))
+    lengths.append(encoded.lengths)
+    ids.append(chunk.ids)
+    labels.append(chunk.labels)
+    timed_set = encoded if timed_set is None else timed_set
+    split_name = chunk.split
+  if timed_set is None:
+    raise RomeFlaxError("no examples to evaluate")
+  exit_logits = np.concatenate(logits, axis=1)
+  lengths_N, example_ids = np.concatenate(lengths), np.concatenate(ids)
+  labelled = all(y is not None for y in labels)
+  labels_N = np.concatenate(labels) if labelled else None
   all_exits_seconds = time.perf_counter() - t0
+  if metric is not None and not labelled:
+    raise RomeFlaxError(f"split {split_name!r} has no labels: metric {metric!r} cannot be computed")
   metric = (metric or metrics.primary_metric(task)) if labelled else None
-  per_exit = metrics.per_exit_metrics(task, exit_logits, examples.labels) if labelled else []
-  settings = sweep.evaluate(policies, exit_logits, cfg, encoded.lengths, examples.labels, task)
+  per_exit = metrics.per_exit_metrics(task, exit_logits, labels_N) if labelled else []
+  settings = sweep.evaluate(policies, exit_logits, cfg, lengths_N, labels_N, task)
   decided = [sweep.decisions(policy, exit_logits, cfg.is_regression) for policy in policies]
   best = sweep.best_tradeoff(settings, metric, per_exit[-1][metric]) if labelled else None
 
   timed = {"all": range(len(policies)), "none": [],
            "best": [settings.index(best)] if best is not None else []}[measure_speed]
   speed_rows = []
-  n_lat = min(latency_examples, len(encoded))
+  n_lat = min(latency_examples, len(timed_set))
   for k in bar("measured speed")(timed):
-    measured = speed.early_exit_speed(prepared, cfg, policies[k], encoded, batch_size,
-                                      latency_examples=n_lat, repeats=speed_repeats, chunk_size=chunk_size)
-    speed_rows.append(speed_row(cfg, policies[k], measured, encoded.lengths, decided[k][1]))
+    measured = speed.early_exit_speed(prepared, cfg, policies[k], timed_set, batch_size,
+                                      latency_examples=n_lat, repeats=speed_repeats, chunk_size=chunk_size,
+                                      mesh=mesh)
+    speed_rows.append(speed_row(cfg, policies[k], measured, timed_set.lengths, decided[k][1][:len(timed_set)]))
 
   return ExitsEvaluation(
-      task=task, split=examples.split, example_ids=examples.ids, metric=metric, num_layers=cfg.num_layers,
+      task=task, split=split_name, example_ids=example_ids, metric=metric, num_layers=cfg.num_layers,
       batch_size=batch_size, max_length=max_length, all_exits_seconds=all_exits_seconds, per_exit=per_exit,
       settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
       exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat)

@@ -12,6 +12,7 @@ This module only reads options, loads the model and data and prints: the evaluat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -54,6 +55,9 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--speed_repeats", type=int, default=2, help="timed passes per side (the fastest counts)")
   ap.add_argument("--chunk_size", type=int, help="throughput path: examples resident on the device at once "
                   "(default 16 batches); at most one partial layer batch per layer per chunk")
+  ap.add_argument("--devices", type=int, help="devices of this process that the all-exits pass and the batch-size "
+                  "passes use (default: all; the full model splits each batch, the throughput path runs one "
+                  "chunk per device; results equal one device's)")
   ap.add_argument("--limit", type=int, help="use only the first N examples of the split (quick checks)")
   ap.add_argument("--no_progress", action="store_true")
   return ap
@@ -104,14 +108,27 @@ def load_examples(args, task):
   if task.name == "custom" or args.data_file:
     if not args.data_file:
       raise RomeFlaxError("a custom task needs --data_file")
-    examples = data.load_split(task, args.split, files={args.split: args.data_file},
+    # Read as a stream of chunks: peak memory does not grow with the file (evaluation.STREAM_EXAMPLES).
+    stream = data.stream_split(task, args.split, files={args.split: args.data_file},
                                text_a_column=args.text_a_column, text_b_column=args.text_b_column,
                                label_column=args.label_column)
+    stream = itertools.chain([next(stream)], stream)   # the file's first chunk read now: its errors come first
+    return stream if args.limit is None else _first(stream, args.limit)
   else:
     if task.name != "synthetic" and args.data_dir is None:
       log.info("no --data_dir: loading glue/%s from the hub", task.hf_name)
     examples = data.load_split(task, args.split, data_dir=args.data_dir)
   return examples.head(args.limit) if args.limit is not None else examples
+
+
+def _first(chunks, limit: int):
+  """The first `limit` examples of a stream of Split chunks."""
+  for chunk in chunks:
+    if len(chunk) >= limit:
+      yield chunk.head(limit)
+      return
+    limit -= len(chunk)
+    yield chunk
 
 
 def build_policies(args, cfg) -> list[ep.ExitPolicy]:
@@ -139,6 +156,18 @@ def build_policies(args, cfg) -> list[ep.ExitPolicy]:
   return policies
 
 
+def check_max_length(max_length: Optional[int], model) -> None:
+  """The length examples are cut to must fit the model's position table (beyond it the position
+  lookup reads past the table: NaN logits, no error), as train.py demands."""
+  if max_length is not None and max_length < 8:
+    raise RomeFlaxError(f"--max_length must be at least 8, got {max_length}")
+  length = max_length or model.export_info.max_length or evaluation.DEFAULT_MAX_LENGTH
+  positions = model.config.max_position_embeddings
+  if length > positions:
+    raise RomeFlaxError(f"max_length {length} exceeds the model's {positions} positions"
+                        + ("" if max_length else "; pass a smaller --max_length"))
+
+
 def check_output_dir(path: str, overwrite: bool) -> Path:
   """Refuses to mix new results into an earlier run's directory unless asked to."""
   out = Path(path)
@@ -157,7 +186,7 @@ def run(args):
 
   evaluation.check_options(batch_size=args.batch_size, measure_speed=args.measure_speed,
                            latency_examples=args.latency_examples, speed_repeats=args.speed_repeats,
-                           chunk_size=args.chunk_size)
+                           chunk_size=args.chunk_size, devices=args.devices)
   if args.limit is not None and args.limit < 1:
     raise RomeFlaxError(f"--limit must be >= 1, got {args.limit}")
   if args.thresholds is not None:
@@ -165,6 +194,7 @@ def run(args):
   out = check_output_dir(args.output_dir, args.overwrite)
   named_task = _named_task(args)
   model = load_model(args.checkpoint, named_task.num_labels if named_task is not None else None)
+  check_max_length(args.max_length, model)
   task = resolve_task(args, model)
   policies = build_policies(args, model.config)
   examples = load_examples(args, task)
@@ -173,7 +203,7 @@ def run(args):
   result = evaluation.evaluate_exits(
       model, task, examples, policies, batch_size=args.batch_size, max_length=args.max_length,
       metric=args.metric, measure_speed=args.measure_speed, latency_examples=args.latency_examples,
-      speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress)
+      speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices)
   written = report.write_evaluation(out, result, checkpoint=str(args.checkpoint))
   print_evaluation(result)
   print(f"wrote {len(written)} files to {out}")

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import data, heads
+from rome_flax import data, heads, sharding
 from rome_flax import exit_policy as ep
 from rome_flax.config import ModelConfig
-from rome_flax.early_exit import ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk
+from rome_flax.early_exit import (ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk,
+                                  throughput_chunks)
 from rome_flax.errors import RomeFlaxError
 
 
@@ -88,9 +89,30 @@ class Pass:
     return self.collect(self(progress))
 
 
-def full_model_pass(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int) -> Pass:
-  """The baseline at a batch size: all layers, final exit only."""
-  return Pass(plan(encoded, batch_size), lambda p: full_model(prepared, cfg, *_device_arrays(p)), len(encoded), cfg)
+def local_mesh(devices: Optional[int] = None):
+  """A 1-D mesh over this process's devices (all, or the first `devices`): what inference spreads over."""
+  local = jax.local_devices()
+  if devices is not None and not 1 <= devices <= len(local):
+    raise RomeFlaxError(f"--devices must be in 1..{len(local)} (this process sees {len(local)}), got {devices}")
+  return sharding.data_mesh(local[:devices or len(local)])
+
+
+def _batch_parallel(prepared, mesh, batch_size: int):
+  """(parameters replicated over the mesh, piece -> device arrays split along the batch) for the
+  data-parallel paths (all exits, full model); one device: the parameters and arrays as they are."""
+  if mesh is None or mesh.size == 1:
+    return prepared, _device_arrays
+  if batch_size % mesh.size:
+    raise RomeFlaxError(f"batch size {batch_size} must be a multiple of the {mesh.size} devices it is split across")
+  split = sharding.batch_sharding(mesh)
+  return (jax.device_put(prepared, sharding.replicated(mesh)),
+          lambda piece: tuple(jax.device_put(a, split) for a in _device_arrays(piece)))
+
+
+def full_model_pass(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int, mesh=None) -> Pass:
+  """The baseline at a batch size: all layers, final exit only (batches split over `mesh`)."""
+  params, arrays = _batch_parallel(prepared, mesh, batch_size)
+  return Pass(plan(encoded, batch_size), lambda p: full_model(params, cfg, *arrays(p)), len(encoded), cfg)
 
 
 def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
@@ -101,35 +123,73 @@ def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: dat
 
 
 def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
-                    batch_size: int = 64, chunk_size: Optional[int] = None) -> Pass:
-  """Throughput path over a dataset: chunks of `chunk_size` examples on device.
+                    batch_size: int = 64, chunk_size: Optional[int] = None, mesh=None) -> Pass:
+  """Throughput path over a dataset: chunks of `chunk_size` examples on device; with a mesh of D
+  devices, D chunks at a time, one per device (`early_exit.throughput_chunks`).
 
-  The default chunk is 16 batches (or the whole dataset, rounded up to a batch, if smaller): larger
-  chunks leave fewer partial batches (at most one per layer per chunk) but hold more hidden states.
+  The default chunk is 16 batches (or the whole dataset, rounded up to a batch, if smaller; with D
+  devices, 1/D of it): larger chunks leave fewer partial batches (at most one per layer per chunk)
+  but hold more hidden states.
   """
+  devices = 1 if mesh is None else mesh.size
   if batch_size < 1:
     raise RomeFlaxError(f"batch_size must be >= 1, got {batch_size}")
-  chunk_size = chunk_size or min(16 * batch_size, -(-len(encoded) // batch_size) * batch_size)
+  chunk_size = chunk_size or min(16 * batch_size, -(-len(encoded) // (batch_size * devices)) * batch_size)
   if chunk_size < batch_size:
     raise RomeFlaxError(f"chunk_size ({chunk_size}) must be at least batch_size ({batch_size})")
+  if devices == 1:
+    def fn(p):
+      return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),
+                              batch_size)
+    return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg)
 
-  def fn(p):
-    return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),
-                            batch_size)
+  params = jax.device_put(prepared, sharding.replicated(mesh))
+  split = sharding.batch_sharding(mesh)
 
-  return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg)
+  def fn_devices(p):
+    valid_DxN = (p["example_ids"] >= 0).reshape(devices, -1)
+    arrays = (p["input_ids"], p["attention_mask"], p["token_type_ids"], valid_DxN)
+    return throughput_chunks(params, cfg, policy, *(jax.device_put(a, split) for a in arrays), batch_size, mesh)
+
+  return Pass(_per_device_groups(plan(encoded, chunk_size), devices), fn_devices, len(encoded), cfg)
+
+
+def _per_device_groups(pieces: list[dict], devices: int) -> list[dict]:
+  """Consecutive pieces stacked D at a time ([D, N, S] arrays, padded to the group's longest piece;
+  a missing piece is all padding), example_ids flattened to D*N in the same order."""
+  groups = []
+  for start in range(0, len(pieces), devices):
+    group = pieces[start:start + devices]
+    S = max(p["input_ids"].shape[1] for p in group)
+    widen = lambda a: np.pad(a, ((0, 0), (0, S - a.shape[1])))
+    blank = {k: np.zeros_like(v) if k != "example_ids" else np.full_like(v, -1) for k, v in group[0].items()}
+    group = group + [blank] * (devices - len(group))
+    stacked = {k: np.stack([widen(p[k]) for p in group]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    stacked["example_ids"] = np.concatenate([p["example_ids"] for p in group])
+    groups.append(stacked)
+  return groups
+
+
+def exit_logits_of(run_piece, encoded: data.EncodedSplit, batch_size: int, progress=None) -> np.ndarray:
+  """Every exit's logits [E,N,C] for a dataset, in dataset order, from `run_piece(piece) -> [E,B,C]`
+  over `plan`'s length-sorted pieces; the host reads back once, at the end. The offline sweep's
+  cache and the trainer's evaluation both go through here."""
+  pieces = plan(encoded, batch_size)
+  outputs = [run_piece(piece) for piece in (progress(pieces) if progress else pieces)]
+  outputs = jax.device_get(outputs)
+  out = np.zeros((outputs[0].shape[0], len(encoded), outputs[0].shape[-1]), np.float32)
+  for piece, logits in zip(pieces, outputs):
+    rows = piece["example_ids"]
+    keep = rows >= 0
+    out[:, rows[keep]] = np.asarray(logits)[:, keep]
+  return out
 
 
 def run_all_exits(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int,
-                  progress=None) -> np.ndarray:
-  """Every exit's logits [E,N,C] for a dataset (the offline sweep's cache)."""
-  out = np.zeros((cfg.num_exits, len(encoded), cfg.num_labels), np.float32)
-  pieces = plan(encoded, batch_size)
-  for piece in (progress(pieces) if progress else pieces):
-    rows = piece["example_ids"]
-    keep = rows >= 0
-    out[:, rows[keep]] = np.asarray(all_exits(prepared, cfg, *_device_arrays(piece)))[:, keep]
-  return out
+                  progress=None, mesh=None) -> np.ndarray:
+  """Every exit's logits [E,N,C] for a dataset (the offline sweep's cache), batches split over `mesh`."""
+  params, arrays = _batch_parallel(prepared, mesh, batch_size)
+  return exit_logits_of(lambda piece: all_exits(params, cfg, *arrays(piece)), encoded, batch_size, progress)
 
 
 class Prediction(NamedTuple):

@@ -296,48 +296,38 @@ def forward(params, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS=None, to
 # ----------------------------------------------------------------------------- initialisation
 
 
-def _linen_init(cfg: ModelConfig) -> dict:
-  """The parameter tree as the Flax modules declare it, every exit head alike (shapes only: run
-  under `jax.eval_shape`)."""
+def init_params(cfg: ModelConfig, rng, *, host: bool = False) -> dict:
+  """THE parameter initialiser: random models, and whatever a converted checkpoint lacks.
+
+  BERT init: N(0, initializer_range) for weight matrices and embeddings (kernels drawn [in, out]
+  and transposed, `layers.kernel_init`), zero biases, unit LayerNorm; every exit pooler a copy of
+  one pooler, as with a pretrained checkpoint; each exit classifier its own draw. Stacked layout.
+  `host=True` returns writable NumPy arrays (the converter fills them in place). Jitted: run
+  eagerly, Linen's init compiles a hundred small programs (seconds for a BERT).
+  """
+  params = _init_params_jit(cfg, rng)
+  return jax.tree.map(np.array, jax.device_get(params)) if host else params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(cfg: ModelConfig, rng) -> dict:
+  k_emb, k_layers, k_pool, k_cls = jax.random.split(rng, 4)
   ids = jnp.zeros((1, 2), jnp.int32)
   h = jnp.zeros((1, 2, cfg.hidden_size), layers.compute_dtype(cfg))
-  key = jax.random.PRNGKey(0)
-  emb = Embeddings(cfg).init(key, ids, ids, ids, True)["params"]
-  layer = EncoderLayer(cfg).init(key, h, attention_bias(ids + 1), True)["params"]
-  head = heads.head_kind(cfg).module(cfg).init(key, h, ids + 1, True)["params"]
-  stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), tree)
-  return {"embeddings": emb, "layers": stack(layer), "exits": stack(head)}
+  emb = Embeddings(cfg).init(k_emb, ids, ids, ids, True)["params"]
+  encoder = jax.vmap(lambda k: EncoderLayer(cfg).init(k, h, attention_bias(ids + 1), True)["params"])(
+      jax.random.split(k_layers, cfg.num_layers))
+  head = heads.head_kind(cfg).module(cfg).init(k_pool, h, ids + 1, True)["params"]
+  exits = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), head)
+  exits["classifier"] = {   # one draw per exit (the poolers stay copies)
+      "kernel": layers.kernel_init(cfg)(k_cls, (cfg.num_layers, cfg.num_labels, cfg.hidden_size)),
+      "bias": jnp.zeros((cfg.num_layers, cfg.num_labels), jnp.float32)}
+  return {"embeddings": emb, "layers": encoder, "exits": exits}
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
-  """Shapes and dtypes of the (stacked) parameters without allocating anything."""
-  return jax.eval_shape(functools.partial(_linen_init, cfg))
-
-
-def init_params(cfg: ModelConfig, rng=0, *, host: bool = False) -> dict:
-  """THE parameter initialiser (random models, and whatever a converted checkpoint lacks).
-
-  BERT init: N(0, initializer_range) for weight matrices and embeddings, zero biases, unit
-  LayerNorm; every exit pooler a copy of one pooler, as with a pretrained checkpoint. Drawn in
-  NumPy, stacked layout, so loading compiles nothing (1 s for MiniLM); `host=True` returns the
-  writable NumPy arrays (the converter fills them in place), else JAX arrays. Kernels are drawn
-  [in, out] and transposed to [out, in]: a seed gives the weights it gave before the layout change.
-  `rng`: an int seed or a JAX key.
-  """
-  seed = rng if isinstance(rng, (int, np.integer)) else int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
-  rs = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name in ("kernel", "embedding"):
-      return (cfg.initializer_range * rs.standard_normal(s.shape)).astype(np.float32)
-    return (np.ones if name == "scale" else np.zeros)(s.shape, np.float32)
-
-  in_out_shapes = jax.eval_shape(layers.swap_kernel_axes, param_shapes(cfg))
-  params = layers.swap_kernel_axes(jax.tree_util.tree_map_with_path(leaf, in_out_shapes))
-  if "pooler" in params["exits"]:
-    params["exits"]["pooler"]["kernel"][:] = params["exits"]["pooler"]["kernel"][0]  # copies of one pooler
-  return params if host else jax.tree.map(jnp.asarray, params)
+  """Shapes and dtypes of `init_params` without allocating anything."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
 
 # Encoder weight matrices that RomeBERT's gradient projection acts on (kernels under params['layers']).

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import layers
+from rome_flax import integrity, layers
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
 from rome_flax.convert import LoadReport, load_hf_checkpoint, resolve_checkpoint_dir
@@ -139,11 +139,13 @@ class MultiExitBert:
 
   @classmethod
   def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files):
+    check_export(ckpt_dir)
     try:
-      saved = json.loads((ckpt_dir / EXPORT_CONFIG).read_text())
+      saved = json.loads((ckpt_dir / EXPORT_CONFIG).read_text(encoding="utf-8"))
       cfg = ModelConfig.from_dict(saved["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise RomeFlaxError(f"{ckpt_dir / EXPORT_CONFIG} is malformed ({e}); was it written by rome_flax?") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise RomeFlaxError(f"{ckpt_dir / EXPORT_CONFIG} is malformed ({type(e).__name__}: {e}); was it written by "
+                          "rome_flax?") from None
     if num_labels is not None and num_labels != cfg.num_labels:
       raise RomeFlaxError(f"{ckpt_dir} was trained with {cfg.num_labels} labels, not {num_labels}")
     fmt = saved.get("format", _LEGACY_IN_OUT_FORMAT)
@@ -189,7 +191,19 @@ class MultiExitBert:
           indent=2, sort_keys=True))
       if self.tokenizer is not None:
         self.tokenizer.save_pretrained(str(stage))
+      integrity.write_manifest(stage)   # last: it seals every file above
     return Path(out_dir).absolute()
+
+
+def check_export(path: Path) -> None:
+  """Refuses an export whose files differ from its checksums; warns about one written without them."""
+  verdict = integrity.verify(path)
+  if verdict.status == integrity.DAMAGED:
+    raise RomeFlaxError(f"export {path} is damaged: {verdict.problem} (export it again; if you changed it on "
+                        f"purpose, delete its {integrity.MANIFEST})")
+  if verdict.status == integrity.UNVERIFIED:
+    log.warning("export %s has no %s (an older rome_flax wrote it): its files are not verified", path,
+                integrity.MANIFEST)
 
 
 MultiExitRoberta = MultiExitBert
@@ -235,7 +249,14 @@ def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
   try:
     with _local_checkpointer() as ckptr:
+      mismatch = integrity.first_mismatch(ckptr.metadata(path), target)
+      if mismatch:
+        raise RomeFlaxError(f"the arrays of {path.parent} do not match its {EXPORT_CONFIG}: {mismatch}")
       params = ckptr.restore(path, target)
+  except RomeFlaxError:
+    raise
   except Exception as e:
-    raise RomeFlaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from None
+    msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    raise RomeFlaxError(f"cannot restore parameters from {path}: {msg}") from None
   return layers.swap_kernel_axes(params) if kernels_in_out else params
+

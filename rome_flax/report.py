@@ -10,9 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Iterator, Sequence
 
 from rome_flax import files
 
@@ -119,19 +117,19 @@ def _label_cell(prediction, label_names: Sequence[str]) -> str:
   return label_names[int(prediction)] if label_names else f"{float(prediction):.6g}"
 
 
-def submission_tsv(example_ids, predictions, label_names: Sequence[str]) -> str:
-  """GLUE submission file: `index<TAB>prediction`, label names for classification, values for regression."""
-  lines = ["index\tprediction"] + [f"{i}\t{_label_cell(p, label_names)}"
-                                   for i, p in zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist())]
-  return "\n".join(lines) + "\n"
+def submission_tsv(example_ids, predictions, label_names: Sequence[str]) -> Iterator[str]:
+  """GLUE submission file's lines: `index<TAB>prediction`, label names for classification, values for
+  regression. A generator, so a large split's file is streamed (`files.atomic_write_lines`)."""
+  yield "index\tprediction\n"
+  for i, p in zip(example_ids, predictions):
+    yield f"{int(i)}\t{_label_cell(p, label_names)}\n"
 
 
-def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[str]) -> str:
-  """`index<TAB>prediction<TAB>exit_layer` per example (exit_layer 1-based)."""
-  lines = ["index\tprediction\texit_layer"] + [
-      f"{i}\t{_label_cell(p, label_names)}\t{e + 1}" for i, p, e in
-      zip(np.asarray(example_ids).tolist(), np.asarray(predictions).tolist(), np.asarray(exit_index).tolist())]
-  return "\n".join(lines) + "\n"
+def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[str]) -> Iterator[str]:
+  """Lines `index<TAB>prediction<TAB>exit_layer` per example (exit_layer 1-based), streamed."""
+  yield "index\tprediction\texit_layer\n"
+  for i, p, e in zip(example_ids, predictions, exit_index):
+    yield f"{int(i)}\t{_label_cell(p, label_names)}\t{int(e) + 1}\n"
 
 
 def safe_name(setting: str) -> str:
@@ -161,11 +159,11 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
   for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
     name = safe_name(policy.describe())
-    written.append(files.atomic_write_text(out / "predictions" / f"{name}.tsv", predictions_tsv(
+    written.append(files.atomic_write_lines(out / "predictions" / f"{name}.tsv", predictions_tsv(
         ev.example_ids, predictions, exits, ev.task.label_names)))
     if not ev.labelled:
-      written.append(files.atomic_write_text(out / "submission" / name / submission_file(ev.task.name, ev.split),
-                                             submission_tsv(ev.example_ids, predictions, ev.task.label_names)))
+      written.append(files.atomic_write_lines(out / "submission" / name / submission_file(ev.task.name, ev.split),
+                                              submission_tsv(ev.example_ids, predictions, ev.task.label_names)))
   if ev.speed:
     written += write_table(out, "speed", ev.speed)
   if ev.labelled:

@@ -105,17 +105,18 @@ def _fastest(passes: dict[str, inference.Pass], repeats: int) -> dict[str, Measu
 
 def early_exit_speed(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
                      batch_size: int, *, latency_examples: int = 128, repeats: int = 2,
-                     chunk_size: Optional[int] = None, baseline=None) -> EarlyExitSpeed:
+                     chunk_size: Optional[int] = None, baseline=None, mesh=None) -> EarlyExitSpeed:
   """The throughput path (batch_size) and the latency path (batch 1) against the full model.
 
   Each early-exit pass and its full-model pass alternate `repeats` times after their warm-up and
   the fastest pass of each counts. `baseline` is the full model's prepared parameters (default:
-  `prepared`).
+  `prepared`). `mesh`: the batch-size passes use its devices (the full model split along the batch,
+  the throughput path one chunk per device); batch 1 runs on one device.
   """
   baseline = prepared if baseline is None else baseline
   lat_data = encoded.head(min(latency_examples, len(encoded)))
-  thr = _fastest({"full": inference.full_model_pass(baseline, cfg, encoded, batch_size),
-                  "early": inference.throughput_pass(prepared, cfg, policy, encoded, batch_size, chunk_size)},
+  thr = _fastest({"full": inference.full_model_pass(baseline, cfg, encoded, batch_size, mesh),
+                  "early": inference.throughput_pass(prepared, cfg, policy, encoded, batch_size, chunk_size, mesh)},
                  repeats)
   lat = _fastest({"full": inference.full_model_pass(baseline, cfg, lat_data, 1),
                   "early": inference.latency_pass(prepared, cfg, policy, lat_data, 1)}, repeats)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rome_flax.errors import RomeFlaxError
+
 POSITIVE = ("good", "great", "fine", "lovely", "superb", "charming", "fun", "brilliant", "warm", "clever")
 NEGATIVE = ("bad", "awful", "dull", "boring", "poor", "weak", "messy", "tedious", "bland", "clumsy")
 FILLER = ("the", "a", "movie", "film", "plot", "cast", "story", "was", "is", "and", "very", "quite",
@@ -38,8 +40,10 @@ def _sentence(rng: np.random.Generator) -> tuple[str, int]:
 
 def make_split(split: str, seed: int = 0, size: int | None = None) -> tuple[list[str], np.ndarray]:
   """Texts and labels of one split (deterministic in split and seed)."""
-  rng = np.random.default_rng([seed, _SPLIT_SEEDS.get(split, 3)])
-  rows = [_sentence(rng) for _ in range(size or SPLIT_SIZES.get(split, 500))]
+  if split not in SPLIT_SIZES:
+    raise RomeFlaxError(f"task synthetic has no split {split!r}; splits: {', '.join(SPLIT_SIZES)}")
+  rng = np.random.default_rng([seed, _SPLIT_SEEDS[split]])
+  rows = [_sentence(rng) for _ in range(size or SPLIT_SIZES[split])]
   return [t for t, _ in rows], np.asarray([y for _, y in rows], np.int64)
 
 

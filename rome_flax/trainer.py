@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import data as data_lib
+from rome_flax import inference
+from rome_flax import integrity
 from rome_flax import methods
 from rome_flax import metrics as metrics_lib
 from rome_flax import model as model_lib
+from rome_flax import preemption
+from rome_flax import primary
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
 from rome_flax import train_step as steps
@@ -32,7 +37,8 @@ from rome_flax.checkpoint import RunCheckpoints
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
 from rome_flax.files import atomic_write_text, write_json
-from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
+from rome_flax.runlock import LOCK_FILE, RunLock
 from rome_flax.schedule import Schedule
 from rome_flax.tasks import TaskSpec, get_task
 from rome_flax.train_config import DataOptions, TrainConfig
@@ -69,6 +75,9 @@ def resolve_task(cfg: DataOptions) -> TaskSpec:
 def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
   net, max_length, seed = cfg.network, cfg.data.max_length, cfg.optim.seed
   if net.model is None:
+    if net.random_model_layers < 2:
+      raise RomeFlaxError(f"a multi-exit model needs at least 2 layers, got random_model_layers "
+                          f"{net.random_model_layers}")
     mcfg = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=net.random_model_hidden,
                        num_hidden_layers=net.random_model_layers, num_attention_heads=net.random_model_heads,
                        intermediate_size=net.random_model_intermediate,
@@ -93,7 +102,10 @@ def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
               "label_column": cfg.label_column}
   elif task.name == "synthetic":
     custom = {"seed": 0}
-  train = data_lib.load_split(task, "train", cfg.data_dir, **custom)
+  # The synthetic task's first train_rows rows, without generating the rest.
+  synthetic_rows = task.name == "synthetic" and cfg.train_rows
+  size = {"size": min(cfg.train_rows, synthetic.SPLIT_SIZES["train"])} if synthetic_rows else {}
+  train = data_lib.load_split(task, "train", cfg.data_dir, **custom, **size)
   if cfg.train_rows:
     train = train.head(cfg.train_rows)
   if train.labels is None:
@@ -110,12 +122,32 @@ def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
   return RunData(task, data_lib.encode_split(tokenizer, train, cfg.max_length, task.is_regression), evals)
 
 
+def lock_output_dir(out: Path) -> RunLock:
+  """The run's lock on its directory (runlock.py), taken by process 0 for every process: a second
+  run on the same directory is refused, whatever its flags, until this one ends."""
+  lock = RunLock(out)
+
+  def take():
+    if out.exists() and not out.is_dir():
+      raise RomeFlaxError(f"output_dir {out} is a file")
+    lock.acquire()
+    return (1,)
+
+  primary.decide(take, "locking the output directory", size=1)
+  return lock
+
+
+def _run_files(out: Path) -> list[Path]:
+  return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+
+
 def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-  """Refuses to mix two runs in one directory; --resume needs the same config, --overwrite wipes."""
+  """Refuses to mix two runs in one directory; --resume needs the same config (wherever the
+  directory is now, however its path is spelled), --overwrite wipes. The caller holds the lock."""
   config_path = out / CONFIG_FILE
   if out.exists() and not out.is_dir():
     raise RomeFlaxError(f"output_dir {out} is a file")
-  if out.is_dir() and any(out.iterdir()):
+  if _run_files(out):
     if overwrite:
       pass   # wiped below, once every process has checked
     elif not resume:
@@ -123,18 +155,30 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
     elif not config_path.is_file():
       raise RomeFlaxError(f"output_dir {out} is not empty and holds no {CONFIG_FILE}: not a rome_flax run")
     else:
-      saved = json.loads(config_path.read_text())
+      try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+          raise ValueError("not a JSON object")
+      except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RomeFlaxError(f"cannot resume {out}: {config_path} is unreadable ({type(e).__name__}: {e})") from None
       now = json.loads(json.dumps(cfg.to_dict()))
       defaults = json.loads(json.dumps(TrainConfig().to_dict()))
-      # A field added since the run started counts as equal while it keeps its default.
-      differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
+      # A field added since the run started counts as equal while it keeps its default; the
+      # directory names itself (it may have moved, or be spelled differently).
+      differ = sorted(k for k in set(saved) | set(now)
+                      if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
       if differ:
         raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
   sharding_lib.barrier("rome_flax:output_dir_checked")   # every process has looked before one writes
   if sharding_lib.is_primary():
-    if overwrite and out.is_dir():
-      shutil.rmtree(out)
-    write_json(config_path, cfg.to_dict(), sort_keys=True)
+    if overwrite:
+      for p in _run_files(out):   # everything but our own lock
+        if p.is_dir() and not p.is_symlink():
+          shutil.rmtree(p)
+        else:
+          p.unlink()
+    if overwrite or not config_path.is_file():   # a resumed run keeps the config.json it started with
+      write_json(config_path, cfg.to_dict(), sort_keys=True)
   sharding_lib.barrier("rome_flax:output_dir_ready")
 
 
@@ -143,15 +187,7 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
 
 def evaluate(eval_step, params, task: TaskSpec, encoded: data_lib.EncodedSplit, batch_size: int):
   """Every exit's metrics on one split. Returns (list of per-exit metric dicts, logits [E, N, C])."""
-  chunks, ids = [], []
-  for batch in data_lib.batches(encoded, batch_size, shuffle=False):
-    chunks.append(eval_step(params, batch))
-    ids.append(batch["example_ids"])
-  logits = np.concatenate(jax.device_get(chunks), axis=1)
-  ids = np.concatenate(ids)
-  keep = ids >= 0
-  logits_ExNxC = np.zeros((logits.shape[0], len(encoded), logits.shape[2]), np.float32)
-  logits_ExNxC[:, ids[keep]] = logits[:, keep]
+  logits_ExNxC = inference.exit_logits_of(lambda batch: eval_step(params, batch), encoded, batch_size)
   return metrics_lib.per_exit_metrics(task, logits_ExNxC, encoded.labels), logits_ExNxC
 
 
@@ -187,8 +223,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     if self.path.is_file():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= start_step]
+      kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+              if _record_step(line) <= start_step]
       atomic_write_text(self.path, "".join(line + "\n" for line in kept))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
@@ -206,6 +242,15 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self.tb.close()
+
+
+def _record_step(line: str) -> float:
+  """A metrics line's step; inf (dropped on resume) for a line a kill cut off mid-write."""
+  try:
+    record = json.loads(line)
+    return float(record.get("step", 0)) if isinstance(record, dict) else math.inf
+  except (ValueError, TypeError):
+    return math.inf
 
 
 def _scalars(record: dict):
@@ -326,6 +371,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   """Runs (or resumes) a training run into cfg.run.output_dir; returns the final dev metrics per exit.
 
   max_steps stops early after that many total steps (as if killed; for tests and quick checks).
+  SIGTERM / SIGINT stop it after the step in flight with a checkpoint saved: `preemption.Preempted`.
+  The run holds output_dir's lock (runlock.py) throughout.
   """
   sharding_lib.maybe_initialize_distributed()
   mesh = sharding_lib.data_mesh()  # data parallel over every device; one device: a no-op
@@ -334,9 +381,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   task = resolve_task(cfg.data)
   model = load_model(cfg, task)
   run_data = load_data(cfg.data, task, model.tokenizer)
-  prepare_output_dir(out, cfg, resume, overwrite)
-  mcfg = model.config
+  lock = lock_output_dir(out)
+  try:
+    prepare_output_dir(out, cfg, resume, overwrite)
+    return _train_in(out, cfg, task, model, run_data, mesh, resume=resume, progress=progress, max_steps=max_steps)
+  finally:
+    lock.release()
 
+
+def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert, run_data: RunData, mesh, *,
+              resume: bool, progress: bool, max_steps: Optional[int]) -> dict:
+  """The run itself, in a prepared and locked output directory."""
+  mcfg = model.config
   method = methods.get_method(cfg.objective.method)
   sched = Schedule(data_lib.num_batches(run_data.train, cfg.optim.batch_size), cfg.optim.epochs, method.num_stages)
   loss_cfg = cfg.loss_config(task.is_regression)
@@ -346,15 +402,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
   # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
   ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)
-  latest = ckpts.latest_step() if resume else None
-  stage = sched.stage_after(latest or 0)
+  point = ckpts.resume_point() if resume else None   # the newest intact checkpoint (damaged ones set aside)
+  stage = sched.stage_after(point.step if point else 0)
   state = steps.init_train_state(model.params, programs[stage].optimizer, cfg.optim.seed)
   model.params = None  # the state owns the parameters now (its buffers are donated every step)
   # On the mesh first, then restore into those shardings: Orbax reads each device's part directly,
   # whatever process count or sharding wrote the checkpoint.
   state = sharding_lib.place_state(state, mesh, cfg.run.fsdp)
-  if latest is not None:
-    state = ckpts.restore(state)
+  if point is not None:
+    state = ckpts.restore(state, step=point.step, which=point.which)
     log.info("resumed from step %d", int(state.step))
   start = int(state.step)
   end = sched.total_steps if max_steps is None else min(sched.total_steps, max_steps)
@@ -367,13 +423,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
   writer = MetricsWriter(out, start)
   bar = _progress(sched.total_steps, start, progress and sharding_lib.is_primary())
-  last_good = ckpts.latest_step()
+  last_good = point.step if point is not None and point.verified else None   # only ever a verified one
   best = ckpts.best_value()
   results: dict = {}
 
   def where_last_good() -> str:
     return (f"the last good checkpoint is step {last_good} in {ckpts.last.directory}"
-            if last_good is not None else "no checkpoint was saved")
+            if last_good is not None else "no verified checkpoint was saved")
 
   train_metrics = TrainMetrics(writer, cfg.optim.batch_size, where_last_good, lambda shown: bar.set_postfix(**shown))
 
@@ -396,6 +452,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   def save(info: StepInfo) -> None:
     nonlocal last_good
     train_metrics.flush()
+    if not np.asarray(sharding_lib.gather_to_host(_all_finite(info.state))).all():
+      raise RomeFlaxError(f"non-finite parameters or optimiser state after step {info.step}; stopping "
+                          f"({where_last_good()})")
     last_good = ckpts.save(info.state)
     train_metrics.restart_clock()
 
@@ -408,9 +467,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   hooks.add(evaluate_all, when=evaluates)
   hooks.add(save, every=cfg.run.save_every, when=lambda step: evaluates(step) or step == end)
 
+  signals = preemption.StopSignals(sync_every=cfg.run.log_every).__enter__()
   try:
-    step = start
-    while step < end:
+    step, stopped = start, False
+    while step < end and not stopped:
       pos = sched.at(step)
       if pos.stage != stage:
         # A new stage starts with a fresh optimiser (its own frozen set and schedule).
@@ -421,18 +481,50 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         state, m = programs[stage].step_fn(state, sharding_lib.shard_batch(batch, mesh))
         step += 1
         hooks.run(StepInfo(step, state, m))
-        if step >= end:
+        stopped = step < end and signals.requested(step)
+        if step >= end or stopped:
           break
     train_metrics.flush()
+    if stopped:
+      save(StepInfo(step, state, {}))
+      raise preemption.Preempted(f"{signals.signal_name} after step {step} of {sched.total_steps}; checkpoint "
+                                 f"saved in {ckpts.last.directory}; continue with --resume")
     if step >= sched.total_steps and cfg.run.export:
-      info = export_info(cfg, task, method, results)
-      path = export_model(out / EXPORT_DIR, mcfg, state.params, model.tokenizer, info)
-      say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})", flush=True)
+      path = out / EXPORT_DIR
+      kept = finished_export(path) if step == start else None
+      if kept is not None:   # --resume of a finished run: its intact export stays as it is
+        results.update(kept)
+        say(f"the run in {out} had already finished; its export {path} is unchanged", flush=True)
+      else:
+        if not results:   # resumed after the last step, the export missing or damaged: the final figures
+          results.update({split: evaluate(eval_step, state.params, task, encoded, cfg.run.eval_batch_size)[0]
+                          for split, encoded in run_data.evals.items()})
+        export_model(path, mcfg, state.params, model.tokenizer, export_info(cfg, task, method, results))
+        say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})",
+            flush=True)
   finally:
+    signals.__exit__(None, None, None)
     bar.close()
     writer.close()
     ckpts.close()
   return results
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  """[True] when every float of a train state is finite (a checkpoint worth calling good)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves or [jnp.bool_(True)]).all(keepdims=True)
+
+
+def finished_export(path: Path) -> Optional[dict]:
+  """The dev metrics of an intact export (None when it is missing or damaged); the same answer on
+  every process, since the export that follows is collective."""
+  (intact,) = primary.decide(lambda: (int(integrity.verify(path).intact),), "checking the export", size=1)
+  if not intact:
+    return None
+  saved = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+  return ExportInfo.from_dict(saved.get("metadata")).dev_metrics or {}
 
 
 def export_info(cfg: TrainConfig, task: TaskSpec, method: methods.Method, results: dict) -> ExportInfo:

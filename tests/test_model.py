@@ -152,17 +152,19 @@ def test_export_info_reads_older_and_newer_exports(tiny_config, tmp_path):
   """The "metadata" record keeps today's keys; unknown keys are ignored, missing ones default."""
   import json
 
-  from rome_flax import pretrained
+  from rome_flax import integrity, pretrained
   path = MultiExitBert.from_config(tiny_config).save_pretrained(
       tmp_path / "export", ExportInfo(task="sst-2", max_length=64, dev_metrics={"dev": [{"accuracy": 50.0}]}))
   saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
   assert saved["metadata"] == {"task": "sst-2", "max_length": 64, "dev_metrics": {"dev": [{"accuracy": 50.0}]}}
   saved["metadata"] = {"task": "rte", "label_names": ["entailment", "not_entailment"], "from_the_future": 1}
   (path / pretrained.EXPORT_CONFIG).write_text(json.dumps(saved))
+  integrity.write_manifest(path)   # a newer rome_flax seals what it writes too
   info = MultiExitBert.from_pretrained(path).export_info
   assert info.task == "rte" and info.label_names == ("entailment", "not_entailment") and info.max_length is None
   del saved["metadata"]
   (path / pretrained.EXPORT_CONFIG).write_text(json.dumps(saved))
+  (path / integrity.MANIFEST).unlink()   # an older one wrote no checksums: loaded, with a warning
   assert MultiExitBert.from_pretrained(path).export_info == ExportInfo()
 
 

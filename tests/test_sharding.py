@@ -78,3 +78,52 @@ def test_data_parallel_step_matches_single_device():
   done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "OK" in done.stdout
+
+
+INFER_SCRIPT = textwrap.dedent("""
+  import jax, jax.numpy as jnp, numpy as np
+  assert jax.device_count() == 8, jax.devices()
+  from rome_flax import data, early_exit as ee, exit_policy as ep, inference
+  from rome_flax.config import ModelConfig
+  from rome_flax.model import init_params
+
+  cfg = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=48, max_position_embeddings=64, num_labels=3)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  params["exits"]["classifier"]["kernel"] = params["exits"]["classifier"]["kernel"] * 150.0
+  rs = np.random.default_rng(0)
+  N, S = 83, 40
+  lengths = rs.integers(3, S + 1, N)
+  mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
+  encoded = data.EncodedSplit.from_padded(rs.integers(1, 50, (N, S)).astype(np.int32) * mask, mask,
+                                          np.zeros_like(mask))
+  prepared = ee.prepare_params(params)
+  one, eight = inference.local_mesh(1), inference.local_mesh()
+  assert eight.size == 8
+  z1 = inference.run_all_exits(prepared, cfg, encoded, 16, mesh=one)
+  z8 = inference.run_all_exits(prepared, cfg, encoded, 16, mesh=eight)
+  np.testing.assert_allclose(z8, z1, atol=1e-5)
+  f1 = inference.full_model_pass(prepared, cfg, encoded, 16, one).run()
+  f8 = inference.full_model_pass(prepared, cfg, encoded, 16, eight).run()
+  np.testing.assert_allclose(f8.logits_NxC, f1.logits_NxC, atol=1e-5)
+  h = np.asarray(ep.entropy(jnp.asarray(z1)))
+  policy = ep.make_policy("entropy", float(np.median(h[:-1])), cfg.num_exits, num_labels=3)
+  want = np.asarray(ep.decide(policy, jnp.asarray(z1)).exit_index_N)
+  assert len(set(want.tolist())) >= 3, "examples should spread over the exits"
+  t1 = inference.throughput_pass(prepared, cfg, policy, encoded, 4, 8, one).run()
+  t8 = inference.throughput_pass(prepared, cfg, policy, encoded, 4, 8, eight).run()
+  np.testing.assert_array_equal(t1.exit_index_N, want)
+  np.testing.assert_array_equal(t8.exit_index_N, want)
+  np.testing.assert_allclose(t8.logits_NxC, t1.logits_NxC, atol=1e-5)
+  print("OK")
+""")
+
+
+def test_sharded_inference_equals_one_device():
+  """The all-exits pass and the full model split each batch over 8 devices; the throughput path runs
+  one chunk per device: the same logits and exits as one device."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+  done = subprocess.run([sys.executable, "-c", INFER_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "OK" in done.stdout

@@ -95,13 +95,13 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_submission_tsv():
-  text = report.submission_tsv(np.array([0, 1, 2]), np.array([1, 0, 1]), ("negative", "positive"))
+  text = "".join(report.submission_tsv(np.array([0, 1, 2]), np.array([1, 0, 1]), ("negative", "positive")))
   assert text.splitlines() == ["index\tprediction", "0\tpositive", "1\tnegative", "2\tpositive"]
-  assert report.submission_tsv([7], np.array([2.5]), ()).splitlines()[1] == "7\t2.5"
+  assert "".join(report.submission_tsv([7], np.array([2.5]), ())).splitlines()[1] == "7\t2.5"
 
 
 def test_prediction_files_and_names():
-  text = report.predictions_tsv([4, 5], np.array([1, 0]), np.array([0, 2]), ("negative", "positive"))
+  text = "".join(report.predictions_tsv([4, 5], np.array([1, 0]), np.array([0, 2]), ("negative", "positive")))
   assert text.splitlines() == ["index\tprediction\texit_layer", "4\tpositive\t1", "5\tnegative\t3"]
   assert report.safe_name("entropy<0.1") == "entropy_lt_0.1"
   assert report.submission_file("mnli", "test_mismatched") == "MNLI-mm.tsv"

@@ -170,7 +170,7 @@ def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
   swapped = dict(params, layers=dict(params["layers"], intermediate=dict(
       params["layers"]["intermediate"], kernel=params["layers"]["intermediate"]["kernel"].swapaxes(1, 2))))
   with pytest.raises(RomeFlaxError, match=r"params/layers/0/intermediate/kernel is stored with shape \(24, 16\), "
-                                          r"this run needs \(16, 24\)"):
+                                          r"this model needs \(16, 24\)"):
     ckpts.restore(ts.init_train_state(swapped, ts.make_optimizer(ts.OptimConfig()), seed=0))
   ckpts.close()
 

@@ -1,0 +1,268 @@
+"""Issue 12: preemption (SIGTERM / SIGINT), checkpoints and exports that verify, one run per
+directory, and resumes that survive what a preempted machine leaves behind. Each resumed run must
+end with the uninterrupted run's parameters, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from rome_flax import files, integrity, trainer
+from rome_flax.errors import RomeFlaxError
+from rome_flax.pretrained import MultiExitBert
+from rome_flax.runlock import LOCK_FILE, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP = ["--method", "joint", "--gr", "none", "--eval_batch_size", "1000", "--no_progress"]   # quick to compile
+# 64 steps, a dev evaluation (1,000 examples) every 8: long enough to signal a run mid-way.
+LONG = ["--random_model_layers", "2", "--random_model_hidden", "32", "--random_model_heads", "2",
+        "--random_model_intermediate", "48", "--train_rows", "128", "--batch_size", "8", "--max_length", "16",
+        "--epochs", "4", "--eval_every", "8", "--save_every", "1000", "--log_every", "4", *CHEAP]
+# 16 steps; checkpoints after steps 3, 6, 8 (an evaluation), 9, 12, 15, 16, the last five kept.
+SHORT = ["--random_model_layers", "2", "--random_model_hidden", "16", "--random_model_heads", "2",
+         "--random_model_intermediate", "32", "--train_rows", "64", "--batch_size", "8", "--max_length", "16",
+         "--epochs", "2", "--eval_every", "8", "--save_every", "3", "--log_every", "2", "--keep_checkpoints", "5",
+         *CHEAP]
+
+
+def export_params(out: Path) -> list:
+  return jax.tree.leaves(jax.device_get(MultiExitBert.from_pretrained(Path(out) / "export").params))
+
+
+def assert_same_params(a: Path, b: Path) -> None:
+  for x, y in zip(export_params(a), export_params(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def train_steps(out: Path) -> list[int]:
+  return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def start_training(out: Path, *flags: str) -> subprocess.Popen:
+  """train.py in a subprocess, returned once it has printed its first evaluation (so it is mid-run,
+  its signal handlers in place)."""
+  proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--output_dir", str(out), *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  for line in proc.stdout:
+    if line.startswith("step ") and " dev " in line:
+      return proc
+  raise AssertionError(f"train.py ended before evaluating: {proc.communicate()[1]}")
+
+
+def run_cli(main, argv) -> int:
+  try:
+    return main([str(a) for a in argv])
+  except SystemExit as e:
+    return e.code
+
+
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory) -> Path:
+  out = tmp_path_factory.mktemp("long") / "straight"
+  assert train.main([*LONG, "--output_dir", str(out)]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def straight_short(tmp_path_factory) -> Path:
+  out = tmp_path_factory.mktemp("short") / "straight"
+  assert train.main([*SHORT, "--output_dir", str(out)]) == 0
+  return out
+
+
+# ----------------------------------------------------------------------------- preemption, the run lock
+
+
+def test_preempted_twice_and_resumed_loses_nothing(straight_long, tmp_path, capsys, monkeypatch):
+  """SIGTERM to train.py, then SIGINT to the resumed run, then a last resume: the uninterrupted run's
+  parameters bit for bit, every step logged once. While the first run is alive (here: frozen), every
+  second train.py on its directory is refused, and --overwrite deletes nothing."""
+  out = tmp_path / "run"
+  proc = start_training(out, *LONG)
+  proc.send_signal(signal.SIGSTOP)
+  try:
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for extra in (["--resume"], ["--overwrite"], []):
+      assert run_cli(train.main, [*LONG, "--output_dir", out, *extra]) == 2
+      err = capsys.readouterr().err.strip().splitlines()
+      assert len(err) == 1 and f"is in use by another run (pid {proc.pid} on host {socket.gethostname()}" in err[0]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+  finally:
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 3, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM after step ") and "--resume" in lines[0], err
+  first = int(lines[0].split("after step ")[1].split()[0])
+  assert 8 <= first < 64 and not (out / "export").exists() and not (out / LOCK_FILE).exists()
+  assert max(int(p.name) for p in (out / "checkpoints" / "last").iterdir()) == first
+
+  # Ctrl-C during the resumed run's first evaluation (in this process: no second start-up to wait for).
+  evaluate = trainer.evaluate
+
+  def interrupted(*args, **kw):
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    signal.raise_signal(signal.SIGINT)
+    return evaluate(*args, **kw)
+
+  monkeypatch.setattr(trainer, "evaluate", interrupted)
+  capsys.readouterr()
+  assert train.main([*LONG, "--output_dir", str(out), "--resume"]) == 3
+  second = -(-(first + 1) // 8) * 8   # the step of the first evaluation after the resume
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"stopped: SIGINT after step {second} of 64; checkpoint saved in {out / 'checkpoints' / 'last'}; "
+      "continue with --resume"]
+
+  assert train.main([*LONG, "--output_dir", str(out), "--resume"]) == 0
+  assert_same_params(straight_long, out)
+  assert train_steps(out) == list(range(1, 65))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _step(out: Path, step: int) -> Path:
+  return out / "checkpoints" / "last" / str(step)
+
+
+def _garble(path: Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[:64] = bytes(b ^ 0x5A for b in data[:64])
+  path.write_bytes(bytes(data))
+
+
+def _largest(directory: Path) -> Path:
+  return max((p for p in directory.rglob("*") if p.is_file() and p.name != integrity.MANIFEST),
+             key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(straight_short, tmp_path, caplog, monkeypatch):
+  """What kills and bad disks leave: an empty step directory, garbled bytes (in the newest last and
+  in the best checkpoint), a save cut off before its checksums, a truncated _METADATA, a garbled
+  best.json. The resume says so in one line, sets them aside and resumes from the newest intact
+  checkpoint (step 9) of a run that has moved and is named by a relative path with a trailing
+  slash; it ends with the uninterrupted run's parameters."""
+  out = tmp_path / "moved"
+  shutil.copytree(straight_short, out)
+  shutil.rmtree(out / "export")
+  assert sorted(int(p.name) for p in (out / "checkpoints" / "last").iterdir()) == [8, 9, 12, 15, 16]
+  _step(out, 17).mkdir()
+  _garble(_largest(_step(out, 16)))
+  (_step(out, 15) / integrity.MANIFEST).unlink()
+  (_step(out, 12) / "default" / "_METADATA").write_text('{"tree_metadata": {')
+  (best,) = (out / "checkpoints" / "best").iterdir()
+  _garble(_largest(best))
+  (out / "checkpoints" / "best.json").write_text('{"step": 8, "val')
+  monkeypatch.chdir(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    assert train.main([*SHORT, "--output_dir", "moved/", "--resume"]) == 0
+  notes = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  resumed = [n for n in notes if "resuming from step" in n]
+  assert len(resumed) == 1, notes   # Orbax's own complaints about the damaged files are not repeated
+  for expected in ("last step 17 is damaged (it has no rome_flax_checksums.json and no files",
+                   "last step 16 is damaged (default/", "differs from what was saved",
+                   "last step 15 is unverified (it has no rome_flax_checksums.json",
+                   "last step 12 is damaged (default/_METADATA has",
+                   f"resuming from step 9 ({out / 'checkpoints' / 'last'})"):
+    assert expected in resumed[0], (expected, resumed[0])
+  assert (f"best step {best.name} is damaged" in resumed[0]) == (int(best.name) > 9)
+  assert set(notes) - set(resumed) == {f"{out / 'checkpoints' / 'best.json'} is unreadable (JSONDecodeError); "
+                                       "the best checkpoint is chosen afresh from here on"}
+  assert {"last-12", "last-15", "last-16", "last-17"} <= {p.name for p in (out / "checkpoints" / "damaged").iterdir()}
+  assert_same_params(straight_short, out)
+  assert train_steps(out) == list(range(1, 17))
+  assert all(integrity.verify(_step(out, s)).intact for s in (12, 15, 16))   # saved anew
+
+
+def test_resume_of_a_finished_run_keeps_its_export(straight_short, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(straight_short, out)
+  export = out / "export"
+  before = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+  assert train.main([*SHORT, "--output_dir", str(out), "--resume"]) == 0
+  assert "had already finished" in capsys.readouterr().out
+  assert {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+  shutil.rmtree(export)   # killed during its export: the resume writes it, with the final dev metrics
+  assert train.main([*SHORT, "--output_dir", str(out), "--resume"]) == 0
+  info = MultiExitBert.from_pretrained(export).export_info
+  assert info.dev_metrics["dev"] == json.loads((straight_short / "export" / "rome_flax_config.json").read_text())[
+      "metadata"]["dev_metrics"]["dev"]
+  assert_same_params(straight_short, out)
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def test_export_integrity(straight_short, tmp_path, caplog):
+  export = tmp_path / "export"
+  shutil.copytree(straight_short / "export", export)
+  assert integrity.verify(export).intact
+  _garble(_largest(export / "params"))
+  with pytest.raises(RomeFlaxError, match=r"export .* is damaged: params/.* differs from what was saved"):
+    MultiExitBert.from_pretrained(export)
+  shutil.rmtree(export)
+  shutil.copytree(straight_short / "export", export)
+  (export / integrity.MANIFEST).unlink()   # written by an older rome_flax: loads, with a warning
+  with caplog.at_level(logging.WARNING):
+    MultiExitBert.from_pretrained(export)
+  assert any("not verified" in r.getMessage() for r in caplog.records)
+
+
+def test_a_killed_export_leaves_nothing_behind(straight_short, tmp_path):
+  model = MultiExitBert.from_pretrained(straight_short / "export")
+  target = tmp_path / "export"
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  stale = tmp_path / f".export.tmp-{files._HOST}-{int(dead.stdout)}-abc123"   # a SIGKILLed writer's stage
+  live = tmp_path / f".export.tmp-{files._HOST}-{os.getpid()}-def456"         # a live writer's: kept
+  for stage in (stale, live):
+    (stage / "params").mkdir(parents=True)
+  model.save_pretrained(target)
+  assert not stale.exists() and live.exists() and integrity.verify(target).intact
+  # Killed between moving the old export aside and moving the new one in: the old one comes back.
+  target.rename(tmp_path / "export.old")
+  with files.staged_directory(target) as stage:
+    assert (target / integrity.MANIFEST).is_file()   # restored before the new stage is filled
+    (stage / "x").write_text("new")
+  assert (target / "x").read_text() == "new" and not (tmp_path / "export.old").exists()
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+
+def test_run_lock(tmp_path, caplog):
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                             "from rome_flax.runlock import RunLock; RunLock(sys.argv[2]).acquire(); "
+                             "print('held', flush=True); time.sleep(120)", str(ROOT), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RomeFlaxError, match=f"in use by another run \\(pid {holder.pid} on host "):
+      RunLock(tmp_path).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  assert (tmp_path / LOCK_FILE).is_file()   # SIGKILL: the file stays, the kernel's lock does not
+  with caplog.at_level(logging.WARNING):
+    lock = RunLock(tmp_path).acquire()
+  assert any(f"took over the stale lock" in r.getMessage() and f"pid {holder.pid}" in r.getMessage()
+             for r in caplog.records)
+  assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / LOCK_FILE).exists()
+  # A lock left by a run on another machine: this one cannot tell whether it still runs.
+  (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
+  with pytest.raises(RomeFlaxError, match=f"locked by pid 1 on host elsewhere.*delete {tmp_path / LOCK_FILE}"):
+    RunLock(tmp_path).acquire()
