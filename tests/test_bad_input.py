@@ -99,6 +99,9 @@ def world(tmp_path_factory) -> World:
     (d / name).write_text(text)
   (d / "latin1.csv").write_bytes("text,label\ngood film,pos\ncaf\xe9,neg\n".encode("latin-1"))
   (d / "latin1.jsonl").write_bytes('{"text": "caf\xe9", "label": "pos"}\n'.encode("latin-1"))
+  # infer.py streams its --data_file and stops at the first bad row: these rows are good up to the fault
+  (d / "latin1_infer.csv").write_bytes("text,label\ngood film,positive\ncaf\xe9,negative\n".encode("latin-1"))
+  (d / "bad_infer.jsonl").write_text('{"text": "good film", "label": "positive"}\n{"text": "bad film", "label": \n')
   (d / "a_dir.csv").mkdir()
   (d / "config_syntax.py").write_text("def get_config(:\n")
   (d / "config_none.py").write_text("X = 1\n")
@@ -285,8 +288,8 @@ CASES = [
     ("i_glue_bad_label", i("--task", "sst-2", "--data_dir", D("sst_badlabel")), "label '7'"),
     ("i_custom_no_file", i("--task", "custom"), "needs --data_file"),
     ("i_data_file_missing", i("--data_file", lambda w: str(w.data / "nope.csv")), "nope.csv is missing"),
-    ("i_data_file_latin1", i("--data_file", D("latin1.csv")), "latin1.csv:3: not UTF-8"),
-    ("i_data_file_bad_json", i("--data_file", D("bad.jsonl")), "bad.jsonl:2: not valid JSON"),
+    ("i_data_file_latin1", i("--data_file", D("latin1_infer.csv")), "latin1_infer.csv:3: not UTF-8"),
+    ("i_data_file_bad_json", i("--data_file", D("bad_infer.jsonl")), "bad_infer.jsonl:2: not valid JSON"),
     ("i_data_file_no_text", i("--data_file", D("notext.csv")), "no column 'text'"),
     ("i_data_file_label", i("--data_file", D("ok.csv")), "ok.csv:2: label 'pos' is not one of"),
     ("i_data_file_empty", i("--data_file", D("empty.csv")), "has no rows"),
