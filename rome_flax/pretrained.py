@@ -232,14 +232,12 @@ def _local_checkpointer():
 
 
 def save_params(path: Path, params) -> None:
-  import orbax.checkpoint as ocp
   with _local_checkpointer() as ckptr:
     ckptr.save(Path(path).absolute(), jax.device_get(params))
 
 
 def restore_params(path: Path, cfg: ModelConfig, kernels_in_out: bool = False):
   """kernels_in_out: the export stores weight matrices [in, out] (format rome_flax/1)."""
-  import orbax.checkpoint as ocp
   path = Path(path).absolute()
   if not path.is_dir():
     raise RomeFlaxError(f"{path} is missing: not a complete rome_flax export")

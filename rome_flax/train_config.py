@@ -95,7 +95,7 @@ class OptimOptions:
     _check([(self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1"),
-            (self.batch_size % self.grad_accum_steps == 0,
+            (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
              f"batch_size {self.batch_size} does not split into grad_accum_steps {self.grad_accum_steps} "
              "micro-batches"),
             (self.learning_rate > 0, "learning_rate must be positive"),
@@ -118,7 +118,8 @@ class RunOptions:
     _check([(self.select_by in ("mean_exits", "final_exit"), "select_by must be mean_exits or final_exit"),
             (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
             (self.log_every >= 1, "log_every must be at least 1"),
-            (self.save_every >= 1, "save_every must be at least 1")])
+            (self.save_every >= 1, "save_every must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")])
 
 
 @dataclasses.dataclass(frozen=True)

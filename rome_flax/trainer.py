@@ -467,46 +467,45 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   hooks.add(evaluate_all, when=evaluates)
   hooks.add(save, every=cfg.run.save_every, when=lambda step: evaluates(step) or step == end)
 
-  signals = preemption.StopSignals(sync_every=cfg.run.log_every).__enter__()
-  try:
-    step, stopped = start, False
-    while step < end and not stopped:
-      pos = sched.at(step)
-      if pos.stage != stage:
-        # A new stage starts with a fresh optimiser (its own frozen set and schedule).
-        stage = pos.stage
-        state = state._replace(opt_state=programs[stage].optimizer.init(state.params))
-      for batch in data_lib.batches(run_data.train, cfg.optim.batch_size, shuffle=True, seed=cfg.optim.seed,
-                                    epoch=pos.data_epoch, start=pos.batch):
-        state, m = programs[stage].step_fn(state, sharding_lib.shard_batch(batch, mesh))
-        step += 1
-        hooks.run(StepInfo(step, state, m))
-        stopped = step < end and signals.requested(step)
-        if step >= end or stopped:
-          break
-    train_metrics.flush()
-    if stopped:
-      save(StepInfo(step, state, {}))
-      raise preemption.Preempted(f"{signals.signal_name} after step {step} of {sched.total_steps}; checkpoint "
-                                 f"saved in {ckpts.last.directory}; continue with --resume")
-    if step >= sched.total_steps and cfg.run.export:
-      path = out / EXPORT_DIR
-      kept = finished_export(path) if step == start else None
-      if kept is not None:   # --resume of a finished run: its intact export stays as it is
-        results.update(kept)
-        say(f"the run in {out} had already finished; its export {path} is unchanged", flush=True)
-      else:
-        if not results:   # resumed after the last step, the export missing or damaged: the final figures
-          results.update({split: evaluate(eval_step, state.params, task, encoded, cfg.run.eval_batch_size)[0]
-                          for split, encoded in run_data.evals.items()})
-        export_model(path, mcfg, state.params, model.tokenizer, export_info(cfg, task, method, results))
-        say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})",
-            flush=True)
-  finally:
-    signals.__exit__(None, None, None)
-    bar.close()
-    writer.close()
-    ckpts.close()
+  with preemption.StopSignals(sync_every=cfg.run.log_every) as signals:
+    try:
+      step, stopped = start, False
+      while step < end and not stopped:
+        pos = sched.at(step)
+        if pos.stage != stage:
+          # A new stage starts with a fresh optimiser (its own frozen set and schedule).
+          stage = pos.stage
+          state = state._replace(opt_state=programs[stage].optimizer.init(state.params))
+        for batch in data_lib.batches(run_data.train, cfg.optim.batch_size, shuffle=True, seed=cfg.optim.seed,
+                                      epoch=pos.data_epoch, start=pos.batch):
+          state, m = programs[stage].step_fn(state, sharding_lib.shard_batch(batch, mesh))
+          step += 1
+          hooks.run(StepInfo(step, state, m))
+          stopped = step < end and signals.requested(step)
+          if step >= end or stopped:
+            break
+      train_metrics.flush()
+      if stopped:
+        save(StepInfo(step, state, {}))
+        raise preemption.Preempted(f"{signals.signal_name} after step {step} of {sched.total_steps}; checkpoint "
+                                   f"saved in {ckpts.last.directory}; continue with --resume")
+      if step >= sched.total_steps and cfg.run.export:
+        path = out / EXPORT_DIR
+        kept = finished_export(path) if step == start else None
+        if kept is not None:   # --resume of a finished run: its intact export stays as it is
+          results.update(kept)
+          say(f"the run in {out} had already finished; its export {path} is unchanged", flush=True)
+        else:
+          if not results:   # resumed after the last step, the export missing or damaged: the final figures
+            results.update({split: evaluate(eval_step, state.params, task, encoded, cfg.run.eval_batch_size)[0]
+                            for split, encoded in run_data.evals.items()})
+          export_model(path, mcfg, state.params, model.tokenizer, export_info(cfg, task, method, results))
+          say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})",
+              flush=True)
+    finally:
+      bar.close()
+      writer.close()
+      ckpts.close()
   return results
 
 

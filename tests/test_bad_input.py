@@ -181,11 +181,9 @@ CASES = [
     ("t_exit_pooling", t("--exit_pooling", "max"), "exit_pooling"),
     ("t_dtype", t("--dtype", "float16"), "dtype"),
     ("t_accum_split", t("--grad_accum_steps", "3"), "grad_accum_steps"),
-    pytest.param("t_accum_zero", t("--grad_accum_steps", "0"), "grad_accum_steps", marks=pytest.mark.xfail(
-        strict=True, reason="train_config.OptimOptions computes batch_size % grad_accum_steps before its check")),
+    ("t_accum_zero", t("--grad_accum_steps", "0"), "grad_accum_steps"),
     ("t_warmup", t("--warmup_ratio", "1.5"), "warmup_ratio"),
-    pytest.param("t_keep_negative", t("--keep_checkpoints", "-1", "--max_steps", "1"), "keep_checkpoints",
-                 marks=pytest.mark.xfail(strict=True, reason="train_config.RunOptions does not check it")),
+    ("t_keep_negative", t("--keep_checkpoints", "-1", "--max_steps", "1"), "keep_checkpoints"),
     ("t_heads_split", t("--random_model_hidden", "30", "--random_model_heads", "4"), "heads"),
     ("t_one_layer", t("--random_model_layers", "1"), "at least 2 layers"),
     # --- train.py: config files and models

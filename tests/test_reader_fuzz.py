@@ -58,8 +58,11 @@ def test_custom_split(content, suffix, regression):
   def load():
     task = (get_task("custom", regression=True) if regression
             else get_task("custom", label_names=data.custom_label_names(path)))
-    split = data.load_split(task, "train", files={"train": str(path)}, text_a_column="text", label_column="label")
+    files = {"train": str(path)}
+    split = data.load_split(task, "train", files=files, text_a_column="text", label_column="label")
     assert len(split) == len(split.labels) and split.labels.dtype == (np.float32 if regression else np.int64)
+    streamed = list(data.stream_split(task, "train", files=files, text_a_column="text", chunk_rows=2))
+    assert sum(len(c) for c in streamed) == len(split)
 
   loads_or_refuses(load)
 

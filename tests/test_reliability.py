@@ -257,7 +257,7 @@ def test_run_lock(tmp_path, caplog):
   assert (tmp_path / LOCK_FILE).is_file()   # SIGKILL: the file stays, the kernel's lock does not
   with caplog.at_level(logging.WARNING):
     lock = RunLock(tmp_path).acquire()
-  assert any(f"took over the stale lock" in r.getMessage() and f"pid {holder.pid}" in r.getMessage()
+  assert any("took over the stale lock" in r.getMessage() and f"pid {holder.pid}" in r.getMessage()
              for r in caplog.records)
   assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
   lock.release()
@@ -266,3 +266,29 @@ def test_run_lock(tmp_path, caplog):
   (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
   with pytest.raises(RomeFlaxError, match=f"locked by pid 1 on host elsewhere.*delete {tmp_path / LOCK_FILE}"):
     RunLock(tmp_path).acquire()
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def test_signals_first_requests_a_stop_second_acts_at_once(capsys):
+  from rome_flax import cli, preemption
+  with preemption.StopSignals() as signals:
+    assert not signals.requested(1)
+    signal.raise_signal(signal.SIGINT)
+    assert signals.requested(1) and signals.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: Python's own handler, at once
+      signal.raise_signal(signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+  assert cli.run(interrupted, cli.ArgumentParser(), []) == cli.EXIT_INTERRUPTED
+  assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_metrics_cut_off_mid_line_by_a_kill_are_dropped_on_resume(tmp_path):
+  (tmp_path / trainer.METRICS_FILE).write_text('{"kind": "train", "loss": 1.0, "step": 1}\n'
+                                               '{"kind": "train", "loss": 0.9, "step": 2}\n{"kind": "tr')
+  trainer.MetricsWriter(tmp_path, 2).close()
+  assert train_steps(tmp_path) == [1, 2]
