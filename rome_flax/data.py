@@ -20,7 +20,7 @@ import numpy as np
 
 from rome_flax import synthetic
 from rome_flax.errors import RomeFlaxError
-from rome_flax.tasks import TaskSpec, TsvLayout
+from rome_flax.tasks import TaskSpec
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 SORT_WINDOW = 50    # batches whose examples are sorted by length together before batching
