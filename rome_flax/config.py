@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 EXIT_POOLINGS = ("cls", "mean")
 DTYPES = ("float32", "bfloat16")
+HEADS = ("sequence", "token")   # heads.HEAD_KINDS' names (checked here: config.py imports nothing of rome_flax's model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class ModelConfig:
   num_labels: int = 2
   exit_pooling: str = "cls"
   dtype: str = "float32"
-  head: str = "sequence"         # exit head kind (heads.HEAD_KINDS): what every exit computes
+  head: str = "sequence"         # exit head kind (heads.HEAD_KINDS): 'sequence' or 'token'
+  classifier_dropout: Optional[float] = None   # exit dropout; None: hidden_dropout_prob (as transformers)
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -49,6 +51,10 @@ class ModelConfig:
       raise RomeFlaxError(f"unsupported hidden_act {self.hidden_act!r}")
     if self.hidden_size % self.num_attention_heads:
       raise RomeFlaxError("hidden_size must be a multiple of num_attention_heads")
+    if self.head not in HEADS:
+      raise RomeFlaxError(f"head must be one of {HEADS}, got {self.head!r}")
+    if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+      raise RomeFlaxError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
     if self.num_labels < 1:
       raise RomeFlaxError(f"num_labels must be >= 1, got {self.num_labels}")
 
@@ -66,7 +72,16 @@ class ModelConfig:
 
   @property
   def is_regression(self) -> bool:
-    return self.num_labels == 1
+    return self.num_labels == 1 and self.head == "sequence"
+
+  @property
+  def is_token_task(self) -> bool:
+    """One logit vector per token (sequence labelling) rather than per sequence."""
+    return self.head == "token"
+
+  @property
+  def exit_dropout(self) -> float:
+    return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":

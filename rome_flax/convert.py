@@ -2,8 +2,8 @@
 
 Reads a local directory (config.json + model.safetensors, a sharded safetensors index, or
 pytorch_model.bin when torch is installed) or downloads one from the hub. Accepts BertModel,
-BertForSequenceClassification, RobertaModel and RobertaForSequenceClassification weights, with or
-without the `bert.` / `roberta.` prefix.
+BertForSequenceClassification, BertForTokenClassification, RobertaModel and
+Roberta{Sequence,Token}Classification weights, with or without the `bert.` / `roberta.` prefix.
 """
 
 from __future__ import annotations
@@ -164,10 +164,13 @@ def _ln(sd, base):
   raise KeyError(f"{base}.weight")
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=None):
+def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=None,
+                       classifier_rows: Optional[np.ndarray] = None):
   """Maps a (prefix-stripped or not) HF state dict onto rome_flax parameters.
 
   Returns (params, LoadReport). Everything the checkpoint lacks keeps its random init.
+  classifier_rows: for a token head, the checkpoint classifier's row of each of our labels (its
+  id2label read against our tag set, `classifier_order`); None: the rows as they are.
   """
   sd = {_strip(k): v for k, v in state_dict.items() if not _IGNORED.search(k)}
   params = init_params(cfg, jax.random.PRNGKey(0) if rng is None else rng, host=True)   # what the checkpoint lacks keeps this init
@@ -223,8 +226,9 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   ex = params["exits"]
   pool_name = "pooler.dense" if "pooler.dense.weight" in sd else (
       "classifier.dense" if "classifier.dense.weight" in sd else "pooler.dense")
-  pw = take(pool_name + ".weight", (D, D))
-  pb = take(pool_name + ".bias", (D,))
+  has_pooler = "pooler" in ex   # a token head has none (the checkpoint's pooler stays unused)
+  pw = take(pool_name + ".weight", (D, D)) if has_pooler else None
+  pb = take(pool_name + ".bias", (D,)) if has_pooler else None
   if pw is not None and pb is not None:
     ex["pooler"]["kernel"][:] = pw   # every exit pooler starts as a copy of the pretrained one
     ex["pooler"]["bias"][:] = pb
@@ -234,6 +238,12 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   classifier_from_checkpoint = False
   if f"{cls_name}.weight" in sd:
     cw, cb = sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
+    if cfg.is_token_task and cw.shape[0] != cfg.num_labels:
+      raise RomeFlaxError(f"the checkpoint's token classifier has {cw.shape[0]} labels, the task has "
+                          f"{cfg.num_labels}: use the checkpoint's encoder alone (a copy without "
+                          f"{cls_name}.*) or a task with its tag set")
+    if cfg.is_token_task and classifier_rows is not None:
+      cw, cb = cw[classifier_rows], cb[classifier_rows]
     if cw.shape == (cfg.num_labels, D):
       ex["classifier"]["kernel"][L - 1] = cw
       ex["classifier"]["bias"][L - 1] = cb
@@ -254,19 +264,38 @@ def _put_ln(sd, base, tree, missing, dim):
   tree["scale"], tree["bias"] = w, b
 
 
+def classifier_order(hf: dict, label_names) -> Optional[np.ndarray]:
+  """For each of our label names, the row of a checkpoint's classifier that scores it, read from its
+  config's id2label; None when id2label does not name exactly our labels (generic LABEL_k names:
+  the rows are taken in their order)."""
+  id2label = hf.get("id2label") or {}
+  try:
+    theirs = {str(name): int(i) for i, name in id2label.items()}
+  except (TypeError, ValueError):
+    return None
+  if not label_names or set(theirs) != set(label_names):
+    return None
+  return np.asarray([theirs[name] for name in label_names])
+
+
 def load_hf_checkpoint(path_or_id: str, *, num_labels: Optional[int] = None, exit_pooling: str = "cls",
-                       dtype: str = "float32", seed: int = 0, revision: Optional[str] = None):
-  """Returns (ModelConfig, params, LoadReport, checkpoint_dir)."""
+                       dtype: str = "float32", seed: int = 0, revision: Optional[str] = None,
+                       head: str = "sequence", label_names=None, classifier_dropout: Optional[float] = None):
+  """Returns (ModelConfig, params, LoadReport, checkpoint_dir). head='token' (with the task's
+  label_names) loads a token classifier's head as the final exit, matching its labels by name."""
   ckpt_dir = resolve_checkpoint_dir(path_or_id, revision)
   hf = read_hf_config(ckpt_dir)
-  overrides = dict(exit_pooling=exit_pooling, dtype=dtype)
+  overrides = dict(exit_pooling=exit_pooling, dtype=dtype, head=head)
+  if classifier_dropout is not None:
+    overrides["classifier_dropout"] = classifier_dropout
   if num_labels is not None:
     overrides["num_labels"] = num_labels
   elif "id2label" not in hf:
     overrides["num_labels"] = 2
   cfg = ModelConfig.from_hf_dict(hf, **overrides)
   state_dict = load_state_dict(ckpt_dir)
-  params, report = convert_state_dict(state_dict, cfg, jax.random.PRNGKey(seed))
+  rows = classifier_order(hf, label_names) if head == "token" else None
+  params, report = convert_state_dict(state_dict, cfg, jax.random.PRNGKey(seed), classifier_rows=rows)
   core_missing = [m for m in report.missing if not m.startswith(("pooler", "classifier"))]
   if len(core_missing) > len(report.missing) // 2 and len(core_missing) > 4 and not any(
       k for k in map(_strip, state_dict) if k.startswith("encoder.layer.")):

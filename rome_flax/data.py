@@ -52,16 +52,40 @@ class Split:
 @dataclasses.dataclass
 class EncodedSplit:
   """Token ids per example (ragged, truncated to max_length) plus labels: the one encoded form of a
-  split, batched by `batches` for training and evaluation and by `inference.plan` for inference."""
+  split, batched by `batches` for training and evaluation and by `inference.plan` for inference.
+
+  A token task (sequence labelling) also has `word_starts`: per example, the position of each
+  word's first piece, where its tag is read and its logits are taken; its `labels` are [N, W] tag
+  ids, W the most words of an example, -1 past an example's last word.
+  """
   input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray]
   labels: Optional[np.ndarray]
   max_length: int
   pad_id: int
   is_regression: bool
+  word_starts: Optional[list[np.ndarray]] = None
 
   def __len__(self) -> int:
     return len(self.input_ids)
+
+  @property
+  def is_token_task(self) -> bool:
+    return self.word_starts is not None
+
+  @property
+  def num_words(self) -> np.ndarray:
+    """Words per example (token tasks)."""
+    return np.fromiter((len(x) for x in self.word_starts), np.int64, len(self.word_starts))
+
+  @property
+  def max_words(self) -> int:
+    return int(self.num_words.max()) if len(self) else 0
+
+  @property
+  def word_mask(self) -> np.ndarray:
+    """[N, W] bool: which word slots of `labels` (and of word-level logits) are words."""
+    return np.arange(self.max_words)[None, :] < self.num_words[:, None]
 
   @property
   def lengths(self) -> np.ndarray:
@@ -69,7 +93,10 @@ class EncodedSplit:
 
   def head(self, n: int) -> "EncodedSplit":
     """The first n examples."""
-    return _head(self, n, ("input_ids", "token_type_ids", "labels"))
+    out = _head(self, n, ("input_ids", "token_type_ids", "labels", "word_starts"))
+    if out.is_token_task and out.labels is not None:
+      out.labels = out.labels[:, :out.max_words]
+    return out
 
   @classmethod
   def from_padded(cls, input_ids, attention_mask, token_type_ids=None, labels=None, pad_id: int = 0,
@@ -410,6 +437,65 @@ def encode_split(tokenizer, split: Split, max_length: int, is_regression: Option
   return EncodedSplit(ids, types, split.labels, max_length, int(pad_id), _is_regression(split.labels, is_regression))
 
 
+def encode_token_split(tokenizer, words: list[list[str]], tag_ids: Optional[list[np.ndarray]], max_length: int,
+                       where=None) -> EncodedSplit:
+  """Sentences given as words (sequence labelling) -> word pieces, each word's tag on its first piece.
+
+  Each sentence is `[CLS] pieces [SEP]`, its words tokenised on their own (the fast tokenizer's
+  word alignment); a word that tokenises to nothing (a stray control character) is read as the
+  unknown token, so that every word has a first piece and a prediction. A sentence longer than
+  max_length pieces is refused, never cut: `where(i)` names it (file and line) and the error says
+  how many pieces it needs. tag_ids: per sentence, its words' tag ids (None: unlabelled).
+  """
+  if tokenizer is None:
+    raise RomeFlaxError("the model has no tokenizer: use a checkpoint directory with tokenizer files")
+  if not getattr(tokenizer, "is_fast", False):
+    raise RomeFlaxError("sequence labelling needs a fast tokenizer (tokenizer.json or a vocab a fast one loads)")
+  if max_length < 8:
+    raise RomeFlaxError(f"max_length must be at least 8, got {max_length}")
+  where = where or (lambda i: f"sentence {i + 1}")
+  enc = tokenizer(words, is_split_into_words=True, truncation=False, return_token_type_ids=True,
+                  return_attention_mask=False)
+  ids, types, starts = [], [], []
+  for i in range(len(words)):
+    word_ids, piece_ids = enc.word_ids(i), enc["input_ids"][i]
+    first = _first_pieces(word_ids, len(words[i]))
+    if first is None:   # some word has no piece: read those as the unknown token
+      fixed = [w if any(tokenizer.tokenize(w)) else (tokenizer.unk_token or w) for w in words[i]]
+      one = tokenizer([fixed], is_split_into_words=True, truncation=False, return_token_type_ids=True,
+                      return_attention_mask=False)
+      word_ids, piece_ids = one.word_ids(0), one["input_ids"][0]
+      first = _first_pieces(word_ids, len(words[i]))
+      if first is None:
+        raise RomeFlaxError(f"{where(i)}: a word of this sentence has no word piece in the model's vocabulary")
+      types_i = one["token_type_ids"][0]
+    else:
+      types_i = enc["token_type_ids"][i]
+    if len(piece_ids) > max_length:
+      raise RomeFlaxError(f"{where(i)}: a sentence of {len(words[i])} words is {len(piece_ids)} word pieces, more "
+                          f"than max_length {max_length}; raise --max_length (sentences are never cut)")
+    ids.append(np.asarray(piece_ids, np.int32))
+    types.append(np.asarray(types_i, np.int32))
+    starts.append(first)
+  labels = None
+  if tag_ids is not None:
+    W = max((len(w) for w in words), default=0)
+    labels = np.full((len(words), W), -1, np.int32)
+    for i, t in enumerate(tag_ids):
+      labels[i, :len(t)] = t
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  return EncodedSplit(ids, types, labels, max_length, int(pad_id), False, starts)
+
+
+def _first_pieces(word_ids: list, num_words: int) -> Optional[np.ndarray]:
+  """Position of each word's first piece, from a fast tokenizer's word alignment; None when a word has none."""
+  first = np.full(num_words, -1, np.int32)
+  for pos, w in enumerate(word_ids):
+    if w is not None and first[w] < 0:
+      first[w] = pos
+  return None if (first < 0).any() else first
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -426,6 +512,8 @@ def bucket_length(n: int, cap: int) -> int:
 def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool = False) -> dict[str, np.ndarray]:
   """Examples `rows` of a split as one fixed-shape batch: {input_ids, attention_mask, token_type_ids,
   labels, example_ids}, num_rows rows padded to the bucket (`bucket_length`) of the longest example.
+  A token task's batch has labels [num_rows, S] (each word's tag at its first piece) and word_mask
+  [num_rows, S] (1 at first pieces, also in repeated padding rows: a criterion reads it).
 
   Rows past len(rows) are padding: example_ids -1, label 0, and no tokens, or with repeat_first a
   copy of the first example's tokens, so that a rule over the whole batch (the latency path stops
@@ -445,11 +533,21 @@ def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool 
     mask[row, :k] = 1
   example_ids = np.full((num_rows,), -1, np.int32)
   example_ids[:len(rows)] = rows
+  batch = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types,
+           "example_ids": example_ids}
+  if encoded.is_token_task:
+    labels = np.zeros((num_rows, seq), np.int32)
+    word_mask = np.zeros((num_rows, seq), np.int32)
+    for row, i in enumerate(filled):
+      starts = encoded.word_starts[i]
+      word_mask[row, starts] = 1
+      if encoded.labels is not None and row < len(rows):
+        labels[row, starts] = encoded.labels[i, :len(starts)]
+    return {**batch, "labels": labels, "word_mask": word_mask}
   labels = np.zeros((num_rows,), np.float32 if encoded.is_regression else np.int32)
   if encoded.labels is not None:
     labels[:len(rows)] = encoded.labels[rows]
-  return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types,
-          "labels": labels, "example_ids": example_ids}
+  return {**batch, "labels": labels}
 
 
 def num_batches(encoded: EncodedSplit, batch_size: int) -> int:

@@ -27,6 +27,9 @@ unstacked weights. bench/early_exit.py --dispatch slice compares the two loops e
 
 All paths call `exit_policy.step`, so they take exactly the decisions that
 `exit_policy.decide` takes on an all-exits pass (tests/test_early_exit.py checks it).
+
+Token exits (sequence labelling): the same paths with a word mask [B,S] (1 at each word's first
+piece); a sentence is one example and exits as a whole (SENTEE), its logits [S,C] per example.
 """
 
 from __future__ import annotations
@@ -56,8 +59,13 @@ def prepare_params(params: dict, dispatch: str = "switch") -> dict:
 # ----------------------------------------------------------------------------- jitted paths
 
 
+def example_logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
+  """Shape of a batch's logits at one exit: [B, C], or [B, S, C] for token exits."""
+  return (batch, seq, cfg.num_labels) if cfg.is_token_task else (batch, cfg.num_labels)
+
+
 class ExitResult(NamedTuple):
-  logits_BxC: jax.Array     # float32 logits of the exit each example took
+  logits_BxC: jax.Array     # float32 logits of the exit each example took ([B, S, C] for token exits)
   exit_index_B: jax.Array   # int32, 0-based exit taken
   layer_runs: jax.Array     # int32 []: layer applications on a batch (latency: layers run; throughput: batches)
 
@@ -77,10 +85,10 @@ def all_exits(prepared, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS, tok
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_BxS, attention_mask_BxS,
-                 token_type_ids_BxS) -> ExitResult:
+                 token_type_ids_BxS, word_mask_BxS=None) -> ExitResult:
   """Runs layers until every example of the batch has exited; each keeps its first exit."""
   mask_BxS = jnp.asarray(attention_mask_BxS, jnp.int32)
-  B = mask_BxS.shape[0]
+  B, S = mask_BxS.shape
   h_BxSxD = model_lib.embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
   bias = model_lib.attention_bias(mask_BxS)
 
@@ -91,14 +99,14 @@ def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_Bx
   def body(carry):
     i, h_BxSxD, state, done_B, exit_B, out_BxC = carry
     h_BxSxD, logits_BxC = model_lib.layer_and_exit_at(prepared, cfg, i, h_BxSxD, mask_BxS, bias)
-    state, exit_now_B = ep.step(policy, state, logits_BxC, i)
+    state, exit_now_B = ep.step(policy, state, logits_BxC, i, word_mask_BxS)
     newly_B = exit_now_B & ~done_B
     exit_B = jnp.where(newly_B, i, exit_B)
-    out_BxC = jnp.where(newly_B[:, None], logits_BxC.astype(jnp.float32), out_BxC)
+    out_BxC = jnp.where(ep.per_example(newly_B, out_BxC), logits_BxC.astype(jnp.float32), out_BxC)
     return i + 1, h_BxSxD, state, done_B | exit_now_B, exit_B, out_BxC
 
   init = (jnp.int32(0), h_BxSxD, ep.init_state((B,)), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
-          jnp.zeros((B, cfg.num_labels), jnp.float32))
+          jnp.zeros(example_logits_shape(cfg, B, S), jnp.float32))
   layers_run, _, _, _, exit_B, out_BxC = jax.lax.while_loop(cond, body, init)
   return ExitResult(out_BxC, exit_B, layers_run)
 
@@ -129,6 +137,8 @@ def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longes
     def branch(h_BxSxD, mask_BxS):
       m_BxS = mask_BxS[:, :s]
       h_cut, logits_BxC = layer_exit(h_BxSxD[:, :s], m_BxS, model_lib.attention_bias(m_BxS))
+      if cfg.is_token_task and s < S:   # token logits back to the chunk's length (padding: zeros)
+        logits_BxC = jnp.pad(logits_BxC, ((0, 0), (0, S - s), (0, 0)))
       return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
     return branch
 
@@ -142,7 +152,8 @@ def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longes
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "lengths"))
 def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_NxS, attention_mask_NxS,
-                     token_type_ids_NxS, valid_N, batch_size: int, lengths: Optional[tuple] = None) -> ExitResult:
+                     token_type_ids_NxS, valid_N, batch_size: int, lengths: Optional[tuple] = None,
+                     word_mask_NxS=None) -> ExitResult:
   """Early exit over a chunk of N examples, running one layer at a time on B waiting examples.
 
   `valid_N` marks padding rows (False), which are never run. Waiting examples are gathered in row
@@ -170,25 +181,27 @@ def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_id
     longest = jnp.max(jnp.where(idx_B < N, length_N[safe_B], 1))
     h_BxSxD, logits_BxC = _layer_exit_trimmed(prepared, cfg, l, h_NxSxD[safe_B], mask_NxS[safe_B], longest,
                                               lengths)
-    state_B, exit_now_B = ep.step(policy, jax.tree.map(lambda x: x[safe_B], state_N), logits_BxC, l)
+    words_B = None if word_mask_NxS is None else word_mask_NxS[safe_B]
+    state_B, exit_now_B = ep.step(policy, jax.tree.map(lambda x: x[safe_B], state_N), logits_BxC, l, words_B)
     put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
     h_NxSxD = put(h_NxSxD, h_BxSxD.astype(h_NxSxD.dtype))
     next_layer_N = put(next_layer_N, jnp.full((batch_size,), l + 1, jnp.int32))
     state_N = jax.tree.map(put, state_N, state_B)
     done_N = put(done_N, exit_now_B)
     exit_N = put(exit_N, jnp.where(exit_now_B, l, exit_N[safe_B]))
-    out_NxC = put(out_NxC, jnp.where(exit_now_B[:, None], logits_BxC.astype(jnp.float32), out_NxC[safe_B]))
+    out_NxC = put(out_NxC, jnp.where(ep.per_example(exit_now_B, logits_BxC), logits_BxC.astype(jnp.float32),
+                                     out_NxC[safe_B]))
     return runs + 1, h_NxSxD, next_layer_N, done_N, state_N, exit_N, out_NxC
 
   init = (jnp.int32(0), h_NxSxD, jnp.zeros((N,), jnp.int32), ~jnp.asarray(valid_N, bool), ep.init_state((N,)),
-          jnp.zeros((N,), jnp.int32), jnp.zeros((N, cfg.num_labels), jnp.float32))
+          jnp.zeros((N,), jnp.int32), jnp.zeros(example_logits_shape(cfg, N, S), jnp.float32))
   runs, _, _, _, _, exit_N, out_NxC = jax.lax.while_loop(cond, body, init)
   return ExitResult(out_NxC, exit_N, runs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "mesh"))
 def throughput_chunks(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_DxNxS, attention_mask_DxNxS,
-                      token_type_ids_DxNxS, valid_DxN, batch_size: int, mesh) -> ExitResult:
+                      token_type_ids_DxNxS, valid_DxN, batch_size: int, mesh, word_mask_DxNxS=None) -> ExitResult:
   """`throughput_chunk` on every device of `mesh` at once, each device on its own chunk (row d of the
   [D, N, S] inputs): one scheduler per device, no collectives, each device's loop stops on its own.
 
@@ -197,12 +210,15 @@ def throughput_chunks(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_i
   from jax.sharding import PartitionSpec as P
   axis = mesh.axis_names[0]
 
-  def per_device(prepared, policy, ids, mask, types, valid):
-    res = throughput_chunk(prepared, cfg, policy, ids[0], mask[0], types[0], valid[0], batch_size)
+  def per_device(prepared, policy, ids, mask, types, valid, *words):
+    res = throughput_chunk(prepared, cfg, policy, ids[0], mask[0], types[0], valid[0], batch_size,
+                           word_mask_NxS=words[0][0] if words else None)
     return jax.tree.map(lambda x: x[None], res)
 
-  res = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P(axis)),
+  words = () if word_mask_DxNxS is None else (word_mask_DxNxS,)
+  res = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P()) + (P(axis),) * (4 + len(words)),
                       out_specs=P(axis), check_vma=False)(
-      prepared, policy, input_ids_DxNxS, attention_mask_DxNxS, token_type_ids_DxNxS, valid_DxN)
+      prepared, policy, input_ids_DxNxS, attention_mask_DxNxS, token_type_ids_DxNxS, valid_DxN, *words)
   D, N = valid_DxN.shape
-  return ExitResult(res.logits_BxC.reshape(D * N, -1), res.exit_index_B.reshape(D * N), res.layer_runs.sum())
+  return ExitResult(res.logits_BxC.reshape(D * N, *res.logits_BxC.shape[2:]), res.exit_index_B.reshape(D * N),
+                    res.layer_runs.sum())

@@ -18,7 +18,7 @@ import numpy as np
 from rome_flax import data
 from rome_flax import early_exit as ee
 from rome_flax import exit_policy as ep
-from rome_flax import inference, metrics, speed, sweep
+from rome_flax import inference, metrics, speed, sweep, token_data
 from rome_flax.errors import RomeFlaxError
 from rome_flax.tasks import TaskSpec
 
@@ -52,6 +52,9 @@ class ExitsEvaluation:
   best: Optional[dict]               # the fastest setting within 1 point of the final exit (labelled)
   speed: list[dict]                  # measured rows of the timed settings
   latency_examples: int              # examples the latency path was timed on
+  words: Optional[list] = None       # token tasks: each sentence's words (prediction files)
+  labels: Optional[np.ndarray] = None   # token tasks: gold tag ids [N, W] (-1 past a sentence's words)
+  per_type: Optional[dict] = None    # entity tag sets: the final exit's scores per entity type
 
   @property
   def labelled(self) -> bool:
@@ -78,7 +81,7 @@ class ExitsEvaluation:
             "batch_size": self.batch_size, "max_length": self.max_length,
             "all_exits_pass_seconds": round(self.all_exits_seconds, 3),
             "final_exit": self.per_exit[-1] if self.per_exit else None, "settings": self.settings,
-            "speed": self.speed}
+            "speed": self.speed, **({"final_exit_per_type": self.per_type} if self.per_type else {})}
 
 
 def _no_progress(desc: str):
@@ -104,7 +107,7 @@ def check_options(*, batch_size: int, measure_speed: str = "best", latency_examp
 def _chunks(examples, size: int) -> Iterator[data.Split]:
   """A split in chunks of `size` examples, or the chunks an iterable of splits already is (a reader
   that streams its file)."""
-  if not isinstance(examples, data.Split):
+  if not isinstance(examples, (data.Split, token_data.TokenSplit)):
     yield from examples
     return
   for start in range(0, len(examples), size):
@@ -144,29 +147,46 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   prepared = ee.prepare_params(model.params)
   mesh = inference.local_mesh(devices)
 
+  if task.is_token_task != cfg.is_token_task:
+    raise RomeFlaxError(f"task {task.name} needs {task.kind} exits; the model has {cfg.head} exits")
   t0 = time.perf_counter()
-  logits, lengths, ids, labels, timed_set, split_name = [], [], [], [], None, None
+  logits, lengths, ids, labels, words, timed_set, split_name = [], [], [], [], [], None, None
   for chunk in _chunks(examples, STREAM_EXAMPLES):
-    encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
+    if task.is_token_task:
+      encoded = token_data.encode(model.tokenizer, chunk, task.label_names, max_length)
+      words += chunk.words
+      labels.append(encoded.labels if chunk.tags is not None else None)
+    else:
+      encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
+      labels.append(chunk.labels)
     logits.append(inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"), mesh=mesh))
     lengths.append(encoded.lengths)
     ids.append(chunk.ids)
-    labels.append(chunk.labels)
     timed_set = encoded if timed_set is None else timed_set
     split_name = chunk.split
   if timed_set is None:
     raise RomeFlaxError("no examples to evaluate")
+  labelled = all(y is not None for y in labels)
+  word_mask = None
+  if task.is_token_task:   # chunks hold different word counts: pad word slots to the widest
+    width = max(len(w) for w in words)
+    logits = [np.pad(z, ((0, 0), (0, 0), (0, width - z.shape[2]), (0, 0))) for z in logits]
+    labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-1) for y in labels] if labelled else labels
+    word_mask = np.arange(width)[None, :] < np.asarray([len(w) for w in words])[:, None]
   exit_logits = np.concatenate(logits, axis=1)
   lengths_N, example_ids = np.concatenate(lengths), np.concatenate(ids)
-  labelled = all(y is not None for y in labels)
   labels_N = np.concatenate(labels) if labelled else None
   all_exits_seconds = time.perf_counter() - t0
   if metric is not None and not labelled:
     raise RomeFlaxError(f"split {split_name!r} has no labels: metric {metric!r} cannot be computed")
   metric = (metric or metrics.primary_metric(task)) if labelled else None
   per_exit = metrics.per_exit_metrics(task, exit_logits, labels_N) if labelled else []
-  settings = sweep.evaluate(policies, exit_logits, cfg, lengths_N, labels_N, task)
-  decided = [sweep.decisions(policy, exit_logits, cfg.is_regression) for policy in policies]
+  settings = sweep.evaluate(policies, exit_logits, cfg, lengths_N, labels_N, task, word_mask)
+  decided = [sweep.decisions(policy, exit_logits, cfg.is_regression, word_mask) for policy in policies]
+  per_type = None
+  if labelled and task.is_token_task and "f1" in task.metric_names:
+    gold, pred = metrics.word_sequences(exit_logits[-1], labels_N)
+    per_type = metrics.span_scores(*(metrics.tag_strings(list(task.label_names), s) for s in (gold, pred)))["per_type"]
   best = sweep.best_tradeoff(settings, metric, per_exit[-1][metric]) if labelled else None
 
   timed = {"all": range(len(policies)), "none": [],
@@ -183,7 +203,9 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
       task=task, split=split_name, example_ids=example_ids, metric=metric, num_layers=cfg.num_layers,
       batch_size=batch_size, max_length=max_length, all_exits_seconds=all_exits_seconds, per_exit=per_exit,
       settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
-      exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat)
+      exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat,
+      words=words if task.is_token_task else None, labels=labels_N if task.is_token_task else None,
+      per_type=per_type)
 
 
 def speed_row(cfg, policy: ep.ExitPolicy, measured: speed.EarlyExitSpeed, lengths_N, offline_exit_N) -> dict:

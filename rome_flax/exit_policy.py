@@ -15,6 +15,11 @@ Criteria (layers and exits are 1-based in user-facing text, 0-based in code):
   patience  PABEE: exit when the prediction has stayed the same for k consecutive exits (the argmax
             for classification; |z_i - z_{i-1}| < delta for regression).
 Exits before `min_exit_layer` are never taken, and an example that never exits takes the last exit.
+
+Token exits (sequence labelling, logits [B,S,C] with a word mask [B,S]): a sentence exits as a
+whole (SENTEE, method-seqlab.md section 3) when its uncertainty, the max (or, `pool='avg'`, the
+mean) over its words of the NORMALISED entropy H / log C, is below tau_i; maxprob pools the words'
+max probabilities by min (or mean). Patience is a sentence-task criterion.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ from rome_flax import heads
 from rome_flax.errors import RomeFlaxError
 
 CRITERIA = ("entropy", "maxprob", "patience")
+TOKEN_CRITERIA = ("entropy", "maxprob")   # sentence-level exit of token exits (SENTEE)
+POOLS = ("max", "avg")                    # how a sentence pools its words' uncertainties
 
 # The reference sweep of entropy thresholds (RomeBERT / DeeBERT scripts).
 REFERENCE_ENTROPIES = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_MAXPROBS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+# SENTEE's sweep of normalised-entropy thresholds (H / log C lies in [0, 1]): the reference's
+# sampled tau list (.01 .. .25, method-seqlab.md section 4) widened at both ends.
+SENTEE_ENTROPIES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 Threshold = Union[float, Sequence[float]]
 
@@ -53,6 +63,8 @@ class ExitPolicy:
   num_exits: int = struct.field(pytree_node=False)
   is_regression: bool = struct.field(pytree_node=False)
   min_exit_layer: int = struct.field(pytree_node=False, default=1)
+  token_task: bool = struct.field(pytree_node=False, default=False)   # token exits: SENTEE over words
+  pool: str = struct.field(pytree_node=False, default="max")
 
   def describe(self) -> str:
     """Short human-readable name, e.g. 'entropy<0.1' or 'patience=2'."""
@@ -64,6 +76,8 @@ class ExitPolicy:
       text += f",delta={_fmt(float(self.delta))}"
     if self.min_exit_layer > 1:
       text += f",min_layer={self.min_exit_layer}"
+    if self.token_task and self.pool != "max":
+      text += f",pool={self.pool}"
     return text
 
 
@@ -72,14 +86,24 @@ def _fmt(v) -> str:
 
 
 def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_labels: int,
-                min_exit_layer: int = 1, delta: float | None = None) -> ExitPolicy:
+                min_exit_layer: int = 1, delta: float | None = None, token_task: bool = False,
+                pool: str | None = None) -> ExitPolicy:
   """Validated policy. `threshold` is one value for every exit, or one per exit (E values, or E-1
-
   values for the highways: the last exit always exits, so its threshold does not matter).
+  token_task: the model has token exits (a sentence exits as a whole; `pool` its words: max / avg).
   """
   if criterion not in CRITERIA:
     raise RomeFlaxError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-  is_regression = num_labels == 1
+  if token_task and criterion not in TOKEN_CRITERIA:
+    raise RomeFlaxError(f"criterion {criterion!r} is for sentence tasks; a token task (sequence labelling) exits "
+                        f"sentences by {' or '.join(TOKEN_CRITERIA)}")
+  if pool is not None and not token_task:
+    raise RomeFlaxError("pool (how a sentence pools its words' uncertainties) is for token tasks; this model has "
+                        "one prediction per sentence")
+  pool = pool or "max"
+  if pool not in POOLS:
+    raise RomeFlaxError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+  is_regression = num_labels == 1 and not token_task
   if is_regression and criterion in ("entropy", "maxprob"):
     raise RomeFlaxError(f"criterion {criterion!r} needs class probabilities; a regression task can only use "
                         "'patience' (with --delta)")
@@ -107,7 +131,7 @@ def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_lab
   return ExitPolicy(threshold_E=jnp.asarray(values, jnp.float32),
                     delta=jnp.asarray(delta if delta is not None else 0.0, jnp.float32),
                     criterion=criterion, num_exits=num_exits, is_regression=is_regression,
-                    min_exit_layer=min_exit_layer)
+                    min_exit_layer=min_exit_layer, token_task=token_task, pool=pool)
 
 
 def parse_thresholds(text: str) -> list[list[float]]:
@@ -126,8 +150,10 @@ def parse_thresholds(text: str) -> list[list[float]]:
   return settings
 
 
-def default_thresholds(criterion: str, num_exits: int) -> list[list[float]]:
+def default_thresholds(criterion: str, num_exits: int, token_task: bool = False) -> list[list[float]]:
   """The thresholds a sweep uses when the user names none."""
+  if criterion == "entropy" and token_task:
+    return [[v] for v in SENTEE_ENTROPIES]
   if criterion == "entropy":
     return [[v] for v in REFERENCE_ENTROPIES]
   if criterion == "maxprob":
@@ -149,11 +175,39 @@ def entropy(logits_BxC) -> jax.Array:
   return -jnp.sum(jnp.exp(logp_BxC) * logp_BxC, axis=-1)
 
 
-def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i):
-  """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits."""
+def _pool_words(values_BxS, word_mask_BxS, pool: str, worst: str):
+  """A sentence's value from its words': the worst word ('max' of uncertainties, 'min' of
+  confidences) or the mean. A row without words gives the value that lets it exit."""
+  m_BxS = word_mask_BxS > 0
+  if pool == "avg":
+    return jnp.sum(jnp.where(m_BxS, values_BxS, 0.0), axis=-1) / jnp.maximum(m_BxS.sum(-1), 1)
+  if worst == "max":
+    return jnp.max(jnp.where(m_BxS, values_BxS, -jnp.inf), axis=-1)
+  return jnp.min(jnp.where(m_BxS, values_BxS, jnp.inf), axis=-1)
+
+
+def sentence_confident(policy: ExitPolicy, logits_BxSxC, word_mask_BxS, threshold):
+  """SENTEE (method-seqlab.md section 3): the words' normalised entropies H / log C pooled by max
+  (or mean) below tau; for maxprob, the words' max probabilities pooled by min (or mean) >= p."""
+  if policy.criterion == "entropy":
+    u_BxS = entropy(logits_BxSxC) / math.log(logits_BxSxC.shape[-1])
+    return _pool_words(u_BxS, word_mask_BxS, policy.pool, "max") < threshold
+  p_BxS = jnp.max(jax.nn.softmax(logits_BxSxC, axis=-1), axis=-1)
+  return _pool_words(p_BxS, word_mask_BxS, policy.pool, "min") >= threshold
+
+
+def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=None):
+  """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits.
+
+  Token exits: logits [B,S,C] and word_mask_BxS (1 at each word's first piece): the sentence's
+  words decide together (`sentence_confident`)."""
   threshold = policy.threshold_E[i]
   logits_BxC = logits_BxC.astype(jnp.float32)
-  if policy.criterion == "entropy":
+  if policy.token_task:
+    if word_mask_BxS is None or logits_BxC.ndim != 3:
+      raise RomeFlaxError("a token-task policy needs token logits [B,S,C] and the word mask")
+    confident_B = sentence_confident(policy, logits_BxC, word_mask_BxS, threshold)
+  elif policy.criterion == "entropy":
     confident_B = entropy(logits_BxC) < threshold
   elif policy.criterion == "maxprob":
     confident_B = jnp.max(jax.nn.softmax(logits_BxC, axis=-1), axis=-1) >= threshold
@@ -173,12 +227,18 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i):
 
 class Decision(NamedTuple):
   exit_index_N: jax.Array  # int32, 0-based exit taken by each example
-  logits_NxC: jax.Array    # float32, the logits of that exit
+  logits_NxC: jax.Array    # float32, the logits of that exit ([N, W, C] for token exits)
+
+
+def per_example(flag_B, like):
+  """A per-example flag [B] broadcast against per-example values [B, ...] (logits of either head)."""
+  return flag_B.reshape(flag_B.shape + (1,) * (like.ndim - 1))
 
 
 @jax.jit
-def decide(policy: ExitPolicy, exit_logits_ExNxC) -> Decision:
-  """Offline: the exit each example takes, given every exit's logits (one all-exits pass)."""
+def decide(policy: ExitPolicy, exit_logits_ExNxC, word_mask_NxW=None) -> Decision:
+  """Offline: the exit each example takes, given every exit's logits (one all-exits pass).
+  Token exits: logits [E,N,W,C] (word-level) and word_mask_NxW."""
   E, N = exit_logits_ExNxC.shape[:2]
   if E != policy.num_exits:
     raise RomeFlaxError(f"policy is for {policy.num_exits} exits, logits have {E}")
@@ -186,10 +246,10 @@ def decide(policy: ExitPolicy, exit_logits_ExNxC) -> Decision:
   def body(carry, xs):
     state, done_N, exit_N, out_NxC = carry
     logits_NxC, i = xs
-    state, exit_now_N = step(policy, state, logits_NxC, i)
+    state, exit_now_N = step(policy, state, logits_NxC, i, word_mask_NxW)
     newly_N = exit_now_N & ~done_N
     exit_N = jnp.where(newly_N, i, exit_N)
-    out_NxC = jnp.where(newly_N[:, None], logits_NxC, out_NxC)
+    out_NxC = jnp.where(per_example(newly_N, logits_NxC), logits_NxC, out_NxC)
     return (state, done_N | exit_now_N, exit_N, out_NxC), None
 
   init = (init_state((N,)), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32),

@@ -7,9 +7,10 @@ without knowing what the head does; a head kind says
     token 0 alone: ~80% of that layer skipped, same logits),
   - `flops`: the FLOPs of one exit on sequences of given real lengths (speed ratios count them).
 
-Kinds today: 'sequence' (one logit vector per sequence, pooled by 'cls' or 'mean'; a regression
-task is this head with one output). A new kind (e.g. a logit per token for sequence labelling) is
-one `HeadKind` in `HEAD_KINDS` and a `head` value in `ModelConfig`.
+Kinds: 'sequence' (one logit vector per sequence, pooled by 'cls' or 'mean'; a regression task is
+this head with one output) and 'token' (one logit vector per token: sequence labelling; a word is
+read at its first piece, method-seqlab.md section 1). A new kind is one `HeadKind` in `HEAD_KINDS`
+and a `head` value in `ModelConfig`.
 """
 
 from __future__ import annotations
@@ -47,8 +48,26 @@ class SequenceHead(nn.Module):
       m_BxSx1 = mask_BxS[..., None].astype(h_BxSxD.dtype)
       x_BxD = (h_BxSxD * m_BxSx1).sum(1) / jnp.maximum(m_BxSx1.sum(1), 1)
     pooler = layers.Linear(cfg.hidden_size, layers.compute_dtype(cfg), layers.kernel_init(cfg), name="pooler")
-    x_BxD = layers.Dropout(cfg.hidden_dropout_prob)(jnp.tanh(pooler(x_BxD)), deterministic=deterministic)
+    x_BxD = layers.Dropout(cfg.exit_dropout)(jnp.tanh(pooler(x_BxD)), deterministic=deterministic)
     return layers.Linear(cfg.num_labels, jnp.float32, layers.kernel_init(cfg), name="classifier")(x_BxD)
+
+
+class TokenHead(nn.Module):
+  """Dropout + linear on every token: [B,S,D] -> [B,S,C] (the reference's `Pseudo_Classifier`, and
+  transformers' BertForTokenClassification head, so a fine-tuned token classifier loads as exit L).
+  Logits of non-first pieces and padding are computed and ignored: gathering the first pieces
+  first would cost more than the S x D x C matmul it saves."""
+  cfg: object   # ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, mask_BxS, deterministic: bool):
+    x_BxSxD = layers.Dropout(self.cfg.exit_dropout)(h_BxSxD, deterministic=deterministic)
+    return layers.Linear(self.cfg.num_labels, jnp.float32, layers.kernel_init(self.cfg), name="classifier")(x_BxSxD)
+
+
+def _token_flops(cfg, lengths) -> np.ndarray:
+  """The classifier on every piece of the sequence (what runs)."""
+  return 2.0 * np.asarray(lengths, np.float64) * cfg.hidden_size * cfg.num_labels
 
 
 def _sequence_flops(cfg, lengths) -> np.ndarray:
@@ -69,6 +88,7 @@ class HeadKind:
 
 HEAD_KINDS: dict[str, HeadKind] = {k.name: k for k in (
     HeadKind("sequence", SequenceHead, lambda cfg: cfg.exit_pooling == "cls", _sequence_flops),
+    HeadKind("token", TokenHead, lambda cfg: False, _token_flops),
 )}
 
 

@@ -35,12 +35,17 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--text_a_column", default="text")
   ap.add_argument("--text_b_column")
   ap.add_argument("--label_column", default="label")
+  ap.add_argument("--tag_column", type=int, default=-1, help="token tasks, CoNLL files: the tag column (-1: last)")
+  ap.add_argument("--tokens_column", default="tokens", help="token tasks, JSON Lines: the words' column")
+  ap.add_argument("--tags_column", default="tags", help="token tasks, JSON Lines: the tags' column")
   ap.add_argument("--split", default="dev")
   ap.add_argument("--criterion", default="entropy",
                   help="entropy, maxprob, patience, a comma list of them, or 'all' (default thresholds each)")
   ap.add_argument("--thresholds", help="comma list of settings; one setting may list per-exit values with ':' "
                   "(e.g. 0.05,0.1,0.2 or 0.1:0.2:0.3). Default: the reference sweep of the criterion")
   ap.add_argument("--delta", type=float, help="regression patience: |change| below which predictions agree")
+  ap.add_argument("--pool", choices=ep.POOLS, help="token tasks (SENTEE): a sentence's uncertainty is the max "
+                  "(default) or the mean over its words")
   ap.add_argument("--min_exit_layer", type=int, default=1)
   ap.add_argument("--metric", help="metric to plot (default: the task's primary metric); needs labels")
   ap.add_argument("--batch_size", type=int, default=64)
@@ -82,7 +87,7 @@ def load_model(path: str, num_labels: Optional[int] = None):
 def _named_task(args):
   """The --task's spec when it fixes the label count (a Hugging Face checkpoint then gets that many)."""
   from rome_flax import tasks
-  if args.task is None or args.task.strip().lower() == "custom":
+  if args.task is None or args.task.strip().lower() == "custom" or tasks.is_token_task_name(args.task):
     return None
   return tasks.get_task(args.task)
 
@@ -96,6 +101,16 @@ def resolve_task(args, model):
   if str(name).lower() == "custom":
     return tasks.get_task("custom", label_names=tuple(info.label_names) or None,
                           regression=model.config.is_regression)
+  if tasks.is_token_task_name(name):
+    if not model.config.is_token_task:
+      raise RomeFlaxError(f"task {name} (sequence labelling) needs a model with token exits; {args.checkpoint} has "
+                          "one prediction per sentence")
+    if not info.label_names:
+      raise RomeFlaxError(f"{args.checkpoint} does not list its tag set: pass a train.py export of a token task")
+    return tasks.get_task(name, tag_names=tuple(info.label_names))
+  if model.config.is_token_task:
+    raise RomeFlaxError(f"{args.checkpoint} has token exits (sequence labelling); task {name} needs one prediction "
+                        "per sentence")
   task = tasks.get_task(name)
   if task.num_labels != model.config.num_labels:
     raise RomeFlaxError(f"task {task.name} has {task.num_labels} label(s) but the checkpoint's exits have "
@@ -104,7 +119,16 @@ def resolve_task(args, model):
 
 
 def load_examples(args, task):
-  from rome_flax import data
+  from rome_flax import data, token_data
+  if task.is_token_task:
+    files = {args.split: args.data_file} if args.data_file else None
+    hub = task.hf_name if files is None and args.data_dir is None else None
+    if files is None and args.data_dir is None and hub is None:
+      raise RomeFlaxError(f"task {task.name} reads your files: pass --data_dir or --data_file")
+    examples = token_data.load_token_split(args.split, data_dir=args.data_dir, files=files, task=task.name,
+                                           tag_column=args.tag_column, tokens_column=args.tokens_column,
+                                           tags_column=args.tags_column, hub_name=hub)
+    return examples.head(args.limit) if args.limit is not None else examples
   if task.name == "custom" or args.data_file:
     if not args.data_file:
       raise RomeFlaxError("a custom task needs --data_file")
@@ -132,7 +156,8 @@ def _first(chunks, limit: int):
 
 
 def build_policies(args, cfg) -> list[ep.ExitPolicy]:
-  criteria = list(ep.CRITERIA) if args.criterion.strip() == "all" else [c.strip() for c in args.criterion.split(",")]
+  every = ep.TOKEN_CRITERIA if cfg.is_token_task else ep.CRITERIA
+  criteria = list(every) if args.criterion.strip() == "all" else [c.strip() for c in args.criterion.split(",")]
   for c in criteria:
     if c not in ep.CRITERIA:
       raise RomeFlaxError(f"unknown criterion {c!r}; choose from {', '.join(ep.CRITERIA)} or 'all'")
@@ -148,11 +173,11 @@ def build_policies(args, cfg) -> list[ep.ExitPolicy]:
   policies = []
   for c in criteria:
     settings = ep.parse_thresholds(args.thresholds) if args.thresholds is not None else \
-        ep.default_thresholds(c, cfg.num_exits)
+        ep.default_thresholds(c, cfg.num_exits, cfg.is_token_task)
     for values in settings:
       policies.append(ep.make_policy(c, values if len(values) > 1 else values[0], cfg.num_exits,
                                      num_labels=cfg.num_labels, min_exit_layer=args.min_exit_layer,
-                                     delta=args.delta))
+                                     delta=args.delta, token_task=cfg.is_token_task, pool=args.pool))
   return policies
 
 

@@ -41,8 +41,27 @@ def _device_arrays(piece: dict) -> tuple:
   return tuple(jnp.asarray(piece[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
+def _word_mask(piece: dict):
+  """A token task's word mask on the device, else None (what the criterion pools words by)."""
+  return jnp.asarray(piece["word_mask"]) if "word_mask" in piece else None
+
+
+def to_words(logits_xBxSxC, word_mask_BxS, num_words: int) -> np.ndarray:
+  """Token logits [..., B, S, C] at each word's first piece -> word-level [..., B, W, C] (W =
+  num_words; slots past an example's words are zeros): what metrics, sweeps and files read."""
+  mask_BxS = np.asarray(word_mask_BxS) > 0
+  order_BxS = np.argsort(~mask_BxS, axis=1, kind="stable")   # each row's word positions first, in order
+  S = mask_BxS.shape[1]
+  idx_BxW = order_BxS[:, :num_words] if num_words <= S else np.pad(order_BxS, ((0, 0), (0, num_words - S)))
+  logits = np.asarray(logits_xBxSxC)
+  words = np.take_along_axis(logits, np.broadcast_to(idx_BxW[..., None], logits.shape[:-3] + idx_BxW.shape + (1,)),
+                             axis=-2)
+  present_BxW = np.arange(num_words)[None, :] < mask_BxS.sum(1)[:, None]
+  return np.where(present_BxW[..., None], words, 0.0).astype(np.float32)
+
+
 class RunResult(NamedTuple):
-  logits_NxC: np.ndarray
+  logits_NxC: np.ndarray      # [N, C], or word-level [N, W, C] for token exits
   exit_index_N: np.ndarray    # 0-based exit per example (final exit for the full model)
   layer_runs: int             # layers run (latency) / layer batches run (throughput) / batches x L (full)
 
@@ -55,8 +74,8 @@ class Pass:
   apart and `collect` (outputs -> per-example arrays) after.
   """
 
-  def __init__(self, pieces: list[dict], fn, num_examples: int, cfg: ModelConfig):
-    self.pieces, self.fn, self.num_examples, self.cfg = pieces, fn, num_examples, cfg
+  def __init__(self, pieces: list[dict], fn, num_examples: int, cfg: ModelConfig, num_words: int = 0):
+    self.pieces, self.fn, self.num_examples, self.cfg, self.num_words = pieces, fn, num_examples, cfg, num_words
 
   def warm_up(self) -> None:
     seen = set()
@@ -70,18 +89,21 @@ class Pass:
 
   def collect(self, outputs: list) -> RunResult:
     final_exit = self.cfg.num_layers - 1
-    logits = np.zeros((self.num_examples, self.cfg.num_labels), np.float32)
+    per_example = (self.num_words,) if self.cfg.is_token_task else ()
+    logits = np.zeros((self.num_examples,) + per_example + (self.cfg.num_labels,), np.float32)
     exits = np.full((self.num_examples,), final_exit, np.int32)
     runs = 0
     for piece, out in zip(self.pieces, outputs):
       rows = piece["example_ids"]
       keep = rows >= 0
+      out_logits = np.asarray(out.logits_BxC if isinstance(out, ExitResult) else out)
+      if self.cfg.is_token_task:
+        out_logits = to_words(out_logits, piece["word_mask"], self.num_words)
+      logits[rows[keep]] = out_logits[keep]
       if isinstance(out, ExitResult):
-        logits[rows[keep]] = np.asarray(out.logits_BxC)[keep]
         exits[rows[keep]] = np.asarray(out.exit_index_B)[keep]
         runs += int(out.layer_runs)
       else:
-        logits[rows[keep]] = np.asarray(out)[keep]
         runs += final_exit + 1
     return RunResult(logits, exits, runs)
 
@@ -112,14 +134,20 @@ def _batch_parallel(prepared, mesh, batch_size: int):
 def full_model_pass(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batch_size: int, mesh=None) -> Pass:
   """The baseline at a batch size: all layers, final exit only (batches split over `mesh`)."""
   params, arrays = _batch_parallel(prepared, mesh, batch_size)
-  return Pass(plan(encoded, batch_size), lambda p: full_model(params, cfg, *arrays(p)), len(encoded), cfg)
+  return Pass(plan(encoded, batch_size), lambda p: full_model(params, cfg, *arrays(p)), len(encoded), cfg,
+              _num_words(encoded))
+
+
+def _num_words(encoded: data.EncodedSplit) -> int:
+  return encoded.max_words if encoded.is_token_task else 0
 
 
 def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
                  batch_size: int = 1) -> Pass:
   """Latency path over a dataset, batch by batch (batch_size 1: classic per-example early exit)."""
-  return Pass(plan(encoded, batch_size), lambda p: latency_exit(prepared, cfg, policy, *_device_arrays(p)),
-              len(encoded), cfg)
+  return Pass(plan(encoded, batch_size),
+              lambda p: latency_exit(prepared, cfg, policy, *_device_arrays(p), _word_mask(p)),
+              len(encoded), cfg, _num_words(encoded))
 
 
 def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
@@ -140,8 +168,8 @@ def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: 
   if devices == 1:
     def fn(p):
       return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),
-                              batch_size)
-    return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg)
+                              batch_size, word_mask_NxS=_word_mask(p))
+    return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg, _num_words(encoded))
 
   params = jax.device_put(prepared, sharding.replicated(mesh))
   split = sharding.batch_sharding(mesh)
@@ -149,9 +177,12 @@ def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: 
   def fn_devices(p):
     valid_DxN = (p["example_ids"] >= 0).reshape(devices, -1)
     arrays = (p["input_ids"], p["attention_mask"], p["token_type_ids"], valid_DxN)
-    return throughput_chunks(params, cfg, policy, *(jax.device_put(a, split) for a in arrays), batch_size, mesh)
+    words = None if "word_mask" not in p else jax.device_put(p["word_mask"], split)
+    return throughput_chunks(params, cfg, policy, *(jax.device_put(a, split) for a in arrays), batch_size, mesh,
+                             word_mask_DxNxS=words)
 
-  return Pass(_per_device_groups(plan(encoded, chunk_size), devices), fn_devices, len(encoded), cfg)
+  return Pass(_per_device_groups(plan(encoded, chunk_size), devices), fn_devices, len(encoded), cfg,
+              _num_words(encoded))
 
 
 def _per_device_groups(pieces: list[dict], devices: int) -> list[dict]:
@@ -164,7 +195,8 @@ def _per_device_groups(pieces: list[dict], devices: int) -> list[dict]:
     widen = lambda a: np.pad(a, ((0, 0), (0, S - a.shape[1])))
     blank = {k: np.zeros_like(v) if k != "example_ids" else np.full_like(v, -1) for k, v in group[0].items()}
     group = group + [blank] * (devices - len(group))
-    stacked = {k: np.stack([widen(p[k]) for p in group]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    keys = ("input_ids", "attention_mask", "token_type_ids") + (("word_mask",) if "word_mask" in group[0] else ())
+    stacked = {k: np.stack([widen(p[k]) for p in group]) for k in keys}
     stacked["example_ids"] = np.concatenate([p["example_ids"] for p in group])
     groups.append(stacked)
   return groups
@@ -173,14 +205,17 @@ def _per_device_groups(pieces: list[dict], devices: int) -> list[dict]:
 def exit_logits_of(run_piece, encoded: data.EncodedSplit, batch_size: int, progress=None) -> np.ndarray:
   """Every exit's logits [E,N,C] for a dataset, in dataset order, from `run_piece(piece) -> [E,B,C]`
   over `plan`'s length-sorted pieces; the host reads back once, at the end. The offline sweep's
-  cache and the trainer's evaluation both go through here."""
+  cache and the trainer's evaluation both go through here. Token exits: word-level [E,N,W,C]."""
   pieces = plan(encoded, batch_size)
   outputs = [run_piece(piece) for piece in (progress(pieces) if progress else pieces)]
   outputs = jax.device_get(outputs)
-  out = np.zeros((outputs[0].shape[0], len(encoded), outputs[0].shape[-1]), np.float32)
+  per_example = (encoded.max_words,) if encoded.is_token_task else ()
+  out = np.zeros((outputs[0].shape[0], len(encoded)) + per_example + (outputs[0].shape[-1],), np.float32)
   for piece, logits in zip(pieces, outputs):
     rows = piece["example_ids"]
     keep = rows >= 0
+    if encoded.is_token_task:
+      logits = to_words(logits, piece["word_mask"], encoded.max_words)
     out[:, rows[keep]] = np.asarray(logits)[:, keep]
   return out
 

@@ -6,6 +6,9 @@ method up here, so a new method is one entry in `METHODS`:
 
   MY_METHOD = Method("my_method", (Stage("all", True, my_terms),), supports_gr=True)
 
+Methods see units, not examples: for token exits (sequence labelling) every word is a unit
+(`train_step.flat_units`), so each method here is also a token-level method.
+
 Every method's loss comes as two terms, `final` and `highway` (`losses.LossTerms`); RomeBERT's
 gradient regularisation acts on exactly these two groups.
 """
@@ -86,6 +89,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="two stages: the final exit with the encoder, then the highways on a frozen encoder"),
     Method("pabee", (Stage("all", True, losses.pabee_terms),),
            summary="one stage: every exit's CE weighted by its layer number"),
+    Method("joint_weighted", (Stage("all", True, losses.pabee_terms),),
+           summary="one stage: sum_l l * CE_l / sum_l l (the sequence-labelling reference's stage 1; PABEE's loss)"),
     Method("joint", (Stage("all", True, losses.joint_terms),),
            summary="one stage: every exit's CE, unweighted"),
     Method("final_only", (Stage("final", True, losses.final_terms),),

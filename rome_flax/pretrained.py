@@ -117,19 +117,21 @@ class MultiExitBert:
   @classmethod
   def from_pretrained(cls, path_or_id: str | os.PathLike, num_labels: Optional[int] = None,
                       exit_pooling: Optional[str] = None, dtype: Optional[str] = None, seed: int = 0,
-                      revision: Optional[str] = None, load_tokenizer_files: bool = True) -> "MultiExitBert":
+                      revision: Optional[str] = None, load_tokenizer_files: bool = True, head: str = "sequence",
+                      label_names=None, classifier_dropout: Optional[float] = None) -> "MultiExitBert":
     """Loads a rome_flax export or a Hugging Face checkpoint (local directory or hub id).
 
     For Hugging Face checkpoints `num_labels` defaults to the checkpoint's own label count (2 if it
     has none); `exit_pooling` defaults to 'cls' and `dtype` to 'float32'. For a rome_flax export
-    they default to the saved values.
+    they default to the saved values. head='token' builds token exits (sequence labelling) over
+    `label_names`, taking a token classifier's head as exit L when its labels are the same.
     """
     ckpt_dir = resolve_checkpoint_dir(str(path_or_id), revision)
     if (ckpt_dir / EXPORT_CONFIG).is_file():
       return cls._from_export(ckpt_dir, num_labels, exit_pooling, dtype, load_tokenizer_files)
     cfg, params, report, ckpt_dir = load_hf_checkpoint(
         str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling or "cls", dtype=dtype or "float32",
-        seed=seed)
+        seed=seed, head=head, label_names=label_names, classifier_dropout=classifier_dropout)
     # Missing encoder weights usually mean the wrong checkpoint: say so loudly.
     level = logging.WARNING if any(not m.startswith(("pooler", "classifier")) for m in report.missing) else logging.INFO
     log.log(level, "loaded %s: %s", ckpt_dir, report.summary())

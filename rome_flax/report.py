@@ -132,6 +132,20 @@ def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[
     yield f"{int(i)}\t{_label_cell(p, label_names)}\t{int(e) + 1}\n"
 
 
+def predictions_conll(words, predictions_NxW, exit_index_N, label_names: Sequence[str], labels_NxW=None
+                      ) -> Iterator[str]:
+  """A token task's predictions in CoNLL format: `word gold predicted exit_layer` per line (no gold
+  column for an unlabelled split), a blank line after each sentence; streamed. conlleval reads the
+  last two tag columns of the labelled form (drop the exit column: `cut -d' ' -f1-3`)."""
+  for i, sentence in enumerate(words):
+    layer = int(exit_index_N[i]) + 1
+    for k, word in enumerate(sentence):
+      pred = label_names[int(predictions_NxW[i, k])]
+      gold = f" {label_names[int(labels_NxW[i, k])]}" if labels_NxW is not None else ""
+      yield f"{word}{gold} {pred} {layer}\n"
+    yield "\n"
+
+
 def safe_name(setting: str) -> str:
   """A setting (e.g. 'entropy<0.1') as a file name."""
   return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in setting.replace("<", "_lt_")
@@ -147,7 +161,8 @@ def submission_file(task: str, split: str) -> str:
 def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   """Every file of an `evaluation.ExitsEvaluation` in out_dir; returns their paths.
 
-  per_exit.{json,csv,md,png} (labelled), sweep.{json,csv,md}, predictions/<setting>.tsv,
+  per_exit.{json,csv,md,png} (labelled), sweep.{json,csv,md}, predictions/<setting>.tsv (token
+  tasks: predictions/<setting>.conll, word gold predicted exit_layer),
   submission/<setting>/<GLUE name>.tsv (unlabelled), speed.{json,csv,md} (timed settings),
   tradeoff.png (labelled) and summary.json (`checkpoint` names the model there).
   """
@@ -159,6 +174,10 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
   for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
     name = safe_name(policy.describe())
+    if ev.task.is_token_task:
+      written.append(files.atomic_write_lines(out / "predictions" / f"{name}.conll", predictions_conll(
+          ev.words, predictions, exits, ev.task.label_names, ev.labels)))
+      continue
     written.append(files.atomic_write_lines(out / "predictions" / f"{name}.tsv", predictions_tsv(
         ev.example_ids, predictions, exits, ev.task.label_names)))
     if not ev.labelled:

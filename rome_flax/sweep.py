@@ -7,7 +7,8 @@ figures are named as in docs/method.md: the layer ratio is ElasticBERT's "speed-
 "expected saving" is 1 / layer ratio (the fraction of layers used).
 
 FLOPs count multiply-adds x 2 on each example's real (unpadded) tokens: per layer the four dense
-matmuls plus attention scores and context; per exit head the pooler and classifier. An early-exit
+matmuls plus attention scores and context; per exit head its kind's count (pooler and classifier;
+a token head's classifier on every piece). An early-exit
 example taking exit e pays layers 1..e and heads 1..e (the heads that ran and were not taken
 included); the full model pays L layers and one head.
 """
@@ -49,14 +50,15 @@ def flops_ratio(cfg: ModelConfig, exit_index_N, lengths_N) -> float:
 
 
 def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelConfig, lengths_N,
-             labels_N: Optional[np.ndarray] = None, task: Optional[TaskSpec] = None) -> list[dict]:
+             labels_N: Optional[np.ndarray] = None, task: Optional[TaskSpec] = None,
+             word_mask_NxW: Optional[np.ndarray] = None) -> list[dict]:
   """One row per policy: setting, the task's metrics (given labels and task), exit statistics and
-  speed ratios."""
+  speed ratios. Token exits: word-level logits [E,N,W,C] and word_mask_NxW (SENTEE)."""
   logits = jnp.asarray(exit_logits_ExNxC, jnp.float32)
   L = cfg.num_layers
   rows = []
   for policy in policies:
-    pred_N, exit_N = decisions(policy, logits, cfg.is_regression)
+    pred_N, exit_N = decisions(policy, logits, cfg.is_regression, word_mask_NxW)
     highway_thresholds = np.asarray(policy.threshold_E)[:max(L - 1, 1)]   # the last exit always exits
     row = {"criterion": policy.criterion, "setting": policy.describe(),
            "thresholds": [float(f"{v:.6g}") for v in highway_thresholds],
@@ -79,9 +81,10 @@ def exit_statistics(cfg: ModelConfig, exit_index_N, lengths_N) -> dict:
           "exit_shares": (np.bincount(exit_N, minlength=L) / len(exit_N)).round(4).tolist()}
 
 
-def decisions(policy: ep.ExitPolicy, exit_logits_ExNxC, is_regression: bool):
-  """(predictions, 0-based exit index) per example under one policy."""
-  d = ep.decide(policy, jnp.asarray(exit_logits_ExNxC, jnp.float32))
+def decisions(policy: ep.ExitPolicy, exit_logits_ExNxC, is_regression: bool, word_mask_NxW=None):
+  """(predictions, 0-based exit index) per example under one policy (token exits: predictions [N, W])."""
+  d = ep.decide(policy, jnp.asarray(exit_logits_ExNxC, jnp.float32),
+                None if word_mask_NxW is None else jnp.asarray(word_mask_NxW))
   return heads.predictions(np.asarray(d.logits_NxC), is_regression), np.asarray(d.exit_index_N)
 
 

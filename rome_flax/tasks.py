@@ -1,7 +1,8 @@
 """Task registry: what each task's labels and metrics are, and where its files and columns live.
 
-One `TaskSpec` per GLUE task, the embedded 'synthetic' task, and 'custom' (a user's CSV / JSON
-Lines files). The GLUE column layouts are the ones the GLUE download script writes (the layout of
+One `TaskSpec` per GLUE task, the embedded 'synthetic' task, 'custom' (a user's CSV / JSON Lines
+files), and the sequence-labelling tasks (`kind='token'`: 'conll2003', 'ner', 'pos'), whose tag set
+is read from their training split (`token_task`). The GLUE column layouts are the ones the GLUE download script writes (the layout of
 ../shared/glue): CoLA's train/dev files have no header, every other file has one.
 """
 
@@ -36,6 +37,11 @@ class TaskSpec:
   hf_splits: tuple[tuple[str, str], ...] = ()   # rome_flax split -> hub split
   tsv: tuple[tuple[str, TsvLayout], ...] = ()   # rome_flax split -> TSV layout
   protect_final: bool = False              # GR default: protect the final exit (MNLI, QQP) or the highways
+  kind: str = "sequence"                   # 'sequence': a label per example; 'token': a tag per word
+
+  @property
+  def is_token_task(self) -> bool:
+    return self.kind == "token"
 
   @property
   def is_regression(self) -> bool:
@@ -110,9 +116,46 @@ SYNTHETIC = TaskSpec("synthetic", 2, ("negative", "positive"), ("accuracy",), "a
                      hf_splits=(("train", "train"), ("dev", "dev"), ("test", "test")))
 
 _REGISTRY = {t.name: t for t in _GLUE + [SYNTHETIC]}
-_ALIASES = {"sst2": "sst-2", "stsb": "sts-b", "sts": "sts-b", "mnli-m": "mnli", "mnli-mm": "mnli"}
+_ALIASES = {"sst2": "sst-2", "stsb": "sts-b", "sts": "sts-b", "mnli-m": "mnli", "mnli-mm": "mnli",
+            "conll": "conll2003", "conll-2003": "conll2003"}
 GLUE_TASKS = tuple(t.name for t in _GLUE)
-TASK_NAMES = GLUE_TASKS + ("synthetic", "custom")
+# Sequence labelling: 'conll2003' (NER; --data_dir with train/dev/test.txt, or the hub), 'ner' and
+# 'pos' (a user's CoNLL column or JSON Lines files). Their tag sets come from the training split.
+TOKEN_TASKS = ("conll2003", "ner", "pos")
+TASK_NAMES = GLUE_TASKS + ("synthetic", "custom") + TOKEN_TASKS
+
+
+def is_token_task_name(name: str) -> bool:
+  key = str(name).strip().lower()
+  return _ALIASES.get(key, key) in TOKEN_TASKS
+
+
+ENTITY_PREFIXES = ("B", "I", "E", "S")
+
+
+def is_entity_tagging(tag_names) -> bool:
+  """True when every tag is 'O' or <B|I|E|S>-<type> (BIO / IOB2 / IOBES): entity-level F1 applies."""
+  def entity_tag(tag: str) -> bool:
+    prefix, dash, kind = str(tag).partition("-")
+    return tag == "O" or (bool(dash) and prefix in ENTITY_PREFIXES and bool(kind))
+  tags = list(tag_names)
+  return bool(tags) and all(entity_tag(t) for t in tags) and any(t != "O" for t in tags)
+
+
+def token_task(name: str, tag_names) -> TaskSpec:
+  """A sequence-labelling task over `tag_names` (the training split's tag set, in its saved order).
+
+  The metric follows the tag set: entity-level micro F1 / precision / recall (conlleval) when every
+  tag is O or B-/I-/E-/S-<type>, else token accuracy (POS)."""
+  key = str(name).strip().lower()
+  key = _ALIASES.get(key, key)
+  tag_names = tuple(str(t) for t in tag_names)
+  if len(tag_names) < 2 or len(set(tag_names)) != len(tag_names):
+    raise RomeFlaxError(f"a tag set needs at least two distinct tags, got {list(tag_names)}")
+  entities = is_entity_tagging(tag_names)
+  names, primary = (("f1", "precision", "recall"), "f1") if entities else (("accuracy",), "accuracy")
+  return TaskSpec(key, len(tag_names), tag_names, names, primary, kind="token",
+                  hf_name="conll2003" if key == "conll2003" else None)
 
 
 def custom_task(label_names: Optional[tuple[str, ...]] = None, regression: bool = False,
@@ -134,6 +177,8 @@ def get_task(name: str, **custom) -> TaskSpec:
   key = _ALIASES.get(key, key)
   if key == "custom":
     return custom_task(**custom)
+  if key in TOKEN_TASKS:
+    return token_task(key, **custom)
   if key not in _REGISTRY:
     raise RomeFlaxError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
   return _REGISTRY[key]

@@ -37,6 +37,7 @@ class NetworkOptions:
   random_model_intermediate: int = 128
   exit_pooling: str = "cls"
   dtype: str = "float32"
+  classifier_dropout: Optional[float] = None   # exit heads' dropout (None: the checkpoint's hidden dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,11 @@ class DataOptions:
   custom_regression: bool = False
   train_rows: int = 0                   # use only the first N training rows (0: all)
   max_length: int = 128
+  # Sequence labelling (tasks conll2003 / ner / pos): CoNLL column files (data_dir with train.txt,
+  # dev.txt, test.txt, or train_file / dev_file / test_file) or JSON Lines (tokens + tags lists).
+  tag_column: int = -1                  # CoNLL files: the tag column (-1: last; e.g. 1 for POS in CoNLL-2003's 4 columns)
+  tokens_column: str = "tokens"         # JSON Lines: the column of a sentence's words
+  tags_column: str = "tags"             # JSON Lines: the column of its tags
 
   def __post_init__(self):
     if self.custom_labels is not None and not isinstance(self.custom_labels, tuple):

@@ -112,8 +112,20 @@ def stage_forward(params, cfg: ModelConfig, batch, rng, plan: methods.StagePlan,
 
 
 def example_weights(batch) -> jax.Array:
-  """1 for real examples, 0 for the rows that pad a short batch."""
-  return (batch["example_ids"] >= 0).astype(jnp.float32)
+  """The weight of each labelled unit: [B] 1 for real examples, 0 for the rows that pad a short
+  batch; for a token task [B, S], 1 at the first piece of each word of a real example (the other
+  pieces, padding and padding rows carry no label)."""
+  real_B = (batch["example_ids"] >= 0).astype(jnp.float32)
+  if "word_mask" in batch:
+    return batch["word_mask"].astype(jnp.float32) * real_B[:, None]
+  return real_B
+
+
+def flat_units(logits, labels, weights):
+  """Logits [E, B, (S,) C], labels and weights [B, (S)] -> [E, U, C], [U], [U]: a token task's
+  words become the loss's units, so every loss (`losses.py`: weighted means over units) serves
+  sentence and token exits alike (per-token CE averaged over the batch's words, as the reference)."""
+  return logits.reshape(logits.shape[0], -1, logits.shape[-1]), labels.reshape(-1), weights.reshape(-1)
 
 
 # ----------------------------------------------------------------------------- GR projection
@@ -175,7 +187,7 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1, pro
   mode = loss_cfg.gr if loss_cfg.uses_gr else "none"
 
   def loss_of_logits(logits, batch, scale) -> LossTerms:
-    terms = loss_terms(logits, batch["labels"], example_weights(batch), loss_cfg, stage)
+    terms = loss_terms(*flat_units(logits, batch["labels"], example_weights(batch)), loss_cfg, stage)
     return terms if scale is None else LossTerms(terms.final * scale, terms.highway * scale)
 
   def plain_groups(params, batch, rng, scale):
@@ -282,7 +294,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
 def make_eval_step(cfg: ModelConfig, out_sharding: Any = None) -> Callable:
   """Jitted `(params, batch) -> exit_logits [E, B, C]`, dropout off. `out_sharding` (e.g. replicated
   over the mesh) makes the logits readable on every process of a multi-host job."""
-  def eval_fn(params, batch):
+  def eval_fn(params, batch):   # [E, B, C], or [E, B, S, C] for token exits
     return model_lib.forward(params, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                              deterministic=True).exit_logits
   return jax.jit(eval_fn, out_shardings=out_sharding)

@@ -32,6 +32,7 @@ from rome_flax import preemption
 from rome_flax import primary
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
+from rome_flax import token_data
 from rome_flax import train_step as steps
 from rome_flax.checkpoint import RunCheckpoints
 from rome_flax.config import ModelConfig
@@ -40,7 +41,7 @@ from rome_flax.files import atomic_write_text, write_json
 from rome_flax.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
 from rome_flax.runlock import LOCK_FILE, RunLock
 from rome_flax.schedule import Schedule
-from rome_flax.tasks import TaskSpec, get_task
+from rome_flax.tasks import TaskSpec, get_task, is_token_task_name
 from rome_flax.train_config import DataOptions, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,28 @@ class RunData:
 # ----------------------------------------------------------------------------- setup
 
 
+def token_split(cfg: DataOptions, task_name: str, split: str) -> token_data.TokenSplit:
+  """A split of a sequence-labelling task from the run's data options (data_dir, files or the hub)."""
+  files = {k: v for k, v in (("train", cfg.train_file), ("dev", cfg.dev_file), ("test", cfg.test_file)) if v}
+  if cfg.data_dir is not None and files:
+    raise RomeFlaxError("give data_dir or train_file / dev_file / test_file, not both")
+  hub = None
+  if cfg.data_dir is None and not files:
+    if task_name != "conll2003":
+      raise RomeFlaxError(f"task {task_name} reads your files: pass --data_dir (train.txt, dev.txt, test.txt) or "
+                          "--train_file / --dev_file")
+    hub = "conll2003"
+  if files and split not in files:
+    raise RomeFlaxError(f"no file given for the {split} split (--{split}_file)")
+  return token_data.load_token_split(split, data_dir=cfg.data_dir, files=files or None, task=task_name,
+                                     tag_column=cfg.tag_column, tokens_column=cfg.tokens_column,
+                                     tags_column=cfg.tags_column, hub_name=hub)
+
+
 def resolve_task(cfg: DataOptions) -> TaskSpec:
+  if is_token_task_name(cfg.task):
+    name = get_task(cfg.task, tag_names=("O", "B-X")).name   # the canonical name; the tag set comes next
+    return get_task(name, tag_names=token_data.tag_set(token_split(cfg, name, "train")))
   if cfg.task.lower() != "custom":
     return get_task(cfg.task)
   if cfg.train_file is None:
@@ -82,10 +104,18 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
                        num_hidden_layers=net.random_model_layers, num_attention_heads=net.random_model_heads,
                        intermediate_size=net.random_model_intermediate,
                        max_position_embeddings=max(max_length, 64), num_labels=task.num_labels,
-                       exit_pooling=net.exit_pooling, dtype=net.dtype)
+                       exit_pooling=net.exit_pooling, dtype=net.dtype, head=task.kind,
+                       classifier_dropout=net.classifier_dropout)
     return MultiExitBert.from_config(mcfg, seed=seed, tokenizer=synthetic.build_tokenizer())
   model = MultiExitBert.from_pretrained(net.model, num_labels=task.num_labels, exit_pooling=net.exit_pooling,
-                                        dtype=net.dtype, seed=seed)
+                                        dtype=net.dtype, seed=seed, head=task.kind, label_names=task.label_names,
+                                        classifier_dropout=net.classifier_dropout)
+  if model.config.head != task.kind:
+    raise RomeFlaxError(f"{net.model} is a model with {model.config.head} exits; task {task.name} needs "
+                        f"{task.kind} exits")
+  if task.is_token_task and tuple(model.export_info.label_names or task.label_names) != task.label_names:
+    raise RomeFlaxError(f"{net.model} was trained on tags {list(model.export_info.label_names)}, the training "
+                        f"split has {list(task.label_names)}")
   if model.config.num_layers < 2:
     raise RomeFlaxError("a multi-exit model needs at least 2 layers")
   if max_length > model.config.max_position_embeddings:
@@ -94,7 +124,19 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
   return model
 
 
+def _load_token_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
+  train = token_split(cfg, task.name, "train")
+  if cfg.train_rows:
+    train = train.head(cfg.train_rows)
+  evals = {}
+  if cfg.data_dir is not None or cfg.dev_file is not None or task.name == "conll2003":
+    evals["dev"] = token_data.encode(tokenizer, token_split(cfg, task.name, "dev"), task.label_names, cfg.max_length)
+  return RunData(task, token_data.encode(tokenizer, train, task.label_names, cfg.max_length), evals)
+
+
 def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
+  if task.is_token_task:
+    return _load_token_data(cfg, task, tokenizer)
   custom = {}
   if task.name == "custom":
     custom = {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
