@@ -45,6 +45,7 @@ class ExitsEvaluation:
   max_length: int
   all_exits_seconds: float           # the all-exits pass (compile included)
   per_exit: list[dict]               # metrics.per_exit_metrics; [] without labels
+  static: list[dict]                 # sweep.static_exits: the model cut to k layers, per k (labelled)
   settings: list[dict]               # sweep.evaluate rows, one per policy
   policies: list[ep.ExitPolicy]
   predictions: list[np.ndarray]      # per policy: class ids or values per example
@@ -81,6 +82,7 @@ class ExitsEvaluation:
             "batch_size": self.batch_size, "max_length": self.max_length,
             "all_exits_pass_seconds": round(self.all_exits_seconds, 3),
             "final_exit": self.per_exit[-1] if self.per_exit else None, "settings": self.settings,
+            "static_exits": self.static,
             "speed": self.speed, **({"final_exit_per_type": self.per_type} if self.per_type else {})}
 
 
@@ -202,6 +204,7 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   return ExitsEvaluation(
       task=task, split=split_name, example_ids=example_ids, metric=metric, num_layers=cfg.num_layers,
       batch_size=batch_size, max_length=max_length, all_exits_seconds=all_exits_seconds, per_exit=per_exit,
+      static=sweep.static_exits(cfg, per_exit, lengths_N) if labelled else [],
       settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
       exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat,
       words=words if task.is_token_task else None, labels=labels_N if task.is_token_task else None,

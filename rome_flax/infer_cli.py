@@ -81,7 +81,8 @@ def load_model(path: str, num_labels: Optional[int] = None):
                         "checkpoint (config.json)")
   if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
     raise RomeFlaxError(f"checkpoint directory {path} does not exist")
-  return MultiExitBert.from_pretrained(path, num_labels=num_labels)
+  # An export knows its labels and head: resolve_task then says what does not fit the --task.
+  return MultiExitBert.from_pretrained(path, num_labels=None if (p / EXPORT_CONFIG).is_file() else num_labels)
 
 
 def _named_task(args):
@@ -242,6 +243,9 @@ def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:
     print("\nper exit:\n" + report.to_markdown(ev.per_exit))
   print("thresholds (layer ratio = L / average exit layer; FLOPs ratio counts exit heads that ran):\n"
         + report.to_markdown(ev.settings, ev.sweep_columns))
+  if ev.static:
+    print("static exit (the model cut to k layers, exit k for every example: the baseline at equal cost):\n"
+          + report.to_markdown(ev.static, [c for c in ev.sweep_columns if c != "exit_shares"]))
   if ev.best is not None:
     best, metric = ev.best, ev.metric
     print(f"fastest setting within 1 point of the final exit ({metric} {ev.final_metric:.2f}): {best['setting']} "

@@ -62,9 +62,16 @@ class EncoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, mask_bias_Bx1x1xS, deterministic: bool, first_token_only: bool = False):
+  def __call__(self, h_BxSxD, mask_bias_Bx1x1xS, deterministic: bool, first_token_only: bool = False,
+               query_rows_M=None, residual_out: bool = False):
     """`first_token_only`: compute the output of token 0 alone ([B,1,D]); keys and values still
-    come from every token. The last layer needs nothing else when its exit pools token 0."""
+    come from every token. The last layer needs nothing else when its exit pools token 0.
+
+    `query_rows_M` (int32 [M], flat indices into the B*S tokens; B*S marks an empty slot): compute
+    the outputs of those tokens alone ([M,D]), keys and values from every token: token-level early
+    exit (TOKEE) runs the queries, attention output and feed-forward of its active pieces only.
+    `residual_out`: return the pre-LayerNorm residual P (output = LN(P)), which a halted piece keeps.
+    """
     cfg = self.cfg
     dtype = layers.compute_dtype(cfg)
     B, S, D = h_BxSxD.shape
@@ -75,13 +82,22 @@ class EncoderLayer(nn.Module):
     # Split, then move heads forward: [B,H,S,Dh] batched matmuls ran ~25% faster in the forward on
     # XLA CPU than einsums over [B,S,H,Dh]; forward + backward, the two are level (docs/results.md).
     to_heads = lambda x: x.reshape(B, x.shape[1], H, Dh).transpose(0, 2, 1, 3)
-    if first_token_only:
-      # Same kernel, split by rows: Q for token 0, K and V for every token.
+    rows_out = None
+    if first_token_only:   # same kernel, split by rows: Q for the chosen tokens, K and V for every token
       q_Bx1xD = qkv(h_BxSxD[:, :1])[..., :D]
       kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
       kv_BxSx2D = layers.linear(h_BxSxD, kernel[D:], bias[D:], dtype)
       k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
       q_BxSxD, h_BxSxD, S = q_Bx1xD, h_BxSxD[:, :1], 1
+    elif query_rows_M is not None:
+      h_flat = h_BxSxD.reshape(B * S, D)
+      rows_out = jnp.minimum(query_rows_M, B * S - 1)
+      h_MxD = h_flat[rows_out]
+      q_MxD = qkv(h_MxD)[..., :D]
+      kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
+      kv_BxSx2D = layers.linear(h_BxSxD, kernel[D:], bias[D:], dtype)
+      k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
+      q_BxSxD = jnp.zeros((B * S, D), q_MxD.dtype).at[query_rows_M].set(q_MxD, mode="drop").reshape(B, S, D)
     else:
       q_BxSxD, k_BxSxD, v_BxSxD = jnp.split(qkv(h_BxSxD), 3, axis=-1)
     q_BxHxSxK = to_heads(q_BxSxD * jnp.asarray(1.0 / Dh ** 0.5, q_BxSxD.dtype))
@@ -92,6 +108,8 @@ class EncoderLayer(nn.Module):
     probs_BxHxSxT = layers.Dropout(cfg.attention_probs_dropout_prob)(probs_BxHxSxT, deterministic=deterministic)
     ctx_BxHxSxK = jnp.matmul(probs_BxHxSxT.astype(dtype), v_BxHxTxK)
     ctx_BxSxD = ctx_BxHxSxK.transpose(0, 2, 1, 3).reshape(B, S, D)
+    if rows_out is not None:   # on to the chosen tokens alone: [M, D]
+      ctx_BxSxD, h_BxSxD = ctx_BxSxD.reshape(B * S, D)[rows_out], h_MxD
 
     attn_BxSxD = dense(D, "attention_out")(ctx_BxSxD)
     attn_BxSxD = layers.Dropout(cfg.hidden_dropout_prob)(attn_BxSxD, deterministic=deterministic)
@@ -100,7 +118,17 @@ class EncoderLayer(nn.Module):
     ff_BxSxF = layers.activation(cfg.hidden_act)(dense(cfg.intermediate_size, "intermediate")(h_BxSxD))
     ff_BxSxD = dense(D, "output")(ff_BxSxF)
     ff_BxSxD = layers.Dropout(cfg.hidden_dropout_prob)(ff_BxSxD, deterministic=deterministic)
-    return layers.LayerNorm(cfg.layer_norm_eps, name="output_ln")(ff_BxSxD + h_BxSxD)
+    output_ln = layers.LayerNorm(cfg.layer_norm_eps, name="output_ln")
+    if residual_out:
+      output_ln(ff_BxSxD + h_BxSxD)   # (declares the parameters; XLA drops the unused result)
+      return ff_BxSxD + h_BxSxD
+    return output_ln(ff_BxSxD + h_BxSxD)
+
+
+def output_norm(layer_params, cfg: ModelConfig, p_xD):
+  """Layer i's output LayerNorm on pre-LN residuals P (`EncoderLayer(residual_out=True)`): how a halted
+  piece's frozen residual is read by later layers (`keep_norm_same`, method-seqlab.md section 3)."""
+  return layers.LayerNorm(cfg.layer_norm_eps).apply({"params": layer_params["output_ln"]}, p_xD)
 
 
 class MultiExitOutput(NamedTuple):
@@ -186,12 +214,13 @@ def embed(params, cfg: ModelConfig, input_ids_BxS, attention_mask_BxS=None, toke
 
 
 def run_layer(params, cfg: ModelConfig, i, h_BxSxD, mask_bias_Bx1x1xS, *, deterministic: bool = True,
-              rng=None, first_token_only: bool = False):
+              rng=None, first_token_only: bool = False, query_rows_M=None, residual_out: bool = False):
   """Runs encoder layer i (0-based; int or traced int) on h.
 
-  first_token_only returns [B,1,D]: token 0's output, all that a 'cls' exit reads."""
+  first_token_only returns [B,1,D]: token 0's output, all that a 'cls' exit reads; query_rows_M
+  returns [M,D], the outputs of those tokens; residual_out the pre-LN residual (`EncoderLayer`)."""
   return EncoderLayer(cfg).apply({"params": layer_slice(params["layers"], i)}, h_BxSxD,
-                                 mask_bias_Bx1x1xS, deterministic, first_token_only,
+                                 mask_bias_Bx1x1xS, deterministic, first_token_only, query_rows_M, residual_out,
                                  rngs=_rngs(_rng_for(rng, 1, i)))
 
 

@@ -117,21 +117,22 @@ class MultiExitBert:
   @classmethod
   def from_pretrained(cls, path_or_id: str | os.PathLike, num_labels: Optional[int] = None,
                       exit_pooling: Optional[str] = None, dtype: Optional[str] = None, seed: int = 0,
-                      revision: Optional[str] = None, load_tokenizer_files: bool = True, head: str = "sequence",
+                      revision: Optional[str] = None, load_tokenizer_files: bool = True, head: Optional[str] = None,
                       label_names=None, classifier_dropout: Optional[float] = None) -> "MultiExitBert":
     """Loads a rome_flax export or a Hugging Face checkpoint (local directory or hub id).
 
     For Hugging Face checkpoints `num_labels` defaults to the checkpoint's own label count (2 if it
     has none); `exit_pooling` defaults to 'cls' and `dtype` to 'float32'. For a rome_flax export
     they default to the saved values. head='token' builds token exits (sequence labelling) over
-    `label_names`, taking a token classifier's head as exit L when its labels are the same.
+    `label_names`, taking a token classifier's head as exit L when its labels are the same (default:
+    the export's head; 'sequence' for a Hugging Face checkpoint).
     """
     ckpt_dir = resolve_checkpoint_dir(str(path_or_id), revision)
     if (ckpt_dir / EXPORT_CONFIG).is_file():
-      return cls._from_export(ckpt_dir, num_labels, exit_pooling, dtype, load_tokenizer_files)
+      return cls._from_export(ckpt_dir, num_labels, exit_pooling, dtype, load_tokenizer_files, head)
     cfg, params, report, ckpt_dir = load_hf_checkpoint(
         str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling or "cls", dtype=dtype or "float32",
-        seed=seed, head=head, label_names=label_names, classifier_dropout=classifier_dropout)
+        seed=seed, head=head or "sequence", label_names=label_names, classifier_dropout=classifier_dropout)
     # Missing encoder weights usually mean the wrong checkpoint: say so loudly.
     level = logging.WARNING if any(not m.startswith(("pooler", "classifier")) for m in report.missing) else logging.INFO
     log.log(level, "loaded %s: %s", ckpt_dir, report.summary())
@@ -140,7 +141,7 @@ class MultiExitBert:
                export_info=ExportInfo(source=str(path_or_id)))
 
   @classmethod
-  def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files):
+  def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files, head=None):
     check_export(ckpt_dir)
     try:
       saved = json.loads((ckpt_dir / EXPORT_CONFIG).read_text(encoding="utf-8"))
@@ -148,6 +149,9 @@ class MultiExitBert:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
       raise RomeFlaxError(f"{ckpt_dir / EXPORT_CONFIG} is malformed ({type(e).__name__}: {e}); was it written by "
                           "rome_flax?") from None
+    if head is not None and head != cfg.head:
+      what = {"token": "token exits (sequence labelling)", "sequence": "one prediction per sentence"}
+      raise RomeFlaxError(f"{ckpt_dir} has {what.get(cfg.head, cfg.head)}; this task needs {what.get(head, head)}")
     if num_labels is not None and num_labels != cfg.num_labels:
       raise RomeFlaxError(f"{ckpt_dir} was trained with {cfg.num_labels} labels, not {num_labels}")
     fmt = saved.get("format", _LEGACY_IN_OUT_FORMAT)

@@ -85,7 +85,8 @@ def _save_plot(fig, ax, path, ylabel: str, title: str) -> Path:
 
 def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: float | None = None,
                   speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured") -> Path:
-  """Task metric against speed-up, one curve per criterion; measured wall-clock points as crosses."""
+  """Task metric against speed-up, one curve per criterion ('static': the model cut to k layers, the
+  baseline); measured wall-clock points as crosses."""
   fig, ax = _axes()
   for criterion in dict.fromkeys(r["criterion"] for r in settings):
     pts = sorted((r[speed], r[metric]) for r in settings if r["criterion"] == criterion and metric in r)
@@ -161,7 +162,8 @@ def submission_file(task: str, split: str) -> str:
 def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   """Every file of an `evaluation.ExitsEvaluation` in out_dir; returns their paths.
 
-  per_exit.{json,csv,md,png} (labelled), sweep.{json,csv,md}, predictions/<setting>.tsv (token
+  per_exit.{json,csv,md,png} and static.{json,csv,md} (the model cut to k layers; labelled),
+  sweep.{json,csv,md}, predictions/<setting>.tsv (token
   tasks: predictions/<setting>.conll, word gold predicted exit_layer),
   submission/<setting>/<GLUE name>.tsv (unlabelled), speed.{json,csv,md} (timed settings),
   tradeoff.png (labelled) and summary.json (`checkpoint` names the model there).
@@ -171,6 +173,7 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   if ev.per_exit:
     written += write_table(out, "per_exit", ev.per_exit)
     written.append(plot_per_exit(out / "per_exit.png", ev.per_exit, ev.metric))
+    written += write_table(out, "static", ev.static, ev.sweep_columns)
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
   for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
     name = safe_name(policy.describe())
@@ -188,7 +191,7 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   if ev.labelled:
     speedup = f"throughput_speedup_b{ev.batch_size}"
     measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in ev.settings if r["setting"] == s["setting"]]
-    written.append(plot_tradeoff(out / "tradeoff.png", ev.settings, ev.metric, final_metric=ev.final_metric,
+    written.append(plot_tradeoff(out / "tradeoff.png", ev.settings + ev.static, ev.metric, final_metric=ev.final_metric,
                                  measured=measured, measured_label=f"measured, throughput b={ev.batch_size}"))
   written.append(files.write_json(out / "summary.json", {"checkpoint": checkpoint, **ev.summary}))
   return written

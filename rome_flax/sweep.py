@@ -70,6 +70,24 @@ def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelCon
   return rows
 
 
+def static_exits(cfg: ModelConfig, per_exit: Sequence[dict], lengths_N) -> list[dict]:
+  """The baseline an early-exit setting must beat at equal cost: the model cut to k layers (exit k
+  alone, for every example; no other head runs), one row per k with its metrics (`per_exit`) and
+  speed ratios, in the columns of `evaluate`'s rows (criterion 'static')."""
+  L = cfg.num_layers
+  layer_N, head_N = layer_flops(cfg, lengths_N), head_flops(cfg, lengths_N)
+  full = np.sum(L * layer_N + head_N)
+  rows = []
+  for r in per_exit:
+    k = int(r["exit"])
+    rows.append({"criterion": "static", "setting": f"static@{k}", "thresholds": [], "min_exit_layer": k,
+                 **{m: v for m, v in r.items() if m != "exit"},
+                 "avg_exit_layer": float(k), "layer_ratio": L / k, "expected_saving": k / L,
+                 "flops_ratio": float(full / np.sum(k * layer_N + head_N)),
+                 "exit_shares": [1.0 if e == k - 1 else 0.0 for e in range(L)]})
+  return rows
+
+
 def exit_statistics(cfg: ModelConfig, exit_index_N, lengths_N) -> dict:
   """Average exit layer, layer ratio, expected saving, FLOPs ratio and share of each exit of a set
   of 0-based exit decisions (offline or measured)."""

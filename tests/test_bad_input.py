@@ -27,6 +27,10 @@ TINY = ["--random_model_layers", "2", "--random_model_hidden", "16", "--random_m
         "--random_model_intermediate", "32", "--train_rows", "64", "--max_length", "16", "--batch_size", "8",
         "--epochs", "1", "--eval_every", "0", "--method", "joint", "--gr", "none", "--no_progress"]
 SST_HEADER = "sentence\tlabel"
+# A CoNLL NER file (WORD TAG, a blank line between sentences): tags O, B-LOC, B-PER, I-PER
+TOKEN_TRAIN = "".join(f"{s}\n" for s in [
+    "the O\ngood B-PER\nfine I-PER\nwas O\nbad B-LOC\n", "a O\nfilm O\nof O\ngreat B-PER\n",
+    "the O\nplot O\nis O\ndull B-LOC\n", "lovely B-PER\nwarm I-PER\nand O\nthe O\ncast O\n"] * 4)
 
 
 RUN_FLAGS = [*TINY, "--save_every", "4", "--keep_checkpoints", "2"]   # the world's finished run
@@ -55,6 +59,8 @@ class World:
     self.run = root / "run"
     self.export = self.run / "export"
     self.data = root / "data"
+    self.token_run = root / "token_run"
+    self.token_export = self.token_run / "export"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +69,22 @@ def world(tmp_path_factory) -> World:
   assert train.main([*RUN_FLAGS, "--output_dir", str(w.run)]) == 0
   d = w.data
   d.mkdir()
+  # sequence labelling: CoNLL directories (WORD TAG lines) good and bad, and a token-task export
+  for name, splits in {
+      "tok_ok": {},
+      "tok_onecol_first": {"train.txt": "the\ngood O\n\n"},
+      "tok_onecol": {"train.txt": "the O\ngood B-PER\nfilm\n\n"},
+      "tok_threecol": {"train.txt": "the O\ngood B-PER\nfilm NN O\n\n"},
+      "tok_latin1_dev": {"dev.txt": "the O\ngood B-PER\n\ncaf\xe9 O\n\n".encode("latin-1")},
+      "tok_new_tag_dev": {"dev.txt": "the O\ngood B-PER\n\nthe O\nbad B-ORG\n\n"},
+      "tok_long": {"train.txt": TOKEN_TRAIN + "".join(f"{w} O\n" for w in ["the", "film"] * 10) + "\n"},
+  }.items():
+    (d / name).mkdir()
+    for split, text in {"train.txt": TOKEN_TRAIN, "dev.txt": TOKEN_TRAIN, "test.txt": TOKEN_TRAIN, **splits}.items():
+      (d / name / split).write_bytes(text if isinstance(text, bytes) else text.encode())
+  (d / "empty_tokens.jsonl").write_text('{"tokens": ["good", "film"], "tags": ["B-PER", "O"]}\n'
+                                        '{"tokens": [], "tags": []}\n')
+  assert train.main([*TINY, "--task", "ner", "--data_dir", str(d / "tok_ok"), "--output_dir", str(w.token_run)]) == 0
   # GLUE SST-2 layouts, good and bad
   for name, lines in {"sst_ok": [SST_HEADER, "good film\t1", "bad film\t0"],
                       "sst_latin1": [SST_HEADER, "good film\t1"], "sst_empty": [],
@@ -232,6 +254,20 @@ CASES = [
     ("t_custom_labels_one", CUSTOM("ok.csv", "--custom_labels", "pos"), "at least two label names"),
     ("t_custom_labels_repeat", CUSTOM("ok.csv", "--custom_labels", "pos,pos"), "repeat"),
     ("t_custom_label_not_listed", CUSTOM("ok.csv", "--custom_labels", "a,b"), "label 'pos' is not one of"),
+    # --- train.py: sequence labelling (CoNLL / JSON Lines files)
+    ("t_conll_one_column_first", t("--task", "ner", "--data_dir", D("tok_onecol_first")),
+     "tok_onecol_first/train.txt:1: one column: no tag"),
+    ("t_conll_one_column", t("--task", "ner", "--data_dir", D("tok_onecol")),
+     "tok_onecol/train.txt:3: expected 2 columns (as on line 1), found 1"),
+    ("t_conll_three_columns", t("--task", "ner", "--data_dir", D("tok_threecol")),
+     "tok_threecol/train.txt:3: expected 2 columns (as on line 1), found 3"),
+    ("t_conll_latin1_dev", t("--task", "ner", "--data_dir", D("tok_latin1_dev")),
+     "tok_latin1_dev/dev.txt:4: not UTF-8"),
+    ("t_conll_dev_tag", t("--task", "ner", "--data_dir", D("tok_new_tag_dev")),
+     "tok_new_tag_dev/dev.txt:5: tag 'B-ORG' is not in the training tag set"),
+    ("t_jsonl_empty_tokens", t("--task", "ner", "--train_file", D("empty_tokens.jsonl")),
+     "empty_tokens.jsonl:2: empty sentence"),
+    ("t_token_too_long", t("--task", "ner", "--data_dir", D("tok_long")), "more than max_length 16; raise --max_length"),
     # --- train.py: output directories
     ("t_out_is_file", ("train", lambda w, new: [*TINY, "--output_dir", str(w.data / "a_file")]), "is a file"),
     ("t_out_under_file", ("train", lambda w, new: [*TINY, "--output_dir", str(w.data / "a_file" / "run")]),
@@ -296,6 +332,13 @@ CASES = [
     ("i_data_file_no_label", i("--data_file", D("nolabel.csv")), "no label column"),
     ("i_regression_criterion", i("--criterion", "entropy", "--task", "custom", "--data_file", D("ok_reg.csv")),
      "label"),
+    # --- infer.py: sequence labelling against the wrong kind of export or option
+    ("i_token_patience", i("--criterion", "patience", "--data_dir", D("tok_ok"), ckpt=lambda w: w.token_export),
+     "criterion 'patience' is for sentence tasks"),
+    ("i_pool_sentence_export", i("--pool", "avg"), "pool (how a sentence pools its words' uncertainties) is for token tasks"),
+    ("i_ner_sentence_export", i("--task", "ner", "--data_dir", D("tok_ok")), "needs a model with token exits"),
+    ("i_token_export_sst2", i("--task", "sst-2", "--data_dir", D("sst_ok"), ckpt=lambda w: w.token_export),
+     "has token exits"),
     # --- infer.py: output directories
     ("i_out_holds_results", i(out=lambda w: w.root / "infer_out"), "already holds results"),
     ("i_out_is_file", i(out=lambda w: w.data / "a_file"), "is a file"),
