@@ -18,7 +18,7 @@ import numpy as np
 from rome_flax import data
 from rome_flax import early_exit as ee
 from rome_flax import exit_policy as ep
-from rome_flax import inference, metrics, speed, sweep, token_data
+from rome_flax import inference, metrics, speed, sweep, token_data, token_exit
 from rome_flax.errors import RomeFlaxError
 from rome_flax.tasks import TaskSpec
 
@@ -56,6 +56,10 @@ class ExitsEvaluation:
   words: Optional[list] = None       # token tasks: each sentence's words (prediction files)
   labels: Optional[np.ndarray] = None   # token tasks: gold tag ids [N, W] (-1 past a sentence's words)
   per_type: Optional[dict] = None    # entity tag sets: the final exit's scores per entity type
+  token_policies: list = dataclasses.field(default_factory=list)   # TOKEE settings (token tasks)
+  token_settings: list = dataclasses.field(default_factory=list)   # TOKEE rows, one per token policy (run for real)
+  token_predictions: list = dataclasses.field(default_factory=list)   # per token policy: tag ids [N, W]
+  token_exits: list = dataclasses.field(default_factory=list)         # per token policy: word exit layers [N, W]
 
   @property
   def labelled(self) -> bool:
@@ -83,7 +87,8 @@ class ExitsEvaluation:
             "all_exits_pass_seconds": round(self.all_exits_seconds, 3),
             "final_exit": self.per_exit[-1] if self.per_exit else None, "settings": self.settings,
             "static_exits": self.static,
-            "speed": self.speed, **({"final_exit_per_type": self.per_type} if self.per_type else {})}
+            "speed": self.speed, **({"final_exit_per_type": self.per_type} if self.per_type else {}),
+            **({"tokee": self.token_settings} if self.token_settings else {})}
 
 
 def _no_progress(desc: str):
@@ -119,8 +124,8 @@ def _chunks(examples, size: int) -> Iterator[data.Split]:
 def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPolicy], *,
                    batch_size: int = 64, max_length: Optional[int] = None, metric: Optional[str] = None,
                    measure_speed: str = "best", latency_examples: int = 128, speed_repeats: int = 2,
-                   chunk_size: Optional[int] = None, progress: Progress = None, devices: Optional[int] = None
-                   ) -> ExitsEvaluation:
+                   chunk_size: Optional[int] = None, progress: Progress = None, devices: Optional[int] = None,
+                   token_policies: Sequence[token_exit.TokenPolicy] = ()) -> ExitsEvaluation:
   """Early-exit evaluation of a `MultiExitBert` on a split's examples (a `data.Split`, or an iterable
   of them read as a stream) under each policy.
 
@@ -131,7 +136,9 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   exit ('best'; labelled splits), every setting ('all') or none; the latency path is timed on the
   first `latency_examples`, each side's fastest of `speed_repeats` passes counts. devices: how many of
   this process's devices the all-exits pass and the batch-size passes use (default all; results are
-  those of one device).
+  those of one device). token_policies: token-level early exit (TOKEE) settings of a token task, each
+  run for real over the split (halted words change later layers: no all-exits pass can stand in),
+  timed like the policies.
   """
   check_options(batch_size=batch_size, measure_speed=measure_speed, latency_examples=latency_examples,
                 speed_repeats=speed_repeats, chunk_size=chunk_size, devices=devices)
@@ -151,11 +158,15 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
 
   if task.is_token_task != cfg.is_token_task:
     raise RomeFlaxError(f"task {task.name} needs {task.kind} exits; the model has {cfg.head} exits")
+  if token_policies and not task.is_token_task:
+    raise RomeFlaxError("token-level early exit (TOKEE) is for token tasks (sequence labelling); this task has one "
+                        "prediction per sentence")
   t0 = time.perf_counter()
-  logits, lengths, ids, labels, words, timed_set, split_name = [], [], [], [], [], None, None
+  logits, lengths, ids, labels, words, timed_set, split_name, encoded_chunks = [], [], [], [], [], None, None, []
   for chunk in _chunks(examples, STREAM_EXAMPLES):
     if task.is_token_task:
       encoded = token_data.encode(model.tokenizer, chunk, task.label_names, max_length)
+      encoded_chunks.append(encoded)
       words += chunk.words
       labels.append(encoded.labels if chunk.tags is not None else None)
     else:
@@ -201,6 +212,27 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
                                       mesh=mesh)
     speed_rows.append(speed_row(cfg, policies[k], measured, timed_set.lengths, decided[k][1][:len(timed_set)]))
 
+  token_rows, token_preds, token_exits_, token_runs = [], [], [], []
+  for policy in bar("TOKEE settings")(token_policies):
+    runs = [token_exit.token_pass(prepared, cfg, policy, enc, batch_size).run() for enc in encoded_chunks]
+    width = word_mask.shape[1]
+    run = token_exit.TokenRun(np.concatenate([_widen(r.word_logits, width, 0.0) for r in runs]),
+                              np.concatenate([_widen(r.word_exits, width, -1) for r in runs]),
+                              np.concatenate([r.queries for r in runs]), np.concatenate([r.keys for r in runs]))
+    token_runs.append(run)
+    token_preds.append(run.word_logits.argmax(-1))
+    token_exits_.append(run.word_exits)
+    token_rows.append(token_row(cfg, task, policy, run, lengths_N, labels_N))
+  if token_policies and measure_speed != "none":
+    reference = per_exit[-1][metric] if labelled else None
+    ok = [k for k, r in enumerate(token_rows) if reference is None or r[metric] >= reference - 1.0]
+    timed_tokee = range(len(token_rows)) if measure_speed == "all" else \
+        ([max(ok, key=lambda k: token_rows[k]["flops_ratio"])] if ok and labelled else [])
+    for k in bar("TOKEE measured speed")(timed_tokee):
+      measured = speed.token_exit_speed(prepared, cfg, token_policies[k], timed_set, batch_size,
+                                        latency_examples=n_lat, repeats=speed_repeats)
+      speed_rows.append(token_speed_row(cfg, token_policies[k], measured, timed_set.lengths, token_runs[k]))
+
   return ExitsEvaluation(
       task=task, split=split_name, example_ids=example_ids, metric=metric, num_layers=cfg.num_layers,
       batch_size=batch_size, max_length=max_length, all_exits_seconds=all_exits_seconds, per_exit=per_exit,
@@ -208,7 +240,53 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
       settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
       exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat,
       words=words if task.is_token_task else None, labels=labels_N if task.is_token_task else None,
-      per_type=per_type)
+      per_type=per_type, token_policies=list(token_policies), token_settings=token_rows, token_predictions=token_preds, token_exits=token_exits_)
+
+
+def _widen(x: np.ndarray, width: int, fill) -> np.ndarray:
+  """A chunk's word-slot array [n, W, ...] padded to the split's widest W."""
+  return np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def token_row(cfg, task: TaskSpec, policy: token_exit.TokenPolicy, run: token_exit.TokenRun, lengths_N,
+              labels_NxW) -> dict:
+  """One TOKEE setting: the task's metrics, executed layers per word and the FLOPs ratio."""
+  words = run.word_exits >= 0
+  avg = float((run.word_exits[words] + 1).mean())
+  row = {"criterion": "tokee", "setting": policy.describe(), "window": policy.window,
+         "thresholds": [float(f"{v:.6g}") for v in np.asarray(policy.threshold_L)]}
+  if labels_NxW is not None:
+    row.update(metrics.compute_metrics(task, run.word_logits, labels_NxW))
+  L = cfg.num_layers
+  row.update({"avg_exit_layer": avg, "layer_ratio": L / avg, "expected_saving": avg / L,
+              "flops_ratio": token_exit.flops_ratio(cfg, run.queries, run.keys, lengths_N),
+              "exit_shares": (np.bincount(run.word_exits[words], minlength=L) / words.sum()).round(4).tolist()})
+  return row
+
+
+def token_speed_row(cfg, policy: token_exit.TokenPolicy, measured: speed.TokenExitSpeed, lengths_N,
+                    offline: token_exit.TokenRun) -> dict:
+  """One timed TOKEE setting, in the columns of `speed_row` (layer ratio = per word)."""
+  thr, lat, n_lat = measured.throughput.run, measured.latency.run, measured.latency_examples
+  n = len(thr.word_exits)
+  words = thr.word_exits >= 0
+  lat_words = lat.word_exits >= 0
+  return {
+      "setting": policy.describe(),
+      "layer_ratio": cfg.num_layers / float((thr.word_exits[words] + 1).mean()),
+      "flops_ratio": token_exit.flops_ratio(cfg, thr.queries, thr.keys, lengths_N[:n]),
+      f"throughput_speedup_b{measured.batch_size}": measured.throughput_speedup,
+      "throughput_ex_per_s": n / measured.throughput.seconds,
+      "full_ex_per_s": n / measured.full_throughput.seconds,
+      "latency_layer_ratio": cfg.num_layers / float((lat.word_exits[lat_words] + 1).mean()),
+      "latency_speedup_b1": measured.latency_speedup,
+      "latency_ms": 1e3 * measured.latency.seconds / n_lat,
+      "full_latency_ms": 1e3 * measured.full_latency.seconds / n_lat,
+      "warmup_s_throughput": measured.throughput.warmup_seconds, "warmup_s_latency": measured.latency.warmup_seconds,
+      "warmup_s_full": measured.full_throughput.warmup_seconds + measured.full_latency.warmup_seconds,
+      "exits_match_offline": bool(np.array_equal(thr.word_exits, offline.word_exits[:n, :thr.word_exits.shape[1]])
+                                  and np.array_equal(lat.word_exits, offline.word_exits[:n_lat, :lat.word_exits.shape[1]])),
+  }
 
 
 def speed_row(cfg, policy: ep.ExitPolicy, measured: speed.EarlyExitSpeed, lengths_N, offline_exit_N) -> dict:

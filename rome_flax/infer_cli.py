@@ -47,6 +47,17 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--pool", choices=ep.POOLS, help="token tasks (SENTEE): a sentence's uncertainty is the max "
                   "(default) or the mean over its words")
   ap.add_argument("--min_exit_layer", type=int, default=1)
+  ap.add_argument("--tokee_windows", help="token tasks: also run token-level early exit (TOKEE) for real with "
+                  "these odd window sizes (comma list, e.g. 3,5,15), crossed with --tokee_thresholds")
+  ap.add_argument("--tokee_thresholds", default="0.05,0.1,0.15,0.25",
+                  help="TOKEE normalised-entropy thresholds tau (comma list; tau in layers 1..L/2, "
+                  "--tokee_upper_scale x tau above)")
+  ap.add_argument("--tokee_upper_scale", type=float, default=2.0, help="TOKEE threshold scale in the upper half "
+                  "of the layers (the reference doubles it)")
+  ap.add_argument("--tokee_masked_window", action="store_true", help="TOKEE: leave halted words out of their "
+                  "neighbours' windows (the reference keeps them, method-seqlab.md 7.1)")
+  ap.add_argument("--copy_wordpiece", choices=("all", "first"), default="all",
+                  help="TOKEE: a halted word stops all its pieces (all) or its first piece only")
   ap.add_argument("--metric", help="metric to plot (default: the task's primary metric); needs labels")
   ap.add_argument("--batch_size", type=int, default=64)
   ap.add_argument("--max_length", type=int, help="default: the export's max_length, else 128")
@@ -182,6 +193,21 @@ def build_policies(args, cfg) -> list[ep.ExitPolicy]:
   return policies
 
 
+def build_token_policies(args, cfg) -> list:
+  """TOKEE settings: --tokee_windows x --tokee_thresholds (none without --tokee_windows)."""
+  from rome_flax import token_exit
+  if args.tokee_windows is None:
+    return []
+  if not cfg.is_token_task:
+    raise RomeFlaxError("--tokee_windows (token-level early exit) is for token tasks; this model has one prediction "
+                        "per sentence")
+  windows = token_exit.parse_windows(args.tokee_windows)
+  taus = [v[0] if len(v) == 1 else v for v in ep.parse_thresholds(args.tokee_thresholds)]
+  return [token_exit.make_token_policy(tau, w, cfg.num_layers, upper_scale=args.tokee_upper_scale,
+                                       masked_window=args.tokee_masked_window, copy_wordpiece=args.copy_wordpiece)
+          for w in windows for tau in taus]
+
+
 def check_max_length(max_length: Optional[int], model) -> None:
   """The length examples are cut to must fit the model's position table (beyond it the position
   lookup reads past the table: NaN logits, no error), as train.py demands."""
@@ -223,13 +249,15 @@ def run(args):
   check_max_length(args.max_length, model)
   task = resolve_task(args, model)
   policies = build_policies(args, model.config)
+  token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
   progress = lambda desc: (lambda it: tqdm(it, desc=desc, unit="batch", disable=args.no_progress,
                                            dynamic_ncols=True))
   result = evaluation.evaluate_exits(
       model, task, examples, policies, batch_size=args.batch_size, max_length=args.max_length,
       metric=args.metric, measure_speed=args.measure_speed, latency_examples=args.latency_examples,
-      speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices)
+      speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices,
+      token_policies=token_policies)
   written = report.write_evaluation(out, result, checkpoint=str(args.checkpoint))
   print_evaluation(result)
   print(f"wrote {len(written)} files to {out}")
@@ -243,6 +271,10 @@ def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:
     print("\nper exit:\n" + report.to_markdown(ev.per_exit))
   print("thresholds (layer ratio = L / average exit layer; FLOPs ratio counts exit heads that ran):\n"
         + report.to_markdown(ev.settings, ev.sweep_columns))
+  if ev.token_settings:
+    print("token-level early exit (TOKEE, run for real; layer ratio = L / average layers per word; FLOPs ratio "
+          "charges K/V of halted pieces and every exit head that ran):\n"
+          + report.to_markdown(ev.token_settings, [c for c in ev.sweep_columns if c != "exit_shares"]))
   if ev.static:
     print("static exit (the model cut to k layers, exit k for every example: the baseline at equal cost):\n"
           + report.to_markdown(ev.static, [c for c in ev.sweep_columns if c != "exit_shares"]))

@@ -12,6 +12,8 @@ import io
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from rome_flax import files
 
 # GLUE leaderboard file names per task and split.
@@ -133,14 +135,16 @@ def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[
     yield f"{int(i)}\t{_label_cell(p, label_names)}\t{int(e) + 1}\n"
 
 
-def predictions_conll(words, predictions_NxW, exit_index_N, label_names: Sequence[str], labels_NxW=None
+def predictions_conll(words, predictions_NxW, exit_index, label_names: Sequence[str], labels_NxW=None
                       ) -> Iterator[str]:
   """A token task's predictions in CoNLL format: `word gold predicted exit_layer` per line (no gold
   column for an unlabelled split), a blank line after each sentence; streamed. conlleval reads the
-  last two tag columns of the labelled form (drop the exit column: `cut -d' ' -f1-3`)."""
+  last two tag columns of the labelled form (drop the exit column: `cut -d' ' -f1-3`). exit_index:
+  0-based, per sentence [N] (SENTEE) or per word [N, W] (TOKEE)."""
+  exit_index = np.asarray(exit_index)
   for i, sentence in enumerate(words):
-    layer = int(exit_index_N[i]) + 1
     for k, word in enumerate(sentence):
+      layer = int(exit_index[i] if exit_index.ndim == 1 else exit_index[i, k]) + 1
       pred = label_names[int(predictions_NxW[i, k])]
       gold = f" {label_names[int(labels_NxW[i, k])]}" if labels_NxW is not None else ""
       yield f"{word}{gold} {pred} {layer}\n"
@@ -186,6 +190,13 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
     if not ev.labelled:
       written.append(files.atomic_write_lines(out / "submission" / name / submission_file(ev.task.name, ev.split),
                                               submission_tsv(ev.example_ids, predictions, ev.task.label_names)))
+  if ev.token_settings:
+    written += write_table(out, "tokee", ev.token_settings, [c for c in ev.sweep_columns if c != "exit_shares"]
+                           + ["window", "exit_shares"])
+    for policy, predictions, exits in zip(ev.token_policies, ev.token_predictions, ev.token_exits):
+      written.append(files.atomic_write_lines(
+          out / "predictions" / f"{safe_name(policy.describe())}.conll",
+          predictions_conll(ev.words, predictions, exits, ev.task.label_names, ev.labels)))
   if ev.speed:
     written += write_table(out, "speed", ev.speed)
   if ev.labelled:
@@ -193,5 +204,11 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
     measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in ev.settings if r["setting"] == s["setting"]]
     written.append(plot_tradeoff(out / "tradeoff.png", ev.settings + ev.static, ev.metric, final_metric=ev.final_metric,
                                  measured=measured, measured_label=f"measured, throughput b={ev.batch_size}"))
+    if ev.task.is_token_task:   # SENTEE, TOKEE and the static exit on one currency: FLOPs
+      rows = ev.settings + ev.static + ev.token_settings
+      measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in rows if r["setting"] == s["setting"]]
+      written.append(plot_tradeoff(out / "tradeoff_flops.png", rows, ev.metric, final_metric=ev.final_metric,
+                                   speed="flops_ratio", measured=measured,
+                                   measured_label=f"measured speed-up, b={ev.batch_size}"))
   written.append(files.write_json(out / "summary.json", {"checkpoint": checkpoint, **ev.summary}))
   return written

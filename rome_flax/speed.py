@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from rome_flax import data
 from rome_flax import exit_policy as ep
-from rome_flax import inference
+from rome_flax import inference, token_exit
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
 
@@ -121,3 +121,34 @@ def early_exit_speed(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded:
   lat = _fastest({"full": inference.full_model_pass(baseline, cfg, lat_data, 1),
                   "early": inference.latency_pass(prepared, cfg, policy, lat_data, 1)}, repeats)
   return EarlyExitSpeed(batch_size, len(lat_data), thr["full"], thr["early"], lat["full"], lat["early"])
+
+
+class TokenExitSpeed(NamedTuple):
+  """One TOKEE policy's measured passes against the full model: batch_size on every example,
+  batch 1 on the first `latency_examples` (`token_exit.TokenRun` in `run`)."""
+  batch_size: int
+  latency_examples: int
+  full_throughput: Measured
+  throughput: Measured
+  full_latency: Measured
+  latency: Measured
+
+  @property
+  def throughput_speedup(self) -> float:
+    return self.full_throughput.seconds / self.throughput.seconds
+
+  @property
+  def latency_speedup(self) -> float:
+    return self.full_latency.seconds / self.latency.seconds
+
+
+def token_exit_speed(prepared, cfg: ModelConfig, policy, encoded: data.EncodedSplit, batch_size: int, *,
+                     latency_examples: int = 128, repeats: int = 2) -> TokenExitSpeed:
+  """TOKEE (`token_exit.token_pass`) at batch_size and at batch 1, each against the full model on the
+  same examples, alternating, the fastest of `repeats` passes counting."""
+  lat_data = encoded.head(min(latency_examples, len(encoded)))
+  thr = _fastest({"full": inference.full_model_pass(prepared, cfg, encoded, batch_size),
+                  "early": token_exit.token_pass(prepared, cfg, policy, encoded, batch_size)}, repeats)
+  lat = _fastest({"full": inference.full_model_pass(prepared, cfg, lat_data, 1),
+                  "early": token_exit.token_pass(prepared, cfg, policy, lat_data, 1)}, repeats)
+  return TokenExitSpeed(batch_size, len(lat_data), thr["full"], thr["early"], lat["full"], lat["early"])
