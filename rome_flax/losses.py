@@ -30,11 +30,15 @@ def _wmean(values_B, weights_B):
   return jnp.sum(values_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
 
 
+def nll(logits_BxC, labels_B):
+  """Per-unit softmax cross-entropy."""
+  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_BxC, labels_B.astype(jnp.int32)[:, None], axis=-1)[:, 0]
+
+
 def cross_entropy(logits_BxC, labels_B, weights_B):
   """Weighted batch-mean softmax cross-entropy."""
-  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
-  nll_B = -jnp.take_along_axis(logp_BxC, labels_B.astype(jnp.int32)[:, None], axis=-1)[:, 0]
-  return _wmean(nll_B, weights_B)
+  return _wmean(nll(logits_BxC, labels_B), weights_B)
 
 
 def mse(pred_Bx1, target_B, weights_B):
@@ -99,3 +103,18 @@ def pabee_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   norm = num_exits * (num_exits + 1) / 2
   highway = sum(((i + 1) * sup(z) for i, z in enumerate(logits_ExBxC[:-1])), jnp.float32(0.0)) / norm
   return LossTerms(num_exits * sup(logits_ExBxC[-1]) / norm, highway)
+
+
+def flooding_terms(logits_ExBxC, labels_B, weights_B, cfg, flood_bias_ExB=None) -> LossTerms:
+  """Self-sampling fine-tuning's loss (method-seqlab.md section 4, steps 5 and 7.3): per unit (word)
+  and exit, |CE(z_i) - b_i| with b the frozen stage-1 model's CE of that word at that exit (flooding:
+  the gradient turns round once a word's loss falls below stage 1's), averaged over the words, and
+  the exits weighted by layer number, sum_i i * loss_i / sum_i i. Every word is supervised at every
+  exit, halted ones included, as the reference's code (not its paper) does."""
+  if flood_bias_ExB is None:
+    raise ValueError("flooding_terms needs the stage-1 losses (flood_bias)")
+  num_exits = logits_ExBxC.shape[0]
+  norm = num_exits * (num_exits + 1) / 2
+  per_exit = [_wmean(jnp.abs(nll(z, labels_B) - flood_bias_ExB[i]), weights_B) for i, z in enumerate(logits_ExBxC)]
+  highway = sum(((i + 1) * v for i, v in enumerate(per_exit[:-1])), jnp.float32(0.0)) / norm
+  return LossTerms(num_exits * per_exit[-1] / norm, highway)

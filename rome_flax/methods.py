@@ -93,6 +93,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="one stage: sum_l l * CE_l / sum_l l (the sequence-labelling reference's stage 1; PABEE's loss)"),
     Method("joint", (Stage("all", True, losses.joint_terms),),
            summary="one stage: every exit's CE, unweighted"),
+    Method("self_sampling", (Stage("all", False, losses.flooding_terms), Stage("all", True, losses.flooding_terms)),
+           summary="TOKEE's stage 2 on a finished stage-1 token model: halting sampled per sentence from the "
+                   "frozen stage-1 predictions, the mixed forward, flooding against stage 1's losses; the "
+                   "encoder frozen in the first stage"),
     Method("final_only", (Stage("final", True, losses.final_terms),),
            summary="ordinary fine-tuning: the final exit alone"),
 )}
@@ -123,9 +127,23 @@ class LossConfig:
   gr_lambda: float = 0.01
   protect: str = "auto"
   regression: bool = False
+  # Self-sampling (method self_sampling): sampled TOKEE windows and thresholds per sentence, the
+  # sandwich rules (the first `small` sentences of a batch get the smallest window or the largest
+  # threshold, the last `full` never halt) and the cap on the doubled upper-half threshold.
+  ss_windows: tuple = (5, 7, 9, 11, 13, 15)
+  ss_thresholds: tuple = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.25)
+  ss_sandwich_small: int = 2
+  ss_sandwich_full: int = 4
+  ss_upper_cap: float = 0.5
 
   def __post_init__(self):
     get_method(self.method)
+    if not self.ss_windows or any(int(w) != w or w < 1 or w % 2 == 0 for w in self.ss_windows):
+      raise RomeFlaxError(f"ss_windows must be odd whole numbers >= 1, got {list(self.ss_windows)}")
+    if not self.ss_thresholds or any(not 0 <= t < float("inf") for t in self.ss_thresholds):
+      raise RomeFlaxError(f"ss_thresholds must be a non-empty list of numbers >= 0, got {list(self.ss_thresholds)}")
+    if self.ss_sandwich_small < 0 or self.ss_sandwich_full < 0:
+      raise RomeFlaxError("ss_sandwich_small and ss_sandwich_full must be >= 0")
     for field, allowed in (("gr", GR_MODES), ("kl_reduction", KL_REDUCTIONS), ("protect", PROTECT)):
       if getattr(self, field) not in allowed:
         raise RomeFlaxError(f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
@@ -143,9 +161,10 @@ class LossConfig:
     return self.method_spec.uses_gr(self.gr)
 
 
-def loss_terms(logits_ExBxC, labels_B, weights_B, cfg: LossConfig, stage: int = 1) -> losses.LossTerms:
-  """The method's loss in `stage` on the exits that stage computes (its `StagePlan.exits`, in order)."""
-  return cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg)
+def loss_terms(logits_ExBxC, labels_B, weights_B, cfg: LossConfig, stage: int = 1, **aux) -> losses.LossTerms:
+  """The method's loss in `stage` on the exits that stage computes (its `StagePlan.exits`, in order).
+  aux: per-unit inputs a method's terms read besides the labels (self-sampling's flood_bias_ExB)."""
+  return cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg, **aux)
 
 
 def protect_final(cfg: LossConfig, task_protects_final: bool) -> bool:

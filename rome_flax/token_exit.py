@@ -125,24 +125,32 @@ def window_max(u_BxW, valid_BxW, window: int) -> jax.Array:
 
 def halt_step(policy: TokenPolicy, halted_BxW, logits_BxWxC, valid_BxW, i):
   """Layer i (0-based) has produced word logits: which words halt now. THE TOKEE decision, used by
-  every path and by self-sampling's simulation."""
-  u_BxW = word_uncertainty(logits_BxWxC)
+  every path and (through `halt_on`) by self-sampling's simulation."""
+  return halt_on(policy, halted_BxW, word_uncertainty(logits_BxWxC), valid_BxW, i)
+
+
+def halt_on(policy: TokenPolicy, halted_BxW, u_BxW, valid_BxW, i):
+  """`halt_step` from the words' uncertainties. threshold_L may also be per sentence, [B, L]."""
   counted_BxW = valid_BxW & ~halted_BxW if policy.masked_window else valid_BxW
-  below_BxW = window_max(u_BxW, counted_BxW, policy.window) < policy.threshold_L[i]
+  tau = policy.threshold_L[..., i]
+  tau = tau[:, None] if tau.ndim == 1 else tau
+  below_BxW = window_max(u_BxW, counted_BxW, policy.window) < tau
   return valid_BxW & ~halted_BxW & (below_BxW | (i == policy.num_layers - 1))
 
 
-def simulate(policy: TokenPolicy, word_logits_LxNxWxC, valid_NxW):
-  """Exit layer (0-based) of every word from every layer's logits, e.g. frozen stage-1 logits
-  (self-sampling). The states of a real run change after a halt; here the logits are given."""
+@jax.jit
+def simulate(policy: TokenPolicy, u_LxNxW, valid_NxW):
+  """Exit layer (0-based) of every word given every layer's word uncertainties, e.g. those of the
+  frozen stage-1 model (self-sampling; a real run's states change after a halt, these do not).
+  policy.threshold_L may be per sentence, [N, L]."""
   def body(carry, xs):
     halted, exit_ = carry
-    logits, i = xs
-    now = halt_step(policy, halted, logits, valid_NxW, i)
+    u, i = xs
+    now = halt_on(policy, halted, u, valid_NxW, i)
     return (halted | now, jnp.where(now, i, exit_)), None
-  L = word_logits_LxNxWxC.shape[0]
+  L = u_LxNxW.shape[0]
   init = (~valid_NxW, jnp.full(valid_NxW.shape, L - 1, jnp.int32))
-  (_, exit_NxW), _ = jax.lax.scan(body, init, (word_logits_LxNxWxC, jnp.arange(L)))
+  (_, exit_NxW), _ = jax.lax.scan(body, init, (u_LxNxW, jnp.arange(L)))
   return exit_NxW
 
 

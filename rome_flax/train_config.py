@@ -77,8 +77,20 @@ class ObjectiveOptions:
   gr: str = LossConfig.gr
   gr_lambda: float = LossConfig.gr_lambda
   protect: str = LossConfig.protect
+  # Self-sampling (method self_sampling, method-seqlab.md section 4): per sentence a TOKEE window and
+  # threshold drawn from these lists; sandwich rules; the upper-half threshold cap.
+  ss_windows: tuple = LossConfig.ss_windows
+  ss_thresholds: tuple = LossConfig.ss_thresholds
+  ss_sandwich_small: int = LossConfig.ss_sandwich_small
+  ss_sandwich_full: int = LossConfig.ss_sandwich_full
+  ss_upper_cap: float = LossConfig.ss_upper_cap
 
   def __post_init__(self):
+    for name, kind in (("ss_windows", int), ("ss_thresholds", float)):
+      try:
+        object.__setattr__(self, name, tuple(kind(float(v)) if kind is int else kind(v) for v in getattr(self, name)))
+      except (TypeError, ValueError):
+        raise RomeFlaxError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
     self.loss_config(regression=False)
 
   def loss_config(self, regression: bool) -> LossConfig:
@@ -96,9 +108,11 @@ class OptimOptions:
   clip_norm: float = 1.0
   seed: int = 42                        # parameter init of new heads, batch order, dropout
   grad_accum_steps: int = 1             # micro-batches per step, inside the one jitted step (same update)
+  encoder_lr_scale: float = 1.0         # the encoder's learning rate / the exit heads' (self-sampling: 0.1)
 
   def __post_init__(self):
     _check([(self.epochs >= 1, "epochs must be at least 1"),
+            (self.encoder_lr_scale > 0, "encoder_lr_scale must be positive"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1"),
             (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,

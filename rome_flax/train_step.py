@@ -39,6 +39,7 @@ class OptimConfig:
   weight_decay: float = 0.0
   adam_eps: float = 1e-8
   clip_norm: float = 1.0
+  encoder_lr_scale: float = 1.0   # the encoder's learning rate / the heads' (the seq-lab reference: 0.1)
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -83,12 +84,24 @@ def make_optimizer(cfg: OptimConfig, trainable=None) -> optax.GradientTransforma
   method (outside the loss, or behind a stop-gradient), so it is the norm over all.
   """
   schedule = learning_rate_schedule(cfg)
-  if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
-    adam = optax.adam(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps)
-  else:
-    adam = optax.adamw(schedule, b1=0.9, b2=0.999, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                       mask=weight_decay_mask)
-  inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+
+  def adam_at(lr):
+    if cfg.weight_decay == 0.0:  # the same updates without a pass of `0 * param` over every weight
+      return optax.adam(lr, b1=0.9, b2=0.999, eps=cfg.adam_eps)
+    return optax.adamw(lr, b1=0.9, b2=0.999, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+
+  if cfg.encoder_lr_scale != 1.0:
+    # Two learning rates (the encoder's scaled), one global-norm clip over every gradient first.
+    scale = cfg.encoder_lr_scale
+    def group(path, t):
+      return "frozen" if not t else ("heads" if path[0].key == "exits" else "encoder")
+    def labels(params):
+      mask = trainable if trainable is not None else jax.tree.map(lambda _: True, params)
+      return jax.tree_util.tree_map_with_path(group, mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(
+        {"heads": adam_at(schedule), "encoder": adam_at(lambda step: scale * schedule(step)),
+         "frozen": optax.set_to_zero()}, labels))
+  inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam_at(schedule))
   if trainable is None or all(jax.tree.leaves(trainable)):
     return inner
   labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
@@ -108,7 +121,8 @@ def stage_forward(params, cfg: ModelConfig, batch, rng, plan: methods.StagePlan,
   """Logits [len(plan.exits), B, C] with dropout on, running only what the stage needs (`model.forward`)."""
   return model_lib.forward(params, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                            deterministic=False, rng=rng, exits=plan.exits, num_layers=plan.num_layers,
-                           stop_gradient_exits=not plan.train_encoder, taps_KxBxSxD=taps_KxBxSxD).exit_logits
+                           stop_gradient_exits=not plan.train_encoder, taps_KxBxSxD=taps_KxBxSxD,
+                           active_BxLxS=batch.get("active_BxLxS")).exit_logits
 
 
 def example_weights(batch) -> jax.Array:
@@ -187,7 +201,11 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1, pro
   mode = loss_cfg.gr if loss_cfg.uses_gr else "none"
 
   def loss_of_logits(logits, batch, scale) -> LossTerms:
-    terms = loss_terms(*flat_units(logits, batch["labels"], example_weights(batch)), loss_cfg, stage)
+    aux = {}
+    if "flood_bias_BxLxS" in batch:   # self-sampling: the stage-1 model's per-word losses, [E, B*S] units
+      bias_BxLxS = batch["flood_bias_BxLxS"]
+      aux["flood_bias_ExB"] = bias_BxLxS.transpose(1, 0, 2).reshape(bias_BxLxS.shape[1], -1)
+    terms = loss_terms(*flat_units(logits, batch["labels"], example_weights(batch)), loss_cfg, stage, **aux)
     return terms if scale is None else LossTerms(terms.final * scale, terms.highway * scale)
 
   def plain_groups(params, batch, rng, scale):

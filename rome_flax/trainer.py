@@ -30,6 +30,7 @@ from rome_flax import metrics as metrics_lib
 from rome_flax import model as model_lib
 from rome_flax import preemption
 from rome_flax import primary
+from rome_flax import self_sampling
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
 from rome_flax import token_data
@@ -162,6 +163,18 @@ def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
       raise RomeFlaxError(f"the {split} split has no labels")
     evals[split] = data_lib.encode_split(tokenizer, s, cfg.max_length, task.is_regression)
   return RunData(task, data_lib.encode_split(tokenizer, train, cfg.max_length, task.is_regression), evals)
+
+
+def check_stage_one(cfg: TrainConfig, task: TaskSpec, model: MultiExitBert) -> None:
+  """Self-sampling (TOKEE's stage 2) fine-tunes a finished stage-1 token model: its export."""
+  if cfg.objective.method != "self_sampling":
+    return
+  if not task.is_token_task:
+    raise RomeFlaxError("self_sampling is token-level early exit's fine-tuning: it needs a token task (conll2003, "
+                        "ner, pos)")
+  if not model.export_info.method or not model.config.is_token_task:
+    raise RomeFlaxError("self_sampling fine-tunes a finished stage-1 run: pass --model runs/<stage 1>/export (a "
+                        "token task trained with e.g. --method joint_weighted)")
 
 
 def lock_output_dir(out: Path) -> RunLock:
@@ -392,7 +405,8 @@ class StageProgram:
 def stage_programs(cfg: TrainConfig, mcfg: ModelConfig, params, method: methods.Method, loss_cfg: methods.LossConfig,
                    protect: bool, sched: Schedule, mesh) -> dict[int, StageProgram]:
   optim_cfg = steps.OptimConfig(cfg.optim.learning_rate, int(cfg.optim.warmup_ratio * sched.stage_steps),
-                                sched.stage_steps, cfg.optim.weight_decay, cfg.optim.adam_eps, cfg.optim.clip_norm)
+                                sched.stage_steps, cfg.optim.weight_decay, cfg.optim.adam_eps, cfg.optim.clip_norm,
+                                cfg.optim.encoder_lr_scale)
   lr = steps.learning_rate_schedule(optim_cfg)   # every stage has its own run of the same schedule
   programs = {}
   for stage in range(1, method.num_stages + 1):
@@ -422,6 +436,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   out = Path(cfg.run.output_dir).absolute()
   task = resolve_task(cfg.data)
   model = load_model(cfg, task)
+  check_stage_one(cfg, task, model)
   run_data = load_data(cfg.data, task, model.tokenizer)
   lock = lock_output_dir(out)
   try:
@@ -441,6 +456,12 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   protect = methods.protect_final(loss_cfg, task.protect_final)
   programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched, mesh)
   eval_step = steps.make_eval_step(mcfg, out_sharding=sharding_lib.replicated(mesh))
+  batch_extras = None
+  if method.name == "self_sampling":   # stage 1's frozen view of the training set, once
+    targets = self_sampling.stage_one_targets(lambda b: eval_step(model.params, b), run_data.train,
+                                              cfg.run.eval_batch_size)
+    batch_extras = lambda batch, step: {**batch, **self_sampling.batch_extras(
+        targets, batch, loss_cfg, mcfg.num_layers, np.random.default_rng([cfg.optim.seed, step]))}
 
   # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
   ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)
@@ -520,6 +541,8 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
           state = state._replace(opt_state=programs[stage].optimizer.init(state.params))
         for batch in data_lib.batches(run_data.train, cfg.optim.batch_size, shuffle=True, seed=cfg.optim.seed,
                                       epoch=pos.data_epoch, start=pos.batch):
+          if batch_extras is not None:
+            batch = batch_extras(batch, step)
           state, m = programs[stage].step_fn(state, sharding_lib.shard_batch(batch, mesh))
           step += 1
           hooks.run(StepInfo(step, state, m))

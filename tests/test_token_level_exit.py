@@ -190,7 +190,7 @@ def test_simulate_equals_the_device_decision_on_given_logits():
   logits = jnp.asarray(rng.normal(0, 3, (4, 6, 7, TAGS)), jnp.float32)
   valid = jnp.asarray(np.arange(7)[None] < rng.integers(1, 8, (6, 1)))
   policy = te.make_token_policy(0.5, 3, 4)
-  exits = np.asarray(te.simulate(policy, logits, valid))
+  exits = np.asarray(te.simulate(policy, te.word_uncertainty(logits), valid))
   halted = ~np.asarray(valid)
   for i in range(4):
     now = np.asarray(te.halt_step(policy, jnp.asarray(halted), logits[i], valid, i))

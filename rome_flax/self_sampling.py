@@ -1,0 +1,95 @@
+"""Self-sampling fine-tuning, TOKEE's stage 2 (method-seqlab.md section 4): what a training batch gets.
+
+Stage 1 (a finished token model, e.g. `joint_weighted`) is run once over the training set, dropout
+off: every word's normalised entropy and cross-entropy at every exit stay fixed for the whole
+stage (`stage_one_targets`). Each batch, every sentence draws a TOKEE window and threshold from the
+configured lists (`LossConfig.ss_*`); the sandwich rules force the smallest window or the largest
+threshold on the first sentences and no halting on the last ones; the halting those settings would
+give on the frozen stage-1 uncertainties (`token_exit.simulate`, the inference criterion, with the
+doubled upper-half threshold capped at `ss_upper_cap`) decides which pieces are active at each layer
+(`active_BxLxS`: a halted word's pieces keep their residual in `model.forward`), and the stage-1
+losses are the flooding targets (`flood_bias_BxLxS`, `losses.flooding_terms`). Draws come from
+(seed, step), so a resumed run draws the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from rome_flax import data, inference
+from rome_flax import token_exit as te
+from rome_flax.errors import RomeFlaxError
+from rome_flax.methods import LossConfig
+
+
+@dataclasses.dataclass
+class StageOneTargets:
+  """The frozen stage-1 model's word-level view of the training set."""
+  uncertainty_NxWxL: np.ndarray   # float32 normalised entropy of each word at each exit
+  loss_NxWxL: np.ndarray          # float32 cross-entropy of each word's gold tag at each exit (0 past the words)
+
+
+def stage_one_targets(run_piece, encoded: data.EncodedSplit, batch_size: int, progress=None) -> StageOneTargets:
+  """Every exit's word logits for the training set (`run_piece(batch) -> [E,B,S,C]`, dropout off),
+  reduced to uncertainties and losses (the logits themselves are not kept)."""
+  if not encoded.is_token_task or encoded.labels is None:
+    raise RomeFlaxError("self-sampling needs a labelled token-task training split")
+  logits_ExNxWxC = inference.exit_logits_of(run_piece, encoded, batch_size, progress)
+  u = np.asarray(te.word_uncertainty(jnp.asarray(logits_ExNxWxC)))
+  z = logits_ExNxWxC - logits_ExNxWxC.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  labels = np.maximum(encoded.labels, 0)
+  ce = -np.take_along_axis(logp, np.broadcast_to(labels[None, ..., None], logp.shape[:-1] + (1,)), -1)[..., 0]
+  ce = np.where(encoded.labels[None] >= 0, ce, 0.0)
+  return StageOneTargets(u.transpose(1, 2, 0).astype(np.float32), ce.transpose(1, 2, 0).astype(np.float32))
+
+
+def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: LossConfig):
+  """Per sentence a window and per-layer thresholds [n, L]: tau in the lower half, min(2 tau, cap)
+  above; sandwich rules (method-seqlab.md section 4, step 2)."""
+  windows = rng.choice(np.asarray(cfg.ss_windows, np.int64), n)
+  taus = rng.choice(np.asarray(cfg.ss_thresholds, np.float64), n)
+  small = min(cfg.ss_sandwich_small, n)
+  coin = rng.random(small) < 0.5
+  windows[:small] = np.where(coin, min(cfg.ss_windows), windows[:small])
+  taus[:small] = np.where(coin, taus[:small], max(cfg.ss_thresholds))
+  lower = np.arange(num_layers) < num_layers // 2
+  thresholds = np.where(lower[None], taus[:, None], np.minimum(2 * taus[:, None], cfg.ss_upper_cap))
+  full = min(cfg.ss_sandwich_full, n)
+  if full:
+    thresholds[n - full:] = -1.0   # never below: these sentences run every layer
+  return windows, thresholds.astype(np.float32)
+
+
+def batch_extras(targets: StageOneTargets, batch: dict, cfg: LossConfig, num_layers: int,
+                 rng: np.random.Generator) -> dict:
+  """{active_BxLxS, flood_bias_BxLxS} for one padded token batch (`data.pad_batch`)."""
+  rows = batch["example_ids"]
+  B, S = batch["input_ids"].shape
+  L = num_layers
+  real = rows >= 0
+  W = S   # word slots: a sentence has at most as many words as pieces
+  u_BxWxL = np.ones((B, W, L), np.float32)
+  ce_BxWxL = np.zeros((B, W, L), np.float32)
+  width = min(W, targets.uncertainty_NxWxL.shape[1])
+  u_BxWxL[real, :width] = targets.uncertainty_NxWxL[rows[real], :width]
+  ce_BxWxL[real, :width] = targets.loss_NxWxL[rows[real], :width]
+  num_words = batch["word_mask"].sum(1)
+  valid_BxW = (np.arange(W)[None] < num_words[:, None]) & real[:, None]
+  windows, thresholds = sample_thresholds(rng, B, L, cfg)
+  exits_BxW = np.full((B, W), L - 1, np.int32)
+  for w in np.unique(windows):
+    policy = te.TokenPolicy(jnp.asarray(thresholds), int(w), L)
+    exits = np.asarray(te.simulate(policy, jnp.asarray(u_BxWxL.transpose(2, 0, 1)), jnp.asarray(valid_BxW)))
+    exits_BxW = np.where((windows == w)[:, None], exits, exits_BxW)
+  word_of_BxS = np.asarray(te.piece_words(jnp.asarray(batch["word_mask"]), jnp.asarray(batch["attention_mask"])))
+  piece_exit_BxS = np.where(word_of_BxS >= 0, np.take_along_axis(exits_BxW, np.maximum(word_of_BxS, 0), 1), L - 1)
+  active_BxLxS = (piece_exit_BxS[:, None, :] >= np.arange(L)[None, :, None]).astype(np.int32)
+  positions_BxW = np.asarray(te.word_positions(jnp.asarray(batch["word_mask"])))
+  flood_BxLxS = np.zeros((B, L, S), np.float32)
+  b_idx, w_idx = np.nonzero(valid_BxW)
+  flood_BxLxS[b_idx, :, positions_BxW[b_idx, w_idx]] = ce_BxWxL[b_idx, w_idx]
+  return {"active_BxLxS": active_BxLxS, "flood_bias_BxLxS": flood_BxLxS}
