@@ -264,7 +264,7 @@ def token_row(cfg, task: TaskSpec, policy: token_exit.TokenPolicy, run: token_ex
   return row
 
 
-def token_speed_row(cfg, policy: token_exit.TokenPolicy, measured: speed.TokenExitSpeed, lengths_N,
+def token_speed_row(cfg, policy: token_exit.TokenPolicy, measured: speed.EarlyExitSpeed, lengths_N,
                     offline: token_exit.TokenRun) -> dict:
   """One timed TOKEE setting, in the columns of `speed_row` (layer ratio = per word)."""
   thr, lat, n_lat = measured.throughput.run, measured.latency.run, measured.latency_examples

@@ -81,7 +81,8 @@ class Measured(NamedTuple):
 
 class EarlyExitSpeed(NamedTuple):
   """One policy's measured passes: throughput path and full model at batch_size on every example,
-  latency path and full model at batch 1 on the first `latency_examples`."""
+  latency path and full model at batch 1 on the first `latency_examples` (for TOKEE, `run` holds a
+  `token_exit.TokenRun`)."""
   batch_size: int
   latency_examples: int
   full_throughput: Measured
@@ -123,27 +124,8 @@ def early_exit_speed(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded:
   return EarlyExitSpeed(batch_size, len(lat_data), thr["full"], thr["early"], lat["full"], lat["early"])
 
 
-class TokenExitSpeed(NamedTuple):
-  """One TOKEE policy's measured passes against the full model: batch_size on every example,
-  batch 1 on the first `latency_examples` (`token_exit.TokenRun` in `run`)."""
-  batch_size: int
-  latency_examples: int
-  full_throughput: Measured
-  throughput: Measured
-  full_latency: Measured
-  latency: Measured
-
-  @property
-  def throughput_speedup(self) -> float:
-    return self.full_throughput.seconds / self.throughput.seconds
-
-  @property
-  def latency_speedup(self) -> float:
-    return self.full_latency.seconds / self.latency.seconds
-
-
 def token_exit_speed(prepared, cfg: ModelConfig, policy, encoded: data.EncodedSplit, batch_size: int, *,
-                     latency_examples: int = 128, repeats: int = 2) -> TokenExitSpeed:
+                     latency_examples: int = 128, repeats: int = 2) -> EarlyExitSpeed:
   """TOKEE (`token_exit.token_pass`) at batch_size and at batch 1, each against the full model on the
   same examples, alternating, the fastest of `repeats` passes counting."""
   lat_data = encoded.head(min(latency_examples, len(encoded)))
@@ -151,4 +133,4 @@ def token_exit_speed(prepared, cfg: ModelConfig, policy, encoded: data.EncodedSp
                   "early": token_exit.token_pass(prepared, cfg, policy, encoded, batch_size)}, repeats)
   lat = _fastest({"full": inference.full_model_pass(prepared, cfg, lat_data, 1),
                   "early": token_exit.token_pass(prepared, cfg, policy, lat_data, 1)}, repeats)
-  return TokenExitSpeed(batch_size, len(lat_data), thr["full"], thr["early"], lat["full"], lat["early"])
+  return EarlyExitSpeed(batch_size, len(lat_data), thr["full"], thr["early"], lat["full"], lat["early"])
