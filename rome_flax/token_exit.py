@@ -340,3 +340,35 @@ def word_predictions(run: TokenRun) -> np.ndarray:
 
 def describe_all(policies: Sequence[TokenPolicy]) -> list[str]:
   return [p.describe() for p in policies]
+
+
+class TagPrediction(NamedTuple):
+  tags: list            # per sentence, its words' tag names
+  exit_layers: list     # per sentence, each word's 1-based exit layer
+
+
+def predict_tags(model, sentences: Sequence[Sequence[str]], policy, *, batch_size: int = 64,
+                 max_length: Optional[int] = None) -> TagPrediction:
+  """Early-exit tags for sentences given as word lists, with a token-task `MultiExitBert` (its
+  tokenizer and tag set) and either a TOKEE `TokenPolicy` (each word its own layer) or a SENTEE
+  `exit_policy.ExitPolicy` (each sentence one layer; the throughput path)."""
+  cfg, names = model.config, model.export_info.label_names
+  if not cfg.is_token_task:
+    raise RomeFlaxError("predict_tags needs a model with token exits (sequence labelling)")
+  if not names:
+    raise RomeFlaxError("the model does not list its tag set: use a train.py export of a token task")
+  sentences = [list(map(str, s)) for s in sentences]
+  if not sentences or any(not s for s in sentences):
+    raise RomeFlaxError("give at least one sentence, each with at least one word")
+  max_length = max_length or model.export_info.max_length or 512
+  encoded = data.encode_token_split(model.tokenizer, sentences, None, max_length)
+  prepared = model_lib.unstack_layers(model.params)
+  if isinstance(policy, TokenPolicy):
+    run = token_pass(prepared, cfg, policy, encoded, batch_size).run()
+    logits, layers = run.word_logits, run.word_exits + 1
+  else:
+    res = inference.throughput_pass(prepared, cfg, policy, encoded, batch_size).run()
+    logits, layers = res.logits_NxC, np.repeat(res.exit_index_N[:, None] + 1, encoded.max_words, 1)
+  ids = logits.argmax(-1)
+  return TagPrediction([[names[t] for t in ids[i, :len(s)]] for i, s in enumerate(sentences)],
+                       [layers[i, :len(s)].tolist() for i, s in enumerate(sentences)])

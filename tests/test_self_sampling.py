@@ -125,3 +125,19 @@ def test_stage_two_runs_and_needs_a_stage_one(tmp_path):
                               "--tokee_windows", "3", "--tokee_thresholds", "0.1", "--measure_speed", "none",
                               "--no_progress"]) == 0
   assert (out / "tokee.json").is_file()
+
+
+def test_predict_tags_api(tmp_path):
+  """Production use: word lists in, tags and exit layers out, with a TOKEE or a SENTEE policy."""
+  from rome_flax import exit_policy as ep
+  from rome_flax.pretrained import MultiExitBert
+  data_dir, _ = make_dir(tmp_path / "data", ner_sentences)
+  assert run_cli(train.main, [*TINY, "--task", "ner", "--data_dir", data_dir, "--output_dir", tmp_path / "r"]) == 0
+  model = MultiExitBert.from_pretrained(tmp_path / "r" / "export")
+  sentences = [["the", "good", "film"], ["bad"]]
+  for policy in (te.make_token_policy(0.2, 3, model.config.num_layers),
+                 ep.make_policy("entropy", 0.2, model.config.num_layers, num_labels=model.config.num_labels,
+                                token_task=True)):
+    out = te.predict_tags(model, sentences, policy, batch_size=4)
+    assert [len(t) for t in out.tags] == [3, 1] and all(t in model.export_info.label_names for t in out.tags[0])
+    assert all(1 <= layer <= model.config.num_layers for s in out.exit_layers for layer in s)
