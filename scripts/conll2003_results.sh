@@ -24,7 +24,7 @@ train final_only
 [ -d "$RUNS/conll_self_sampling/export" ] || python train.py --config configs/conll2003_minilm.py \
     --model "$RUNS/conll_joint_weighted/export" --data_dir "$DATA" --method self_sampling --learning_rate 1e-4 \
     --encoder_lr_scale 0.1 --epochs 1 --output_dir "$RUNS/conll_self_sampling" --no_progress
-TOKEE=(--tokee_windows 1,3,5 --tokee_thresholds 0.02,0.05,0.1,0.2)
+TOKEE=(--tokee_windows 1,3,5 --tokee_thresholds 0.02,0.05,0.1,0.2,0.3,0.5)
 for split in dev test; do
   evaluate romebert "$split"
   evaluate final_only "$split"

@@ -17,8 +17,19 @@ METHODS = ("final_only", "joint_weighted", "romebert", "self_sampling")
 
 
 def load(runs: Path, method: str, split: str, name: str):
-  path = runs / f"conll_{method}_{split}" / f"{name}.json"
-  return json.loads(path.read_text()) if path.is_file() else None
+  """A table of a run's evaluation; sweep and TOKEE rows also from its `_extra` evaluation (more
+  settings, no speed measurement), a setting found in both counted once."""
+  rows = None
+  for suffix in ("", "_extra"):
+    path = runs / f"conll_{method}_{split}{suffix}" / f"{name}.json"
+    if path.is_file() and (suffix == "" or name in ("sweep", "tokee")):
+      got = json.loads(path.read_text())
+      if rows is None or not isinstance(got, list):
+        rows = got
+      else:
+        seen = {r["setting"] for r in rows}
+        rows = rows + [r for r in got if r["setting"] not in seen]
+  return rows
 
 
 def best_at(rows, speed: str, target: float):
