@@ -41,8 +41,6 @@ from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
 
 COPY_WORDPIECE = ("all", "first")
-# The reference's settings for OntoNotes-CN (method-seqlab.md section 3): 2x, 3x, 4x.
-REFERENCE_SETTINGS = ((15, 0.1), (5, 0.15), (5, 0.25))
 
 
 @struct.dataclass
@@ -96,14 +94,14 @@ def make_token_policy(threshold, window: int, num_layers: int, *, upper_scale: f
 
 
 def parse_windows(text: str) -> list[int]:
+  """'3,5,15' -> [3, 5, 15] (checked by `make_token_policy`)."""
   try:
-    return [int(v) for v in str(text).split(",") if v.strip()] or _raise(f"empty window list {text!r}")
+    windows = [int(v) for v in str(text).split(",") if v.strip()]
   except ValueError:
     raise RomeFlaxError(f"window list {text!r} does not parse: use odd whole numbers, e.g. 3,5,15") from None
-
-
-def _raise(msg):
-  raise RomeFlaxError(msg)
+  if not windows:
+    raise RomeFlaxError(f"empty window list {text!r}")
+  return windows
 
 
 # ----------------------------------------------------------------------------- the criterion
@@ -332,14 +330,6 @@ def token_pass(prepared, cfg: ModelConfig, policy: TokenPolicy, encoded: data.En
     return token_exit(prepared, cfg, policy, *arrays, gather=gather)
 
   return TokenPass(inference.plan(encoded, batch_size), fn, len(encoded), cfg, encoded.max_words)
-
-
-def word_predictions(run: TokenRun) -> np.ndarray:
-  return run.word_logits.argmax(-1)
-
-
-def describe_all(policies: Sequence[TokenPolicy]) -> list[str]:
-  return [p.describe() for p in policies]
 
 
 class TagPrediction(NamedTuple):

@@ -272,7 +272,23 @@ def test_run_lock(tmp_path, caplog):
 
 
 def test_signals_first_requests_a_stop_second_acts_at_once(capsys):
-  from rome_flax import cli, preemption
+  from rome_flax import cli
+  # A process started in the background by a non-interactive shell inherits SIGINT ignored; the test
+  # is about Python's own handler, so it installs that first (and puts back what it found).
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _first_requests_second_interrupts()
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+  assert cli.run(interrupted, cli.ArgumentParser(), []) == cli.EXIT_INTERRUPTED
+  assert capsys.readouterr().err == "interrupted\n"
+
+
+def _first_requests_second_interrupts():
+  from rome_flax import preemption
   with preemption.StopSignals() as signals:
     assert not signals.requested(1)
     signal.raise_signal(signal.SIGINT)
@@ -280,11 +296,6 @@ def test_signals_first_requests_a_stop_second_acts_at_once(capsys):
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: Python's own handler, at once
       signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
-
-  def interrupted(args):
-    raise KeyboardInterrupt
-  assert cli.run(interrupted, cli.ArgumentParser(), []) == cli.EXIT_INTERRUPTED
-  assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_metrics_cut_off_mid_line_by_a_kill_are_dropped_on_resume(tmp_path):

@@ -157,10 +157,10 @@ def _reference_tokee(params, cfg, policy, ids, types, word_starts):
 
 def test_jitted_equals_step_by_step_reference(params, encoded):
   tau = 0.6
-  for policy in (te.make_token_policy(tau, 3, 4), te.make_token_policy(tau, 1, 4)):
+  for policy in (te.make_token_policy(tau, 3, 4),):
     run = te.token_pass(params, CFG15, policy, encoded, 4).run()
     spread = []
-    for n in range(len(encoded)):
+    for n in range(10):   # the reference is eager, layer by layer: a few sentences keep it quick
       out, exits = _reference_tokee(params, CFG15, policy, encoded.input_ids[n], encoded.token_type_ids[n],
                                     encoded.word_starts[n])
       W = len(exits)
@@ -170,13 +170,12 @@ def test_jitted_equals_step_by_step_reference(params, encoded):
     assert len(set(spread)) > 1, "thresholds too low or high to test halting"
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(copy_wordpiece="first"), dict(keep_norm_same=False),
-                                dict(masked_window=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(copy_wordpiece="first", keep_norm_same=False, masked_window=True)])
 def test_gathered_loop_equals_plain_loop_at_any_batch(params, encoded, kw):
   policy = te.make_token_policy(0.6, 3, 4, **kw)
   plain = te.token_pass(params, CFG15, policy, encoded, 8, gather=False).run()
   assert len(np.unique(plain.word_exits[encoded.word_mask])) > 1
-  for batch in (1, 8):
+  for batch in ((1, 8) if not kw else (8,)):
     run = te.token_pass(params, CFG15, policy, encoded, batch).run()
     np.testing.assert_array_equal(run.word_exits, plain.word_exits)
     np.testing.assert_allclose(run.word_logits, plain.word_logits, atol=3e-4)
