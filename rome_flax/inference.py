@@ -97,8 +97,9 @@ class Pass:
       rows = piece["example_ids"]
       keep = rows >= 0
       out_logits = np.asarray(out.logits_BxC if isinstance(out, ExitResult) else out)
-      if self.cfg.is_token_task:
-        out_logits = to_words(out_logits, piece["word_mask"], self.num_words)
+      if self.cfg.is_token_task:   # (a per-device group's mask is [D, N, S]: rows as example_ids, D*N)
+        word_mask = piece["word_mask"].reshape(-1, piece["word_mask"].shape[-1])
+        out_logits = to_words(out_logits, word_mask, self.num_words)
       logits[rows[keep]] = out_logits[keep]
       if isinstance(out, ExitResult):
         exits[rows[keep]] = np.asarray(out.exit_index_B)[keep]

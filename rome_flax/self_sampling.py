@@ -4,7 +4,8 @@ Stage 1 (a finished token model, e.g. `joint_weighted`) is run once over the tra
 off: every word's normalised entropy and cross-entropy at every exit stay fixed for the whole
 stage (`stage_one_targets`). Each batch, every sentence draws a TOKEE window and threshold from the
 configured lists (`LossConfig.ss_*`); the sandwich rules force the smallest window or the largest
-threshold on the first sentences and no halting on the last ones; the halting those settings would
+threshold on some sentences and no halting on others (drawn among the batch's real sentences; the
+reference takes the first and last rows of its batch); the halting those settings would
 give on the frozen stage-1 uncertainties (`token_exit.simulate`, the inference criterion, with the
 doubled upper-half threshold capped at `ss_upper_cap`) decides which pieces are active at each layer
 (`active_BxLxS`: a halted word's pieces keep their residual in `model.forward`), and the stage-1
@@ -47,21 +48,23 @@ def stage_one_targets(run_piece, encoded: data.EncodedSplit, batch_size: int, pr
   return StageOneTargets(u.transpose(1, 2, 0).astype(np.float32), ce.transpose(1, 2, 0).astype(np.float32))
 
 
-def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: LossConfig):
+def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: LossConfig, eligible=None):
   """Per sentence a window and per-layer thresholds [n, L]: tau in the lower half, min(2 tau, cap)
-  above; sandwich rules (method-seqlab.md section 4, step 2)."""
+  above; sandwich rules (method-seqlab.md section 4, step 2) on sentences drawn at random among
+  `eligible` (default all; the batch's real rows), so neither a batch's length order nor its
+  padding rows decide which sentences they fall on."""
   windows = rng.choice(np.asarray(cfg.ss_windows, np.int64), n)
   taus = rng.choice(np.asarray(cfg.ss_thresholds, np.float64), n)
-  small = min(cfg.ss_sandwich_small, n)
-  coin = rng.random(small) < 0.5
-  windows[:small] = np.where(coin, min(cfg.ss_windows), windows[:small])
-  taus[:small] = np.where(coin, taus[:small], max(cfg.ss_thresholds))
+  rows = rng.permutation(np.arange(n) if eligible is None else np.asarray(eligible))
+  small = rows[:min(cfg.ss_sandwich_small, len(rows))]
+  full = rows[len(small):][:min(cfg.ss_sandwich_full, len(rows) - len(small))]
+  coin = rng.random(len(small)) < 0.5
+  windows[small] = np.where(coin, min(cfg.ss_windows), windows[small])
+  taus[small] = np.where(coin, taus[small], max(cfg.ss_thresholds))
   lower = np.arange(num_layers) < num_layers // 2
   thresholds = np.where(lower[None], taus[:, None], np.minimum(2 * taus[:, None], cfg.ss_upper_cap))
-  full = min(cfg.ss_sandwich_full, n)
-  if full:
-    thresholds[n - full:] = -1.0   # never below: these sentences run every layer
-  return windows, thresholds.astype(np.float32)
+  thresholds[full] = -1.0   # never below: these sentences run every layer
+  return windows, thresholds.astype(np.float32), small, full
 
 
 def batch_extras(targets: StageOneTargets, batch: dict, cfg: LossConfig, num_layers: int,
@@ -79,7 +82,7 @@ def batch_extras(targets: StageOneTargets, batch: dict, cfg: LossConfig, num_lay
   ce_BxWxL[real, :width] = targets.loss_NxWxL[rows[real], :width]
   num_words = batch["word_mask"].sum(1)
   valid_BxW = (np.arange(W)[None] < num_words[:, None]) & real[:, None]
-  windows, thresholds = sample_thresholds(rng, B, L, cfg)
+  windows, thresholds, _, _ = sample_thresholds(rng, B, L, cfg, eligible=np.nonzero(real)[0])
   exits_BxW = np.full((B, W), L - 1, np.int32)
   for w in np.unique(windows):
     policy = te.TokenPolicy(jnp.asarray(thresholds), int(w), L)

@@ -35,14 +35,16 @@ def params():
 
 def test_sampling_rules():
   cfg = methods.LossConfig("self_sampling")
-  windows, thr = self_sampling.sample_thresholds(np.random.default_rng(0), 10, 6, cfg)
+  windows, thr, small, full = self_sampling.sample_thresholds(np.random.default_rng(0), 10, 6, cfg,
+                                                              eligible=np.arange(8))   # rows 8, 9: padding
   assert set(windows) <= set(cfg.ss_windows)
-  assert (thr[-4:] == -1).all()   # the last 4 never halt
-  for k in range(2):   # the first 2: the smallest window or the largest threshold
+  assert len(full) == 4 and (thr[full] == -1).all() and not set(full) & {8, 9}   # 4 real rows never halt
+  assert len(small) == 2 and not set(small) & set(full) and not set(small) & {8, 9}
+  for k in small:   # the smallest window or the largest threshold
     assert windows[k] == 5 or thr[k, 0] == pytest.approx(0.25)
-  lower, upper = thr[:6, :3], thr[:6, 3:]
-  np.testing.assert_allclose(upper, np.minimum(2 * lower, 0.5), rtol=1e-6)
-  again = self_sampling.sample_thresholds(np.random.default_rng(0), 10, 6, cfg)
+  rest = [k for k in range(10) if k not in full]
+  np.testing.assert_allclose(thr[rest, 3:], np.minimum(2 * thr[rest, :3], 0.5), rtol=1e-6)
+  again = self_sampling.sample_thresholds(np.random.default_rng(0), 10, 6, cfg, eligible=np.arange(8))
   np.testing.assert_array_equal(windows, again[0])   # (seed, step) -> the same draws on resume
 
 
@@ -98,9 +100,11 @@ def test_batch_extras_follow_the_simulation(params, encoded):
   extras = self_sampling.batch_extras(targets, batch, cfg, 4, np.random.default_rng(0))
   active = extras["active_BxLxS"]
   words = batch["word_mask"] > 0
-  # Threshold 2 > any normalised entropy: every word halts after layer 1, except in the last row
-  # (the full sandwich: here the padding row) and [CLS]/[SEP], which run on.
-  assert (active[:4, 0][words[:4]] == 1).all() and (active[:4, 1:][np.repeat(words[:4, None], 3, 1)] == 0).all()
+  # Threshold 2 > any normalised entropy: every word halts after layer 1, except in the one real row
+  # drawn for the full sandwich, and [CLS]/[SEP], which run on.
+  halted_rows = [b for b in range(5) if (active[b, 1:][np.repeat(words[b, None], 3, 0)] == 0).all()]
+  full_rows = [b for b in range(5) if (active[b][np.repeat(words[b, None], 4, 0)] == 1).all()]
+  assert len(halted_rows) == 4 and len(full_rows) == 1 and (active[:5, 0][words[:5]] == 1).all()
   assert (active[:, :, 0] == 1).all()
   flood = extras["flood_bias_BxLxS"]
   np.testing.assert_allclose(flood[0, :, encoded.word_starts[0]], targets.loss_NxWxL[0, :len(encoded.word_starts[0])])

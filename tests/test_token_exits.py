@@ -180,3 +180,18 @@ def test_patience_is_refused_for_token_tasks():
     ep.make_policy("patience", 2, 4, num_labels=5, token_task=True)
   with pytest.raises(RomeFlaxError, match="is for token tasks"):
     ep.make_policy("entropy", 0.1, 4, num_labels=2, pool="avg")
+
+
+def test_collect_reads_per_device_groups():
+  """A multi-device throughput piece stacks word masks [D, N, S] while its outputs and example ids
+  are flat (D*N rows): words are still taken from the right rows."""
+  from rome_flax.early_exit import ExitResult
+  mask_DxNxS = np.array([[[0, 1, 1, 0], [0, 1, 0, 0]], [[0, 0, 0, 0], [0, 1, 1, 1]]])
+  piece = {"example_ids": np.array([0, 1, -1, 2]), "word_mask": mask_DxNxS}
+  logits = np.random.default_rng(0).normal(size=(4, 4, len(TAGS))).astype(np.float32)
+  out = ExitResult(logits, np.array([1, 2, 0, 3], np.int32), np.int32(0))
+  run = inference.Pass([piece], None, 3, CFG, num_words=3).collect([out])
+  np.testing.assert_array_equal(run.logits_NxC[0, :2], logits[0, [1, 2]])
+  np.testing.assert_array_equal(run.logits_NxC[1, :1], logits[1, [1]])
+  np.testing.assert_array_equal(run.logits_NxC[2], logits[3, [1, 2, 3]])
+  assert run.exit_index_N.tolist() == [1, 2, 3]
