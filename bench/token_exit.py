@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def main():
 
   import rome_flax
   from rome_flax import data, inference, pretrained
+  from rome_flax import model as model_lib
   from rome_flax import token_exit as te
   from rome_flax.speed import token_exit_speed
 
@@ -83,7 +85,7 @@ def main():
   L = cfg.num_layers
   words = sentences(args.examples)
   encoded = data.encode_token_split(pretrained.load_tokenizer(Path(ckpt)), words, None, max_length=256)
-  params = model_lib_unstacked(known_halting_params(model.params, cfg, args.exit_layer - 1, args.scale))
+  params = model_lib.unstack_layers(known_halting_params(model.params, cfg, args.exit_layer - 1, args.scale))
 
   # tau: the median window-max uncertainty at the chosen exit (halfway between two neighbours).
   z = inference.run_all_exits(params, cfg, encoded, args.batch)[args.exit_layer - 1]   # [N, W, C]
@@ -104,7 +106,6 @@ def main():
   assert np.array_equal(lat.word_exits, plain.word_exits[:, :lat.word_exits.shape[1]]), "latency path disagrees"
   assert np.array_equal(thr.word_exits[:n_lat, :plain.word_exits.shape[1]], plain.word_exits), "batch-64 disagrees"
 
-  import subprocess
   cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
   print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), token exits over {cfg.num_labels} tags, "
         f"float32, {len(words)} sentences (mean {lengths.mean():.1f} pieces), device {jax.devices()[0].device_kind}; "
@@ -124,11 +125,6 @@ def main():
   print(f"FLOPs ratio: throughput {flops['throughput']:.2f} latency {flops['latency']:.2f}")
   print(f"of FLOPs ratio: throughput = {measured.throughput_speedup / flops['throughput']:.2f} "
         f"latency = {measured.latency_speedup / flops['latency']:.2f}")
-
-
-def model_lib_unstacked(params):
-  from rome_flax import model as model_lib
-  return model_lib.unstack_layers(params)
 
 
 if __name__ == "__main__":

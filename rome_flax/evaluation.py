@@ -267,46 +267,41 @@ def token_row(cfg, task: TaskSpec, policy: token_exit.TokenPolicy, run: token_ex
 def token_speed_row(cfg, policy: token_exit.TokenPolicy, measured: speed.EarlyExitSpeed, lengths_N,
                     offline: token_exit.TokenRun) -> dict:
   """One timed TOKEE setting, in the columns of `speed_row` (layer ratio = per word)."""
-  thr, lat, n_lat = measured.throughput.run, measured.latency.run, measured.latency_examples
-  n = len(thr.word_exits)
-  words = thr.word_exits >= 0
-  lat_words = lat.word_exits >= 0
-  return {
-      "setting": policy.describe(),
-      "layer_ratio": cfg.num_layers / float((thr.word_exits[words] + 1).mean()),
-      "flops_ratio": token_exit.flops_ratio(cfg, thr.queries, thr.keys, lengths_N[:n]),
-      f"throughput_speedup_b{measured.batch_size}": measured.throughput_speedup,
-      "throughput_ex_per_s": n / measured.throughput.seconds,
-      "full_ex_per_s": n / measured.full_throughput.seconds,
-      "latency_layer_ratio": cfg.num_layers / float((lat.word_exits[lat_words] + 1).mean()),
-      "latency_speedup_b1": measured.latency_speedup,
-      "latency_ms": 1e3 * measured.latency.seconds / n_lat,
-      "full_latency_ms": 1e3 * measured.full_latency.seconds / n_lat,
-      "warmup_s_throughput": measured.throughput.warmup_seconds, "warmup_s_latency": measured.latency.warmup_seconds,
-      "warmup_s_full": measured.full_throughput.warmup_seconds + measured.full_latency.warmup_seconds,
-      "exits_match_offline": bool(np.array_equal(thr.word_exits, offline.word_exits[:n, :thr.word_exits.shape[1]])
-                                  and np.array_equal(lat.word_exits, offline.word_exits[:n_lat, :lat.word_exits.shape[1]])),
-  }
+  thr, lat = measured.throughput.run, measured.latency.run
+  per_word = lambda exits: cfg.num_layers / float((exits[exits >= 0] + 1).mean())
+  same = lambda run: np.array_equal(run.word_exits, offline.word_exits[:len(run.word_exits), :run.word_exits.shape[1]])
+  return _timed_row(policy.describe(), measured, per_word(thr.word_exits),
+                    token_exit.flops_ratio(cfg, thr.queries, thr.keys, lengths_N[:len(thr.word_exits)]),
+                    per_word(lat.word_exits), same(thr) and same(lat))
 
 
 def speed_row(cfg, policy: ep.ExitPolicy, measured: speed.EarlyExitSpeed, lengths_N, offline_exit_N) -> dict:
   """One timed setting: measured speed-ups and rates beside the exit statistics of the runs, and
   whether both paths took exactly the offline decisions."""
-  thr, lat, n_lat = measured.throughput, measured.latency, measured.latency_examples
-  stats = sweep.exit_statistics(cfg, thr.run.exit_index_N, lengths_N)
-  n = len(thr.run.exit_index_N)
+  thr, lat, n_lat = measured.throughput.run, measured.latency.run, measured.latency_examples
+  stats = sweep.exit_statistics(cfg, thr.exit_index_N, lengths_N)
+  return _timed_row(policy.describe(), measured, stats["layer_ratio"], stats["flops_ratio"],
+                    sweep.exit_statistics(cfg, lat.exit_index_N, lengths_N[:n_lat])["layer_ratio"],
+                    np.array_equal(thr.exit_index_N, offline_exit_N)
+                    and np.array_equal(lat.exit_index_N, offline_exit_N[:n_lat]))
+
+
+def _timed_row(setting: str, measured: speed.EarlyExitSpeed, layer_ratio: float, flops_ratio: float,
+               latency_layer_ratio: float, exits_match_offline: bool) -> dict:
+  """The columns of speed.{json,csv,md}, whichever criterion was timed."""
+  n, n_lat = measured.examples, measured.latency_examples
+  thr, lat = measured.throughput, measured.latency
   return {
-      "setting": policy.describe(),
-      "layer_ratio": stats["layer_ratio"],
-      "flops_ratio": stats["flops_ratio"],
+      "setting": setting,
+      "layer_ratio": layer_ratio,
+      "flops_ratio": flops_ratio,
       f"throughput_speedup_b{measured.batch_size}": measured.throughput_speedup,
       "throughput_ex_per_s": n / thr.seconds,
       "full_ex_per_s": n / measured.full_throughput.seconds,
-      "latency_layer_ratio": sweep.exit_statistics(cfg, lat.run.exit_index_N, lengths_N[:n_lat])["layer_ratio"],
+      "latency_layer_ratio": latency_layer_ratio,
       "latency_speedup_b1": measured.latency_speedup,
       "latency_ms": 1e3 * lat.seconds / n_lat, "full_latency_ms": 1e3 * measured.full_latency.seconds / n_lat,
       "warmup_s_throughput": thr.warmup_seconds, "warmup_s_latency": lat.warmup_seconds,
       "warmup_s_full": measured.full_throughput.warmup_seconds + measured.full_latency.warmup_seconds,
-      "exits_match_offline": bool(np.array_equal(thr.run.exit_index_N, offline_exit_N)
-                                  and np.array_equal(lat.run.exit_index_N, offline_exit_N[:n_lat])),
+      "exits_match_offline": bool(exits_match_offline),
   }

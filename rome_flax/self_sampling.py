@@ -20,7 +20,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import data, inference
+from rome_flax import data, inference, losses
 from rome_flax import token_exit as te
 from rome_flax.errors import RomeFlaxError
 from rome_flax.methods import LossConfig
@@ -39,12 +39,11 @@ def stage_one_targets(run_piece, encoded: data.EncodedSplit, batch_size: int, pr
   if not encoded.is_token_task or encoded.labels is None:
     raise RomeFlaxError("self-sampling needs a labelled token-task training split")
   logits_ExNxWxC = inference.exit_logits_of(run_piece, encoded, batch_size, progress)
+  C = logits_ExNxWxC.shape[-1]
   u = np.asarray(te.word_uncertainty(jnp.asarray(logits_ExNxWxC)))
-  z = logits_ExNxWxC - logits_ExNxWxC.max(-1, keepdims=True)
-  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  labels = np.maximum(encoded.labels, 0)
-  ce = -np.take_along_axis(logp, np.broadcast_to(labels[None, ..., None], logp.shape[:-1] + (1,)), -1)[..., 0]
-  ce = np.where(encoded.labels[None] >= 0, ce, 0.0)
+  labels_U = np.broadcast_to(np.maximum(encoded.labels, 0)[None], logits_ExNxWxC.shape[:-1]).reshape(-1)
+  ce = np.asarray(losses.nll(jnp.asarray(logits_ExNxWxC.reshape(-1, C)), jnp.asarray(labels_U)))
+  ce = np.where(encoded.labels[None] >= 0, ce.reshape(u.shape), 0.0)
   return StageOneTargets(u.transpose(1, 2, 0).astype(np.float32), ce.transpose(1, 2, 0).astype(np.float32))
 
 

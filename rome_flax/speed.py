@@ -91,6 +91,11 @@ class EarlyExitSpeed(NamedTuple):
   latency: Measured
 
   @property
+  def examples(self) -> int:
+    """Examples of the batch-size passes (those of the latency passes: latency_examples)."""
+    return self.full_throughput.run.exit_index_N.shape[0]
+
+  @property
   def throughput_speedup(self) -> float:
     return self.full_throughput.seconds / self.throughput.seconds
 
