@@ -1,4 +1,4 @@
-"""`python -m rome_flax convert SRC OUT_DIR [...]`: package-level commands.
+"""`python -m rome_flax convert SRC OUT_DIR [...]` and `python -m rome_flax study --config F`: package-level commands.
 
 The command lives here, not in convert.py, so the library modules never import their CLI (and
 convert.py never imports pretrained.py, which imports it).
@@ -7,11 +7,14 @@ convert.py never imports pretrained.py, which imports it).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rome_flax import cli
 
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
-         "[--dtype float32|bfloat16] [--seed N] [--overwrite]")
+         "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
+         "       python -m rome_flax study --config configs/study_sst2.py [--model DIR] [--data_dir DIR] "
+         "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]")
 
 
 def convert_parser() -> cli.ArgumentParser:
@@ -37,7 +40,57 @@ def convert(args) -> None:
         f"{model.load_report.summary()}")
 
 
-COMMANDS = {"convert": (convert, convert_parser)}
+def study_parser() -> cli.ArgumentParser:
+  ap = cli.ArgumentParser(prog="python -m rome_flax study",
+                          description="Train every (cell, seed) of a study, sweep and time them, write tables and "
+                          "plots; a re-run skips finished runs and resumes a killed one.")
+  ap.add_argument("--config", required=True, help="study config file (configs/study_*.py)")
+  ap.add_argument("--output_dir", help="default: runs/study/<the study's name>")
+  ap.add_argument("--model", help="every cell's model (e.g. a local copy of the config's hub checkpoint)")
+  ap.add_argument("--data_dir", help="every cell's data directory")
+  ap.add_argument("--seeds", help="comma list replacing the config's seeds")
+  ap.add_argument("--cells", help="comma list: run only these cells (the report still covers every finished one)")
+  ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                  help="a TrainConfig override for every cell (repeatable), e.g. --set train_rows=4000")
+  ap.add_argument("--report_only", action="store_true", help="train nothing: rewrite the report from finished runs")
+  return ap
+
+
+def study(args) -> None:
+  import dataclasses
+  from rome_flax import study as study_lib
+  from rome_flax import train_config
+  from rome_flax.errors import RomeFlaxError
+  cfg = study_lib.load_study_config(args.config)
+  train = dict(cfg.train)
+  for item in args.set:
+    key, sep, raw = item.partition("=")
+    if not sep or key.rsplit(".", 1)[-1] not in train_config.field_names():
+      raise RomeFlaxError(f"--set takes FIELD=VALUE with a TrainConfig field, got {item!r}")
+    train[key.rsplit(".", 1)[-1]] = train_config.parse_value(key, raw)
+  train.update({k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None})
+  changes = {"train": tuple(train.items())}
+  if args.seeds:
+    try:
+      changes["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+      raise RomeFlaxError(f"--seeds takes a comma list of integers, got {args.seeds!r}") from None
+  cfg = dataclasses.replace(cfg, **changes)
+  cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
+  unknown = [c for c in cells or () if c not in [x.name for x in cfg.cells]]
+  if unknown:
+    raise RomeFlaxError(f"--cells: unknown cell(s) {', '.join(unknown)}; the study has "
+                        f"{', '.join(c.name for c in cfg.cells)}")
+  out = args.output_dir or f"runs/study/{cfg.name}"
+  if args.report_only:
+    from rome_flax import study_report
+    for path in study_report.write_report(cfg, study_lib.collect(cfg, Path(out)), Path(out)):
+      print(f"wrote {path}")
+    return
+  study_lib.run_study(cfg, out, cells=cells, say=lambda m: print(m, flush=True))
+
+
+COMMANDS = {"convert": (convert, convert_parser), "study": (study, study_parser)}
 
 
 def main(argv=None) -> int:

@@ -126,6 +126,9 @@ class LossConfig:
   gr: str = "projection"
   gr_lambda: float = 0.01
   protect: str = "auto"
+  # The highway term's weight against the final exit's (1.0: the published sum over L-1 highways, which
+  # outweighs the single final term L-1 to 1; 1/(L-1) weighs the two groups equally).
+  highway_weight: float = 1.0
   regression: bool = False
   # Self-sampling (method self_sampling): sampled TOKEE windows and thresholds per sentence, the
   # sandwich rules (the first `small` sentences of a batch get the smallest window or the largest
@@ -151,6 +154,8 @@ class LossConfig:
       raise RomeFlaxError(f"gamma must be in [0, 1], got {self.gamma}")
     if self.temperature <= 0:
       raise RomeFlaxError(f"temperature must be positive, got {self.temperature}")
+    if not 0.0 < self.highway_weight < float("inf"):
+      raise RomeFlaxError(f"highway_weight must be a positive number, got {self.highway_weight}")
 
   @property
   def method_spec(self) -> Method:
@@ -163,8 +168,10 @@ class LossConfig:
 
 def loss_terms(logits_ExBxC, labels_B, weights_B, cfg: LossConfig, stage: int = 1, **aux) -> losses.LossTerms:
   """The method's loss in `stage` on the exits that stage computes (its `StagePlan.exits`, in order).
-  aux: per-unit inputs a method's terms read besides the labels (self-sampling's flood_bias_ExB)."""
-  return cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg, **aux)
+  aux: per-unit inputs a method's terms read besides the labels (self-sampling's flood_bias_ExB).
+  The highway term is scaled by `cfg.highway_weight` (1.0, the default, leaves every method as published)."""
+  terms = cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg, **aux)
+  return terms if cfg.highway_weight == 1.0 else terms._replace(highway=cfg.highway_weight * terms.highway)
 
 
 def protect_final(cfg: LossConfig, task_protects_final: bool) -> bool:

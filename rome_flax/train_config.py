@@ -77,6 +77,7 @@ class ObjectiveOptions:
   gr: str = LossConfig.gr
   gr_lambda: float = LossConfig.gr_lambda
   protect: str = LossConfig.protect
+  highway_weight: float = LossConfig.highway_weight
   # Self-sampling (method self_sampling, method-seqlab.md section 4): per sentence a TOKEE window and
   # threshold drawn from these lists; sandwich rules; the upper-half threshold cap.
   ss_windows: tuple = LossConfig.ss_windows

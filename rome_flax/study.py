@@ -1,0 +1,276 @@
+"""`python -m rome_flax study --config configs/study_sst2.py`: a seeded results study.
+
+A study trains every (cell, seed) of a grid, evaluates each run offline on the dev set (every exit,
+and one early-exit sweep from one all-exits pass), times one setting per cell for real, and hands the
+stored results to `study_report`, which writes the tables and plots. Each (cell, seed) ends with a
+`result.json`; a re-run skips those, resumes a run killed mid-training from its last checkpoint,
+and restarts one killed before its first checkpoint, so a killed study loses at most one
+checkpoint interval.
+
+A study config is a Python file whose `get_config()` returns a dict:
+  name, train (TrainConfig overrides shared by every cell), cells (a list of dicts: name, label and
+  the cell's own TrainConfig overrides), seeds, criterion and thresholds (the sweep; `deltas` too for
+  patience on a regression task), ratios (the layer ratios of the ratio table), speed_ratio (the
+  timed setting of each cell: nearest this layer ratio in the first seed's sweep), heldout_rows
+  ((start, stop) of the TRAIN split: a validation slice the recipe is chosen on, never the dev set),
+  heldout_cells, claims and recipe (see study_report).
+Seeds change the data order, dropout and the new heads' init (`OptimOptions.seed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from rome_flax import files
+from rome_flax.errors import RomeFlaxError
+
+RESULT_FILE = "result.json"
+TIMING_FILE = "train_seconds.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  name: str                       # directory name and table key
+  label: str                      # how tables and plots name it
+  overrides: tuple                # ((TrainConfig field, value), ...) on top of the study's `train`
+
+  @property
+  def settings(self) -> dict:
+    return dict(self.overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  name: str
+  train: tuple                    # ((field, value), ...): every cell's TrainConfig overrides
+  cells: tuple[Cell, ...]
+  seeds: tuple[int, ...] = (0, 1, 2)
+  criterion: str = "entropy"
+  thresholds: tuple = ()          # criterion values of the sweep
+  deltas: tuple = ()              # patience on a regression task: crossed with the thresholds
+  ratios: tuple = (1.5, 2.0, 3.0)
+  speed_ratio: float = 2.0
+  latency_examples: int = 128
+  eval_batch_size: int = 64
+  heldout_rows: Optional[tuple] = None   # (start, stop) rows of the train split
+  heldout_cells: tuple = ()
+  claims: tuple = ()              # ((role, cell name), ...): study_report.claims reads these roles
+  recipe: tuple = ()              # ((key, value), ...): published, candidates, min_mean_exits_drop
+  keep_checkpoints: bool = False  # False: a finished run keeps its export only (an SST-2 run's checkpoints: ~0.6 GB)
+
+  def __post_init__(self):
+    names = [c.name for c in self.cells]
+    problems = [f"cell names repeat: {names}" if len(set(names)) != len(names) else None,
+                "a study needs at least one cell" if not self.cells else None,
+                "a study needs at least one seed" if not self.seeds else None,
+                f"seeds repeat: {list(self.seeds)}" if len(set(self.seeds)) != len(self.seeds) else None,
+                "thresholds must not be empty" if not self.thresholds else None]
+    problems += [f"heldout_cells names unknown cell {c!r}" for c in self.heldout_cells if c not in names]
+    problems += [f"claims name unknown cell {c!r}" for _, c in self.claims if c not in names]
+    recipe = dict(self.recipe)
+    problems += [f"recipe names unknown cell {c!r}" for c in [recipe.get("published")] + list(recipe.get("candidates", ()))
+                 if c is not None and c not in names]
+    if recipe and self.heldout_rows is None:
+      problems.append("a recipe is chosen on heldout_rows: set them")
+    if self.heldout_rows is not None and not (len(self.heldout_rows) == 2 and 0 <= self.heldout_rows[0] < self.heldout_rows[1]):
+      problems.append(f"heldout_rows must be (start, stop) with 0 <= start < stop, got {self.heldout_rows}")
+    problems = [p for p in problems if p]
+    if problems:
+      raise RomeFlaxError(f"study {self.name}: {'; '.join(problems)}")
+
+  def cell(self, name: str) -> Cell:
+    return next(c for c in self.cells if c.name == name)
+
+  def train_overrides(self, cell: Cell, seed: int, run_dir: Path) -> dict:
+    return {**dict(self.train), **cell.settings, "seed": seed, "output_dir": str(run_dir)}
+
+  def evaluated_on_heldout(self, cell: Cell) -> bool:
+    return cell.name in self.heldout_cells
+
+
+def _pairs(d: Optional[dict]) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items())
+
+
+def from_dict(raw: dict) -> StudyConfig:
+  """A StudyConfig from a config file's dict (lists allowed wherever tuples are stored)."""
+  raw = dict(raw)
+  known = {f.name for f in dataclasses.fields(StudyConfig)}
+  unknown = sorted(set(raw) - known)
+  if unknown:
+    raise RomeFlaxError(f"unknown study key(s): {', '.join(unknown)}")
+  try:
+    cells = tuple(Cell(c["name"], c.get("label", c["name"]), _pairs(c.get("overrides"))) for c in raw.pop("cells", ()))
+  except (KeyError, TypeError):
+    raise RomeFlaxError("each study cell is a dict with a 'name' (and optional 'label', 'overrides')") from None
+  out = {"cells": cells, "train": _pairs(raw.pop("train", None)), "claims": _pairs(raw.pop("claims", None)),
+         "recipe": _pairs(raw.pop("recipe", None))}
+  for key, value in raw.items():
+    out[key] = tuple(value) if isinstance(value, list) else value
+  return StudyConfig(**out)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+  path = Path(path)
+  if not path.is_file():
+    raise RomeFlaxError(f"study config {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"rome_flax_study_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    raw = module.get_config()
+  except Exception as e:
+    raise RomeFlaxError(f"study config {path} failed to load: {type(e).__name__}: {e}") from None
+  if not isinstance(raw, dict):
+    raise RomeFlaxError(f"{path}: get_config() must return a dict")
+  return from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- one (cell, seed)
+
+
+def run_dir(out: Path, cell: Cell, seed: int) -> Path:
+  return out / cell.name / f"seed{seed}"
+
+
+def train_config(study: StudyConfig, cell: Cell, seed: int, out: Path):
+  from rome_flax import train_config as tc
+  try:
+    return tc.TrainConfig().replace(**study.train_overrides(cell, seed, run_dir(out, cell, seed) / "train"))
+  except RomeFlaxError as e:
+    raise RomeFlaxError(f"study {study.name}, cell {cell.name}: {e}") from None
+
+
+def policies(study: StudyConfig, model_cfg) -> list:
+  """The sweep's settings: each threshold (crossed with each delta for regression patience)."""
+  from rome_flax import exit_policy as ep
+  deltas = study.deltas or (None,)
+  return [ep.make_policy(study.criterion, float(t), model_cfg.num_exits, num_labels=model_cfg.num_labels, delta=d)
+          for d in deltas for t in study.thresholds]
+
+
+def _train(cfg, timing_path: Path, say) -> None:
+  """Trains (or resumes) one run, adding its wall-clock seconds to timing_path even when killed."""
+  from rome_flax import trainer
+  out = Path(cfg.run.output_dir)
+  resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+  overwrite = out.is_dir() and any(out.iterdir()) and not resume   # killed before its first checkpoint
+  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": 0.0, "attempts": 0}
+  say(f"  training ({'resuming' if resume else 'fresh'}) -> {out}")
+  start = time.perf_counter()
+  try:
+    trainer.train(cfg, resume=resume, overwrite=overwrite, progress=False)
+  finally:
+    timing = {"seconds": timing["seconds"] + time.perf_counter() - start, "attempts": timing["attempts"] + 1}
+    files.write_json(timing_path, timing)
+
+
+def _examples(task, cfg, split: str, rows: Optional[tuple] = None):
+  from rome_flax import data
+  if cfg.data.task == "custom":
+    files_by_split = {"train": cfg.data.train_file, "dev": cfg.data.dev_file}
+    examples = data.load_split(task, split, files=files_by_split, text_a_column=cfg.data.text_a_column,
+                               text_b_column=cfg.data.text_b_column, label_column=cfg.data.label_column)
+  else:
+    examples = data.load_split(task, split, data_dir=cfg.data.data_dir)
+  if rows is not None:
+    if rows[1] > len(examples):
+      raise RomeFlaxError(f"heldout_rows {tuple(rows)} go past the {len(examples)} rows of the train split")
+    examples = examples.rows(*rows)
+  return examples
+
+
+def _sweep_record(ev) -> dict:
+  """What the report needs of one evaluation: every exit's metrics and every setting's row."""
+  keep = ("setting", "avg_exit_layer", "layer_ratio", "flops_ratio", *ev.task.metric_names)
+  return {"metric": ev.metric, "metric_names": list(ev.task.metric_names), "examples": ev.num_examples,
+          "per_exit": ev.per_exit, "settings": [{k: r[k] for k in keep if k in r} for r in ev.settings]}
+
+
+def nearest_setting(settings: Sequence[dict], ratio: float) -> dict:
+  """The setting whose layer ratio is nearest `ratio` (the larger ratio on a tie)."""
+  return min(settings, key=lambda r: (abs(r["layer_ratio"] - ratio), -r["layer_ratio"]))
+
+
+def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_speed: bool, say) -> dict:
+  """Trains one (cell, seed), evaluates it and writes its result.json (returned)."""
+  from rome_flax import evaluation, report
+  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.trainer import resolve_task
+
+  where = run_dir(out, cell, seed)
+  cfg = train_config(study, cell, seed, out)
+  timing_path = where / TIMING_FILE
+  export = Path(cfg.run.output_dir) / "export"
+  if not (where / "trained").is_file():
+    _train(cfg, timing_path, say)
+    files.atomic_write_text(where / "trained", "ok\n")
+  if not study.keep_checkpoints:
+    shutil.rmtree(Path(cfg.run.output_dir) / "checkpoints", ignore_errors=True)
+  task = resolve_task(cfg.data)
+  model = MultiExitBert.from_pretrained(str(export))
+  sweep = policies(study, model.config)
+  say(f"  dev sweep: {len(sweep)} settings")
+  common = dict(batch_size=study.eval_batch_size, max_length=cfg.data.max_length, latency_examples=study.latency_examples)
+  dev = evaluation.evaluate_exits(model, task, _examples(task, cfg, "dev"), sweep, measure_speed="none", **common)
+  report.write_evaluation(where / "dev", dev, checkpoint=str(export))
+  result = {"cell": cell.name, "seed": seed, "train_seconds": json.loads(timing_path.read_text())["seconds"]
+            if timing_path.is_file() else None, "dev": _sweep_record(dev)}
+  steps = [json.loads(line).get("step") for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()
+           if line.strip()] if (Path(cfg.run.output_dir) / "metrics.jsonl").is_file() else []
+  result["train_steps"] = max((s for s in steps if isinstance(s, int)), default=None)
+  if study.evaluated_on_heldout(cell):
+    rows = tuple(study.heldout_rows)
+    say(f"  held-out train rows {rows[0]}..{rows[1] - 1}")
+    held = evaluation.evaluate_exits(model, task, _examples(task, cfg, "train", rows), sweep[:1], measure_speed="none",
+                                     **common)
+    result["heldout"] = {**_sweep_record(held), "rows": list(rows)}
+  if time_speed:
+    chosen = nearest_setting(result["dev"]["settings"], study.speed_ratio)
+    policy = next(p for p in sweep if p.describe() == chosen["setting"])
+    say(f"  timing {chosen['setting']} (layer ratio {chosen['layer_ratio']:.2f}) against the full model")
+    timed = evaluation.evaluate_exits(model, task, _examples(task, cfg, "dev"), [policy], measure_speed="all", **common)
+    result["speed"] = {**timed.speed[0], "metric_value": chosen[dev.metric], "metric": dev.metric}
+  files.write_json(where / RESULT_FILE, result)
+  return result
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run_study(study: StudyConfig, out: str | Path, *, cells: Optional[Sequence[str]] = None,
+              say: Callable[[str], Any] = print, report: bool = True) -> dict:
+  """Runs every unfinished (cell, seed), seed by seed (a partial study covers every cell), then
+  writes the report. Returns {cell: [result per seed]}."""
+  from rome_flax import study_report
+  out = Path(out)
+  chosen = [study.cell(n) for n in cells] if cells else list(study.cells)
+  todo = [(c, s) for s in study.seeds for c in chosen]
+  for i, (cell, seed) in enumerate(todo):
+    done = run_dir(out, cell, seed) / RESULT_FILE
+    if done.is_file():
+      continue
+    say(f"[{i + 1}/{len(todo)}] {study.name}: {cell.name} seed {seed}")
+    run_cell_seed(study, cell, seed, out, time_speed=seed == study.seeds[0], say=say)
+  results = collect(study, out)
+  if report:
+    for path in study_report.write_report(study, results, out):
+      say(f"wrote {path}")
+  return results
+
+
+def collect(study: StudyConfig, out: Path) -> dict:
+  """{cell name: [result.json of each finished seed]} (cells with no finished seed are left out)."""
+  results = {}
+  for cell in study.cells:
+    found = [json.loads((run_dir(out, cell, s) / RESULT_FILE).read_text()) for s in study.seeds
+             if (run_dir(out, cell, s) / RESULT_FILE).is_file()]
+    if found:
+      results[cell.name] = found
+  return results

@@ -1,0 +1,292 @@
+"""A study's tables, plot and verdicts from its stored per-(cell, seed) results (`study.collect`).
+
+Pure functions of those results, so a report can be rewritten without training anything:
+- per exit: each exit's dev metric, mean +- std over seeds (std: the sample standard deviation, n-1);
+- at a speed-up: for each layer ratio r of `StudyConfig.ratios`, the best sweep setting whose layer ratio
+  is at least r (no interpolation: `frontier`), per seed, then mean +- std;
+- training cost: wall-clock seconds per run (loading, compiling, the final dev evaluation and the export
+  included), mean over seeds;
+- a plot of the metric against the layer ratio, per cell, with a +-1 std band, and each cell's timed
+  setting marked at its measured throughput speed-up;
+- claims: the paper's claims checked on these numbers with a two-standard-error rule (`compare`);
+- recipe: candidates ranked on the held-out TRAIN rows only, the chosen one then shown on dev.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from rome_flax import files
+from rome_flax.report import _axes, _save_plot
+
+RATIO_GRID = np.round(np.arange(1.0, 6.0001, 0.05), 2)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+  if v.size == 0:
+    return float("nan"), float("nan")
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def fmt(values: Sequence[float], digits: int = 1) -> str:
+  m, s = mean_std(values)
+  if math.isnan(m):
+    return "-"
+  return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def frontier(settings: Sequence[dict], metric: str, ratio: float) -> float:
+  """The best metric among settings whose layer ratio is at least `ratio` (NaN when none reaches it)."""
+  reached = [r[metric] for r in settings if r["layer_ratio"] >= ratio - 1e-9 and not math.isnan(r[metric])]
+  return max(reached) if reached else float("nan")
+
+
+def exit_values(result: dict, split: str = "dev", metric: Optional[str] = None) -> list[float]:
+  rec = result[split]
+  return [row[metric or rec["metric"]] for row in rec["per_exit"]]
+
+
+def _metric(results: dict) -> str:
+  return next(iter(results.values()))[0]["dev"]["metric"]
+
+
+def _label(study, name: str) -> str:
+  return study.cell(name).label
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def per_exit_table(study, results: dict, split: str = "dev") -> str:
+  first = next(iter(results.values()))[0][split]
+  num_exits = len(first["per_exit"])
+  metrics = [first["metric"]] + [m for m in first["metric_names"] if m != first["metric"] and m != "mse"]
+  head = ["cell", "seeds"] + [f"exit {e + 1}" + (" (final)" if e == num_exits - 1 else "") for e in range(num_exits)]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, runs in results.items():
+    for metric in metrics:
+      per_exit = np.asarray([exit_values(r, split, metric) for r in runs if split in r])
+      if per_exit.size == 0:
+        continue
+      label = _label(study, name) + ("" if len(metrics) == 1 else f" ({metric})")
+      lines.append("| " + " | ".join([label, str(len(per_exit))] + [fmt(per_exit[:, e]) for e in range(num_exits)]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def ratio_table(study, results: dict) -> str:
+  metric = _metric(results)
+  head = ["cell", "seeds", "full model (ratio 1)"] + [f"at >= {r:g}x layers" for r in study.ratios]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, runs in results.items():
+    cols = [fmt([r["dev"]["per_exit"][-1][metric] for r in runs])]
+    cols += [fmt([frontier(r["dev"]["settings"], metric, ratio) for r in runs]) for ratio in study.ratios]
+    lines.append("| " + " | ".join([_label(study, name), str(len(runs))] + cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def cost_table(study, results: dict) -> str:
+  lines = ["| cell | seeds | steps | train seconds (mean ± std) | timed setting | layer ratio | "
+           "measured speed-up, batch 64 | measured speed-up, batch 1 |", "|---|---|---|---|---|---|---|---|"]
+  for name, runs in results.items():
+    timed = next((r["speed"] for r in runs if "speed" in r), None)
+    speed_cols = ["-"] * 4 if timed is None else [
+        timed["setting"], f"{timed['layer_ratio']:.2f}",
+        f"{_throughput(timed):.2f}x", f"{timed['latency_speedup_b1']:.2f}x"]
+    steps = runs[0].get("train_steps")
+    lines.append("| " + " | ".join([_label(study, name), str(len(runs)), str(steps if steps is not None else "-"),
+                                     fmt([r["train_seconds"] for r in runs], 0)] + speed_cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _throughput(speed_row: dict) -> float:
+  return next(v for k, v in speed_row.items() if k.startswith("throughput_speedup_b"))
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+  """(mean(a) - mean(b), its standard error sqrt(s_a^2/n_a + s_b^2/n_b))."""
+  (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+  return ma - mb, math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1))
+
+
+def verdict(diff: float, se: float, margin: float = 0.0, seeds: int = 2) -> str:
+  """'holds' when diff exceeds margin by two standard errors, 'fails' when it falls short of it by
+  two, else 'not resolved' (the seeds cannot tell); one seed per side has no standard error: 'one seed'."""
+  if seeds < 2:
+    return "one seed"
+  if diff - margin > 2 * se:
+    return "holds"
+  if diff - margin < -2 * se:
+    return "fails"
+  return "not resolved"
+
+
+def claims(study, results: dict) -> list[dict]:
+  """The paper's claims on this study's numbers (roles from `StudyConfig.claims`)."""
+  roles = {role: name for role, name in study.claims if name in results}
+  metric, out = _metric(results), []
+  seeds = min((len(results[name]) for name in roles.values()), default=0)
+  judge = lambda d, se, margin=0.0: verdict(d, se, margin, seeds)
+  exits = lambda name, e: [exit_values(r)[e] for r in results[name]]
+  if "romebert" in roles and "deebert" in roles:
+    num_exits = len(results[roles["romebert"]][0]["dev"]["per_exit"])
+    for e in range(num_exits - 1):
+      d, se = compare(exits(roles["romebert"], e), exits(roles["deebert"], e))
+      out.append({"claim": f"RomeBERT's exit {e + 1} above DeeBERT's", "difference": d, "se": se,
+                  "verdict": judge(d, se)})
+    for rival in ("deebert", "final_only"):
+      if rival in roles:
+        d, se = compare(exits(roles["romebert"], -1), exits(roles[rival], -1))
+        out.append({"claim": f"RomeBERT's final exit within 1 point of {_label(study, roles[rival])}'s",
+                    "difference": d, "se": se, "verdict": judge(d, se, margin=-1.0)})
+  if "romebert" in roles and "romebert_sd" in roles:
+    a, b = results[roles["romebert"]], results[roles["romebert_sd"]]
+    d, se = compare([np.mean(exit_values(r)) for r in a], [np.mean(exit_values(r)) for r in b])
+    out.append({"claim": "GR above SD alone (mean over exits)", "difference": d, "se": se, "verdict": judge(d, se)})
+    d, se = compare(exits(roles["romebert"], -1), exits(roles["romebert_sd"], -1))
+    out.append({"claim": "GR above SD alone (final exit)", "difference": d, "se": se, "verdict": judge(d, se)})
+    ratio = 2.0
+    d, se = compare([frontier(r["dev"]["settings"], metric, ratio) for r in a],
+                    [frontier(r["dev"]["settings"], metric, ratio) for r in b])
+    out.append({"claim": f"GR above SD alone (best setting at >= {ratio:g}x layers)", "difference": d, "se": se,
+                "verdict": judge(d, se)})
+  return out
+
+
+def claims_table(rows: Sequence[dict], metric: str) -> str:
+  lines = [f"| claim | difference in {metric} (points) | standard error | verdict |", "|---|---|---|---|"]
+  lines += [f"| {r['claim']} | {r['difference']:+.2f} | {r['se']:.2f} | {r['verdict']} |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def choose_recipe(study, results: dict) -> Optional[dict]:
+  """The recipe rule, on the held-out train rows only: among the published recipe and the candidates
+  (every seed finished), the highest mean final-exit metric whose mean over exits is at most
+  `min_mean_exits_drop` points below the published recipe's; the published one when none beats it."""
+  recipe = dict(study.recipe)
+  if not recipe:
+    return None
+  names = [recipe["published"], *recipe.get("candidates", ())]
+  full = [n for n in names if n in results and len(results[n]) == len(study.seeds) and all("heldout" in r for r in results[n])]
+  if recipe["published"] not in full:
+    return None
+  rows = []
+  for name in full:
+    held = [exit_values(r, "heldout") for r in results[name]]
+    rows.append({"cell": name, "heldout_final": mean_std([h[-1] for h in held]),
+                 "heldout_mean_exits": mean_std([float(np.mean(h)) for h in held])})
+  published = next(r for r in rows if r["cell"] == recipe["published"])
+  drop = float(recipe.get("min_mean_exits_drop", 1.0))
+  allowed = [r for r in rows if r["heldout_mean_exits"][0] >= published["heldout_mean_exits"][0] - drop]
+  chosen = max(allowed, key=lambda r: r["heldout_final"][0])
+  return {"rows": rows, "chosen": chosen["cell"], "published": recipe["published"], "drop": drop,
+          "heldout_rows": list(study.heldout_rows)}
+
+
+def recipe_table(study, results: dict, choice: dict) -> str:
+  metric = _metric(results)
+  lines = [f"| recipe | held-out final exit | held-out mean over exits | dev final exit | dev mean over exits | "
+           f"dev at >= 2x layers | chosen |", "|---|---|---|---|---|---|---|"]
+  for row in choice["rows"]:
+    runs = results[row["cell"]]
+    held = [exit_values(r, "heldout") for r in runs]
+    dev = [exit_values(r) for r in runs]
+    lines.append("| " + " | ".join([
+        _label(study, row["cell"]), fmt([h[-1] for h in held]), fmt([float(np.mean(h)) for h in held]),
+        fmt([d[-1] for d in dev]), fmt([float(np.mean(d)) for d in dev]),
+        fmt([frontier(r["dev"]["settings"], metric, 2.0) for r in runs]),
+        "**yes**" if row["cell"] == choice["chosen"] else ""]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def curves(results: dict, metric: str) -> dict:
+  """Per cell: (ratios, mean, std) of the frontier over seeds on RATIO_GRID (NaN beyond the reach of a seed)."""
+  out = {}
+  for name, runs in results.items():
+    per_seed = np.asarray([[frontier(r["dev"]["settings"], metric, x) for x in RATIO_GRID] for r in runs])
+    ok = ~np.isnan(per_seed).any(axis=0)
+    mean = per_seed[:, ok].mean(axis=0)
+    std = per_seed[:, ok].std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+    out[name] = (RATIO_GRID[ok], mean, std)
+  return out
+
+
+def plot_tradeoff(path: Path, study, results: dict) -> Path:
+  metric = _metric(results)
+  fig, ax = _axes()
+  fig.set_size_inches(8, 5.5)
+  for i, (name, (xs, mean, std)) in enumerate(curves(results, metric).items()):
+    color = f"C{i % 10}"
+    ax.plot(xs, mean, color=color, label=f"{_label(study, name)} (n={len(results[name])})")
+    ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    timed = next((r["speed"] for r in results[name] if "speed" in r), None)
+    if timed is not None:
+      ax.scatter([_throughput(timed)], [timed["metric_value"]], marker="*", s=140, color=color, edgecolor="black",
+                 zorder=3)
+  ax.scatter([], [], marker="*", s=140, color="white", edgecolor="black",
+             label="measured wall-clock speed-up (batch 64) of one setting, first seed")
+  ax.set_xlabel("layer ratio (L / average exit layer); best setting reaching it; band: ±1 std over seeds")
+  ax.legend(fontsize=7)
+  return _save_plot(fig, ax, path, metric, f"{study.name}: {metric} vs speed-up")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def summary(study, results: dict) -> dict:
+  metric = _metric(results)
+  out = {"study": study.name, "metric": metric, "seeds": list(study.seeds), "cells": {}}
+  for name, runs in results.items():
+    per_exit = np.asarray([exit_values(r) for r in runs])
+    out["cells"][name] = {
+        "label": _label(study, name), "seeds": [r["seed"] for r in runs],
+        "per_exit_mean": per_exit.mean(axis=0).round(3).tolist(),
+        "per_exit_std": (per_exit.std(axis=0, ddof=1) if len(runs) > 1 else 0 * per_exit[0]).round(3).tolist(),
+        "at_ratio": {f"{ratio:g}": mean_std([frontier(r["dev"]["settings"], metric, ratio) for r in runs])
+                     for ratio in study.ratios},
+        "train_seconds": mean_std([r["train_seconds"] for r in runs]),
+        "speed": next((r["speed"] for r in runs if "speed" in r), None)}
+  out["claims"] = claims(study, results)
+  out["recipe"] = choose_recipe(study, results)
+  return out
+
+
+def markdown(study, results: dict) -> str:
+  metric = _metric(results)
+  parts = [f"# Study {study.name}\n\n",
+           f"Seeds {list(study.seeds)}; mean ± sample std over the seeds finished (column 'seeds'). Metric: {metric}.\n",
+           "\n## Dev per exit\n\n", per_exit_table(study, results),
+           f"\n## Dev {metric} at a layer-ratio speed-up\n\n",
+           f"Best {study.criterion} setting whose layer ratio is at least the target (no interpolation), per seed.\n\n",
+           ratio_table(study, results),
+           "\n## Training cost and measured speed\n\n", cost_table(study, results)]
+  rows = claims(study, results)
+  if rows:
+    parts += ["\n## Claims\n\n", "holds / fails: the difference clears 0 (for 'within 1 point': -1) by two standard "
+              "errors either way; not resolved: it does not.\n\n", claims_table(rows, metric)]
+  choice = choose_recipe(study, results)
+  if choice is not None:
+    a, b = choice["heldout_rows"]
+    parts += ["\n## Recipe\n\n", f"Chosen on train rows {a}..{b - 1} (held out from training) by the highest mean "
+              f"final exit among recipes whose mean over exits is at most {choice['drop']:g} point(s) below the "
+              f"published one's; dev shown beside it, never used to choose.\n\n", recipe_table(study, results, choice)]
+  return "".join(parts)
+
+
+def write_report(study, results: dict, out: Path) -> list[Path]:
+  if not results:
+    return []
+  out = Path(out)
+  return [files.write_json(out / "study.json", summary(study, results)),
+          files.atomic_write_text(out / "tables.md", markdown(study, results)),
+          plot_tradeoff(out / "tradeoff.png", study, results)]

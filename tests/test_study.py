@@ -1,0 +1,148 @@
+"""The study command (issue 14): a 2-cell x 1-seed smoke run on the synthetic task, resume after a kill,
+and the report's arithmetic (frontier, mean +- std, verdicts, the recipe rule) on hand-made results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rome_flax import study as study_lib
+from rome_flax import study_report
+from rome_flax.__main__ import main as package_main
+
+TINY = dict(task="synthetic", model=None, random_model_layers=3, random_model_hidden=32, random_model_heads=2,
+            random_model_intermediate=64, train_rows=64, max_length=16, batch_size=16, epochs=1,
+            learning_rate=1e-3, eval_every=0, save_every=2, log_every=2)
+
+CONFIG = f'''
+def get_config():
+  return dict(name="smoke", train={TINY!r},
+              cells=[dict(name="rome", label="RomeBERT", overrides=dict(method="romebert")),
+                     dict(name="dee", label="DeeBERT", overrides=dict(method="deebert"))],
+              seeds=[0], thresholds=[0.0, 0.3, 0.7], heldout_rows=[100, 140], heldout_cells=["rome"],
+              claims=dict(romebert="rome", deebert="dee"), recipe=dict(published="rome", candidates=["dee"]),
+              latency_examples=4)
+'''
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  root = tmp_path_factory.mktemp("study")
+  (root / "study_smoke.py").write_text(CONFIG)
+  assert package_main(["study", "--config", str(root / "study_smoke.py"), "--output_dir", str(root / "out")]) == 0
+  return root
+
+
+def test_smoke_study_writes_every_table_and_the_plot(smoke):
+  out = smoke / "out"
+  for cell in ("rome", "dee"):
+    result = json.loads((out / cell / "seed0" / "result.json").read_text())
+    assert len(result["dev"]["per_exit"]) == 3 and len(result["dev"]["settings"]) == 3
+    assert result["train_seconds"] > 0 and "speed" in result   # the first seed's setting is timed
+  assert "heldout" in json.loads((out / "rome" / "seed0" / "result.json").read_text())
+  assert "heldout" not in json.loads((out / "dee" / "seed0" / "result.json").read_text())
+  tables = (out / "tables.md").read_text()
+  for part in ("## Dev per exit", "RomeBERT", "DeeBERT", "at >= 2x layers", "## Training cost", "## Claims",
+               "## Recipe", "train rows 100..139"):
+    assert part in tables
+  summary = json.loads((out / "study.json").read_text())
+  assert set(summary["cells"]) == {"rome", "dee"} and summary["recipe"]["chosen"] == "rome"   # dee has no held-out
+  assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+  assert not (out / "rome" / "seed0" / "train" / "checkpoints").exists()   # a finished run keeps its export only
+
+
+def test_rerun_skips_finished_runs(smoke, capsys):
+  before = (smoke / "out" / "rome" / "seed0" / "result.json").read_bytes()
+  assert package_main(["study", "--config", str(smoke / "study_smoke.py"), "--output_dir", str(smoke / "out")]) == 0
+  assert "training" not in capsys.readouterr().out
+  assert (smoke / "out" / "rome" / "seed0" / "result.json").read_bytes() == before
+
+
+def test_a_killed_run_resumes(tmp_path):
+  from rome_flax import trainer
+  cfg = study_lib.from_dict(dict(name="r", train=TINY, cells=[dict(name="joint", overrides=dict(method="joint"))],
+                                 seeds=[3], thresholds=[0.0]))
+  cell = cfg.cells[0]
+  trainer.train(study_lib.train_config(cfg, cell, 3, tmp_path), progress=False, max_steps=2)   # "killed" at step 2
+  said = []
+  results = study_lib.run_study(cfg, tmp_path, say=said.append, report=False)
+  assert any("training (resuming)" in s for s in said)
+  assert results["joint"][0]["train_steps"] == 4 and results["joint"][0]["seed"] == 3
+
+
+def test_bad_study_input_is_one_error_line(smoke, tmp_path, capsys):
+  config = str(smoke / "study_smoke.py")
+  cases = [(["study", "--config", str(tmp_path / "none.py")], "does not exist"),
+           (["study", "--config", config, "--cells", "nope"], "unknown cell"),
+           (["study", "--config", config, "--set", "learning_rat=1"], "FIELD=VALUE"),
+           (["study", "--config", config, "--seeds", "a"], "--seeds")]
+  for argv, message in cases:
+    assert package_main([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+  with pytest.raises(Exception, match="unknown study key"):
+    study_lib.from_dict(dict(name="x", cells=[dict(name="a")], thresholds=[0.1], seed=[1]))
+
+
+# ----------------------------------------------------------------------------- the report's arithmetic
+
+
+def _run(seed, per_exit, settings, heldout=None):
+  r = {"seed": seed, "train_seconds": 10.0, "dev": {"metric": "accuracy", "metric_names": ["accuracy"],
+       "per_exit": [{"exit": i + 1, "accuracy": v} for i, v in enumerate(per_exit)],
+       "settings": [{"setting": f"s{i}", "accuracy": a, "layer_ratio": x} for i, (x, a) in enumerate(settings)]}}
+  if heldout is not None:
+    r["heldout"] = {"metric": "accuracy", "metric_names": ["accuracy"],
+                    "per_exit": [{"exit": i + 1, "accuracy": v} for i, v in enumerate(heldout)]}
+  return r
+
+
+def test_frontier_is_the_best_setting_reaching_the_ratio():
+  settings = [{"layer_ratio": 1.0, "a": 90.0}, {"layer_ratio": 1.9, "a": 89.0}, {"layer_ratio": 2.1, "a": 85.0},
+              {"layer_ratio": 3.5, "a": 86.0}]
+  assert study_report.frontier(settings, "a", 1.0) == 90.0
+  assert study_report.frontier(settings, "a", 2.0) == 86.0    # 1.9 does not reach 2x; 3.5 beats 2.1
+  assert np.isnan(study_report.frontier(settings, "a", 4.0))
+
+
+def test_mean_std_and_verdicts():
+  m, s = study_report.mean_std([80.0, 82.0, 84.0])
+  assert m == 82.0 and s == pytest.approx(2.0)             # sample std (n - 1)
+  d, se = study_report.compare([80.0, 82.0, 84.0], [70.0, 70.0, 70.0])
+  assert d == 12.0 and se == pytest.approx(np.sqrt(4 / 3))
+  assert study_report.verdict(d, se) == "holds"
+  assert study_report.verdict(-d, se) == "fails"
+  assert study_report.verdict(1.0, 1.0) == "not resolved"
+  assert study_report.verdict(-0.5, 0.1, margin=-1.0) == "holds"    # within one point
+  assert study_report.verdict(5.0, 0.0, seeds=1) == "one seed"
+
+
+def test_recipe_is_chosen_on_heldout_rows_never_on_dev():
+  cfg = study_lib.from_dict(dict(name="r", cells=[dict(name="pub"), dict(name="a"), dict(name="b")], seeds=[0, 1],
+                                 thresholds=[0.1], heldout_rows=[10, 20], heldout_cells=["pub", "a", "b"],
+                                 recipe=dict(published="pub", candidates=["a", "b"], min_mean_exits_drop=1.0)))
+  flat = [(1.0, 80.0)]
+  results = {  # dev says b; held out says a (b's held-out final is higher but its early exits collapse)
+      "pub": [_run(s, [70, 80], flat, heldout=[70, 80]) for s in (0, 1)],
+      "a": [_run(s, [70, 79], flat, heldout=[70, 82]) for s in (0, 1)],
+      "b": [_run(s, [70, 99], flat, heldout=[50, 85]) for s in (0, 1)]}
+  choice = study_report.choose_recipe(cfg, results)
+  assert choice["chosen"] == "a"
+  results["a"] = results["a"][:1]                            # a candidate with a missing seed is not eligible
+  assert study_report.choose_recipe(cfg, results)["chosen"] == "pub"
+
+
+def test_highway_weight_scales_the_highway_term_only():
+  import jax.numpy as jnp
+  from rome_flax import methods
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+  labels, weights = jnp.asarray([0, 1, 2, 1, 0]), jnp.ones(5)
+  base = methods.loss_terms(logits, labels, weights, methods.LossConfig())
+  scaled = methods.loss_terms(logits, labels, weights, methods.LossConfig(highway_weight=0.25))
+  np.testing.assert_allclose(float(scaled.final), float(base.final), rtol=1e-6)
+  np.testing.assert_allclose(float(scaled.highway), 0.25 * float(base.highway), rtol=1e-6)
+  with pytest.raises(Exception, match="highway_weight"):
+    methods.LossConfig(highway_weight=0.0)
