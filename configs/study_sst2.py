@@ -38,6 +38,7 @@ def get_config():
       ratios=[1.5, 2.0, 3.0],
       speed_ratio=2.0,
       heldout_rows=[60000, 62000],
+      plot_cells=["romebert_gr", "romebert_sd", "deebert", "pabee", "final_only", "romebert_gr_mean", "deebert_mean"],
       heldout_cells=["romebert_gr", "recipe_equal_groups", "recipe_protect_final"],
       claims=dict(romebert="romebert_gr", romebert_sd="romebert_sd", deebert="deebert", final_only="final_only"),
       recipe=dict(published="romebert_gr", candidates=["recipe_equal_groups", "recipe_protect_final"],

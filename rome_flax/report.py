@@ -64,14 +64,14 @@ def write_table(out_dir, stem: str, rows: Sequence[dict], columns: Sequence[str]
           files.atomic_write_text(out_dir / f"{stem}.md", to_markdown(rows, columns))]
 
 
-def _axes():
+def new_axes():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt.subplots(figsize=(6, 4))
 
 
-def _save_plot(fig, ax, path, ylabel: str, title: str) -> Path:
+def save_plot(fig, ax, path, ylabel: str, title: str) -> Path:
   """Labels, grid and title, then the PNG through the atomic writer; the figure is closed either way."""
   import matplotlib.pyplot as plt
   ax.set_ylabel(ylabel)
@@ -89,7 +89,7 @@ def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: flo
                   speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured") -> Path:
   """Task metric against speed-up, one curve per criterion ('static': the model cut to k layers, the
   baseline); measured wall-clock points as crosses."""
-  fig, ax = _axes()
+  fig, ax = new_axes()
   for criterion in dict.fromkeys(r["criterion"] for r in settings):
     pts = sorted((r[speed], r[metric]) for r in settings if r["criterion"] == criterion and metric in r)
     if pts:
@@ -103,16 +103,16 @@ def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: flo
             "flops_ratio": "FLOPs ratio (full / early exit)"}.get(speed, speed)
   ax.set_xlabel(f"speed-up: {xlabel}" + ("; crosses: measured wall clock" if measured else ""))
   ax.legend()
-  return _save_plot(fig, ax, path, metric, f"{metric} vs speed-up")
+  return save_plot(fig, ax, path, metric, f"{metric} vs speed-up")
 
 
 def plot_per_exit(path, per_exit: Sequence[dict], metric: str) -> Path:
   """Task metric of each exit used alone."""
-  fig, ax = _axes()
+  fig, ax = new_axes()
   ax.plot([r["exit"] for r in per_exit], [r[metric] for r in per_exit], marker="o")
   ax.set_xlabel("exit (layer)")
   ax.set_xticks([r["exit"] for r in per_exit])
-  return _save_plot(fig, ax, path, metric, f"{metric} per exit")
+  return save_plot(fig, ax, path, metric, f"{metric} per exit")
 
 
 def _label_cell(prediction, label_names: Sequence[str]) -> str:

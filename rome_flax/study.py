@@ -13,7 +13,7 @@ A study config is a Python file whose `get_config()` returns a dict:
   patience on a regression task), ratios (the layer ratios of the ratio table), speed_ratio (the
   timed setting of each cell: nearest this layer ratio in the first seed's sweep), heldout_rows
   ((start, stop) of the TRAIN split: a validation slice the recipe is chosen on, never the dev set),
-  heldout_cells, claims and recipe (see study_report).
+  heldout_cells, claims and recipe (see study_report), plot_cells.
 Seeds change the data order, dropout and the new heads' init (`OptimOptions.seed`).
 """
 
@@ -62,6 +62,7 @@ class StudyConfig:
   heldout_cells: tuple = ()
   claims: tuple = ()              # ((role, cell name), ...): study_report.claims reads these roles
   recipe: tuple = ()              # ((key, value), ...): published, candidates, min_mean_exits_drop
+  plot_cells: tuple = ()          # cells the trade-off plot shows (default: every cell)
   keep_checkpoints: bool = False  # False: a finished run keeps its export only (an SST-2 run's checkpoints: ~0.6 GB)
 
   def __post_init__(self):
@@ -73,6 +74,7 @@ class StudyConfig:
                 "thresholds must not be empty" if not self.thresholds else None]
     problems += [f"heldout_cells names unknown cell {c!r}" for c in self.heldout_cells if c not in names]
     problems += [f"claims name unknown cell {c!r}" for _, c in self.claims if c not in names]
+    problems += [f"plot_cells names unknown cell {c!r}" for c in self.plot_cells if c not in names]
     recipe = dict(self.recipe)
     problems += [f"recipe names unknown cell {c!r}" for c in [recipe.get("published")] + list(recipe.get("candidates", ()))
                  if c is not None and c not in names]

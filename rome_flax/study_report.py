@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rome_flax import files
-from rome_flax.report import _axes, _save_plot
+from rome_flax.report import new_axes, save_plot
 
 RATIO_GRID = np.round(np.arange(1.0, 6.0001, 0.05), 2)
 
@@ -206,6 +206,25 @@ def recipe_table(study, results: dict, choice: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def settings_rows(results: dict) -> list[dict]:
+  """Every sweep setting of every cell, mean ± std over seeds of its metrics and layer ratio."""
+  rows = []
+  for name, runs in results.items():
+    rec = runs[0]["dev"]
+    names = [rec["metric"]] + [m for m in rec["metric_names"] if m != rec["metric"] and m != "mse"]
+    for i, setting in enumerate(rec["settings"]):
+      row = {"cell": name, "setting": setting["setting"]}
+      for key in [*names, "layer_ratio"]:
+        m, sd = mean_std([r["dev"]["settings"][i][key] for r in runs])
+        row[key], row[f"{key}_std"] = round(m, 3), round(sd, 3)
+      rows.append(row)
+  return rows
+
+
+def _delta(setting: str) -> Optional[str]:
+  return setting.partition(",delta=")[2] or None
+
+
 # ----------------------------------------------------------------------------- plot
 
 
@@ -223,9 +242,10 @@ def curves(results: dict, metric: str) -> dict:
 
 def plot_tradeoff(path: Path, study, results: dict) -> Path:
   metric = _metric(results)
-  fig, ax = _axes()
+  fig, ax = new_axes()
   fig.set_size_inches(8, 5.5)
-  for i, (name, (xs, mean, std)) in enumerate(curves(results, metric).items()):
+  shown = {n: r for n, r in results.items() if not study.plot_cells or n in study.plot_cells}
+  for i, (name, (xs, mean, std)) in enumerate(curves(shown, metric).items()):
     color = f"C{i % 10}"
     ax.plot(xs, mean, color=color, label=f"{_label(study, name)} (n={len(results[name])})")
     ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
@@ -237,7 +257,25 @@ def plot_tradeoff(path: Path, study, results: dict) -> Path:
              label="measured wall-clock speed-up (batch 64) of one setting, first seed")
   ax.set_xlabel("layer ratio (L / average exit layer); best setting reaching it; band: ±1 std over seeds")
   ax.legend(fontsize=7)
-  return _save_plot(fig, ax, path, metric, f"{study.name}: {metric} vs speed-up")
+  return save_plot(fig, ax, path, metric, f"{study.name}: {metric} vs speed-up")
+
+
+def plot_patience(path: Path, study, results: dict) -> Path:
+  """Regression patience: per cell, one curve per delta over the patience values (means over seeds)."""
+  import matplotlib.pyplot as plt
+  metric = _metric(results)
+  rows = settings_rows(results)
+  fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+  for ax, name in zip(axes[0], results):
+    for j, delta in enumerate(dict.fromkeys(_delta(r["setting"]) for r in rows if r["cell"] == name)):
+      pts = sorted((r["layer_ratio"], r[metric]) for r in rows if r["cell"] == name and _delta(r["setting"]) == delta)
+      ax.plot(*zip(*pts), marker="o", color=f"C{j % 10}", label=f"delta {delta}")
+    ax.set_xlabel("layer ratio (patience 1..: right to left)")
+    ax.set_title(_label(study, name), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"{study.name}: {metric} by patience and delta (mean over seeds)")
+  return save_plot(fig, axes[0][0], path, metric, _label(study, next(iter(results))))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -286,7 +324,12 @@ def markdown(study, results: dict) -> str:
 def write_report(study, results: dict, out: Path) -> list[Path]:
   if not results:
     return []
+  from rome_flax.report import write_table
   out = Path(out)
-  return [files.write_json(out / "study.json", summary(study, results)),
-          files.atomic_write_text(out / "tables.md", markdown(study, results)),
-          plot_tradeoff(out / "tradeoff.png", study, results)]
+  written = [files.write_json(out / "study.json", summary(study, results)),
+             files.atomic_write_text(out / "tables.md", markdown(study, results)),
+             *write_table(out, "settings", settings_rows(results)),
+             plot_tradeoff(out / "tradeoff.png", study, results)]
+  if study.deltas:
+    written.append(plot_patience(out / "patience.png", study, results))
+  return written

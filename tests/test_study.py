@@ -146,3 +146,22 @@ def test_highway_weight_scales_the_highway_term_only():
   np.testing.assert_allclose(float(scaled.highway), 0.25 * float(base.highway), rtol=1e-6)
   with pytest.raises(Exception, match="highway_weight"):
     methods.LossConfig(highway_weight=0.0)
+
+
+def test_settings_table_and_patience_plot(tmp_path):
+  cfg = study_lib.from_dict(dict(name="r", cells=[dict(name="a", label="A")], seeds=[0, 1], criterion="patience",
+                                 thresholds=[1, 2], deltas=[0.1, 0.5]))
+  def run(seed, shift):
+    r = _run(seed, [70.0, 80.0], [])
+    r["dev"].update(metric="pearson", metric_names=["pearson", "spearmanr", "mse"],
+                    per_exit=[{"exit": e, "pearson": 70.0 + e, "spearmanr": 69.0 + e, "mse": 1.0} for e in (1, 2)], settings=[
+        {"setting": f"patience={p},delta={d}", "pearson": 75.0 + p + shift, "spearmanr": 70.0, "mse": 1.0,
+         "layer_ratio": 3.0 / p} for d in (0.1, 0.5) for p in (1, 2)])
+    return r
+  results = {"a": [run(0, 0.0), run(1, 2.0)]}
+  rows = study_report.settings_rows(results)
+  assert [r["setting"] for r in rows][:2] == ["patience=1,delta=0.1", "patience=2,delta=0.1"]
+  assert rows[0]["pearson"] == 77.0 and rows[0]["pearson_std"] == pytest.approx(np.sqrt(2.0), abs=1e-3)
+  written = study_report.write_report(cfg, results, tmp_path)
+  assert (tmp_path / "patience.png") in written and (tmp_path / "settings.csv").is_file()
+  assert "| A (spearmanr) | 2 |" in (tmp_path / "tables.md").read_text()
