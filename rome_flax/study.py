@@ -195,6 +195,14 @@ def _sweep_record(ev) -> dict:
           "per_exit": ev.per_exit, "settings": [{k: r[k] for k in keep if k in r} for r in ev.settings]}
 
 
+def _last_step(metrics_path: Path) -> Optional[int]:
+  """The run's last logged step (its metrics.jsonl), None without one."""
+  if not metrics_path.is_file():
+    return None
+  steps = [json.loads(line).get("step") for line in metrics_path.read_text().splitlines() if line.strip()]
+  return max((s for s in steps if isinstance(s, int)), default=None)
+
+
 def nearest_setting(settings: Sequence[dict], ratio: float) -> dict:
   """The setting whose layer ratio is nearest `ratio` (the larger ratio on a tie)."""
   return min(settings, key=lambda r: (abs(r["layer_ratio"] - ratio), -r["layer_ratio"]))
@@ -222,11 +230,10 @@ def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_
   common = dict(batch_size=study.eval_batch_size, max_length=cfg.data.max_length, latency_examples=study.latency_examples)
   dev = evaluation.evaluate_exits(model, task, _examples(task, cfg, "dev"), sweep, measure_speed="none", **common)
   report.write_evaluation(where / "dev", dev, checkpoint=str(export))
-  result = {"cell": cell.name, "seed": seed, "train_seconds": json.loads(timing_path.read_text())["seconds"]
-            if timing_path.is_file() else None, "dev": _sweep_record(dev)}
-  steps = [json.loads(line).get("step") for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()
-           if line.strip()] if (Path(cfg.run.output_dir) / "metrics.jsonl").is_file() else []
-  result["train_steps"] = max((s for s in steps if isinstance(s, int)), default=None)
+  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": None, "attempts": None}
+  result = {"cell": cell.name, "seed": seed, "train_seconds": timing["seconds"], "train_attempts": timing["attempts"],
+            "dev": _sweep_record(dev)}
+  result["train_steps"] = _last_step(Path(cfg.run.output_dir) / "metrics.jsonl")
   if study.evaluated_on_heldout(cell):
     rows = tuple(study.heldout_rows)
     say(f"  held-out train rows {rows[0]}..{rows[1] - 1}")

@@ -98,8 +98,10 @@ def cost_table(study, results: dict) -> str:
         timed["setting"], f"{timed['layer_ratio']:.2f}",
         f"{_throughput(timed):.2f}x", f"{timed['latency_speedup_b1']:.2f}x"]
     steps = runs[0].get("train_steps")
+    resumed = sum(max((r.get("train_attempts") or 1) - 1, 0) for r in runs)
+    seconds = fmt([r["train_seconds"] for r in runs], 0) + (f" ({resumed} resume(s) included)" if resumed else "")
     lines.append("| " + " | ".join([_label(study, name), str(len(runs)), str(steps if steps is not None else "-"),
-                                     fmt([r["train_seconds"] for r in runs], 0)] + speed_cols) + " |")
+                                     seconds] + speed_cols) + " |")
   return "\n".join(lines) + "\n"
 
 
