@@ -208,6 +208,30 @@ def nearest_setting(settings: Sequence[dict], ratio: float) -> dict:
   return min(settings, key=lambda r: (abs(r["layer_ratio"] - ratio), -r["layer_ratio"]))
 
 
+def sweep_spec(study: StudyConfig) -> dict:
+  return {"criterion": study.criterion, "thresholds": list(study.thresholds), "deltas": list(study.deltas)}
+
+
+def check_run(study: StudyConfig, cell: Cell, seed: int, out: Path) -> None:
+  """A run trained with another config than the study's now is an error: never mixed into the tables."""
+  from rome_flax import trainer
+  where = run_dir(out, cell, seed)
+  saved = where / "train" / "config.json"
+  if saved.is_file():
+    differ = trainer.config_differences(json.loads(saved.read_text(encoding="utf-8")), train_config(study, cell, seed, out))
+    if differ:
+      raise RomeFlaxError(f"{where} was trained with another config (differs in {', '.join(differ)}); "
+                          "choose another --output_dir for this study")
+
+
+def finished(study: StudyConfig, cell: Cell, seed: int, out: Path) -> bool:
+  """True when (cell, seed) has its result from this study's config; one swept with other settings is
+  swept again (cheap: no training)."""
+  check_run(study, cell, seed, out)
+  done = run_dir(out, cell, seed) / RESULT_FILE
+  return done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("sweep") == sweep_spec(study)
+
+
 def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_speed: bool, say) -> dict:
   """Trains one (cell, seed), evaluates it and writes its result.json (returned)."""
   from rome_flax import evaluation, report
@@ -232,7 +256,7 @@ def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_
   report.write_evaluation(where / "dev", dev, checkpoint=str(export))
   timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": None, "attempts": None}
   result = {"cell": cell.name, "seed": seed, "train_seconds": timing["seconds"], "train_attempts": timing["attempts"],
-            "dev": _sweep_record(dev)}
+            "sweep": sweep_spec(study), "dev": _sweep_record(dev)}
   result["train_steps"] = _last_step(Path(cfg.run.output_dir) / "metrics.jsonl")
   if study.evaluated_on_heldout(cell):
     rows = tuple(study.heldout_rows)
@@ -262,8 +286,7 @@ def run_study(study: StudyConfig, out: str | Path, *, cells: Optional[Sequence[s
   chosen = [study.cell(n) for n in cells] if cells else list(study.cells)
   todo = [(c, s) for s in study.seeds for c in chosen]
   for i, (cell, seed) in enumerate(todo):
-    done = run_dir(out, cell, seed) / RESULT_FILE
-    if done.is_file():
+    if finished(study, cell, seed, out):
       continue
     say(f"[{i + 1}/{len(todo)}] {study.name}: {cell.name} seed {seed}")
     run_cell_seed(study, cell, seed, out, time_speed=seed == study.seeds[0], say=say)
@@ -278,8 +301,10 @@ def collect(study: StudyConfig, out: Path) -> dict:
   """{cell name: [result.json of each finished seed]} (cells with no finished seed are left out)."""
   results = {}
   for cell in study.cells:
-    found = [json.loads((run_dir(out, cell, s) / RESULT_FILE).read_text()) for s in study.seeds
-             if (run_dir(out, cell, s) / RESULT_FILE).is_file()]
+    seeds = [s for s in study.seeds if (run_dir(out, cell, s) / RESULT_FILE).is_file()]
+    for s in seeds:
+      check_run(study, cell, s, out)
+    found = [json.loads((run_dir(out, cell, s) / RESULT_FILE).read_text()) for s in seeds]
     if found:
       results[cell.name] = found
   return results

@@ -196,6 +196,14 @@ def _run_files(out: Path) -> list[Path]:
   return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
 
 
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+  """The fields in which a run's saved config.json differs from cfg. A field added since the run started
+  counts as equal while it keeps its default; output_dir never counts (a directory may move)."""
+  now = json.loads(json.dumps(cfg.to_dict()))
+  defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+  return sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
+
+
 def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
   """Refuses to mix two runs in one directory; --resume needs the same config (wherever the
   directory is now, however its path is spelled), --overwrite wipes. The caller holds the lock."""
@@ -216,12 +224,7 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
           raise ValueError("not a JSON object")
       except (OSError, UnicodeDecodeError, ValueError) as e:
         raise RomeFlaxError(f"cannot resume {out}: {config_path} is unreadable ({type(e).__name__}: {e})") from None
-      now = json.loads(json.dumps(cfg.to_dict()))
-      defaults = json.loads(json.dumps(TrainConfig().to_dict()))
-      # A field added since the run started counts as equal while it keeps its default; the
-      # directory names itself (it may have moved, or be spelled differently).
-      differ = sorted(k for k in set(saved) | set(now)
-                      if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
+      differ = config_differences(saved, cfg)
       if differ:
         raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
   sharding_lib.barrier("rome_flax:output_dir_checked")   # every process has looked before one writes

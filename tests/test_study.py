@@ -60,6 +60,20 @@ def test_rerun_skips_finished_runs(smoke, capsys):
   assert (smoke / "out" / "rome" / "seed0" / "result.json").read_bytes() == before
 
 
+def test_another_config_is_refused_and_another_sweep_reevaluates(smoke, capsys):
+  config, out = str(smoke / "study_smoke.py"), str(smoke / "out")
+  before = (smoke / "out" / "rome" / "seed0" / "result.json").read_bytes()
+  assert package_main(["study", "--config", config, "--output_dir", out, "--set", "learning_rate=0.5"]) == 2
+  assert "differs in learning_rate" in capsys.readouterr().err
+  assert (smoke / "out" / "rome" / "seed0" / "result.json").read_bytes() == before
+  changed = smoke / "study_smoke2.py"
+  changed.write_text(CONFIG.replace("thresholds=[0.0, 0.3, 0.7]", "thresholds=[0.0, 0.5]"))
+  assert package_main(["study", "--config", str(changed), "--output_dir", out]) == 0
+  said = capsys.readouterr().out
+  assert "training" not in said and "dev sweep: 2 settings" in said
+  assert len(json.loads((smoke / "out" / "rome" / "seed0" / "result.json").read_text())["dev"]["settings"]) == 2
+
+
 def test_a_killed_run_resumes(tmp_path):
   from rome_flax import trainer
   cfg = study_lib.from_dict(dict(name="r", train=TINY, cells=[dict(name="joint", overrides=dict(method="joint"))],
