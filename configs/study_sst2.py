@@ -45,5 +45,5 @@ def get_config():
       heldout_cells=["romebert_gr", "recipe_equal_groups"],
       claims=dict(romebert="romebert_gr", romebert_sd="romebert_sd", deebert="deebert", final_only="final_only"),
       recipe=dict(published="romebert_gr", candidates=["recipe_equal_groups"],
-                  min_mean_exits_drop=1.0),
+                  max_mean_exits_drop=1.0),
   )

@@ -65,9 +65,10 @@ def study(args) -> None:
   train = dict(cfg.train)
   for item in args.set:
     key, sep, raw = item.partition("=")
-    if not sep or key.rsplit(".", 1)[-1] not in train_config.field_names():
+    name = train_config.field_name(key.strip())
+    if not sep or name is None:
       raise RomeFlaxError(f"--set takes FIELD=VALUE with a TrainConfig field, got {item!r}")
-    train[key.rsplit(".", 1)[-1]] = train_config.parse_value(key, raw)
+    train[name] = train_config.parse_value(name, raw.strip())
   train.update({k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None})
   changes = {"train": tuple(train.items())}
   if args.seeds:
@@ -84,7 +85,10 @@ def study(args) -> None:
   out = args.output_dir or f"runs/study/{cfg.name}"
   if args.report_only:
     from rome_flax import study_report
-    for path in study_report.write_report(cfg, study_lib.collect(cfg, Path(out)), Path(out)):
+    results = study_lib.collect(cfg, Path(out))
+    if not results:
+      raise RomeFlaxError(f"--report_only: {out} holds no finished run of study {cfg.name}")
+    for path in study_report.write_report(cfg, results, Path(out)):
       print(f"wrote {path}")
     return
   study_lib.run_study(cfg, out, cells=cells, say=lambda m: print(m, flush=True))

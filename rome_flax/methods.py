@@ -127,7 +127,8 @@ class LossConfig:
   gr_lambda: float = 0.01
   protect: str = "auto"
   # The highway term's weight against the final exit's (1.0: the published sum over L-1 highways, which
-  # outweighs the single final term L-1 to 1; 1/(L-1) weighs the two groups equally).
+  # outweighs the single final term L-1 to 1; 1/(L-1) weighs the two groups equally). GR sees the weighted
+  # term: projection is unchanged by it (a direction), the penalty's highway gradient scales with it.
   highway_weight: float = 1.0
   regression: bool = False
   # Self-sampling (method self_sampling): sampled TOKEE windows and thresholds per sentence, the

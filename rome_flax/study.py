@@ -20,7 +20,6 @@ Seeds change the data order, dropout and the new heads' init (`OptimOptions.seed
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import time
@@ -34,6 +33,11 @@ RESULT_FILE = "result.json"
 TIMING_FILE = "train_seconds.json"
 
 
+CLAIM_ROLES = ("romebert", "romebert_sd", "deebert", "final_only")   # what study_report.claims reads
+RUN_OWNED = ("seed", "output_dir")    # set per run by the study, never by a config
+LIST_KEYS = ("seeds", "thresholds", "deltas", "ratios", "heldout_rows", "heldout_cells", "plot_cells")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   name: str                       # directory name and table key
@@ -41,7 +45,7 @@ class Cell:
   overrides: tuple                # ((TrainConfig field, value), ...) on top of the study's `train`
 
   @property
-  def settings(self) -> dict:
+  def overrides_dict(self) -> dict:
     return dict(self.overrides)
 
 
@@ -55,49 +59,73 @@ class StudyConfig:
   thresholds: tuple = ()          # criterion values of the sweep
   deltas: tuple = ()              # patience on a regression task: crossed with the thresholds
   ratios: tuple = (1.5, 2.0, 3.0)
-  speed_ratio: float = 2.0
+  speed_ratio: float = 2.0        # the timed setting: the first seed's setting nearest this layer ratio
   latency_examples: int = 128
   eval_batch_size: int = 64
-  heldout_rows: Optional[tuple] = None   # (start, stop) rows of the train split
+  heldout_rows: Optional[tuple] = None   # (start, stop) rows of the train split, after every cell's train_rows
   heldout_cells: tuple = ()
-  claims: tuple = ()              # ((role, cell name), ...): study_report.claims reads these roles
-  recipe: tuple = ()              # ((key, value), ...): published, candidates, min_mean_exits_drop
+  claims: tuple = ()              # ((role, cell name), ...): roles from CLAIM_ROLES
+  recipe: tuple = ()              # ((key, value), ...): published, candidates, max_mean_exits_drop
   plot_cells: tuple = ()          # cells the trade-off plot shows (default: every cell)
   keep_checkpoints: bool = False  # False: a finished run keeps its export only (an SST-2 run's checkpoints: ~0.6 GB)
 
   def __post_init__(self):
     names = [c.name for c in self.cells]
-    problems = [f"cell names repeat: {names}" if len(set(names)) != len(names) else None,
-                "a study needs at least one cell" if not self.cells else None,
-                "a study needs at least one seed" if not self.seeds else None,
-                f"seeds repeat: {list(self.seeds)}" if len(set(self.seeds)) != len(self.seeds) else None,
-                "thresholds must not be empty" if not self.thresholds else None]
+    recipe = dict(self.recipe)
+    recipe_cells = [recipe.get("published"), *recipe.get("candidates", ())] if recipe else []
+    numbers = lambda xs: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    problems = [
+        f"cell names repeat: {names}" if len(set(names)) != len(names) else None,
+        "a study needs at least one cell" if not self.cells else None,
+        "seeds must be a non-empty list of distinct integers" if not self.seeds or len(set(self.seeds)) != len(self.seeds)
+        or not all(isinstance(x, int) for x in self.seeds) else None,
+        "thresholds must be a non-empty list of numbers" if not self.thresholds or not numbers(self.thresholds) else None,
+        "deltas must be a list of numbers" if not numbers(self.deltas) else None,
+        "ratios must be a non-empty list of numbers >= 1" if not self.ratios or not numbers(self.ratios)
+        or min(self.ratios) < 1 else None,
+        "a recipe needs its 'published' cell" if recipe and recipe.get("published") is None else None,
+        "recipe max_mean_exits_drop must be >= 0" if float(recipe.get("max_mean_exits_drop", 1.0)) < 0 else None,
+        "a recipe is chosen on heldout_rows: set them" if recipe and self.heldout_rows is None else None]
+    problems += [f"unknown recipe key {k!r}" for k in recipe if k not in ("published", "candidates", "max_mean_exits_drop")]
     problems += [f"heldout_cells names unknown cell {c!r}" for c in self.heldout_cells if c not in names]
     problems += [f"claims name unknown cell {c!r}" for _, c in self.claims if c not in names]
+    problems += [f"unknown claim role {r!r} (roles: {', '.join(CLAIM_ROLES)})" for r, _ in self.claims if r not in CLAIM_ROLES]
     problems += [f"plot_cells names unknown cell {c!r}" for c in self.plot_cells if c not in names]
-    recipe = dict(self.recipe)
-    problems += [f"recipe names unknown cell {c!r}" for c in [recipe.get("published")] + list(recipe.get("candidates", ()))
-                 if c is not None and c not in names]
-    if recipe and self.heldout_rows is None:
-      problems.append("a recipe is chosen on heldout_rows: set them")
+    problems += [f"recipe cell {c!r} is not in heldout_cells (a recipe is chosen on the held-out rows)"
+                 for c in recipe_cells if c is not None and c not in self.heldout_cells]
+    problems += [f"{k!r} is set by the study for each run, not by its config"
+                 for k, _ in self.train + tuple(x for c in self.cells for x in c.overrides) if k in RUN_OWNED]
     if self.heldout_rows is not None and not (len(self.heldout_rows) == 2 and 0 <= self.heldout_rows[0] < self.heldout_rows[1]):
       problems.append(f"heldout_rows must be (start, stop) with 0 <= start < stop, got {self.heldout_rows}")
+    elif self.heldout_rows is not None:
+      for c in self.cells:
+        rows = {**dict(self.train), **c.overrides_dict}.get("train_rows", 0)
+        if c.name in self.heldout_cells and not 0 < rows <= self.heldout_rows[0]:
+          problems.append(f"cell {c.name} trains on {rows or 'all'} train rows, which overlap heldout_rows "
+                          f"{tuple(self.heldout_rows)}")
     problems = [p for p in problems if p]
     if problems:
       raise RomeFlaxError(f"study {self.name}: {'; '.join(problems)}")
 
   def cell(self, name: str) -> Cell:
-    return next(c for c in self.cells if c.name == name)
+    found = [c for c in self.cells if c.name == name]
+    if not found:
+      raise RomeFlaxError(f"study {self.name} has no cell {name!r}; it has {', '.join(c.name for c in self.cells)}")
+    return found[0]
 
   def train_overrides(self, cell: Cell, seed: int, run_dir: Path) -> dict:
-    return {**dict(self.train), **cell.settings, "seed": seed, "output_dir": str(run_dir)}
+    return {**dict(self.train), **cell.overrides_dict, "seed": seed, "output_dir": str(run_dir)}
 
   def evaluated_on_heldout(self, cell: Cell) -> bool:
     return cell.name in self.heldout_cells
 
 
-def _pairs(d: Optional[dict]) -> tuple:
-  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items())
+def _pairs(d, what: str) -> tuple:
+  if d is None:
+    return ()
+  if not isinstance(d, dict):
+    raise RomeFlaxError(f"study {what} must be a dict, got {type(d).__name__}")
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items())
 
 
 def from_dict(raw: dict) -> StudyConfig:
@@ -107,31 +135,25 @@ def from_dict(raw: dict) -> StudyConfig:
   unknown = sorted(set(raw) - known)
   if unknown:
     raise RomeFlaxError(f"unknown study key(s): {', '.join(unknown)}")
-  try:
-    cells = tuple(Cell(c["name"], c.get("label", c["name"]), _pairs(c.get("overrides"))) for c in raw.pop("cells", ()))
-  except (KeyError, TypeError):
-    raise RomeFlaxError("each study cell is a dict with a 'name' (and optional 'label', 'overrides')") from None
-  out = {"cells": cells, "train": _pairs(raw.pop("train", None)), "claims": _pairs(raw.pop("claims", None)),
-         "recipe": _pairs(raw.pop("recipe", None))}
+  if "name" not in raw:
+    raise RomeFlaxError("a study config needs a 'name'")
+  cells = raw.pop("cells", ())
+  if not isinstance(cells, (list, tuple)) or not all(isinstance(c, dict) and "name" in c for c in cells):
+    raise RomeFlaxError("study cells must be a list of dicts, each with a 'name' (and optional 'label', 'overrides')")
+  out = {"cells": tuple(Cell(str(c["name"]), str(c.get("label", c["name"])), _pairs(c.get("overrides"), "cell overrides"))
+                        for c in cells),
+         "train": _pairs(raw.pop("train", None), "train"), "claims": _pairs(raw.pop("claims", None), "claims"),
+         "recipe": _pairs(raw.pop("recipe", None), "recipe")}
   for key, value in raw.items():
+    if key in LIST_KEYS and value is not None and not isinstance(value, (list, tuple)):
+      raise RomeFlaxError(f"study {key} must be a list, got {value!r}")
     out[key] = tuple(value) if isinstance(value, list) else value
   return StudyConfig(**out)
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-  path = Path(path)
-  if not path.is_file():
-    raise RomeFlaxError(f"study config {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"rome_flax_study_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    raw = module.get_config()
-  except Exception as e:
-    raise RomeFlaxError(f"study config {path} failed to load: {type(e).__name__}: {e}") from None
-  if not isinstance(raw, dict):
-    raise RomeFlaxError(f"{path}: get_config() must return a dict")
-  return from_dict(raw)
+  from rome_flax import train_config as tc
+  return from_dict(tc.read_config_dict(path, "study settings"))
 
 
 # ----------------------------------------------------------------------------- one (cell, seed)
@@ -158,7 +180,8 @@ def policies(study: StudyConfig, model_cfg) -> list:
 
 
 def _train(cfg, timing_path: Path, say) -> None:
-  """Trains (or resumes) one run, adding its wall-clock seconds to timing_path even when killed."""
+  """Trains (or resumes) one run, adding its wall-clock seconds to timing_path (also when stopped by an
+  exception or SIGTERM / Ctrl-C; a SIGKILLed attempt's seconds are lost)."""
   from rome_flax import trainer
   out = Path(cfg.run.output_dir)
   resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
@@ -195,12 +218,12 @@ def _sweep_record(ev) -> dict:
           "per_exit": ev.per_exit, "settings": [{k: r[k] for k in keep if k in r} for r in ev.settings]}
 
 
-def _last_step(metrics_path: Path) -> Optional[int]:
-  """The run's last logged step (its metrics.jsonl), None without one."""
-  if not metrics_path.is_file():
-    return None
-  steps = [json.loads(line).get("step") for line in metrics_path.read_text().splitlines() if line.strip()]
-  return max((s for s in steps if isinstance(s, int)), default=None)
+def _last_step(run_out: Path) -> Optional[int]:
+  """The run's last logged step (its metrics file), None without one."""
+  from rome_flax.trainer import METRICS_FILE, record_step
+  path = run_out / METRICS_FILE
+  steps = [record_step(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+  return max((int(s) for s in steps if s != float("inf")), default=None)
 
 
 def nearest_setting(settings: Sequence[dict], ratio: float) -> dict:
@@ -208,8 +231,13 @@ def nearest_setting(settings: Sequence[dict], ratio: float) -> dict:
   return min(settings, key=lambda r: (abs(r["layer_ratio"] - ratio), -r["layer_ratio"]))
 
 
-def sweep_spec(study: StudyConfig) -> dict:
-  return {"criterion": study.criterion, "thresholds": list(study.thresholds), "deltas": list(study.deltas)}
+def eval_spec(study: StudyConfig, cell: Cell) -> dict:
+  """What a run's evaluation depends on besides its training: a result made under another spec is stale."""
+  spec = {"criterion": study.criterion, "thresholds": list(study.thresholds), "deltas": list(study.deltas),
+          "speed_ratio": study.speed_ratio}
+  if study.evaluated_on_heldout(cell):
+    spec["heldout_rows"] = list(study.heldout_rows)
+  return spec
 
 
 def check_run(study: StudyConfig, cell: Cell, seed: int, out: Path) -> None:
@@ -225,11 +253,11 @@ def check_run(study: StudyConfig, cell: Cell, seed: int, out: Path) -> None:
 
 
 def finished(study: StudyConfig, cell: Cell, seed: int, out: Path) -> bool:
-  """True when (cell, seed) has its result from this study's config; one swept with other settings is
-  swept again (cheap: no training)."""
+  """True when (cell, seed) has its result from this study's config; one evaluated under another
+  `eval_spec` is evaluated again (cheap: no training)."""
   check_run(study, cell, seed, out)
   done = run_dir(out, cell, seed) / RESULT_FILE
-  return done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("sweep") == sweep_spec(study)
+  return done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("eval") == eval_spec(study, cell)
 
 
 def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_speed: bool, say) -> dict:
@@ -256,8 +284,8 @@ def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_
   report.write_evaluation(where / "dev", dev, checkpoint=str(export))
   timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": None, "attempts": None}
   result = {"cell": cell.name, "seed": seed, "train_seconds": timing["seconds"], "train_attempts": timing["attempts"],
-            "sweep": sweep_spec(study), "dev": _sweep_record(dev)}
-  result["train_steps"] = _last_step(Path(cfg.run.output_dir) / "metrics.jsonl")
+            "eval": eval_spec(study, cell), "dev": _sweep_record(dev)}
+  result["train_steps"] = _last_step(Path(cfg.run.output_dir))
   if study.evaluated_on_heldout(cell):
     rows = tuple(study.heldout_rows)
     say(f"  held-out train rows {rows[0]}..{rows[1] - 1}")
@@ -285,6 +313,7 @@ def run_study(study: StudyConfig, out: str | Path, *, cells: Optional[Sequence[s
   out = Path(out)
   chosen = [study.cell(n) for n in cells] if cells else list(study.cells)
   todo = [(c, s) for s in study.seeds for c in chosen]
+  check_before_training(study, chosen, out)
   for i, (cell, seed) in enumerate(todo):
     if finished(study, cell, seed, out):
       continue
@@ -297,6 +326,19 @@ def run_study(study: StudyConfig, out: str | Path, *, cells: Optional[Sequence[s
   return results
 
 
+def check_before_training(study: StudyConfig, cells: Sequence[Cell], out: Path) -> None:
+  """Every mistake that would otherwise surface after hours of earlier cells: each cell's TrainConfig and
+  task, the sweep's criterion and values for that task's labels."""
+  from rome_flax import exit_policy as ep
+  from rome_flax.trainer import resolve_task
+  for cell in cells:
+    cfg = train_config(study, cell, study.seeds[0], out)
+    task = resolve_task(cfg.data)
+    for delta in study.deltas or (None,):
+      for t in study.thresholds:
+        ep.make_policy(study.criterion, float(t), 2, num_labels=task.num_labels, delta=delta)
+
+
 def collect(study: StudyConfig, out: Path) -> dict:
   """{cell name: [result.json of each finished seed]} (cells with no finished seed are left out)."""
   results = {}
@@ -305,6 +347,10 @@ def collect(study: StudyConfig, out: Path) -> dict:
     for s in seeds:
       check_run(study, cell, s, out)
     found = [json.loads((run_dir(out, cell, s) / RESULT_FILE).read_text()) for s in seeds]
+    stale = [r["seed"] for r in found if r.get("eval") != eval_spec(study, cell)]
+    if stale:
+      raise RomeFlaxError(f"cell {cell.name}, seed(s) {stale}: evaluated with other sweep settings than the study's "
+                          "now; run the study (not --report_only) to evaluate them again (no training)")
     if found:
       results[cell.name] = found
   return results

@@ -26,18 +26,26 @@ from rome_flax.report import new_axes, save_plot
 RATIO_GRID = np.round(np.arange(1.0, 6.0001, 0.05), 2)
 
 
+def finite(values: Sequence[float]) -> np.ndarray:
+  return np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+  """Mean and sample standard deviation (n - 1) of the finite values; std 0 for one value."""
+  v = finite(values)
   if v.size == 0:
     return float("nan"), float("nan")
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 def fmt(values: Sequence[float], digits: int = 1) -> str:
+  """'mean ± std' over the finite values ('mean' for one; '(k of n)' when some were not finite)."""
   m, s = mean_std(values)
   if math.isnan(m):
     return "-"
-  return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+  n, total = finite(values).size, len(values)
+  text = f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+  return text + (f" ({n} of {total})" if n < total else "")
 
 
 def frontier(settings: Sequence[dict], metric: str, ratio: float) -> float:
@@ -90,8 +98,9 @@ def ratio_table(study, results: dict) -> str:
 
 
 def cost_table(study, results: dict) -> str:
+  batch = next((_batch(r["speed"]) for runs in results.values() for r in runs if "speed" in r), "?")
   lines = ["| cell | seeds | steps | train seconds (mean ± std) | timed setting | layer ratio | "
-           "measured speed-up, batch 64 | measured speed-up, batch 1 |", "|---|---|---|---|---|---|---|---|"]
+           f"measured speed-up, batch {batch} | measured speed-up, batch 1 |", "|---|---|---|---|---|---|---|---|"]
   for name, runs in results.items():
     timed = next((r["speed"] for r in runs if "speed" in r), None)
     speed_cols = ["-"] * 4 if timed is None else [
@@ -109,13 +118,18 @@ def _throughput(speed_row: dict) -> float:
   return next(v for k, v in speed_row.items() if k.startswith("throughput_speedup_b"))
 
 
+def _batch(speed_row: dict) -> str:
+  return next(k for k in speed_row if k.startswith("throughput_speedup_b"))[len("throughput_speedup_b"):]
+
+
 # ----------------------------------------------------------------------------- verdicts
 
 
-def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-  """(mean(a) - mean(b), its standard error sqrt(s_a^2/n_a + s_b^2/n_b))."""
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, int]:
+  """(mean(a) - mean(b), its standard error sqrt(s_a^2/n_a + s_b^2/n_b), min(n_a, n_b)) over finite values."""
   (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-  return ma - mb, math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1))
+  na, nb = finite(a).size, finite(b).size
+  return ma - mb, math.sqrt(sa ** 2 / max(na, 1) + sb ** 2 / max(nb, 1)), min(na, nb)
 
 
 def verdict(diff: float, se: float, margin: float = 0.0, seeds: int = 2) -> str:
@@ -134,44 +148,40 @@ def claims(study, results: dict) -> list[dict]:
   """The paper's claims on this study's numbers (roles from `StudyConfig.claims`)."""
   roles = {role: name for role, name in study.claims if name in results}
   metric, out = _metric(results), []
-  seeds = min((len(results[name]) for name in roles.values()), default=0)
-  judge = lambda d, se, margin=0.0: verdict(d, se, margin, seeds)
   exits = lambda name, e: [exit_values(r)[e] for r in results[name]]
+
+  def add(claim: str, a, b, margin: float = 0.0):
+    d, se, n = compare(a, b)
+    out.append({"claim": claim, "difference": d, "se": se, "seeds": n, "verdict": verdict(d, se, margin, n)})
+
   if "romebert" in roles and "deebert" in roles:
     num_exits = len(results[roles["romebert"]][0]["dev"]["per_exit"])
     for e in range(num_exits - 1):
-      d, se = compare(exits(roles["romebert"], e), exits(roles["deebert"], e))
-      out.append({"claim": f"RomeBERT's exit {e + 1} above DeeBERT's", "difference": d, "se": se,
-                  "verdict": judge(d, se)})
+      add(f"RomeBERT's exit {e + 1} above DeeBERT's", exits(roles["romebert"], e), exits(roles["deebert"], e))
     for rival in ("deebert", "final_only"):
       if rival in roles:
-        d, se = compare(exits(roles["romebert"], -1), exits(roles[rival], -1))
-        out.append({"claim": f"RomeBERT's final exit within 1 point of {_label(study, roles[rival])}'s",
-                    "difference": d, "se": se, "verdict": judge(d, se, margin=-1.0)})
+        add(f"RomeBERT's final exit within 1 point of {_label(study, roles[rival])}'s",
+            exits(roles["romebert"], -1), exits(roles[rival], -1), margin=-1.0)
   if "romebert" in roles and "romebert_sd" in roles:
     a, b = results[roles["romebert"]], results[roles["romebert_sd"]]
-    d, se = compare([np.mean(exit_values(r)) for r in a], [np.mean(exit_values(r)) for r in b])
-    out.append({"claim": "GR above SD alone (mean over exits)", "difference": d, "se": se, "verdict": judge(d, se)})
-    d, se = compare(exits(roles["romebert"], -1), exits(roles["romebert_sd"], -1))
-    out.append({"claim": "GR above SD alone (final exit)", "difference": d, "se": se, "verdict": judge(d, se)})
-    ratio = 2.0
-    d, se = compare([frontier(r["dev"]["settings"], metric, ratio) for r in a],
-                    [frontier(r["dev"]["settings"], metric, ratio) for r in b])
-    out.append({"claim": f"GR above SD alone (best setting at >= {ratio:g}x layers)", "difference": d, "se": se,
-                "verdict": judge(d, se)})
+    add("GR above SD alone (mean over exits)", [np.mean(exit_values(r)) for r in a], [np.mean(exit_values(r)) for r in b])
+    add("GR above SD alone (final exit)", exits(roles["romebert"], -1), exits(roles["romebert_sd"], -1))
+    ratio = study.speed_ratio
+    add(f"GR above SD alone (best setting at >= {ratio:g}x layers)",
+        [frontier(r["dev"]["settings"], metric, ratio) for r in a], [frontier(r["dev"]["settings"], metric, ratio) for r in b])
   return out
 
 
 def claims_table(rows: Sequence[dict], metric: str) -> str:
-  lines = [f"| claim | difference in {metric} (points) | standard error | verdict |", "|---|---|---|---|"]
-  lines += [f"| {r['claim']} | {r['difference']:+.2f} | {r['se']:.2f} | {r['verdict']} |" for r in rows]
+  lines = [f"| claim | difference in {metric} (points) | standard error | seeds | verdict |", "|---|---|---|---|---|"]
+  lines += [f"| {r['claim']} | {r['difference']:+.2f} | {r['se']:.2f} | {r['seeds']} | {r['verdict']} |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
 def choose_recipe(study, results: dict) -> Optional[dict]:
   """The recipe rule, on the held-out train rows only: among the published recipe and the candidates
   (every seed finished), the highest mean final-exit metric whose mean over exits is at most
-  `min_mean_exits_drop` points below the published recipe's; the published one when none beats it."""
+  `max_mean_exits_drop` points below the published recipe's; the published one when none beats it."""
   recipe = dict(study.recipe)
   if not recipe:
     return None
@@ -185,7 +195,7 @@ def choose_recipe(study, results: dict) -> Optional[dict]:
     rows.append({"cell": name, "heldout_final": mean_std([h[-1] for h in held]),
                  "heldout_mean_exits": mean_std([float(np.mean(h)) for h in held])})
   published = next(r for r in rows if r["cell"] == recipe["published"])
-  drop = float(recipe.get("min_mean_exits_drop", 1.0))
+  drop = float(recipe.get("max_mean_exits_drop", 1.0))
   allowed = [r for r in rows if r["heldout_mean_exits"][0] >= published["heldout_mean_exits"][0] - drop]
   chosen = max(allowed, key=lambda r: r["heldout_final"][0])
   return {"rows": rows, "chosen": chosen["cell"], "published": recipe["published"], "drop": drop,
@@ -255,8 +265,9 @@ def plot_tradeoff(path: Path, study, results: dict) -> Path:
     if timed is not None:
       ax.scatter([_throughput(timed)], [timed["metric_value"]], marker="*", s=140, color=color, edgecolor="black",
                  zorder=3)
+  batch = next((_batch(r["speed"]) for runs in shown.values() for r in runs if "speed" in r), "?")
   ax.scatter([], [], marker="*", s=140, color="white", edgecolor="black",
-             label="measured wall-clock speed-up (batch 64) of one setting, first seed")
+             label=f"measured wall-clock speed-up (batch {batch}) of the setting nearest {study.speed_ratio:g}x, first seed")
   ax.set_xlabel("layer ratio (L / average exit layer); best setting reaching it; band: ±1 std over seeds")
   ax.legend(fontsize=7)
   return save_plot(fig, ax, path, metric, f"{study.name}: {metric} vs speed-up")
@@ -313,7 +324,7 @@ def markdown(study, results: dict) -> str:
   rows = claims(study, results)
   if rows:
     parts += ["\n## Claims\n\n", "holds / fails: the difference clears 0 (for 'within 1 point': -1) by two standard "
-              "errors either way; not resolved: it does not.\n\n", claims_table(rows, metric)]
+              "errors either way; not resolved: it does not (standard error from the seeds' sample std).\n\n", claims_table(rows, metric)]
   choice = choose_recipe(study, results)
   if choice is not None:
     a, b = choice["heldout_rows"]

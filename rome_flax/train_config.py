@@ -190,6 +190,11 @@ def _locate(key: str) -> Optional[str]:
   return owner if owner is not None and group in ("", owner) else None
 
 
+def field_name(key: str) -> Optional[str]:
+  """The flat field name of a flat or dotted key (`learning_rate`, `optim.learning_rate`); None when no field."""
+  return key.rpartition(".")[2] if _locate(key) is not None else None
+
+
 def field_names() -> tuple[str, ...]:
   """Every field's flat name, group by group."""
   return tuple(_GROUP_OF)
@@ -228,8 +233,8 @@ def parse_value(name: str, raw: str) -> Any:
     raise RomeFlaxError(f"--{name}: cannot read {raw!r} as {kind.__name__}") from None
 
 
-def load_config_file(path: str | Path) -> TrainConfig:
-  """TrainConfig with the overrides of a config file's `get_config()` (a flat dict)."""
+def read_config_dict(path: str | Path, what: str = "TrainConfig fields") -> dict:
+  """The dict a Python config file's `get_config()` returns (train and study configs alike)."""
   path = Path(path)
   if not path.is_file():
     raise RomeFlaxError(f"config file {path} does not exist")
@@ -237,13 +242,21 @@ def load_config_file(path: str | Path) -> TrainConfig:
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise RomeFlaxError(f"config file {path} defines no get_config()")
+    raw = module.get_config()
+  except RomeFlaxError:
+    raise
   except Exception as e:
     raise RomeFlaxError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
-  if not hasattr(module, "get_config"):
-    raise RomeFlaxError(f"config file {path} defines no get_config()")
-  overrides = module.get_config()
-  if not isinstance(overrides, dict):
-    raise RomeFlaxError(f"{path}: get_config() must return a dict of TrainConfig fields")
+  if not isinstance(raw, dict):
+    raise RomeFlaxError(f"{path}: get_config() must return a dict of {what}")
+  return raw
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+  """TrainConfig with the overrides of a config file's `get_config()` (a flat dict)."""
+  overrides = read_config_dict(path)
   try:
     return TrainConfig.from_dict(overrides)
   except RomeFlaxError as e:

@@ -282,7 +282,7 @@ class MetricsWriter:
       return
     if self.path.is_file():
       kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-              if _record_step(line) <= start_step]
+              if record_step(line) <= start_step]
       atomic_write_text(self.path, "".join(line + "\n" for line in kept))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
@@ -302,7 +302,7 @@ class MetricsWriter:
       self.tb.close()
 
 
-def _record_step(line: str) -> float:
+def record_step(line: str) -> float:
   """A metrics line's step; inf (dropped on resume) for a line a kill cut off mid-write."""
   try:
     record = json.loads(line)

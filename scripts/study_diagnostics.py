@@ -1,6 +1,7 @@
 """Why a final exit lags: per study cell, mean over seeds of the train-time final-exit loss and highway loss
 over the last half of the first stage's steps, and GR's statistics (cosine of the two gradient groups, their
-norms, the share of steps projected), read from each run's metrics.jsonl.
+norms, the share of steps projected), read from each run's metrics.jsonl. The logged terms are each method's own (PABEE's final term is weighted
+by L / sum l, a recipe's highway term by its highway_weight), so compare raw CE within one method only.
 
   python scripts/study_diagnostics.py runs/study/sst2
 """
@@ -30,7 +31,7 @@ def main(study_dir: str) -> None:
     stats = [run_stats(m) for m in sorted(cell.glob("seed*/train/metrics.jsonl"))]
     if not stats:
       continue
-    cols = [f"{np.mean([s[k] for s in stats]):.3f}" if k in stats[0] else "-" for k in KEYS]
+    cols = [f"{np.mean([s[k] for s in stats if k in s]):.3f}" if any(k in s for s in stats) else "-" for k in KEYS]
     print(f"| {cell.name} | {len(stats)} | " + " | ".join(cols) + " |")
 
 

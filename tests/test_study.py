@@ -11,6 +11,7 @@ import pytest
 from rome_flax import study as study_lib
 from rome_flax import study_report
 from rome_flax.__main__ import main as package_main
+from rome_flax.errors import RomeFlaxError
 
 TINY = dict(task="synthetic", model=None, random_model_layers=3, random_model_hidden=32, random_model_heads=2,
             random_model_intermediate=64, train_rows=64, max_length=16, batch_size=16, epochs=1,
@@ -21,7 +22,7 @@ def get_config():
   return dict(name="smoke", train={TINY!r},
               cells=[dict(name="rome", label="RomeBERT", overrides=dict(method="romebert")),
                      dict(name="dee", label="DeeBERT", overrides=dict(method="deebert"))],
-              seeds=[0], thresholds=[0.0, 0.3, 0.7], heldout_rows=[100, 140], heldout_cells=["rome"],
+              seeds=[0], thresholds=[0.0, 0.3, 0.7], heldout_rows=[100, 140], heldout_cells=["rome", "dee"],
               claims=dict(romebert="rome", deebert="dee"), recipe=dict(published="rome", candidates=["dee"]),
               latency_examples=4)
 '''
@@ -41,14 +42,15 @@ def test_smoke_study_writes_every_table_and_the_plot(smoke):
     result = json.loads((out / cell / "seed0" / "result.json").read_text())
     assert len(result["dev"]["per_exit"]) == 3 and len(result["dev"]["settings"]) == 3
     assert result["train_seconds"] > 0 and "speed" in result   # the first seed's setting is timed
-  assert "heldout" in json.loads((out / "rome" / "seed0" / "result.json").read_text())
-  assert "heldout" not in json.loads((out / "dee" / "seed0" / "result.json").read_text())
+  for cell in ("rome", "dee"):
+    held = json.loads((out / cell / "seed0" / "result.json").read_text())["heldout"]
+    assert held["rows"] == [100, 140] and held["examples"] == 40
   tables = (out / "tables.md").read_text()
   for part in ("## Dev per exit", "RomeBERT", "DeeBERT", "at >= 2x layers", "## Training cost", "## Claims",
                "## Recipe", "train rows 100..139"):
     assert part in tables
   summary = json.loads((out / "study.json").read_text())
-  assert set(summary["cells"]) == {"rome", "dee"} and summary["recipe"]["chosen"] == "rome"   # dee has no held-out
+  assert set(summary["cells"]) == {"rome", "dee"} and summary["recipe"]["chosen"] in ("rome", "dee")
   assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
   assert not (out / "rome" / "seed0" / "train" / "checkpoints").exists()   # a finished run keeps its export only
 
@@ -91,13 +93,20 @@ def test_bad_study_input_is_one_error_line(smoke, tmp_path, capsys):
   cases = [(["study", "--config", str(tmp_path / "none.py")], "does not exist"),
            (["study", "--config", config, "--cells", "nope"], "unknown cell"),
            (["study", "--config", config, "--set", "learning_rat=1"], "FIELD=VALUE"),
-           (["study", "--config", config, "--seeds", "a"], "--seeds")]
+           (["study", "--config", config, "--seeds", "a"], "--seeds"),
+           (["study", "--config", config, "--set", "seed=3"], "set by the study"),
+           (["study", "--config", config, "--report_only", "--output_dir", str(tmp_path / "empty")], "no finished run")]
   for argv, message in cases:
-    assert package_main([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+    assert package_main([*argv, *([] if "--output_dir" in argv else ["--output_dir", str(tmp_path / "o")])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
-  with pytest.raises(Exception, match="unknown study key"):
-    study_lib.from_dict(dict(name="x", cells=[dict(name="a")], thresholds=[0.1], seed=[1]))
+  base = dict(name="x", cells=[dict(name="a", overrides=dict(train_rows=100))], thresholds=[0.1])
+  for extra, message in [(dict(seed=[1]), "unknown study key"), (dict(claims=["a"]), "claims must be a dict"),
+                         (dict(seeds=3), "seeds must be a list"), (dict(claims=dict(rome="a")), "unknown claim role"),
+                         (dict(heldout_rows=[10, 20], heldout_cells=["a"]), "overlap heldout_rows"),
+                         (dict(heldout_rows=[200, 220], recipe=dict(published="a")), "not in heldout_cells")]:
+    with pytest.raises(RomeFlaxError, match=message):
+      study_lib.from_dict({**base, **extra})
 
 
 # ----------------------------------------------------------------------------- the report's arithmetic
@@ -124,8 +133,10 @@ def test_frontier_is_the_best_setting_reaching_the_ratio():
 def test_mean_std_and_verdicts():
   m, s = study_report.mean_std([80.0, 82.0, 84.0])
   assert m == 82.0 and s == pytest.approx(2.0)             # sample std (n - 1)
-  d, se = study_report.compare([80.0, 82.0, 84.0], [70.0, 70.0, 70.0])
-  assert d == 12.0 and se == pytest.approx(np.sqrt(4 / 3))
+  d, se, n = study_report.compare([80.0, 82.0, 84.0], [70.0, 70.0, 70.0])
+  assert d == 12.0 and se == pytest.approx(np.sqrt(4 / 3)) and n == 3
+  assert study_report.compare([80.0, float("nan"), 84.0], [70.0, 70.0])[2] == 2     # NaN seeds do not count
+  assert study_report.fmt([80.0, float("nan"), 84.0]) == "82.0 ± 2.8 (2 of 3)"
   assert study_report.verdict(d, se) == "holds"
   assert study_report.verdict(-d, se) == "fails"
   assert study_report.verdict(1.0, 1.0) == "not resolved"
@@ -135,8 +146,9 @@ def test_mean_std_and_verdicts():
 
 def test_recipe_is_chosen_on_heldout_rows_never_on_dev():
   cfg = study_lib.from_dict(dict(name="r", cells=[dict(name="pub"), dict(name="a"), dict(name="b")], seeds=[0, 1],
+                                 train=dict(train_rows=10),
                                  thresholds=[0.1], heldout_rows=[10, 20], heldout_cells=["pub", "a", "b"],
-                                 recipe=dict(published="pub", candidates=["a", "b"], min_mean_exits_drop=1.0)))
+                                 recipe=dict(published="pub", candidates=["a", "b"], max_mean_exits_drop=1.0)))
   flat = [(1.0, 80.0)]
   results = {  # dev says b; held out says a (b's held-out final is higher but its early exits collapse)
       "pub": [_run(s, [70, 80], flat, heldout=[70, 80]) for s in (0, 1)],
