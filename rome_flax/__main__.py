@@ -57,26 +57,24 @@ def study_parser() -> cli.ArgumentParser:
 
 
 def study(args) -> None:
-  import dataclasses
   from rome_flax import study as study_lib
   from rome_flax import train_config
   from rome_flax.errors import RomeFlaxError
-  cfg = study_lib.load_study_config(args.config)
-  train = dict(cfg.train)
+  overrides = {}
   for item in args.set:
     key, sep, raw = item.partition("=")
     name = train_config.field_name(key.strip())
     if not sep or name is None:
       raise RomeFlaxError(f"--set takes FIELD=VALUE with a TrainConfig field, got {item!r}")
-    train[name] = train_config.parse_value(name, raw.strip())
-  train.update({k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None})
-  changes = {"train": tuple(train.items())}
+    overrides[name] = train_config.parse_value(name, raw.strip())
+  overrides.update({k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None})
+  seeds = None
   if args.seeds:
     try:
-      changes["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+      seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
       raise RomeFlaxError(f"--seeds takes a comma list of integers, got {args.seeds!r}") from None
-  cfg = dataclasses.replace(cfg, **changes)
+  cfg = study_lib.with_overrides(study_lib.load_study_config(args.config), overrides, seeds)
   cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
   unknown = [c for c in cells or () if c not in [x.name for x in cfg.cells]]
   if unknown:

@@ -151,6 +151,14 @@ def from_dict(raw: dict) -> StudyConfig:
   return StudyConfig(**out)
 
 
+def with_overrides(study: StudyConfig, train: Optional[dict] = None, seeds: Optional[Sequence[int]] = None) -> StudyConfig:
+  """The study with TrainConfig overrides for every cell (e.g. a local --model) and other seeds."""
+  changes = {"train": tuple({**dict(study.train), **(train or {})}.items())}
+  if seeds is not None:
+    changes["seeds"] = tuple(seeds)
+  return dataclasses.replace(study, **changes)
+
+
 def load_study_config(path: str | Path) -> StudyConfig:
   from rome_flax import train_config as tc
   return from_dict(tc.read_config_dict(path, "study settings"))
