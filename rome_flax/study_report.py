@@ -189,9 +189,10 @@ def claims_table(rows: Sequence[dict], metric: str) -> str:
 
 
 def choose_recipe(study, results: dict) -> Optional[dict]:
-  """The recipe rule, on the held-out train rows only: among the published recipe and the candidates
-  (every seed finished), the highest mean final-exit metric whose mean over exits is at most
-  `max_mean_exits_drop` points below the published recipe's; the published one when none beats it."""
+  """The recipe rule, on the held-out train rows only (every seed of a recipe finished): a candidate
+  replaces the published recipe only when its mean final-exit metric beats the published one's by more
+  than two standard errors (`verdict` 'holds', seeds paired as in the claims) and its mean over exits is
+  at most `max_mean_exits_drop` points below the published one's; of several, the highest final exit."""
   recipe = dict(study.recipe)
   if not recipe:
     return None
@@ -199,31 +200,34 @@ def choose_recipe(study, results: dict) -> Optional[dict]:
   full = [n for n in names if n in results and len(results[n]) == len(study.seeds) and all("heldout" in r for r in results[n])]
   if recipe["published"] not in full:
     return None
+  held = {n: [exit_values(r, "heldout") for r in results[n]] for n in full}
+  finals = {n: [h[-1] for h in held[n]] for n in full}
+  means = {n: [float(np.mean(h)) for h in held[n]] for n in full}
+  pub, drop = recipe["published"], float(recipe.get("max_mean_exits_drop", 1.0))
   rows = []
   for name in full:
-    held = [exit_values(r, "heldout") for r in results[name]]
-    rows.append({"cell": name, "heldout_final": mean_std([h[-1] for h in held]),
-                 "heldout_mean_exits": mean_std([float(np.mean(h)) for h in held])})
-  published = next(r for r in rows if r["cell"] == recipe["published"])
-  drop = float(recipe.get("max_mean_exits_drop", 1.0))
-  allowed = [r for r in rows if r["heldout_mean_exits"][0] >= published["heldout_mean_exits"][0] - drop]
-  chosen = max(allowed, key=lambda r: r["heldout_final"][0])
-  return {"rows": rows, "chosen": chosen["cell"], "published": recipe["published"], "drop": drop,
-          "heldout_rows": list(study.heldout_rows)}
+    d, se, n = compare(finals[name], finals[pub])
+    eligible = name != pub and verdict(d, se, 0.0, n) == "holds" and mean_std(means[name])[0] >= mean_std(means[pub])[0] - drop
+    rows.append({"cell": name, "heldout_final": mean_std(finals[name]), "heldout_mean_exits": mean_std(means[name]),
+                 "final_vs_published": (d, se), "eligible": eligible})
+  winners = [r for r in rows if r["eligible"]]
+  chosen = max(winners, key=lambda r: r["heldout_final"][0])["cell"] if winners else pub
+  return {"rows": rows, "chosen": chosen, "published": pub, "drop": drop, "heldout_rows": list(study.heldout_rows)}
 
 
 def recipe_table(study, results: dict, choice: dict) -> str:
   metric = _metric(results)
-  lines = [f"| recipe | held-out final exit | held-out mean over exits | dev final exit | dev mean over exits | "
-           f"dev at >= 2x layers | chosen |", "|---|---|---|---|---|---|---|"]
+  lines = [f"| recipe | held-out final exit | vs published (± s.e.) | held-out mean over exits | dev final exit | "
+           f"dev mean over exits | dev at >= {study.speed_ratio:g}x layers | chosen |", "|---|---|---|---|---|---|---|---|"]
   for row in choice["rows"]:
     runs = results[row["cell"]]
     held = [exit_values(r, "heldout") for r in runs]
     dev = [exit_values(r) for r in runs]
     lines.append("| " + " | ".join([
-        _label(study, row["cell"]), fmt([h[-1] for h in held]), fmt([float(np.mean(h)) for h in held]),
-        fmt([d[-1] for d in dev]), fmt([float(np.mean(d)) for d in dev]),
-        fmt([frontier(r["dev"]["settings"], metric, 2.0) for r in runs]),
+        _label(study, row["cell"]), fmt([h[-1] for h in held]),
+        "-" if row["cell"] == choice["published"] else "{:+.2f} ± {:.2f}".format(*row["final_vs_published"]),
+        fmt([float(np.mean(h)) for h in held]), fmt([d[-1] for d in dev]), fmt([float(np.mean(d)) for d in dev]),
+        fmt([frontier(r["dev"]["settings"], metric, study.speed_ratio) for r in runs]),
         "**yes**" if row["cell"] == choice["chosen"] else ""]) + " |")
   return "\n".join(lines) + "\n"
 
@@ -351,9 +355,10 @@ def markdown(study, results: dict) -> str:
   choice = choose_recipe(study, results)
   if choice is not None:
     a, b = choice["heldout_rows"]
-    parts += ["\n## Recipe\n\n", f"Chosen on train rows {a}..{b - 1} (held out from training) by the highest mean "
-              f"final exit among recipes whose mean over exits is at most {choice['drop']:g} point(s) below the "
-              f"published one's; dev shown beside it, never used to choose.\n\n", recipe_table(study, results, choice)]
+    parts += ["\n## Recipe\n\n", f"Chosen on train rows {a}..{b - 1} (held out from training): a candidate replaces "
+              f"the published recipe only when its mean final exit there beats the published one's by more than two "
+              f"standard errors, with its mean over exits at most {choice['drop']:g} point(s) below; dev is shown "
+              f"beside it, never used to choose.\n\n", recipe_table(study, results, choice)]
   return "".join(parts)
 
 
