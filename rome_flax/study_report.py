@@ -109,7 +109,7 @@ def ratio_table(study, results: dict) -> str:
 
 def cost_table(study, results: dict) -> str:
   batch = next((_batch(r["speed"]) for runs in results.values() for r in runs if "speed" in r), "?")
-  lines = ["| cell | seeds | steps | train seconds (mean ± std) | timed setting | layer ratio | "
+  lines = ["| cell | seeds | steps | train seconds (mean ± std; fastest) | timed setting | layer ratio | "
            f"measured speed-up, batch {batch} | measured speed-up, batch 1 |", "|---|---|---|---|---|---|---|---|"]
   for name, runs in results.items():
     timed = next((r["speed"] for r in runs if "speed" in r), None)
@@ -118,7 +118,9 @@ def cost_table(study, results: dict) -> str:
         f"{_throughput(timed):.2f}x", f"{timed['latency_speedup_b1']:.2f}x"]
     steps = runs[0].get("train_steps")
     resumed = sum(max((r.get("train_attempts") or 1) - 1, 0) for r in runs)
-    seconds = fmt([r["train_seconds"] for r in runs], 0) + (f" ({resumed} resume(s) included)" if resumed else "")
+    times = [r["train_seconds"] for r in runs]
+    seconds = fmt(times, 0) + (f"; fastest {min(times):.0f}" if len(times) > 1 else "") + (
+        f" ({resumed} resume(s) included)" if resumed else "")
     lines.append("| " + " | ".join([_label(study, name), str(len(runs)), str(steps if steps is not None else "-"),
                                      seconds] + speed_cols) + " |")
   return "\n".join(lines) + "\n"
