@@ -119,7 +119,7 @@ def cost_table(study, results: dict) -> str:
     steps = runs[0].get("train_steps")
     resumed = sum(max((r.get("train_attempts") or 1) - 1, 0) for r in runs)
     times = [r["train_seconds"] for r in runs]
-    seconds = fmt(times, 0) + (f"; fastest {min(times):.0f}" if len(times) > 1 else "") + (
+    seconds = fmt(times, 0) + (f"; fastest {finite(times).min():.0f}" if finite(times).size > 1 else "") + (
         f" ({resumed} resume(s) included)" if resumed else "")
     lines.append("| " + " | ".join([_label(study, name), str(len(runs)), str(steps if steps is not None else "-"),
                                      seconds] + speed_cols) + " |")
