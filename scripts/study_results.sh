@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 14's study: SST-2 (7 cells + 1 recipe candidate, 3 seeds) and STS-B (2 cells, 3 seeds) with
+# Issue 14's study: SST-2 (7 cells + 2 recipe candidates, 3 seeds) and STS-B (2 cells, 3 seeds) with
 # all-MiniLM-L6-v2, one run at a time; then the tables and plots copied into docs/.
 #   scripts/study_results.sh MINILM_DIR [RUNS_DIR]      (re-run it to resume a killed study)
 set -euo pipefail
