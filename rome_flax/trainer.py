@@ -486,6 +486,10 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
         f"method {method.name}"
         + (f", GR {loss_cfg.gr} protecting the {'final exit' if protect else 'highways'}" if loss_cfg.uses_gr else ""),
         flush=True)
+  if task.is_regression and method.name == "romebert":
+    say("note: romebert's self-distillation did not learn STS-B in the project's seeded study (final Pearson 4 vs "
+        "DeeBERT's 77, docs/results.md); check the final exit's dev metric, or use deebert / pabee / joint / final_only",
+        flush=True)
 
   writer = MetricsWriter(out, start)
   bar = _progress(sched.total_steps, start, progress and sharding_lib.is_primary())
