@@ -187,6 +187,11 @@ def policies(study: StudyConfig, model_cfg) -> list:
           for d in deltas for t in study.thresholds]
 
 
+def _read_timing(path: Path) -> dict:
+  """A run's accumulated training seconds and attempts (None before its first attempt)."""
+  return json.loads(path.read_text()) if path.is_file() else {"seconds": None, "attempts": None}
+
+
 def _train(cfg, timing_path: Path, say) -> None:
   """Trains (or resumes) one run, adding its wall-clock seconds to timing_path (also when stopped by an
   exception or SIGTERM / Ctrl-C; a SIGKILLed attempt's seconds are lost)."""
@@ -194,24 +199,20 @@ def _train(cfg, timing_path: Path, say) -> None:
   out = Path(cfg.run.output_dir)
   resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
   overwrite = out.is_dir() and any(out.iterdir()) and not resume   # killed before its first checkpoint
-  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": 0.0, "attempts": 0}
+  timing = _read_timing(timing_path)
   say(f"  training ({'resuming' if resume else 'fresh'}) -> {out}")
   start = time.perf_counter()
   try:
     trainer.train(cfg, resume=resume, overwrite=overwrite, progress=False)
   finally:
-    timing = {"seconds": timing["seconds"] + time.perf_counter() - start, "attempts": timing["attempts"] + 1}
+    timing = {"seconds": (timing["seconds"] or 0.0) + time.perf_counter() - start, "attempts": (timing["attempts"] or 0) + 1}
     files.write_json(timing_path, timing)
 
 
 def _examples(task, cfg, split: str, rows: Optional[tuple] = None):
   from rome_flax import data
-  if cfg.data.task == "custom":
-    files_by_split = {"train": cfg.data.train_file, "dev": cfg.data.dev_file}
-    examples = data.load_split(task, split, files=files_by_split, text_a_column=cfg.data.text_a_column,
-                               text_b_column=cfg.data.text_b_column, label_column=cfg.data.label_column)
-  else:
-    examples = data.load_split(task, split, data_dir=cfg.data.data_dir)
+  from rome_flax.trainer import split_sources
+  examples = data.load_split(task, split, cfg.data.data_dir, **split_sources(cfg.data, task))
   if rows is not None:
     if rows[1] > len(examples):
       raise RomeFlaxError(f"heldout_rows {tuple(rows)} go past the {len(examples)} rows of the train split")
@@ -288,9 +289,10 @@ def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_
   sweep = policies(study, model.config)
   say(f"  dev sweep: {len(sweep)} settings")
   common = dict(batch_size=study.eval_batch_size, max_length=cfg.data.max_length, latency_examples=study.latency_examples)
-  dev = evaluation.evaluate_exits(model, task, _examples(task, cfg, "dev"), sweep, measure_speed="none", **common)
+  dev_examples = _examples(task, cfg, "dev")
+  dev = evaluation.evaluate_exits(model, task, dev_examples, sweep, measure_speed="none", **common)
   report.write_evaluation(where / "dev", dev, checkpoint=str(export))
-  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": None, "attempts": None}
+  timing = _read_timing(timing_path)
   result = {"cell": cell.name, "seed": seed, "train_seconds": timing["seconds"], "train_attempts": timing["attempts"],
             "eval": eval_spec(study, cell), "dev": _sweep_record(dev)}
   result["train_steps"] = _last_step(Path(cfg.run.output_dir))
@@ -304,7 +306,7 @@ def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_
     chosen = nearest_setting(result["dev"]["settings"], study.speed_ratio)
     policy = next(p for p in sweep if p.describe() == chosen["setting"])
     say(f"  timing {chosen['setting']} (layer ratio {chosen['layer_ratio']:.2f}) against the full model")
-    timed = evaluation.evaluate_exits(model, task, _examples(task, cfg, "dev"), [policy], measure_speed="all", **common)
+    timed = evaluation.evaluate_exits(model, task, dev_examples, [policy], measure_speed="all", **common)
     result["speed"] = {**timed.speed[0], "metric_value": chosen[dev.metric], "metric": dev.metric}
   files.write_json(where / RESULT_FILE, result)
   return result

@@ -135,16 +135,19 @@ def _load_token_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
   return RunData(task, token_data.encode(tokenizer, train, task.label_names, cfg.max_length), evals)
 
 
+def split_sources(cfg: DataOptions, task: TaskSpec) -> dict:
+  """`data.load_split`'s keyword arguments for a run's task besides data_dir (a custom task's files and
+  columns; the synthetic task's seed)."""
+  if task.name == "custom":
+    return {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
+            "text_a_column": cfg.text_a_column, "text_b_column": cfg.text_b_column, "label_column": cfg.label_column}
+  return {"seed": 0} if task.name == "synthetic" else {}
+
+
 def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
   if task.is_token_task:
     return _load_token_data(cfg, task, tokenizer)
-  custom = {}
-  if task.name == "custom":
-    custom = {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
-              "text_a_column": cfg.text_a_column, "text_b_column": cfg.text_b_column,
-              "label_column": cfg.label_column}
-  elif task.name == "synthetic":
-    custom = {"seed": 0}
+  custom = split_sources(cfg, task)
   # The synthetic task's first train_rows rows, without generating the rest.
   synthetic_rows = task.name == "synthetic" and cfg.train_rows
   size = {"size": min(cfg.train_rows, synthetic.SPLIT_SIZES["train"])} if synthetic_rows else {}
