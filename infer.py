@@ -9,11 +9,15 @@ See rome_flax/infer_cli.py for every option.
 
 import sys
 
-from rome_flax.runtime import retain_host_memory
+try:   # the libraries take seconds to load; Ctrl-C then is one line too (nothing is written yet)
+  from rome_flax.runtime import retain_host_memory
 
-retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
+  retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
 
-from rome_flax.infer_cli import main  # noqa: E402
+  from rome_flax.infer_cli import main
+except KeyboardInterrupt:
+  print("interrupted", file=sys.stderr)
+  sys.exit(130)
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -26,9 +26,12 @@ def build_parser():
   parser.add_argument("--config", help="config file defining get_config() -> dict of overrides "
                       "(default: configs/default.py)")
   parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-  parser.add_argument("--overwrite", action="store_true", help="delete whatever output_dir holds first")
+  parser.add_argument("--overwrite", action="store_true", help="replace the rome_flax run in output_dir (never "
+                      "other files: a directory holding anything else is refused); the old run is put back if the "
+                      "new one ends before its first checkpoint")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (as if killed)")
+  parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (>= 1), with a "
+                      "checkpoint and an export; --resume continues")
   groups = {}
   for name in train_config.field_names():
     group = train_config.dotted_name(name).split(".")[0]
@@ -48,9 +51,13 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-  from rome_flax.runtime import retain_host_memory
-  retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
-  from rome_flax import cli
+  try:   # the libraries take seconds to load; Ctrl-C then is one line too (nothing is written yet)
+    from rome_flax.runtime import retain_host_memory
+    retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
+    from rome_flax import cli
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
   return cli.run(run, build_parser(), argv)
 
 

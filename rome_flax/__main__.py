@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rome_flax import cli
+from rome_flax import cli, files
+from rome_flax.runlock import RunLock
 
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
@@ -36,8 +37,8 @@ def convert(args) -> None:
                                   exit_pooling=args.exit_pooling, dtype=args.dtype, seed=args.seed,
                                   overwrite=args.overwrite)
   cfg = model.config
-  print(f"converted {args.src} -> {out} ({cfg.model_type}, {cfg.num_layers} layers, {cfg.num_labels} labels); "
-        f"{model.load_report.summary()}")
+  loaded = model.load_report.summary() if model.load_report is not None else "a rome_flax export, copied as it is"
+  print(f"converted {args.src} -> {out} ({cfg.model_type}, {cfg.num_layers} layers, {cfg.num_labels} labels); {loaded}")
 
 
 def study_parser() -> cli.ArgumentParser:
@@ -80,7 +81,13 @@ def study(args) -> None:
   if unknown:
     raise RomeFlaxError(f"--cells: unknown cell(s) {', '.join(unknown)}; the study has "
                         f"{', '.join(c.name for c in cfg.cells)}")
-  out = args.output_dir or f"runs/study/{cfg.name}"
+  out = Path(files.check_output_value(args.output_dir) if args.output_dir is not None else f"runs/study/{cfg.name}")
+  with RunLock(out):   # one study per directory (each run's own directory is locked by train.py too)
+    _study_in(args, study_lib, cfg, cells, out)
+
+
+def _study_in(args, study_lib, cfg, cells, out: Path) -> None:
+  from rome_flax.errors import RomeFlaxError
   if args.report_only:
     from rome_flax import study_report
     results = study_lib.collect(cfg, Path(out))

@@ -1,10 +1,11 @@
 """What every entry point shares: an argument parser whose mistakes are one `error:` line, and the
 one error wrapper that turns a `RomeFlaxError` into `error: ...` on stderr and exit code 2.
 
-Exit codes: 0 done; 2 bad input (`error: ...`); 3 training stopped by SIGTERM / SIGINT after saving
-a checkpoint (`--resume` continues; see preemption.py); 130 interrupted outside training (nothing
-to save). `--debug` adds the Python traceback to an error line. Anything else is a bug and keeps
-its traceback.
+Exit codes: 0 done; 2 bad input or a failed file operation (`error: ...`: a full disk, a file size
+limit, a read-only disk, a missing permission, a name too long); 3 training stopped by SIGTERM /
+SIGINT after saving a checkpoint (`--resume` continues; see preemption.py); 130 / 143 interrupted by
+SIGINT / SIGTERM outside training (nothing to save; nothing partial is left). `--debug` adds the
+Python traceback to an error line. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
-from rome_flax.errors import RomeFlaxError
-from rome_flax.preemption import EXIT_PREEMPTED, Preempted
+from rome_flax.errors import RomeFlaxError, io_error_in, os_error_text
+from rome_flax.preemption import EXIT_PREEMPTED, Interrupted, Preempted, interrupt_on_signals
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # the shell's code for SIGINT
@@ -43,7 +44,8 @@ def run(program: Callable[[argparse.Namespace], object], parser: argparse.Argume
   args = parser.parse_args(argv)
   debug = getattr(args, "debug", False)
   try:
-    program(args)
+    with interrupt_on_signals():
+      program(args)
   except RomeFlaxError as e:
     if debug:
       traceback.print_exc()
@@ -52,9 +54,17 @@ def run(program: Callable[[argparse.Namespace], object], parser: argparse.Argume
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     return EXIT_PREEMPTED
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     if debug:
       traceback.print_exc()
-    print("interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    print(f"interrupted by {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+    return e.exit_code if isinstance(e, Interrupted) else EXIT_INTERRUPTED
+  except Exception as e:
+    failed = io_error_in(e)
+    if failed is None:
+      raise
+    if debug:
+      traceback.print_exc()
+    print(f"error: {os_error_text(failed)}", file=sys.stderr)
+    return EXIT_USER_ERROR
   return 0

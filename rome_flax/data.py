@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -249,19 +250,66 @@ def _rows_to_split(task: TaskSpec, split: str, rows, cols: dict, where: str, fir
                np.asarray(ids, np.int64))
 
 
+def label_text(raw) -> str:
+  """A class label by value, as one name: JSON 1, 1.0 and "1" (or a CSV's "1.0") are all "1", 0.5
+  and "0.50" are "0.5"; other text is itself (stripped). A boolean is "true" / "false"."""
+  if isinstance(raw, bool):
+    return "true" if raw else "false"
+  if isinstance(raw, (int, float)):
+    value = raw
+  else:
+    text = str(raw).strip()
+    try:
+      value = float(text)
+    except ValueError:
+      return text
+    if not math.isfinite(value) or "_" in text:   # 'nan', 'inf', '1_0' are names, not numbers
+      return text
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _label_key(raw) -> str:
+  text = label_text(raw)
+  return text.lower() if text.lower() in ("true", "false") else text
+
+
+@functools.lru_cache(maxsize=64)
+def _label_ids(label_names: tuple) -> dict:
+  """_label_key -> the ids of the label names with that value (more than one: ambiguous)."""
+  ids: dict = {}
+  for i, name in enumerate(label_names):
+    ids.setdefault(_label_key(name), []).append(i)
+  return ids
+
+
+def _json_form(raw) -> str:
+  return json.dumps(raw) if isinstance(raw, (bool, int, float)) else repr(raw)
+
+
 def _parse_label(task: TaskSpec, raw, where: str, line: int):
+  """A label's id (classification: matched by value, `label_text`) or its value (regression)."""
+  boolean = isinstance(raw, bool)
   if task.is_regression:
     try:
-      value = float(raw)
+      value = float("nan") if boolean else float(raw)
     except (TypeError, ValueError):
       value = float("nan")
     if not math.isfinite(value):
-      raise RomeFlaxError(f"{where}:{line}: label {raw!r} is not a number")
+      raise RomeFlaxError(f"{where}:{line}: label {_json_form(raw)} is not a number")
     return value
-  label = task.label_id(str(raw))
-  if label is None:
+  ids = _label_ids(tuple(task.label_names)).get(_label_key(raw))
+  if ids is None and boolean:
+    raise RomeFlaxError(f"{where}:{line}: label {_json_form(raw)} is a boolean, which is a label only when the "
+                        f"label names list it (e.g. --custom_labels false,true); the labels are {list(task.label_names)}")
+  if ids is None:
     raise RomeFlaxError(f"{where}:{line}: label {raw!r} is not one of {list(task.label_names)}")
-  return label
+  if len(ids) > 1:
+    raise RomeFlaxError(f"{where}:{line}: label {_json_form(raw)} matches label names "
+                        f"{', '.join(repr(task.label_names[i]) for i in ids)}, which denote the same value; "
+                        "name each class once")
+  return ids[0]
 
 
 def _parse_id(raw) -> int:
@@ -414,7 +462,10 @@ def custom_label_names(path: str | Path, label_column: str = "label") -> tuple[s
   for line, rec in records:
     if rec.get(label_column) is None:
       raise RomeFlaxError(f"{path}:{line}: missing value in column {label_column!r}")
-  names = sorted({str(rec[label_column]) for _, rec in records})
+    if isinstance(rec[label_column], bool):
+      raise RomeFlaxError(f"{path}:{line}: label {_json_form(rec[label_column])} is a boolean; name the labels with "
+                          "custom_labels (e.g. --custom_labels false,true) to use booleans as classes")
+  names = sorted({label_text(rec[label_column]) for _, rec in records})   # 1, 1.0 and "1": one class
   if len(names) < 2:
     raise RomeFlaxError(f"{path}: column {label_column!r} has fewer than two distinct labels")
   return tuple(names)

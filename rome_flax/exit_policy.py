@@ -148,6 +148,8 @@ def parse_thresholds(text: str) -> list[list[float]]:
     except ValueError:
       raise RomeFlaxError(f"threshold list {text!r} does not parse: {item!r} is not a number "
                           "(use e.g. 0.05,0.1,0.2 or per-exit 0.1:0.2:0.3)") from None
+    if values in settings:   # '0.1,0.10,1e-1': one setting three times, three identical rows
+      raise RomeFlaxError(f"threshold list {text!r} repeats the setting {item!r}; give each once")
     settings.append(values)
   return settings
 

@@ -4,11 +4,20 @@ A file is written to a temporary name in the same directory, flushed and renamed
 a directory is staged beside its target and swapped in. A crash, a full disk or a bad input
 therefore never leaves a half-written result, and an earlier result stays intact until its
 replacement is complete.
+
+Output directories (a run, infer results, an export) are marked `rome_flax_output.json` by rome_flax:
+`--overwrite` replaces only what carries that mark and holds nothing else (`check_replaceable`).
+A locked directory's results are staged inside it and swapped in whole (`staged_output`); an
+overwritten run is moved aside and put back if its replacement fails early (`move_aside`); a kill
+at any moment of either is settled by the next rome_flax command there (`settle_output`).
+Files and directories are created with the process's umask (`mkstemp`/`mkdtemp` alone would give
+0600 / 0700).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import json
 import logging
@@ -19,11 +28,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.runlock import LOCK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +45,56 @@ def atomic_write_bytes(path: str | os.PathLike, data) -> Path:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())
   except OSError as e:
     raise RomeFlaxError(f"cannot write {path}: {e.strerror or e}") from None
   try:
     with os.fdopen(fd, "wb") as f:
       for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-        f.write(chunk)
+        write_chunk(f, chunk)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    _unlink_quietly(tmp)
+    raise RomeFlaxError(f"cannot write {path}: {e.strerror or e}") from None
   except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    _unlink_quietly(tmp)
     raise
   return path
+
+
+def write_chunk(f, chunk: bytes) -> None:
+  """Every byte a result file gets passes here (tests put a failing disk in its place)."""
+  f.write(chunk)
+
+
+def _unlink_quietly(path) -> None:
+  try:
+    os.unlink(path)
+  except OSError:
+    pass
+
+
+def umask() -> int:
+  """The process's umask, read without changing it (/proc; else set and put back at once)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+  """tempfile.mkdtemp with the umask's permissions (mkdtemp alone makes it 0700)."""
+  stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+  os.chmod(stage, 0o777 & ~umask())
+  return stage
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -127,7 +173,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_stages(target)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", dir=target.parent))
+    stage = make_temp_dir(f".{target.name}.tmp-{_HOST}-{os.getpid()}-", target.parent)
   except OSError as e:
     raise RomeFlaxError(f"cannot write {target}: {e.strerror or e}") from None
   try:
@@ -143,3 +189,180 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
   except BaseException:
     shutil.rmtree(stage, ignore_errors=True)
     raise
+
+
+# ----------------------------------------------------------------------------- output directories
+
+OUTPUT_MARKER = "rome_flax_output.json"   # {"written_by": "rome_flax", "kind": "train" | "infer" | ...}
+STAGE_PREFIX = ".rome_flax_stage-"        # a locked directory's next results, until swapped in
+SWAPPED_OUT = ".rome_flax_swapped_out"    # its previous results, during the swap
+REPLACED = ".rome_flax_replaced"          # an overwritten run, until its replacement holds
+MOVED = ".moved"                          # in SWAPPED_OUT / REPLACED: every entry has been moved there
+OWN_ENTRIES = (OUTPUT_MARKER, LOCK_FILE, STAGE_PREFIX + "*", SWAPPED_OUT, REPLACED, ".*.tmp")
+
+
+def check_output_value(value) -> Path:
+  """An --output_dir value as a path; empty (which would mean the current directory) is refused."""
+  if value is None or not str(value).strip():
+    raise RomeFlaxError("--output_dir is empty: name a directory (an empty value would mean the current one)")
+  return Path(os.path.expanduser(str(value)))
+
+
+def mark_output(directory: Path, kind: str) -> Path:
+  return write_json(Path(directory) / OUTPUT_MARKER, {"written_by": "rome_flax", "kind": kind})
+
+
+def output_kind(directory: Path) -> Optional[str]:
+  """The kind of output rome_flax marked `directory` as holding; None when unmarked or unreadable."""
+  try:
+    mark = json.loads((Path(directory) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError):
+    return None
+  return str(mark.get("kind")) if isinstance(mark, dict) and mark.get("written_by") == "rome_flax" else None
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+  shown = ", ".join(sorted(names)[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def entries(directory: Path) -> list[str]:
+  """The names in `directory` besides rome_flax's own bookkeeping (lock, marker, stages)."""
+  if not Path(directory).is_dir():
+    return []
+  return sorted(p.name for p in Path(directory).iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in OWN_ENTRIES))
+
+
+def check_replaceable(directory: Path, kind: str, ours: Sequence[str], legacy: Optional[str] = None) -> None:
+  """--overwrite's rule: a directory is replaced only when rome_flax marked it as `kind` output (or,
+  written before the mark existed, it holds `legacy`) and it holds nothing but such output (the
+  glob patterns `ours`); otherwise one error names what is not ours."""
+  directory = Path(directory)
+  found = entries(directory)
+  if not found:
+    return
+  marked = output_kind(directory)
+  if marked is None and legacy is not None and (directory / legacy).exists():
+    marked = kind
+  if marked is None:
+    raise RomeFlaxError(f"--overwrite: {directory} was not written by rome_flax (no {OUTPUT_MARKER}); it holds "
+                        f"{_listed(found)}, which --overwrite never deletes: move them or choose another directory")
+  if marked != kind:
+    raise RomeFlaxError(f"--overwrite: {directory} holds rome_flax {marked} output, not {kind} output; choose "
+                        "another directory")
+  foreign = [n for n in found if not any(fnmatch.fnmatch(n, g) for g in ours)]
+  if foreign:
+    raise RomeFlaxError(f"--overwrite: {directory} also holds {_listed(foreign)}, which rome_flax did not write "
+                        "and --overwrite never deletes: move them or choose another directory")
+
+
+def _move_all(src: Path, dst: Path, skip: Sequence[str]) -> None:
+  """Every entry of src but `skip` into dst (created), then dst/.moved: a kill leaves either some
+  entries moved and no .moved, or all moved."""
+  dst.mkdir(exist_ok=True)
+  for p in sorted(src.iterdir()):
+    if p.name in skip or p == dst:
+      continue
+    if p.is_dir() and (dst / p.name).is_dir():
+      _replace_dir(p, dst / p.name)
+    else:
+      os.replace(p, dst / p.name)
+  atomic_write_text(dst / MOVED, "")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+  shutil.rmtree(dst)
+  src.rename(dst)
+
+
+def _remove(p: Path) -> None:
+  if p.is_dir() and not p.is_symlink():
+    shutil.rmtree(p)
+  elif p.exists() or p.is_symlink():
+    p.unlink()
+
+
+def move_aside(directory: Path) -> None:
+  """An overwritten run's entries into directory/.rome_flax_replaced (the caller holds the lock);
+  `restore_aside` puts them back, `drop_aside` deletes them once the new run holds."""
+  directory = Path(directory)
+  _move_all(directory, directory / REPLACED, skip=(LOCK_FILE, REPLACED))
+
+
+def restore_aside(directory: Path) -> bool:
+  """Puts an overwritten run back in place of its replacement (a kill while it was being moved aside
+  leaves part of it in place: that part stays). True when there was one to put back."""
+  directory, aside = Path(directory), Path(directory) / REPLACED
+  if not aside.is_dir():
+    return False
+  if (aside / MOVED).exists():   # everything in the directory besides it is the replacement's
+    for p in directory.iterdir():
+      if p.name not in (LOCK_FILE, REPLACED):
+        _remove(p)
+    (aside / MOVED).unlink()
+  for p in sorted(aside.iterdir()):
+    if p.name != MOVED and not (directory / p.name).exists():
+      p.rename(directory / p.name)
+  shutil.rmtree(aside)
+  return True
+
+
+def drop_aside(directory: Path) -> None:
+  shutil.rmtree(Path(directory) / REPLACED, ignore_errors=True)
+
+
+def _swap_in(directory: Path, stage: Path) -> None:
+  """A complete stage's entries replace the directory's: the old ones moved out (all, then .moved),
+  the new ones in (the marker last), the old ones deleted. `settle_output` finishes it after a kill."""
+  out = directory / SWAPPED_OUT
+  if not (out / MOVED).exists():
+    _move_all(directory, out, skip=(LOCK_FILE, SWAPPED_OUT, stage.name))
+  for p in sorted(stage.iterdir(), key=lambda p: p.name == OUTPUT_MARKER):
+    target = directory / p.name
+    if p.is_dir() and target.is_dir():
+      _replace_dir(p, target)
+    else:
+      os.replace(p, target)
+  stage.rmdir()
+  shutil.rmtree(out)
+
+
+def settle_output(directory: Path) -> None:
+  """What a kill left in a locked output directory (the caller holds its lock, so every writer there
+  has ended): a complete stage (marked) is swapped in, an incomplete one deleted; a run moved aside
+  for --overwrite is left to its caller (`restore_aside` / `drop_aside`)."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return
+  for stage in sorted(directory.glob(glob.escape(STAGE_PREFIX) + "*")):
+    if (stage / OUTPUT_MARKER).is_file():
+      _swap_in(directory, stage)
+      log.warning("finished swapping in the results in %s (the writer was stopped mid-swap)", directory)
+    else:
+      shutil.rmtree(stage, ignore_errors=True)
+  if (directory / SWAPPED_OUT).is_dir():   # the swap had moved the stage's last entry in
+    shutil.rmtree(directory / SWAPPED_OUT)
+
+
+@contextlib.contextmanager
+def staged_output(directory: Path, kind: str, commit_if=lambda: True) -> Iterator[Path]:
+  """Yields an empty stage inside the (locked) `directory`; when the block succeeds the stage, marked
+  as `kind` output, replaces everything the directory held but its lock, so the directory holds one
+  run's complete output before and after (a kill mid-swap is finished by `settle_output`). On any
+  failure, or when `commit_if()` raises, the stage is deleted and the directory is as it was."""
+  directory = Path(directory)
+  try:
+    stage = make_temp_dir(STAGE_PREFIX, directory)
+  except OSError as e:
+    raise RomeFlaxError(f"cannot write in {directory}: {e.strerror or e}") from None
+  try:
+    yield stage
+    commit_if()
+    mark_output(stage, kind)   # last: a marked stage is complete
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  try:
+    _swap_in(directory, stage)
+  except OSError as e:   # e.g. a full disk for .moved: the next rome_flax command there finishes the swap
+    raise RomeFlaxError(f"cannot swap the new results into {directory}: {e.strerror or e}") from None

@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from rome_flax import cli, evaluation, report
+from rome_flax import cli, evaluation, files, preemption, report
 from rome_flax import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
+from rome_flax.runlock import RunLock
 
 log = logging.getLogger("rome_flax.infer")
 
@@ -62,7 +63,8 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--batch_size", type=int, default=64)
   ap.add_argument("--max_length", type=int, help="default: the export's max_length, else 128")
   ap.add_argument("--output_dir", required=True)
-  ap.add_argument("--overwrite", action="store_true", help="replace results in a non-empty output_dir")
+  ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier infer.py run in "
+                  "output_dir (never other files: a directory holding anything else is refused)")
   ap.add_argument("--measure_speed", choices=evaluation.MEASURE_SPEED, default="best",
                   help="run the throughput and latency paths for real and time them against the full model: "
                   "for the fastest setting within 1 point of the final exit (best; labelled splits), every "
@@ -87,6 +89,10 @@ def load_model(path: str, num_labels: Optional[int] = None):
   p = Path(os.path.expanduser(path))
   if p.exists() and not p.is_dir():
     raise RomeFlaxError(f"checkpoint {path} is a file; pass the directory")
+  if p.is_dir() and not (p / EXPORT_CONFIG).is_file() and (files.output_kind(p) == "train" or
+                                                            (p / "export" / EXPORT_CONFIG).is_file()):
+    raise RomeFlaxError(f"checkpoint {path} is a train.py run directory; pass its export: "
+                        f"--checkpoint {Path(path) / 'export'}")
   if p.is_dir() and not (p / EXPORT_CONFIG).is_file() and not (p / "config.json").is_file():
     raise RomeFlaxError(f"checkpoint {path} is neither a rome_flax export ({EXPORT_CONFIG}) nor a Hugging Face "
                         "checkpoint (config.json)")
@@ -221,12 +227,15 @@ def check_max_length(max_length: Optional[int], model) -> None:
 
 
 def check_output_dir(path: str, overwrite: bool) -> Path:
-  """Refuses to mix new results into an earlier run's directory unless asked to."""
-  out = Path(path)
+  """Refuses to mix new results into an earlier run's directory unless asked to, and --overwrite
+  replaces only an earlier infer.py run's results (files.check_replaceable)."""
+  out = files.check_output_value(path)
   if out.exists() and not out.is_dir():
     raise RomeFlaxError(f"--output_dir {path} is a file")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
+  if files.entries(out) and not overwrite:
     raise RomeFlaxError(f"--output_dir {path} already holds results; pass --overwrite or choose another directory")
+  if overwrite:
+    files.check_replaceable(out, "infer", report.RESULT_ENTRIES, legacy="summary.json")
   return out
 
 
@@ -251,17 +260,30 @@ def run(args):
   policies = build_policies(args, model.config)
   token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
-  progress = lambda desc: (lambda it: tqdm(it, desc=desc, unit="batch", disable=args.no_progress,
-                                           dynamic_ncols=True))
-  result = evaluation.evaluate_exits(
-      model, task, examples, policies, batch_size=args.batch_size, max_length=args.max_length,
-      metric=args.metric, measure_speed=args.measure_speed, latency_examples=args.latency_examples,
-      speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices,
-      token_policies=token_policies)
-  written = report.write_evaluation(out, result, checkpoint=str(args.checkpoint))
+  progress = lambda desc: (lambda it: _checked(tqdm(it, desc=desc, unit="batch", disable=args.no_progress,
+                                                    dynamic_ncols=True)))
+  # One writer per directory (train.py's lock); the results are staged and swapped in whole, and a
+  # signal, an error or a full disk leaves the directory as it was.
+  with RunLock(out):
+    files.settle_output(out)
+    check_output_dir(args.output_dir, args.overwrite)   # again, now that no other run can write there
+    with files.staged_output(out, "infer", commit_if=preemption.check_interrupted) as stage:
+      result = evaluation.evaluate_exits(
+          model, task, examples, policies, batch_size=args.batch_size, max_length=args.max_length,
+          metric=args.metric, measure_speed=args.measure_speed, latency_examples=args.latency_examples,
+          speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices,
+          token_policies=token_policies)
+      written = report.write_evaluation(stage, result, checkpoint=str(args.checkpoint))
   print_evaluation(result)
   print(f"wrote {len(written)} files to {out}")
   return result
+
+
+def _checked(batches):
+  """Batches, with a check between them for a signal whose exception a library swallowed."""
+  for batch in batches:
+    preemption.check_interrupted()
+    yield batch
 
 
 def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:

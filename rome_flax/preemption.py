@@ -4,10 +4,17 @@ While a `StopSignals` guard is active, the first signal only sets a flag: the tr
 step in flight, saves a checkpoint and raises `Preempted`, which the CLI prints as one line and
 turns into exit code `EXIT_PREEMPTED` (3): "stopped, checkpoint saved, `--resume` continues". A
 second signal gets the default action at once (the checkpoints on disk are never half-written).
+
+Outside training (`interrupt_on_signals`, which `cli.run` holds around every program) SIGINT and
+SIGTERM raise `Interrupted` at once: exit code 130 / 143, and whatever the program was staging is
+discarded. A library may swallow that exception (JAX's garbage-collection callbacks print "Exception
+ignored" and carry on), so `check_interrupted()` raises it again: callers run it in their loops and
+before committing any output, and a signal is never lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Optional
@@ -16,6 +23,50 @@ from rome_flax import primary
 
 EXIT_PREEMPTED = 3
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(KeyboardInterrupt):
+  """A program outside training stopped by SIGINT / SIGTERM (nothing to save): exit 128 + signal."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+    self.exit_code = 128 + signum
+
+
+_received: Optional[int] = None   # the signal interrupt_on_signals caught (None: none)
+
+
+@contextlib.contextmanager
+def interrupt_on_signals():
+  """SIGINT / SIGTERM raise `Interrupted` (the first signal; later ones while stopping are only
+  noted, so clean-up runs to its end) and are remembered for `check_interrupted`."""
+  global _received
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    global _received
+    first = _received is None
+    _received = _received or signum
+    if first:
+      raise Interrupted(signum)
+
+  previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+  _received = None
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+    _received = None
+
+
+def check_interrupted() -> None:
+  """Raises `Interrupted` again when a signal arrived whose exception was swallowed on the way."""
+  if _received is not None:
+    raise Interrupted(_received)
 
 
 class Preempted(Exception):

@@ -19,17 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import integrity, layers
+from rome_flax import files, integrity, layers, preemption
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
 from rome_flax.convert import LoadReport, load_hf_checkpoint, resolve_checkpoint_dir
 from rome_flax.errors import RomeFlaxError
 from rome_flax.files import staged_directory
+from rome_flax.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
 EXPORT_CONFIG = "rome_flax_config.json"
 EXPORT_PARAMS = "params"
+# What an export holds (glob patterns): all that `convert --overwrite` may replace.
+EXPORT_ENTRIES = (EXPORT_CONFIG, EXPORT_PARAMS, integrity.MANIFEST, "tokenizer*", "special_tokens_map.json", "vocab.*",
+                  "merges.txt", "added_tokens.json", "*.model")
 # rome_flax/2: weight matrices [out, in] (model.Linear). rome_flax/1 stored them [in, out]; still read.
 EXPORT_FORMAT = "rome_flax/2"
 _LEGACY_IN_OUT_FORMAT = "rome_flax/1"
@@ -220,12 +224,29 @@ def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Opti
                        exit_pooling: str = "cls", dtype: str = "float32", seed: int = 0,
                        overwrite: bool = False) -> tuple[Path, MultiExitBert]:
   """A Hugging Face checkpoint (directory or hub id) -> a rome_flax export; converting once makes
-  later loads skip the name mapping. Refuses to replace an existing out_dir unless `overwrite`."""
-  if Path(out_dir).exists() and not overwrite:
-    raise RomeFlaxError(f"{out_dir} already exists; pass --overwrite to replace it")
+  later loads skip the name mapping (a rome_flax export is copied with its metadata). Refuses an
+  existing out_dir unless `overwrite`, and then replaces only an export (files.check_replaceable);
+  out_dir is locked (runlock.py) and the export swapped in whole."""
+  out = files.check_output_value(out_dir).absolute()
+
+  def check_out():
+    if out.exists() and not out.is_dir():
+      raise RomeFlaxError(f"{out_dir} is a file")
+    if files.entries(out) and not overwrite:
+      raise RomeFlaxError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if overwrite:
+      files.check_replaceable(out, "export", EXPORT_ENTRIES, legacy=EXPORT_CONFIG)
+
+  check_out()
   model = MultiExitBert.from_pretrained(src, num_labels=num_labels, exit_pooling=exit_pooling, dtype=dtype,
                                         seed=seed)
-  return model.save_pretrained(out_dir, ExportInfo(source=str(src))), model
+  info = model.export_info if model.load_report is None else ExportInfo(source=str(src))
+  with RunLock(out):
+    files.settle_output(out)
+    check_out()   # again, now that no other command can write there
+    with files.staged_output(out, "export", commit_if=preemption.check_interrupted) as stage:
+      model.save_pretrained(stage, info)
+  return out, model
 
 
 def _local_checkpointer():

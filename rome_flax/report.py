@@ -20,6 +20,9 @@ from rome_flax import files
 SUBMISSION_NAMES = {"cola": "CoLA", "sst-2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts-b": "STS-B",
                     "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
 MNLI_SUBMISSION = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+# What write_evaluation writes (glob patterns): all that infer.py --overwrite may replace.
+RESULT_ENTRIES = ("per_exit.*", "static.*", "sweep.*", "tokee.*", "speed.*", "tradeoff.png", "tradeoff_flops.png",
+                  "summary.json", "predictions", "submission")
 
 
 def _cell(v, digits: int | None = 4) -> str:

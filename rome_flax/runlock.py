@@ -4,7 +4,10 @@ The kernel's `flock` on the file is the proof of life: it is released when the h
 it exits (SIGKILL included), so a lock file whose flock is free is stale. A stale lock written on
 this host is taken over (and said so); one written on another host is refused, since a file system
 that does not share locks between machines would make a live run there look stale. The holder
-deletes the file when it ends.
+deletes the file when it ends, and the directory too when it created it and nothing else was
+written there (a refused or failed command leaves no empty directory behind).
+
+Every command that writes an output directory takes it: train.py, infer.py, the study, convert.
 """
 
 from __future__ import annotations
@@ -58,16 +61,19 @@ class RunLock:
   def __init__(self, directory: str | os.PathLike):
     self.path = Path(directory) / LOCK_FILE
     self.fd: Optional[int] = None
+    self.created: list[Path] = []   # directories acquire made, innermost first
 
   def acquire(self) -> "RunLock":
     host = socket.gethostname()
     try:
+      missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.created = missing
     except OSError as e:
       raise RomeFlaxError(f"cannot create output_dir {self.path.parent}: {e.strerror or e}") from None
     for _ in range(20):   # the holder may delete the file between our open and our lock: try again
       try:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
       except OSError as e:
         raise RomeFlaxError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
       kernel_lock = True
@@ -123,6 +129,12 @@ class RunLock:
       pass
     os.close(self.fd)
     self.fd = None
+    for d in self.created:   # innermost first; rmdir refuses a directory that holds anything
+      try:
+        d.rmdir()
+      except OSError:
+        break
+    self.created = []
 
   def __enter__(self) -> "RunLock":
     return self.acquire()

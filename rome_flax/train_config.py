@@ -236,6 +236,8 @@ def parse_value(name: str, raw: str) -> Any:
 def read_config_dict(path: str | Path, what: str = "TrainConfig fields") -> dict:
   """The dict a Python config file's `get_config()` returns (train and study configs alike)."""
   path = Path(path)
+  if path.is_dir():
+    raise RomeFlaxError(f"config file {path} is a directory; pass a Python file defining get_config()")
   if not path.is_file():
     raise RomeFlaxError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"rome_flax_config_{path.stem}", path)

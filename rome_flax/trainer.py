@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import data as data_lib
+from rome_flax import files as files_lib
 from rome_flax import inference
 from rome_flax import integrity
 from rome_flax import methods
@@ -40,7 +40,7 @@ from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
 from rome_flax.files import atomic_write_text, write_json
 from rome_flax.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
-from rome_flax.runlock import LOCK_FILE, RunLock
+from rome_flax.runlock import RunLock
 from rome_flax.schedule import Schedule
 from rome_flax.tasks import TaskSpec, get_task, is_token_task_name
 from rome_flax.train_config import DataOptions, TrainConfig
@@ -51,6 +51,9 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 EXPORT_DIR = "export"
+# What a run writes (glob patterns): all that train.py --overwrite may replace.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, "checkpoints", EXPORT_DIR, f"{EXPORT_DIR}.old",
+               f".{EXPORT_DIR}.tmp-*")
 
 
 @dataclasses.dataclass
@@ -195,8 +198,9 @@ def lock_output_dir(out: Path) -> RunLock:
   return lock
 
 
-def _run_files(out: Path) -> list[Path]:
-  return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+def _run_files(out: Path) -> list[str]:
+  """What a directory holds besides rome_flax's bookkeeping (lock, marker, a cut-off write's temporaries)."""
+  return files_lib.entries(out)
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -207,15 +211,31 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
   return sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
 
 
+def settle_replaced(out: Path) -> None:
+  """An earlier run that --overwrite moved aside: deleted once its replacement has saved a checkpoint,
+  else (the replacement failed or was killed before) put back in place."""
+  if not (out / files_lib.REPLACED).is_dir():
+    return
+  saved = [d for d in (out / "checkpoints" / "last").glob("[0-9]*") if integrity.verify(d).intact]
+  if saved or integrity.verify(out / EXPORT_DIR).intact:
+    files_lib.drop_aside(out)
+  elif files_lib.restore_aside(out):
+    log.warning("put back the run in %s: the --overwrite run that replaced it ended before its first checkpoint", out)
+
+
 def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
   """Refuses to mix two runs in one directory; --resume needs the same config (wherever the
-  directory is now, however its path is spelled), --overwrite wipes. The caller holds the lock."""
+  directory is now, however its path is spelled); --overwrite replaces only a rome_flax run
+  (files.check_replaceable), moving it aside until the new run's first checkpoint (`settle_replaced`).
+  The caller holds the lock."""
   config_path = out / CONFIG_FILE
   if out.exists() and not out.is_dir():
     raise RomeFlaxError(f"output_dir {out} is a file")
+  if sharding_lib.is_primary():
+    settle_replaced(out)   # what an --overwrite cut off by a kill left
   if _run_files(out):
     if overwrite:
-      pass   # wiped below, once every process has checked
+      files_lib.check_replaceable(out, "train", RUN_ENTRIES, legacy=CONFIG_FILE)   # moved aside below
     elif not resume:
       raise RomeFlaxError(f"output_dir {out} already holds a run; pass --resume to continue it or --overwrite")
     elif not config_path.is_file():
@@ -232,14 +252,11 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
         raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
   sharding_lib.barrier("rome_flax:output_dir_checked")   # every process has looked before one writes
   if sharding_lib.is_primary():
-    if overwrite:
-      for p in _run_files(out):   # everything but our own lock
-        if p.is_dir() and not p.is_symlink():
-          shutil.rmtree(p)
-        else:
-          p.unlink()
+    if overwrite and _run_files(out):
+      files_lib.move_aside(out)
     if overwrite or not config_path.is_file():   # a resumed run keeps the config.json it started with
       write_json(config_path, cfg.to_dict(), sort_keys=True)
+    files_lib.mark_output(out, "train")
   sharding_lib.barrier("rome_flax:output_dir_ready")
 
 
@@ -432,10 +449,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
           max_steps: Optional[int] = None) -> dict:
   """Runs (or resumes) a training run into cfg.run.output_dir; returns the final dev metrics per exit.
 
-  max_steps stops early after that many total steps (as if killed; for tests and quick checks).
+  max_steps stops early after that many total steps (quick checks), with a checkpoint and an export.
   SIGTERM / SIGINT stop it after the step in flight with a checkpoint saved: `preemption.Preempted`.
   The run holds output_dir's lock (runlock.py) throughout.
   """
+  if max_steps is not None and max_steps < 1:
+    raise RomeFlaxError(f"--max_steps must be >= 1, got {max_steps}")
+  if resume and overwrite:
+    raise RomeFlaxError("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
+  files_lib.check_output_value(cfg.run.output_dir)
   sharding_lib.maybe_initialize_distributed()
   mesh = sharding_lib.data_mesh()  # data parallel over every device; one device: a no-op
   sharding_lib.check_batch_size(cfg.optim.batch_size, mesh, cfg.optim.grad_accum_steps)
@@ -447,7 +469,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   lock = lock_output_dir(out)
   try:
     prepare_output_dir(out, cfg, resume, overwrite)
-    return _train_in(out, cfg, task, model, run_data, mesh, resume=resume, progress=progress, max_steps=max_steps)
+    try:
+      return _train_in(out, cfg, task, model, run_data, mesh, resume=resume, progress=progress, max_steps=max_steps)
+    finally:
+      if sharding_lib.is_primary():
+        settle_replaced(out)
   finally:
     lock.release()
 
@@ -529,6 +555,8 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
       raise RomeFlaxError(f"non-finite parameters or optimiser state after step {info.step}; stopping "
                           f"({where_last_good()})")
     last_good = ckpts.save(info.state)
+    if sharding_lib.is_primary():
+      files_lib.drop_aside(out)   # the new run holds: an overwritten one is gone for good
     train_metrics.restart_clock()
 
   eval_every = cfg.run.eval_every or sched.steps_per_epoch
@@ -564,12 +592,16 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
         save(StepInfo(step, state, {}))
         raise preemption.Preempted(f"{signals.signal_name} after step {step} of {sched.total_steps}; checkpoint "
                                    f"saved in {ckpts.last.directory}; continue with --resume")
-      if step >= sched.total_steps and cfg.run.export:
+      if step < sched.total_steps:
+        say(f"stopped by max_steps after step {step} of {sched.total_steps}; checkpoint saved in "
+            f"{ckpts.last.directory}; continue with --resume", flush=True)
+      if cfg.run.export:
         path = out / EXPORT_DIR
         kept = finished_export(path) if step == start else None
         if kept is not None:   # --resume of a finished run: its intact export stays as it is
           results.update(kept)
-          say(f"the run in {out} had already finished; its export {path} is unchanged", flush=True)
+          say(f"the run in {out} had already {'finished' if step >= sched.total_steps else f'reached step {step}'}; "
+              f"its export {path} is unchanged", flush=True)
         else:
           if not results:   # resumed after the last step, the export missing or damaged: the final figures
             results.update({split: evaluate(eval_step, state.params, task, encoded, cfg.run.eval_batch_size)[0]

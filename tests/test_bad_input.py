@@ -116,6 +116,9 @@ def world(tmp_path_factory) -> World:
       "deep.jsonl": "[" * 100000 + "\n",
       "notes.txt": "good film\n",
       "quote.csv": 'text,label\n"good film,pos\n',
+      "bool.jsonl": '{"text": "good film", "label": true}\n{"text": "bad film", "label": false}\n',
+      "bool_infer.jsonl": '{"text": "good film", "label": true}\n',
+      "ones.jsonl": '{"text": "good film", "label": 1}\n{"text": "bad film", "label": "0"}\n',
   }
   for name, text in files.items():
     (d / name).write_text(text)
@@ -156,6 +159,11 @@ def world(tmp_path_factory) -> World:
   (w.root / "hf_like" / "weights.bin").write_bytes(b"x")
   assert infer.main(["--checkpoint", str(w.export), "--output_dir", str(w.root / "infer_out"), "--limit", "8",
                      "--measure_speed", "none", "--no_progress", "--thresholds", "0.5"]) == 0
+  # rome_flax output with someone's files beside it: --overwrite refuses, naming them
+  shutil.copytree(w.run, w.root / "run_mixed", ignore=shutil.ignore_patterns("checkpoints"))
+  (w.root / "run_mixed" / "thesis.txt").write_text("four years of work\n")
+  shutil.copytree(w.root / "infer_out", w.root / "infer_mixed")
+  (w.root / "infer_mixed" / "photos").mkdir()
   return w
 
 
@@ -210,6 +218,7 @@ CASES = [
     ("t_one_layer", t("--random_model_layers", "1"), "at least 2 layers"),
     # --- train.py: config files and models
     ("t_config_missing", t("--config", lambda w: str(w.data / "nope.py")), "does not exist"),
+    ("t_config_dir", t("--config", lambda w: str(w.data)), "is a directory; pass a Python file"),
     ("t_config_syntax", t("--config", D("config_syntax.py")), "failed to load"),
     ("t_config_no_fn", t("--config", D("config_none.py")), "defines no get_config"),
     ("t_config_unknown_key", t("--config", D("config_unknown.py")), "unknown config key"),
@@ -254,6 +263,11 @@ CASES = [
     ("t_custom_labels_one", CUSTOM("ok.csv", "--custom_labels", "pos"), "at least two label names"),
     ("t_custom_labels_repeat", CUSTOM("ok.csv", "--custom_labels", "pos,pos"), "repeat"),
     ("t_custom_label_not_listed", CUSTOM("ok.csv", "--custom_labels", "a,b"), "label 'pos' is not one of"),
+    ("t_custom_bool_labels", CUSTOM("bool.jsonl"), "bool.jsonl:1: label true is a boolean; name the labels"),
+    ("t_custom_bool_not_listed", CUSTOM("bool.jsonl", "--custom_labels", "pos,neg"),
+     "bool.jsonl:1: label true is a boolean, which is a label only when the label names list it"),
+    ("t_custom_labels_same_value", CUSTOM("ones.jsonl", "--custom_labels", "0,1,1.0"),
+     "ones.jsonl:1: label 1 matches label names '1', '1.0', which denote the same value"),
     # --- train.py: sequence labelling (CoNLL / JSON Lines files)
     ("t_conll_one_column_first", t("--task", "ner", "--data_dir", D("tok_onecol_first")),
      "tok_onecol_first/train.txt:1: one column: no tag"),
@@ -284,6 +298,16 @@ CASES = [
      "config differs in learning_rate"),
     ("t_resume_foreign", t_in(lambda w: w.root / "foreign", "--resume"), "holds no config.json"),
     ("t_resume_bad_config", t_in(lambda w: w.root / "run_badconfig", "--resume"), "config.json is unreadable"),
+    ("t_out_empty", ("train", lambda w, new: [*TINY, "--output_dir", ""]), "--output_dir is empty"),
+    ("t_resume_and_overwrite", t_in(lambda w: w.run, "--resume", "--overwrite"), "pass one of them"),
+    ("t_overwrite_foreign", t_in(lambda w: w.root / "foreign", "--overwrite"),
+     "foreign was not written by rome_flax (no rome_flax_output.json); it holds notes.txt, which --overwrite never"),
+    ("t_overwrite_mixed", t_in(lambda w: w.root / "run_mixed", "--overwrite"),
+     "run_mixed also holds thesis.txt, which rome_flax did not write"),
+    ("t_overwrite_infer_results", t_in(lambda w: w.root / "infer_out", "--overwrite"),
+     "infer_out holds rome_flax infer output, not train output"),
+    ("t_max_steps_zero", t("--max_steps", "0"), "--max_steps must be >= 1, got 0"),
+    ("t_max_steps_negative", t("--max_steps", "-3"), "--max_steps must be >= 1, got -3"),
     ("t_resume_all_damaged", ("train", lambda w, new: [
         *RUN_FLAGS, "--output_dir", str(w.root / "run_damaged"), "--resume"]), "no intact checkpoint"),
     # --- infer.py: checkpoints
@@ -296,11 +320,13 @@ CASES = [
     ("i_mismatch", i(ckpt=EXPORTS("mismatch")), "do not match its rome_flax_config.json"),
     ("i_bad_format", i(ckpt=EXPORTS("bad_format")), "format 'rome_flax/9'"),
     ("i_bad_manifest", i(ckpt=EXPORTS("bad_manifest")), "rome_flax_checksums.json is unreadable"),
+    ("i_run_dir", i(ckpt=lambda w: w.run), "is a train.py run directory; pass its export: --checkpoint "),
     # --- infer.py: options
     ("i_unknown_flag", i("--thresh", "0.1"), "unrecognized arguments"),
     ("i_thresholds_word", i("--thresholds", "0.1,abc"), "does not parse"),
     ("i_thresholds_empty", i("--thresholds", ""), "threshold"),
     ("i_thresholds_too_many", i("--thresholds", "0.1:0.2:0.3:0.4"), "exit"),
+    ("i_thresholds_repeat", i("--thresholds", "0.1,0.10,1e-1"), "repeats the setting '0.10'; give each once"),
     ("i_criterion", i("--criterion", "confidence"), "unknown criterion"),
     ("i_two_criteria_thresholds", i("--criterion", "entropy,maxprob", "--thresholds", "0.1"), "one criterion"),
     ("i_metric_on_test", i("--split", "test", "--metric", "accuracy"), "has no labels"),
@@ -337,6 +363,7 @@ CASES = [
     ("i_data_file_txt", i("--data_file", D("notes.txt")), "unsupported file type"),
     ("i_data_file_dir", i("--data_file", D("a_dir.csv")), "a directory"),
     ("i_data_file_no_label", i("--data_file", D("nolabel.csv")), "no label column"),
+    ("i_data_file_bool_label", i("--data_file", D("bool_infer.jsonl")), "bool_infer.jsonl:1: label true is a boolean"),
     ("i_regression_criterion", i("--criterion", "entropy", "--task", "custom", "--data_file", D("ok_reg.csv")),
      "label"),
     # --- infer.py: sequence labelling against the wrong kind of export or option
@@ -355,6 +382,14 @@ CASES = [
     ("i_out_holds_results", i(out=lambda w: w.root / "infer_out"), "already holds results"),
     ("i_out_is_file", i(out=lambda w: w.data / "a_file"), "is a file"),
     ("i_out_under_file", i(out=lambda w: w.data / "a_file" / "out"), "a_file"),
+    ("i_out_empty", ("infer", lambda w, new: [
+        "--checkpoint", str(w.export), "--output_dir", "", "--limit", "8", "--measure_speed", "none"]),
+     "--output_dir is empty"),
+    ("i_overwrite_foreign", i("--overwrite", out=lambda w: w.root / "foreign"),
+     "foreign was not written by rome_flax (no rome_flax_output.json); it holds notes.txt"),
+    ("i_overwrite_mixed", i("--overwrite", out=lambda w: w.root / "infer_mixed"),
+     "infer_mixed also holds photos, which rome_flax did not write"),
+    ("i_overwrite_run", i("--overwrite", out=lambda w: w.run), "holds rome_flax train output, not infer output"),
 ]
 
 

@@ -105,6 +105,22 @@ def test_custom_csv_and_jsonl(tmp_path):
     data.load_split(spec, "train", **{**kw, "text_a_column": "text"})
 
 
+def test_labels_are_read_by_value(tmp_path):
+  """JSON 1, "1" and 1.0 (and a CSV's "1.0") are one class; booleans only where the label names list them."""
+  rows = [1, "1", 1.0, 0, "0.0", " 0 "]
+  (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in rows))
+  assert data.custom_label_names(tmp_path / "train.jsonl") == ("0", "1")
+  files = {"train": tmp_path / "train.jsonl"}
+  for names in (("0", "1"), ("0.0", "1.00")):
+    spec = tasks.get_task("custom", label_names=names)
+    assert data.load_split(spec, "train", files=files).labels.tolist() == [1, 1, 1, 0, 0, 0]
+  (tmp_path / "bool.jsonl").write_text('{"text": "x", "label": true}\n{"text": "y", "label": false}\n')
+  with pytest.raises(RomeFlaxError, match="bool.jsonl:1: label true is a boolean"):
+    data.custom_label_names(tmp_path / "bool.jsonl")
+  spec = tasks.get_task("custom", label_names=("False", "True"))
+  assert data.load_split(spec, "train", files={"train": tmp_path / "bool.jsonl"}).labels.tolist() == [1, 0]
+
+
 def test_synthetic_is_deterministic_and_balanced():
   a, ya = synthetic.make_split("train", size=400)
   b, yb = synthetic.make_split("train", size=400)

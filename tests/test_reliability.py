@@ -4,12 +4,16 @@ end with the uninterrupted run's parameters, bit for bit."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +22,10 @@ import jax
 import numpy as np
 import pytest
 
+import infer
 import train
-from rome_flax import files, integrity, trainer
+from rome_flax import cli, files, integrity, report, trainer
+from rome_flax.__main__ import main as package_main
 from rome_flax.errors import RomeFlaxError
 from rome_flax.pretrained import MultiExitBert
 from rome_flax.runlock import LOCK_FILE, RunLock
@@ -303,3 +309,141 @@ def test_metrics_cut_off_mid_line_by_a_kill_are_dropped_on_resume(tmp_path):
                                                '{"kind": "train", "loss": 0.9, "step": 2}\n{"kind": "tr')
   trainer.MetricsWriter(tmp_path, 2).close()
   assert train_steps(tmp_path) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- output directories (issue 24)
+
+QUICK = ["--limit", "8", "--measure_speed", "none", "--no_progress", "--thresholds", "0.1,0.5"]
+
+
+def infer_argv(export: Path, out: Path, *more: str) -> list[str]:
+  return ["--checkpoint", str(export), "--output_dir", str(out), *QUICK, *more]
+
+
+def digest(root: Path) -> dict:
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def failing_disk(monkeypatch, code: int, after: int = 0) -> None:
+  """files.write_chunk (every byte of a result file) fails with `code` from its `after`-th chunk on."""
+  calls, write = itertools.count(), files.write_chunk
+
+  def failing(f, chunk):
+    if next(calls) >= after:
+      raise OSError(code, os.strerror(code))
+    write(f, chunk)
+  monkeypatch.setattr(files, "write_chunk", failing)
+
+
+def test_every_io_failure_is_one_error_line(capsys):
+  for code in (errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.ENAMETOOLONG, errno.EROFS, errno.EIO):
+    def program(args, code=code):
+      raise RuntimeError("a library's own wrapper") from OSError(code, os.strerror(code), "/runs/x/file")
+    assert cli.run(program, cli.ArgumentParser(), []) == 2
+    assert capsys.readouterr().err == f"error: /runs/x/file: {os.strerror(code)}\n"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EIO])
+def test_a_failed_write_leaves_earlier_results_as_they_were(straight_short, tmp_path, capsys, monkeypatch, code):
+  export, out, fresh = straight_short / "export", tmp_path / "infer", tmp_path / "fresh"
+  assert infer.main(infer_argv(export, out)) == 0
+  before = digest(out)
+  failing_disk(monkeypatch, code, after=3)
+  capsys.readouterr()
+  assert infer.main(infer_argv(export, out, "--overwrite")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: cannot write ") and os.strerror(code) in err[0], err
+  assert digest(out) == before and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+  assert infer.main(infer_argv(export, fresh)) == 2 and not fresh.exists()
+
+
+def test_a_file_size_limit_is_one_error_line(straight_short, tmp_path):
+  """`ulimit -f` in a real process: every write past it fails with EFBIG (Python ignores SIGXFSZ)."""
+  out = tmp_path / "infer"
+  done = subprocess.run(["bash", "-c", 'ulimit -f 2 && exec "$@"', "-", sys.executable, str(ROOT / "infer.py"),
+                         *infer_argv(straight_short / "export", out)], capture_output=True, text=True, cwd=ROOT)
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert done.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], done.stderr
+  assert not out.exists()
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_holds(straight_short, tmp_path, capsys, monkeypatch):
+  out = tmp_path / "run"
+  shutil.copytree(straight_short, out)
+  before = digest(out)
+  # The new run's first checkpoint fails (a full disk): the old run is put back, byte for byte.
+  monkeypatch.setattr(trainer.RunCheckpoints, "save", lambda self, state: (_ for _ in ()).throw(
+      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))))
+  assert run_cli(train.main, [*SHORT, "--output_dir", out, "--overwrite"]) == 2
+  assert capsys.readouterr().err.strip().endswith("checkpoints: No space left on device")
+  monkeypatch.undo()
+  assert digest(out) == before and not (out / files.REPLACED).exists()
+  # Killed after moving the old run aside, before the new run's first checkpoint: the next command puts it back.
+  files.move_aside(out)
+  (out / "config.json").write_text("{}")
+  assert run_cli(train.main, [*SHORT, "--output_dir", out]) == 2
+  assert "already holds a run" in capsys.readouterr().err and digest(out) == before
+  # A replacement that holds: the old run is gone; max_steps says so, saves and exports.
+  assert run_cli(train.main, [*SHORT, "--output_dir", out, "--overwrite", "--max_steps", "3"]) == 0
+  assert "stopped by max_steps after step 3 of 16" in capsys.readouterr().out
+  assert train_steps(out) == [1, 2, 3] and integrity.verify(out / "export").intact
+  assert not (out / files.REPLACED).exists() and files.output_kind(out) == "train"
+
+
+def test_infer_takes_the_run_lock_and_replaces_its_results_whole(straight_short, tmp_path, capsys):
+  export, out = straight_short / "export", tmp_path / "infer"
+  assert infer.main(infer_argv(export, out, "--thresholds", "0.1,0.2,0.3")) == 0
+  with RunLock(out):
+    assert infer.main(infer_argv(export, out, "--overwrite")) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+  assert infer.main(infer_argv(export, out, "--overwrite")) == 0   # QUICK's two thresholds
+  listed = {f"{report.safe_name(r['setting'])}.tsv" for r in json.loads((out / "sweep.json").read_text())}
+  assert {p.name for p in (out / "predictions").iterdir()} == listed and len(listed) == 2
+  assert files.output_kind(out) == "infer" and not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_swallowed_signal_still_stops_infer(straight_short, tmp_path, capsys, monkeypatch, sig):
+  """A library that swallows the signal's exception (JAX's gc callback: "Exception ignored") does not
+  make infer.py finish: it stops before committing anything, exit 128 + signal."""
+  write = report.write_evaluation
+
+  def swallowing(*args, **kw):
+    try:
+      signal.raise_signal(sig)
+    except KeyboardInterrupt:
+      pass
+    return write(*args, **kw)
+  monkeypatch.setattr(report, "write_evaluation", swallowing)
+  out = tmp_path / "infer"
+  assert infer.main(infer_argv(straight_short / "export", out)) == 128 + sig
+  assert capsys.readouterr().err == f"interrupted by {signal.Signals(sig).name}\n"
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_respect_the_umask(straight_short, tmp_path, mask):
+  previous = os.umask(mask)
+  try:
+    assert infer.main(infer_argv(straight_short / "export", tmp_path / "infer")) == 0
+    assert package_main(["convert", str(straight_short / "export"), str(tmp_path / "export")]) == 0
+  finally:
+    os.umask(previous)
+  for root in (tmp_path / "infer", tmp_path / "export"):
+    for p in [root, *root.rglob("*")]:
+      want = (0o777 if p.is_dir() else 0o666) & ~mask
+      assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(stat.S_IMODE(p.stat().st_mode)))
+
+
+def test_convert_of_an_export_and_its_overwrite(straight_short, tmp_path, capsys):
+  export, out = straight_short / "export", tmp_path / "copy"
+  assert package_main(["convert", str(export), str(out)]) == 0
+  assert "a rome_flax export, copied as it is" in capsys.readouterr().out
+  assert MultiExitBert.from_pretrained(out).export_info == MultiExitBert.from_pretrained(export).export_info
+  assert package_main(["convert", str(export), str(out), "--overwrite"]) == 0 and files.output_kind(out) == "export"
+  run = tmp_path / "run"
+  shutil.copytree(straight_short, run, ignore=shutil.ignore_patterns("checkpoints"))
+  capsys.readouterr()
+  assert package_main(["convert", str(export), str(run), "--overwrite"]) == 2
+  assert "holds rome_flax train output, not export output" in capsys.readouterr().err
