@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
@@ -38,6 +39,11 @@ class ModelConfig:
   dtype: str = "float32"
   head: str = "sequence"         # exit head kind (heads.HEAD_KINDS): 'sequence' or 'token'
   classifier_dropout: Optional[float] = None   # exit dropout; None: hidden_dropout_prob (as transformers)
+  # Regression exits predict `regression_std * z + regression_mean` (the train labels' statistics), so each
+  # exit's own output z is standardised while everything downstream sees the labels' units. (0, 1): the map
+  # is the identity (classification, and exports written before the statistics existed).
+  regression_mean: float = 0.0
+  regression_std: float = 1.0
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -57,6 +63,9 @@ class ModelConfig:
       raise RomeFlaxError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
     if self.num_labels < 1:
       raise RomeFlaxError(f"num_labels must be >= 1, got {self.num_labels}")
+    if not (math.isfinite(self.regression_mean) and 0.0 < self.regression_std < float("inf")):
+      raise RomeFlaxError(f"regression_mean must be finite and regression_std positive, got "
+                          f"{self.regression_mean}, {self.regression_std}")
 
   @property
   def num_layers(self) -> int:
@@ -73,6 +82,12 @@ class ModelConfig:
   @property
   def is_regression(self) -> bool:
     return self.num_labels == 1 and self.head == "sequence"
+
+  @property
+  def maps_regression_output(self) -> bool:
+    """True when the regression exits rescale their output (a static choice: classification and
+    unstandardised exports compile exactly the graph they always did)."""
+    return self.is_regression and (self.regression_mean, self.regression_std) != (0.0, 1.0)
 
   @property
   def is_token_task(self) -> bool:

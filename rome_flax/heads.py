@@ -49,7 +49,10 @@ class SequenceHead(nn.Module):
       x_BxD = (h_BxSxD * m_BxSx1).sum(1) / jnp.maximum(m_BxSx1.sum(1), 1)
     pooler = layers.Linear(cfg.hidden_size, layers.compute_dtype(cfg), layers.kernel_init(cfg), name="pooler")
     x_BxD = layers.Dropout(cfg.exit_dropout)(jnp.tanh(pooler(x_BxD)), deterministic=deterministic)
-    return layers.Linear(cfg.num_labels, jnp.float32, layers.kernel_init(cfg), name="classifier")(x_BxD)
+    logits_BxC = layers.Linear(cfg.num_labels, jnp.float32, layers.kernel_init(cfg), name="classifier")(x_BxD)
+    if cfg.maps_regression_output:   # standardised exit output -> the labels' units (config.py)
+      logits_BxC = logits_BxC * cfg.regression_std + cfg.regression_mean
+    return logits_BxC
 
 
 class TokenHead(nn.Module):

@@ -41,9 +41,13 @@ def cross_entropy(logits_BxC, labels_B, weights_B):
   return _wmean(nll(logits_BxC, labels_B), weights_B)
 
 
-def mse(pred_Bx1, target_B, weights_B):
-  """Weighted batch-mean squared error of a regression exit ([B, 1]) against targets [B]."""
-  return _wmean((pred_Bx1[:, 0].astype(jnp.float32) - target_B.astype(jnp.float32)) ** 2, weights_B)
+def mse(pred_Bx1, target_B, weights_B, scale: float = 1.0):
+  """Weighted batch-mean squared error of a regression exit ([B, 1]) against targets [B], in units of
+  `scale` (the train labels' std when targets are standardised: the loss of z = (y - mean) / std)."""
+  err_B = pred_Bx1[:, 0].astype(jnp.float32) - target_B.astype(jnp.float32)
+  if scale != 1.0:   # static: unstandardised runs compile the graph they always did
+    err_B = err_B / scale
+  return _wmean(err_B ** 2, weights_B)
 
 
 def distillation_kl(teacher_BxC, student_BxC, weights_B, temperature: float, reduction: str):
@@ -56,16 +60,18 @@ def distillation_kl(teacher_BxC, student_BxC, weights_B, temperature: float, red
   return t * t * _wmean(kl_B, weights_B) / per_label
 
 
-def supervised(logits_BxC, labels_B, weights_B, regression: bool):
-  """CE for classification, MSE for regression (one exit)."""
-  return mse(logits_BxC, labels_B, weights_B) if regression else cross_entropy(logits_BxC, labels_B, weights_B)
+def supervised(logits_BxC, labels_B, weights_B, cfg):
+  """CE for classification, MSE for regression (one exit; in the labels' std units, `cfg.regression_scale`)."""
+  if cfg.regression:
+    return mse(logits_BxC, labels_B, weights_B, cfg.regression_scale)
+  return cross_entropy(logits_BxC, labels_B, weights_B)
 
 
 def distillation(teacher_BxC, student_BxC, weights_B, cfg):
   """Distillation of the final exit into a highway: KL for classification, MSE to the stopped final
   prediction for regression (the reference cannot do regression; method.md)."""
   if cfg.regression:
-    return mse(student_BxC, jax.lax.stop_gradient(teacher_BxC)[:, 0], weights_B)
+    return mse(student_BxC, jax.lax.stop_gradient(teacher_BxC)[:, 0], weights_B, cfg.regression_scale)
   return distillation_kl(teacher_BxC, student_BxC, weights_B, cfg.temperature, cfg.kl_reduction)
 
 
@@ -74,31 +80,31 @@ def romebert_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   z_final = logits_ExBxC[-1]
   highway = jnp.float32(0.0)
   for z in logits_ExBxC[:-1]:
-    highway += ((1.0 - cfg.gamma) * supervised(z, labels_B, weights_B, cfg.regression)
+    highway += ((1.0 - cfg.gamma) * supervised(z, labels_B, weights_B, cfg)
                 + cfg.gamma * distillation(z_final, z, weights_B, cfg))
-  return LossTerms(supervised(z_final, labels_B, weights_B, cfg.regression), highway)
+  return LossTerms(supervised(z_final, labels_B, weights_B, cfg), highway)
 
 
 def final_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   """The final exit's supervised loss alone (final_only, DeeBERT stage 1): logits hold that exit."""
-  return LossTerms(supervised(logits_ExBxC[-1], labels_B, weights_B, cfg.regression), jnp.float32(0.0))
+  return LossTerms(supervised(logits_ExBxC[-1], labels_B, weights_B, cfg), jnp.float32(0.0))
 
 
 def highway_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   """The sum of the highways' supervised losses (DeeBERT stage 2): logits hold the highways alone."""
   return LossTerms(jnp.float32(0.0),
-                   sum(supervised(z, labels_B, weights_B, cfg.regression) for z in logits_ExBxC))
+                   sum(supervised(z, labels_B, weights_B, cfg) for z in logits_ExBxC))
 
 
 def joint_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   """Every exit's supervised loss, unweighted."""
-  sup = lambda z: supervised(z, labels_B, weights_B, cfg.regression)
+  sup = lambda z: supervised(z, labels_B, weights_B, cfg)
   return LossTerms(sup(logits_ExBxC[-1]), sum((sup(z) for z in logits_ExBxC[:-1]), jnp.float32(0.0)))
 
 
 def pabee_terms(logits_ExBxC, labels_B, weights_B, cfg) -> LossTerms:
   """PABEE's weighted average: exit i (1-based) weighs i, normalised by the sum of the weights."""
-  sup = lambda z: supervised(z, labels_B, weights_B, cfg.regression)
+  sup = lambda z: supervised(z, labels_B, weights_B, cfg)
   num_exits = logits_ExBxC.shape[0]
   norm = num_exits * (num_exits + 1) / 2
   highway = sum(((i + 1) * sup(z) for i, z in enumerate(logits_ExBxC[:-1])), jnp.float32(0.0)) / norm

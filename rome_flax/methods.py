@@ -131,6 +131,9 @@ class LossConfig:
   # term: projection is unchanged by it (a direction), the penalty's highway gradient scales with it.
   highway_weight: float = 1.0
   regression: bool = False
+  # Regression losses are measured in units of this (the train labels' std when the run standardises its
+  # targets, data.regression_targets; 1.0: the labels' own units, as published).
+  regression_scale: float = 1.0
   # Self-sampling (method self_sampling): sampled TOKEE windows and thresholds per sentence, the
   # sandwich rules (the first `small` sentences of a batch get the smallest window or the largest
   # threshold, the last `full` never halt) and the cap on the doubled upper-half threshold.
@@ -155,6 +158,8 @@ class LossConfig:
       raise RomeFlaxError(f"gamma must be in [0, 1], got {self.gamma}")
     if self.temperature <= 0:
       raise RomeFlaxError(f"temperature must be positive, got {self.temperature}")
+    if not 0.0 < self.regression_scale < float("inf"):
+      raise RomeFlaxError(f"regression_scale must be a positive number, got {self.regression_scale}")
     if not 0.0 < self.highway_weight < float("inf"):
       raise RomeFlaxError(f"highway_weight must be a positive number, got {self.highway_weight}")
 

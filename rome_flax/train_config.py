@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
 from rome_flax.methods import LossConfig
+from rome_flax.targets import MODES as TARGET_MODES
 
 
 def _check(checks) -> None:
@@ -52,6 +53,7 @@ class DataOptions:
   label_column: str = "label"
   custom_labels: Optional[tuple] = None   # custom label names in id order (default: sorted train labels)
   custom_regression: bool = False
+  regression_targets: str = "standardize"   # regression exits learn (y - mean) / std of the train labels (targets.py); 'raw': as published
   train_rows: int = 0                   # use only the first N training rows (0: all)
   max_length: int = 128
   # Sequence labelling (tasks conll2003 / ner / pos): CoNLL column files (data_dir with train.txt,
@@ -63,7 +65,9 @@ class DataOptions:
   def __post_init__(self):
     if self.custom_labels is not None and not isinstance(self.custom_labels, tuple):
       object.__setattr__(self, "custom_labels", tuple(self.custom_labels))   # hashable, as JSON lists load
-    _check([(self.train_rows >= 0, "train_rows must be >= 0")])
+    _check([(self.train_rows >= 0, "train_rows must be >= 0"),
+            (self.regression_targets in TARGET_MODES,
+             f"regression_targets must be one of {', '.join(TARGET_MODES)}, got {self.regression_targets!r}")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +98,8 @@ class ObjectiveOptions:
         raise RomeFlaxError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
     self.loss_config(regression=False)
 
-  def loss_config(self, regression: bool) -> LossConfig:
-    return LossConfig(**dataclasses.asdict(self), regression=regression)
+  def loss_config(self, regression: bool, regression_scale: float = 1.0) -> LossConfig:
+    return LossConfig(**dataclasses.asdict(self), regression=regression, regression_scale=regression_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +155,8 @@ class TrainConfig:
   optim: OptimOptions = OptimOptions()
   run: RunOptions = RunOptions()
 
-  def loss_config(self, regression: bool) -> LossConfig:
-    return self.objective.loss_config(regression)
+  def loss_config(self, regression: bool, regression_scale: float = 1.0) -> LossConfig:
+    return self.objective.loss_config(regression, regression_scale)
 
   def to_dict(self) -> dict[str, Any]:
     """The flat form: field name -> value (config.json, the --resume check)."""

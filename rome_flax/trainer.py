@@ -33,6 +33,7 @@ from rome_flax import primary
 from rome_flax import self_sampling
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
+from rome_flax import targets as targets_lib
 from rome_flax import token_data
 from rome_flax import train_step as steps
 from rome_flax.checkpoint import RunCheckpoints
@@ -203,11 +204,16 @@ def _run_files(out: Path) -> list[str]:
   return files_lib.entries(out)
 
 
+# Fields added with a default that changed the maths: a run saved before the field existed ran as this value.
+FORMER_DEFAULTS = {"regression_targets": "raw"}
+
+
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
   """The fields in which a run's saved config.json differs from cfg. A field added since the run started
-  counts as equal while it keeps its default; output_dir never counts (a directory may move)."""
+  counts as equal while it keeps the value the run had (FORMER_DEFAULTS, else the default); output_dir
+  never counts (a directory may move)."""
   now = json.loads(json.dumps(cfg.to_dict()))
-  defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+  defaults = {**json.loads(json.dumps(TrainConfig().to_dict())), **FORMER_DEFAULTS}
   return sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
 
 
@@ -466,6 +472,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   model = load_model(cfg, task)
   check_stage_one(cfg, task, model)
   run_data = load_data(cfg.data, task, model.tokenizer)
+  model = targets_lib.prepare(model, run_data.train.labels, cfg.data.regression_targets)
   lock = lock_output_dir(out)
   try:
     prepare_output_dir(out, cfg, resume, overwrite)
@@ -484,7 +491,7 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   mcfg = model.config
   method = methods.get_method(cfg.objective.method)
   sched = Schedule(data_lib.num_batches(run_data.train, cfg.optim.batch_size), cfg.optim.epochs, method.num_stages)
-  loss_cfg = cfg.loss_config(task.is_regression)
+  loss_cfg = cfg.loss_config(task.is_regression, mcfg.regression_std)
   protect = methods.protect_final(loss_cfg, task.protect_final)
   programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched, mesh)
   eval_step = steps.make_eval_step(mcfg, out_sharding=sharding_lib.replicated(mesh))
@@ -515,10 +522,9 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
         f"method {method.name}"
         + (f", GR {loss_cfg.gr} protecting the {'final exit' if protect else 'highways'}" if loss_cfg.uses_gr else ""),
         flush=True)
-  if task.is_regression and method.name == "romebert":
-    say("note: romebert's self-distillation did not learn STS-B in the project's seeded study (final Pearson 4 vs "
-        "DeeBERT's 77, docs/results.md); check the final exit's dev metric, or use deebert / pabee / joint / final_only",
-        flush=True)
+  if mcfg.maps_regression_output:
+    say(f"regression targets standardised: exits learn (y - {mcfg.regression_mean:.4g}) / {mcfg.regression_std:.4g} "
+        "(train labels' mean / std; predictions are in the labels' units)", flush=True)
 
   writer = MetricsWriter(out, start)
   bar = _progress(sched.total_steps, start, progress and sharding_lib.is_primary())
