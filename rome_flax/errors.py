@@ -7,6 +7,7 @@ either: `cli.run` gives it one `error:` line too.
 """
 
 import errno
+import os
 
 
 class RomeFlaxError(Exception):
@@ -25,11 +26,19 @@ def os_error_text(e: OSError) -> str:
 
 def io_error_in(e: BaseException) -> "OSError | None":
   """The OSError of IO_ERRNOS behind an exception (itself, or its cause / context: Orbax and other
-  libraries wrap the failed write in their own exception types), else None."""
-  seen = set()
+  libraries wrap the failed write in their own exception types; TensorStore's C++ errors carry only
+  the errno's words in their message), else None."""
+  seen, chain = set(), []
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in IO_ERRNOS:
       return e
+    chain.append(e)
     e = e.__cause__ or e.__context__
+  for code in sorted(IO_ERRNOS):
+    words = os.strerror(code)
+    for wrapped in chain:
+      message = str(wrapped)
+      if words in message:
+        return OSError(code, f"{words} ({type(wrapped).__name__}: {message.splitlines()[0][:300]})")
   return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -53,13 +54,19 @@ def interrupt_on_signals():
     if first:
       raise Interrupted(signum)
 
+  def unraisable(info):   # a swallowed Interrupted: check_interrupted raises it again, so no "Exception ignored"
+    if not isinstance(info.exc_value, Interrupted):
+      hook(info)
+
   previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+  hook, sys.unraisablehook = sys.unraisablehook, unraisable
   _received = None
   try:
     yield
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
+    sys.unraisablehook = hook
     _received = None
 
 
@@ -105,6 +112,7 @@ class StopSignals:
     if threading.current_thread() is threading.main_thread():
       for sig in SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
+    self.received = _received   # a signal before training whose Interrupted was swallowed: stop at once
     return self
 
   def __exit__(self, *exc) -> None:

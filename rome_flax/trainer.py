@@ -260,9 +260,9 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
   if sharding_lib.is_primary():
     if overwrite and _run_files(out):
       files_lib.move_aside(out)
+    files_lib.mark_output(out, "train")   # first: a directory holding a config.json is always marked
     if overwrite or not config_path.is_file():   # a resumed run keeps the config.json it started with
       write_json(config_path, cfg.to_dict(), sort_keys=True)
-    files_lib.mark_output(out, "train")
   sharding_lib.barrier("rome_flax:output_dir_ready")
 
 

@@ -447,3 +447,12 @@ def test_convert_of_an_export_and_its_overwrite(straight_short, tmp_path, capsys
   capsys.readouterr()
   assert package_main(["convert", str(export), str(run), "--overwrite"]) == 2
   assert "holds rome_flax train output, not export output" in capsys.readouterr().err
+
+
+def test_chaos_rounds(tmp_path):
+  """scripts/chaos.py's short version: a few rounds of train.py / infer.py on shared directories, stopped
+  at random moments (the script runs 200)."""
+  sys.path.insert(0, str(ROOT / "scripts"))
+  import chaos
+  violations, rounds = chaos.run_rounds(tmp_path / "chaos", rounds=3, seed=1, say=lambda m: None)
+  assert rounds == 3 and violations == []
