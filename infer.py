@@ -7,17 +7,17 @@
 See rome_flax/infer_cli.py for every option.
 """
 
+import signal
 import sys
 
-try:   # the libraries take seconds to load; Ctrl-C then is one line too (nothing is written yet)
-  from rome_flax.runtime import retain_host_memory
+if __name__ == "__main__":   # SIGINT / SIGTERM wait while the libraries load; cli.run takes them (preemption.py)
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
-  retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
+from rome_flax.runtime import retain_host_memory  # noqa: E402
 
-  from rome_flax.infer_cli import main
-except KeyboardInterrupt:
-  print("interrupted", file=sys.stderr)
-  sys.exit(130)
+retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
+
+from rome_flax.infer_cli import main  # noqa: E402
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -15,6 +15,7 @@ One run at a time per output_dir (rome_flax.lock).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -51,15 +52,12 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-  try:   # the libraries take seconds to load; Ctrl-C then is one line too (nothing is written yet)
-    from rome_flax.runtime import retain_host_memory
-    retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
-    from rome_flax import cli
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  from rome_flax.runtime import retain_host_memory
+  retain_host_memory()  # before JAX starts its threads: no page faults on every step's temporaries
+  from rome_flax import cli
   return cli.run(run, build_parser(), argv)
 
 
 if __name__ == "__main__":
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})   # until cli.run takes them (preemption.py)
   sys.exit(main())

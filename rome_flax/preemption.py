@@ -9,7 +9,10 @@ Outside training (`interrupt_on_signals`, which `cli.run` holds around every pro
 SIGTERM raise `Interrupted` at once: exit code 130 / 143, and whatever the program was staging is
 discarded. A library may swallow that exception (JAX's garbage-collection callbacks print "Exception
 ignored" and carry on), so `check_interrupted()` raises it again: callers run it in their loops and
-before committing any output, and a signal is never lost.
+before committing any output, and a signal is never lost. train.py and infer.py block the two signals
+before loading their libraries (seconds, where Python's own KeyboardInterrupt would be a traceback or
+be swallowed); `interrupt_on_signals` unblocks them, so one sent meanwhile arrives there, and blocks
+them again when the program is over (its exit code decided, the exit is not interrupted).
 """
 
 from __future__ import annotations
@@ -58,16 +61,20 @@ def interrupt_on_signals():
     if not isinstance(info.exc_value, Interrupted):
       hook(info)
 
+  mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])   # train.py / infer.py hold SIGNALS while they load
   previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
   hook, sys.unraisablehook = sys.unraisablehook, unraisable
   _received = None
   try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)   # one held since then arrives now, here
     yield
   finally:
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     for sig, handler in previous.items():
       signal.signal(sig, handler)
     sys.unraisablehook = hook
     _received = None
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # held again from an entry point: its exit is quiet
 
 
 def check_interrupted() -> None:
