@@ -260,9 +260,12 @@ def label_text(raw) -> str:
   else:
     text = str(raw).strip()
     try:
-      value = float(text)
+      value = int(text)   # exact first: a long integer id must not round through float
     except ValueError:
-      return text
+      try:
+        value = float(text)
+      except ValueError:
+        return text
     if not math.isfinite(value) or "_" in text:   # 'nan', 'inf', '1_0' are names, not numbers
       return text
   if isinstance(value, float) and value.is_integer():

@@ -198,7 +198,8 @@ STAGE_PREFIX = ".rome_flax_stage-"        # a locked directory's next results, u
 SWAPPED_OUT = ".rome_flax_swapped_out"    # its previous results, during the swap
 REPLACED = ".rome_flax_replaced"          # an overwritten run, until its replacement holds
 MOVED = ".moved"                          # in SWAPPED_OUT / REPLACED: every entry has been moved there
-OWN_ENTRIES = (OUTPUT_MARKER, LOCK_FILE, STAGE_PREFIX + "*", SWAPPED_OUT, REPLACED, ".*.tmp")
+# "." + STAGE_PREFIX: the staging directory of a directory written inside a stage (an export's).
+OWN_ENTRIES = (OUTPUT_MARKER, LOCK_FILE, STAGE_PREFIX + "*", "." + STAGE_PREFIX + "*", SWAPPED_OUT, REPLACED, ".*.tmp")
 
 
 def check_output_value(value) -> Path:
@@ -250,7 +251,10 @@ def check_replaceable(directory: Path, kind: str, ours: Sequence[str], legacy: O
   if marked != kind:
     raise RomeFlaxError(f"--overwrite: {directory} holds rome_flax {marked} output, not {kind} output; choose "
                         "another directory")
-  foreign = [n for n in found if not any(fnmatch.fnmatch(n, g) for g in ours)]
+  # A directory rome_flax marked as its own output (infer results written inside a run, as the README's
+  # first command does) is ours too: it goes with the run it was made from.
+  foreign = [n for n in found if not any(fnmatch.fnmatch(n, g) for g in ours)
+             and not ((directory / n).is_dir() and output_kind(directory / n) is not None)]
   if foreign:
     raise RomeFlaxError(f"--overwrite: {directory} also holds {_listed(foreign)}, which rome_flax did not write "
                         "and --overwrite never deletes: move them or choose another directory")
@@ -340,6 +344,8 @@ def settle_output(directory: Path) -> None:
       log.warning("finished swapping in the results in %s (the writer was stopped mid-swap)", directory)
     else:
       shutil.rmtree(stage, ignore_errors=True)
+  for nested in directory.glob(glob.escape("." + STAGE_PREFIX) + "*"):   # a killed writer's inner stage
+    shutil.rmtree(nested, ignore_errors=True)
   if (directory / SWAPPED_OUT).is_dir():   # the swap had moved the stage's last entry in
     shutil.rmtree(directory / SWAPPED_OUT)
 

@@ -109,8 +109,8 @@ class StopSignals:
     return signal.Signals(self.received).name if self.received is not None else "a signal to another process"
 
   def _handle(self, signum, frame):
-    if self.received is not None:   # the second signal: do what it would have done without us
-      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    if self.received is not None:   # the second signal: the default action (a forced stop), at once
+      signal.signal(signum, signal.SIG_DFL)
       signal.raise_signal(signum)
       return
     self.received = signum

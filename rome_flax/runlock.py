@@ -73,6 +73,7 @@ class RunLock:
       raise RomeFlaxError(f"cannot create output_dir {self.path.parent}: {e.strerror or e}") from None
     for _ in range(20):   # the holder may delete the file between our open and our lock: try again
       try:
+        self.path.parent.mkdir(parents=True, exist_ok=True)   # a releasing holder may have removed it
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
       except OSError as e:
         raise RomeFlaxError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None

@@ -36,18 +36,36 @@ def label_stats(labels: np.ndarray) -> tuple[float, float]:
   return mean, std
 
 
+def trained_exits(model) -> list[int]:
+  """The exits whose regression heads already speak the labels' units: every exit of a rome_flax export
+  (trained before the statistics existed), or the last of a Hugging Face checkpoint with its own classifier."""
+  info, report = getattr(model, "export_info", None), getattr(model, "load_report", None)
+  if report is None and info is not None and info.method:
+    return list(range(model.config.num_exits))
+  if report is not None and report.classifier_from_checkpoint:
+    return [model.config.num_exits - 1]
+  return []
+
+
 def prepare(model, train_labels: np.ndarray, mode: str):
-  """The model a regression run trains, for `mode`. A model that already carries statistics (a
-  rome_flax export trained further) keeps them: its exits already speak the labels' units."""
+  """The model a regression run trains, for `mode`. A model that already carries statistics (a rome_flax
+  export trained further) keeps them: its exits already speak the labels' units. A head trained without
+  them (`trained_exits`) keeps its function: standardising folds the inverse map into it, bias_init leaves it."""
   if mode not in MODES:
     raise RomeFlaxError(f"regression_targets must be one of {', '.join(MODES)}, got {mode!r}")
   if not model.config.is_regression or mode == "raw" or model.config.maps_regression_output:
     return model
   mean, std = label_stats(train_labels)
+  cls = model.params["exits"]["classifier"]   # kernel [L, 1, D] (out x in), bias [L, 1]
+  kernel, bias = np.array(cls["kernel"], np.float32), np.array(cls["bias"], np.float32)
+  trained = trained_exits(model)
   if mode == "standardize":
     model.config = model.config.replace(regression_mean=mean, regression_std=std)
-  else:   # bias_init: every exit's classifier (kernel [L, 1, D] out x in, bias [L, 1]), in place
-    cls = model.params["exits"]["classifier"]
-    cls["kernel"] = cls["kernel"] * np.float32(std)
-    cls["bias"] = cls["bias"] * np.float32(std) + np.float32(mean)
+    kernel[trained] /= np.float32(std)
+    bias[trained] = (bias[trained] - np.float32(mean)) / np.float32(std)
+  else:   # bias_init: the fresh exits start at the train mean with the scale folded into their kernels
+    fresh = [i for i in range(model.config.num_exits) if i not in trained]
+    kernel[fresh] *= np.float32(std)
+    bias[fresh] = bias[fresh] * np.float32(std) + np.float32(mean)
+  cls["kernel"], cls["bias"] = kernel, bias
   return model

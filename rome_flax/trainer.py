@@ -205,25 +205,45 @@ def _run_files(out: Path) -> list[str]:
 
 
 # Fields added with a default that changed the maths: a run saved before the field existed ran as this value.
-FORMER_DEFAULTS = {"regression_targets": "raw"}
+# Each matters only where `applies` says (regression_targets: regression tasks); elsewhere it is not compared.
+FORMER_DEFAULTS = {"regression_targets": ("raw", lambda cfg: _is_regression_config(cfg))}   # noqa: E731
+
+
+def _is_regression_config(cfg: TrainConfig) -> bool:
+  if cfg.data.custom_regression:
+    return True
+  if is_token_task_name(cfg.data.task):
+    return False
+  try:
+    return get_task(cfg.data.task).is_regression
+  except RomeFlaxError:   # a token task or a custom one: classification
+    return False
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
   """The fields in which a run's saved config.json differs from cfg. A field added since the run started
-  counts as equal while it keeps the value the run had (FORMER_DEFAULTS, else the default); output_dir
-  never counts (a directory may move)."""
+  counts as equal while it keeps the value the run had (FORMER_DEFAULTS where it applies, else the default);
+  output_dir never counts (a directory may move)."""
   now = json.loads(json.dumps(cfg.to_dict()))
-  defaults = {**json.loads(json.dumps(TrainConfig().to_dict())), **FORMER_DEFAULTS}
+  defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+  for name, (former, applies) in FORMER_DEFAULTS.items():
+    if name not in saved:
+      if applies(cfg):
+        defaults[name] = former
+      else:
+        now.pop(name, None)
   return sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
 
 
 def settle_replaced(out: Path) -> None:
   """An earlier run that --overwrite moved aside: deleted once its replacement has saved a checkpoint,
-  else (the replacement failed or was killed before) put back in place."""
-  if not (out / files_lib.REPLACED).is_dir():
+  else (the replacement failed or was killed before, or the move itself was cut off, so what is in place
+  may still be the old run's) put back in place."""
+  aside = out / files_lib.REPLACED
+  if not aside.is_dir():
     return
   saved = [d for d in (out / "checkpoints" / "last").glob("[0-9]*") if integrity.verify(d).intact]
-  if saved or integrity.verify(out / EXPORT_DIR).intact:
+  if (aside / files_lib.MOVED).exists() and (saved or integrity.verify(out / EXPORT_DIR).intact):
     files_lib.drop_aside(out)
   elif files_lib.restore_aside(out):
     log.warning("put back the run in %s: the --overwrite run that replaced it ended before its first checkpoint", out)
@@ -475,8 +495,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   model = targets_lib.prepare(model, run_data.train.labels, cfg.data.regression_targets)
   lock = lock_output_dir(out)
   try:
-    prepare_output_dir(out, cfg, resume, overwrite)
     try:
+      prepare_output_dir(out, cfg, resume, overwrite)   # inside: a failure after the move puts the old run back
       return _train_in(out, cfg, task, model, run_data, mesh, resume=resume, progress=progress, max_steps=max_steps)
     finally:
       if sharding_lib.is_primary():

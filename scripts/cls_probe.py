@@ -1,9 +1,11 @@
 """Do the lower layers of a checkpoint carry the task in their CLS state? (issue 22, item 3)
 
-A linear probe (logistic regression, frozen features, no fine-tuning) of layer l's CLS state and of its
-masked-mean state, for every layer, trained on SST-2 train rows and scored on dev. If the CLS state of the
-lower layers is near chance while the mean state is not, the cls exits that predict one class are the
-checkpoint's doing (all-MiniLM-L6-v2 was trained as a mean-pooled sentence encoder), not their heads'.
+A linear probe (logistic regression on standardised frozen features, no fine-tuning) of layer l's CLS state
+and of its masked-mean state, for every layer, trained on SST-2 train rows and scored on dev: is the task in
+the state at all? Then what an exit head is fed: the across-example spread of tanh(pooler(state)) on dev,
+through the checkpoint's pooler (what every exit starts from) and through a fresh N(0, 0.02) pooler. A state
+that carries the task but whose spread is ~0 through either pooler starts every exit at a constant input,
+whatever the head's init: the checkpoint's doing (all-MiniLM-L6-v2 was trained as a mean-pooled encoder).
 
   python scripts/cls_probe.py --model MINILM_DIR --data_dir ../shared/glue/SST-2 --train_rows 4000
 """
@@ -20,7 +22,9 @@ def features(model, texts, max_length: int, batch: int = 64):
   """[layers + 1, N, D] CLS states and masked-mean states, embeddings first."""
   cls_, mean_ = [], []
   for i in range(0, len(texts), batch):
-    enc = model.encode(texts[i:i + batch], max_length=max_length)
+    enc = model.tokenizer(list(texts[i:i + batch]), padding="max_length", truncation=True, max_length=max_length,
+                          return_tensors="np", return_token_type_ids=True)   # one shape: one compile
+    enc = {k: np.asarray(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
     h_LxBxSxD = np.asarray(model(**enc, output_hidden_states=True).hidden_states)
     m_BxSx1 = enc["attention_mask"][..., None].astype(np.float32)
     cls_.append(h_LxBxSxD[:, :, 0])
@@ -68,6 +72,16 @@ def main() -> None:
   for name, r in rows.items():
     a = np.asarray(r)
     print(f"| {name} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(a.mean(0), a.std(0, ddof=1))) + " |")
+  w = np.asarray(model.params["exits"]["pooler"]["kernel"][0], np.float64)   # [out, in], every exit's start
+  b = np.asarray(model.params["exits"]["pooler"]["bias"][0], np.float64)
+  fresh = np.random.default_rng(0).normal(0.0, 0.02, w.shape)
+  spread = lambda x, k, c: float(np.tanh(x @ k.T + c).std(0).mean())   # mean over units of the std over examples
+  print("\nwhat an exit head sees on dev: across-example std of tanh(pooler(state)), mean over units")
+  print("| state, pooler | " + " | ".join(f"layer {l + 1}" for l in range(layers)) + " |")
+  print("|---|" + "---|" * layers)
+  for name, feats in (("cls", dev_cls), ("mean", dev_mean)):
+    for pooler, (k, c) in (("checkpoint's", (w, b)), ("fresh", (fresh, 0.0))):
+      print(f"| {name}, {pooler} | " + " | ".join(f"{spread(feats[l], k, c):.3f}" for l in range(1, feats.shape[0])) + " |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ seed's dev accuracy per exit, then per exit the mean, std and spread (max - min)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ def main() -> None:
   print("cpu:", next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?"))
   rows, seconds = [], []
   for seed in [int(s) for s in args.seeds.split(",")]:
-    out = Path(args.out) / f"{abs(hash(tag)) % 10**8}_s{seed}"
+    out = Path(args.out) / f"{hashlib.sha1(tag.encode()).hexdigest()[:8]}_s{seed}"
     t0 = time.perf_counter()
     res = trainer.train(cfg.replace(seed=seed, output_dir=str(out)), progress=False, overwrite=out.exists())
     seconds.append(time.perf_counter() - t0)

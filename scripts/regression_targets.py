@@ -37,7 +37,8 @@ def main() -> None:
                         "--data_dir", args.data_dir, "--train_rows", str(args.train_rows), "--max_length", "128",
                         "--batch_size", "8", "--epochs", "1", "--learning_rate", "5e-5", "--exit_pooling", "mean",
                         "--method", "romebert", "--gr", "projection", "--regression_targets", mode, "--seed", seed,
-                        "--save_every", "1000", "--log_every", "50", "--output_dir", str(run), "--no_progress"],
+                        "--save_every", "1000", "--log_every", "50", "--output_dir", str(run), "--no_progress",
+                        *(["--overwrite"] if run.exists() else [])],   # a run that failed before its export
                        check=True)
       meta = json.loads((run / "export" / "rome_flax_config.json").read_text())["metadata"]
       table.setdefault(mode, []).append([e["pearson"] for e in meta["dev_metrics"]["dev"]])

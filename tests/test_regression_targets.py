@@ -65,6 +65,13 @@ def test_prepare_modes_start_from_the_same_function():
   # A model that already carries statistics keeps them; classification is untouched.
   again = targets.prepare(standard, labels * 10, "standardize")
   assert again.config.regression_std == pytest.approx(std)
+  # A head trained without statistics (an older rome_flax export) keeps its function under standardize.
+  from rome_flax.pretrained import ExportInfo
+  old = MultiExitBert(CFG, model_lib.init_params(CFG, jax.random.PRNGKey(3)), export_info=ExportInfo(method="romebert"))
+  before = exit_logits(CFG, old.params)
+  old = targets.prepare(old, labels, "standardize")
+  assert old.config.maps_regression_output
+  np.testing.assert_allclose(exit_logits(old.config, old.params), before, rtol=1e-4, atol=1e-5)
   cls = MultiExitBert(CFG.replace(num_labels=2), None)
   assert targets.prepare(cls, np.asarray([0, 1]), "standardize").config == CFG.replace(num_labels=2)
 
@@ -122,8 +129,36 @@ def test_a_regression_run_learns_offset_labels_and_predicts_in_their_units(tmp_p
 
 
 def test_runs_saved_before_the_field_ran_raw_targets():
-  """--resume of a regression run saved before `regression_targets` existed must not switch its targets."""
-  saved = json.loads(json.dumps(TrainConfig().to_dict()))   # as config.json holds it
-  saved.pop("regression_targets")
-  assert trainer.config_differences(saved, TrainConfig()) == ["regression_targets"]
-  assert trainer.config_differences(saved, TrainConfig().replace(regression_targets="raw")) == []
+  """--resume of a regression run saved before `regression_targets` existed must not switch its targets;
+  a classification run saved then resumes as before (the field does not touch its maths)."""
+  def saved_without_field(cfg):
+    saved = json.loads(json.dumps(cfg.to_dict()))   # as config.json holds it
+    saved.pop("regression_targets")
+    return saved
+  stsb = TrainConfig().replace(task="sts-b")
+  assert trainer.config_differences(saved_without_field(stsb), stsb) == ["regression_targets"]
+  assert trainer.config_differences(saved_without_field(stsb), stsb.replace(regression_targets="raw")) == []
+  custom = TrainConfig().replace(task="custom", custom_regression=True)
+  assert trainer.config_differences(saved_without_field(custom), custom) == ["regression_targets"]
+  assert trainer.config_differences(saved_without_field(TrainConfig()), TrainConfig()) == []   # synthetic
+
+
+def test_predictions_and_patience_deltas_speak_the_labels_units():
+  """The Python API on a standardised export: values are std * plain + mean, and patience with delta
+  std * d takes exactly the decisions the plain model takes with d (the deltas are in the labels' units)."""
+  from rome_flax import exit_policy, inference, synthetic
+  cfg = CFG.replace(vocab_size=len(synthetic.VOCAB), max_position_embeddings=64)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+  params["exits"]["classifier"]["kernel"] = params["exits"]["classifier"]["kernel"] * 50.0
+  tok = synthetic.build_tokenizer()
+  plain = MultiExitBert(cfg, params, tok)
+  mapped = MultiExitBert(cfg.replace(regression_mean=3.0, regression_std=2.0), params, tok)
+  texts = synthetic.make_split("dev", size=24)[0]
+  mean_exit = []
+  for delta in (1e-6, 0.01, 0.05, 0.2, 1.0, 1e6):
+    a = inference.predict(plain, texts, exit_policy.make_policy("patience", 1, 3, num_labels=1, delta=delta))
+    b = inference.predict(mapped, texts, exit_policy.make_policy("patience", 1, 3, num_labels=1, delta=2.0 * delta))
+    np.testing.assert_array_equal(a.exit_layers, b.exit_layers)
+    np.testing.assert_allclose(b.predictions, 2.0 * a.predictions + 3.0, rtol=1e-5, atol=1e-5)
+    mean_exit.append(float(a.exit_layers.mean()))
+  assert mean_exit[0] == 3.0 and mean_exit[-1] == 2.0   # the deltas span no exit .. every example exits early

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from rome_flax.errors import RomeFlaxError
+
 from rome_flax import exit_policy as ep
 from rome_flax import files, metrics, report, sweep, tasks
 from rome_flax.config import ModelConfig
@@ -88,7 +90,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
   def boom(*a, **k):
     raise OSError("disk full")
   monkeypatch.setattr(os, "replace", boom)
-  with pytest.raises(OSError):
+  with pytest.raises(RomeFlaxError, match="disk full"):   # one error line, the old file intact
     files.write_json(target, {"v": 2})
   assert json.loads(target.read_text()) == {"v": 1}
   assert os.listdir(tmp_path) == ["result.json"]
