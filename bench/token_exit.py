@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._common import add_malloc_option, apply_malloc_option, minilm_dir
+from bench._common import add_malloc_option, apply_malloc_option, cpu_model, minilm_dir
 
 CONLL_TAGS = ("O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER")
 
@@ -106,7 +105,7 @@ def main():
   assert np.array_equal(lat.word_exits, plain.word_exits[:, :lat.word_exits.shape[1]]), "latency path disagrees"
   assert np.array_equal(thr.word_exits[:n_lat, :plain.word_exits.shape[1]], plain.word_exits), "batch-64 disagrees"
 
-  cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+  cpu = f"Model name: {cpu_model()}"
   print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), token exits over {cfg.num_labels} tags, "
         f"float32, {len(words)} sentences (mean {lengths.mean():.1f} pieces), device {jax.devices()[0].device_kind}; "
         f"{cpu}")

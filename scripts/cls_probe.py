@@ -13,9 +13,12 @@ whatever the head's init: the checkpoint's doing (all-MiniLM-L6-v2 was trained a
 from __future__ import annotations
 
 import argparse
-import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def features(model, texts, max_length: int, batch: int = 64):
@@ -41,6 +44,7 @@ def probe(x_tr, y_tr, x_te, y_te, seed: int) -> float:
 
 
 def main() -> None:
+  from bench._common import cpu_model
   from rome_flax import data, tasks
   from rome_flax.pretrained import MultiExitBert
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,8 +58,7 @@ def main() -> None:
   task = tasks.get_task("sst-2")
   train = data.load_split(task, "train", args.data_dir)
   dev = data.load_split(task, "dev", args.data_dir)
-  cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-  print(next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?"))
+  print(cpu_model())
   dev_cls, dev_mean = features(model, list(dev.texts_a), args.max_length)
   rows = {"cls": [], "mean": []}
   for seed in [int(s) for s in args.seeds.split(",")]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+  from bench._common import cpu_model
   from rome_flax import trainer, train_config
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -33,8 +33,7 @@ def main() -> None:
   over = dict(kv.split("=", 1) for kv in args.overrides)
   cfg = cfg.replace(**{k: train_config.parse_value(k, v) for k, v in over.items()})
   tag = ",".join(args.overrides) or "as configured"
-  cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-  print("cpu:", next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?"))
+  print("cpu:", cpu_model())
   rows, seconds = [], []
   for seed in [int(s) for s in args.seeds.split(",")]:
     out = Path(args.out) / f"{hashlib.sha1(tag.encode()).hexdigest()[:8]}_s{seed}"
