@@ -75,9 +75,11 @@ def test_two_processes_train_as_one_with_eight_devices(tmp_path):
   assert train_steps == sorted(set(train_steps)) == list(range(1, 13)), "one writer, each step once"
   p1, p2 = _export_params(one), _export_params(two)
   assert np.abs(p1 - p2).max() < 1e-5, np.abs(p1 - p2).max()
-  # Killed after 8 of 12 steps in two processes, resumed in one: the uninterrupted run's numbers.
-  _train(mixed, "--max_steps", "8", processes=2)
-  assert not (mixed / "export").exists()
+  # Stopped after 8 of 12 steps in two processes (an export of step 8), resumed in one: the
+  # uninterrupted run's numbers.
+  stopped = _train(mixed, "--max_steps", "8", processes=2)
+  assert "stopped by max_steps after step 8 of 12" in stopped[0]
+  assert np.abs(p1 - _export_params(mixed)).max() > 1e-5, "the step-8 export is not the final one"
   _train(mixed, "--resume")
   p3 = _export_params(mixed)
   assert np.abs(p1 - p3).max() < 1e-5, np.abs(p1 - p3).max()

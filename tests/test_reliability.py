@@ -299,9 +299,23 @@ def _first_requests_second_interrupts():
     assert not signals.requested(1)
     signal.raise_signal(signal.SIGINT)
     assert signals.requested(1) and signals.signal_name == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: Python's own handler, at once
-      signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+
+
+def test_a_second_signal_forces_the_stop():
+  """Ctrl-C twice: the default action at once (the process dies by the signal), whatever handler a
+  library put in place. In a subprocess: in this one it would end the test session."""
+  code = ("import signal, sys\n"
+          "from rome_flax import preemption\n"
+          "with preemption.StopSignals() as signals:\n"
+          "  signal.raise_signal(signal.SIGINT)\n"
+          "  assert signals.requested(1)\n"
+          "  print('first noted', flush=True)\n"
+          "  signal.raise_signal(signal.SIGINT)\n"
+          "  print('not reached', flush=True)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == -signal.SIGINT, proc.stderr
+  assert proc.stdout == "first noted\n"
 
 
 def test_metrics_cut_off_mid_line_by_a_kill_are_dropped_on_resume(tmp_path):
