@@ -33,12 +33,18 @@ def build_parser():
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (>= 1), with a "
                       "checkpoint and an export; --resume continues")
+  defaults = train_config.read_config_dict(DEFAULT_CONFIG)   # what a run without --config starts from
+  base = train_config.TrainConfig().to_dict()
+  changed = {k: f"; configs/default.py: {'none' if v is None else v}" for k, v in defaults.items() if v != base[k]}
+  types = train_config.field_types()
   groups = {}
   for name in train_config.field_names():
     group = train_config.dotted_name(name).split(".")[0]
     if group not in groups:
       groups[group] = parser.add_argument_group(f"{group} options (TrainConfig.{group})")
-    groups[group].add_argument(f"--{name}", f"--{group}.{name}", dest=f"set_{name}", metavar="VALUE", default=None)
+    groups[group].add_argument(f"--{name}", f"--{group}.{name}", dest=f"set_{name}", default=None,
+                               metavar=types[name].__name__.upper().replace("TUPLE", "LIST"),
+                               help=train_config.field_help(name, changed.get(name, "")))
   return parser
 
 

@@ -23,11 +23,23 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # the shell's code for SIGINT
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+  """Every option's help ends with its default, unless it has none or the help already says it."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in text.lower():
+      return text
+    return f"{text} (default: {action.default})".lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse with `error: ...` on one line and exit code 2 (no usage dump), and `--debug`."""
+  """argparse with `error: ...` on one line and exit code 2 (no usage dump), `--debug`, and every
+  option's default in `--help`."""
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault("allow_abbrev", False)
+    kwargs.setdefault("formatter_class", _DefaultsFormatter)
     super().__init__(*args, **kwargs)
     self.add_argument("--debug", action="store_true", help="show the Python traceback of an error too")
 

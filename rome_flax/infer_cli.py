@@ -20,6 +20,7 @@ from typing import Optional
 
 from rome_flax import cli, evaluation, files, preemption, report
 from rome_flax import exit_policy as ep
+from rome_flax import progress as progress_lib
 from rome_flax.errors import RomeFlaxError
 from rome_flax.runlock import RunLock
 
@@ -33,13 +34,13 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--task", help="task name (GLUE name, 'synthetic' or 'custom'); default: the export's task")
   ap.add_argument("--data_dir", help="directory with the task's GLUE TSV files")
   ap.add_argument("--data_file", help="custom task: a .csv/.tsv/.jsonl file for --split")
-  ap.add_argument("--text_a_column", default="text")
-  ap.add_argument("--text_b_column")
-  ap.add_argument("--label_column", default="label")
+  ap.add_argument("--text_a_column", default="text", help="custom task: the column of the (first) text")
+  ap.add_argument("--text_b_column", help="custom task: the column of the second text of a pair")
+  ap.add_argument("--label_column", default="label", help="custom task: the column of the label")
   ap.add_argument("--tag_column", type=int, default=-1, help="token tasks, CoNLL files: the tag column (-1: last)")
   ap.add_argument("--tokens_column", default="tokens", help="token tasks, JSON Lines: the words' column")
   ap.add_argument("--tags_column", default="tags", help="token tasks, JSON Lines: the tags' column")
-  ap.add_argument("--split", default="dev")
+  ap.add_argument("--split", default="dev", help="train, dev or test (GLUE MNLI: dev_matched, dev_mismatched)")
   ap.add_argument("--criterion", default="entropy",
                   help="entropy, maxprob, patience, a comma list of them, or 'all' (default thresholds each)")
   ap.add_argument("--thresholds", help="comma list of settings; one setting may list per-exit values with ':' "
@@ -47,7 +48,7 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--delta", type=float, help="regression patience: |change| below which predictions agree")
   ap.add_argument("--pool", choices=ep.POOLS, help="token tasks (SENTEE): a sentence's uncertainty is the max "
                   "(default) or the mean over its words")
-  ap.add_argument("--min_exit_layer", type=int, default=1)
+  ap.add_argument("--min_exit_layer", type=int, default=1, help="no example exits before this layer")
   ap.add_argument("--tokee_windows", help="token tasks: also run token-level early exit (TOKEE) for real with "
                   "these odd window sizes (comma list, e.g. 3,5,15), crossed with --tokee_thresholds")
   ap.add_argument("--tokee_thresholds", default="0.05,0.1,0.15,0.25",
@@ -60,9 +61,10 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--copy_wordpiece", choices=("all", "first"), default="all",
                   help="TOKEE: a halted word stops all its pieces (all) or its first piece only")
   ap.add_argument("--metric", help="metric to plot (default: the task's primary metric); needs labels")
-  ap.add_argument("--batch_size", type=int, default=64)
+  ap.add_argument("--batch_size", type=int, default=64, help="examples per batch of the all-exits pass and the "
+                  "batched speed measure")
   ap.add_argument("--max_length", type=int, help="default: the export's max_length, else 128")
-  ap.add_argument("--output_dir", required=True)
+  ap.add_argument("--output_dir", required=True, help="where the sweep, tables, plots and predictions go")
   ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier infer.py run in "
                   "output_dir (never other files: a directory holding anything else is refused)")
   ap.add_argument("--measure_speed", choices=evaluation.MEASURE_SPEED, default="best",
@@ -77,7 +79,7 @@ def build_parser() -> cli.ArgumentParser:
                   "passes use (default: all; the full model splits each batch, the throughput path runs one "
                   "chunk per device; results equal one device's)")
   ap.add_argument("--limit", type=int, help="use only the first N examples of the split (quick checks)")
-  ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   return ap
 
 
@@ -243,7 +245,6 @@ def check_output_dir(path: str, overwrite: bool) -> Path:
 
 
 def run(args):
-  from tqdm.auto import tqdm
 
   evaluation.check_options(batch_size=args.batch_size, measure_speed=args.measure_speed,
                            latency_examples=args.latency_examples, speed_repeats=args.speed_repeats,
@@ -260,8 +261,7 @@ def run(args):
   policies = build_policies(args, model.config)
   token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
-  progress = lambda desc: (lambda it: _checked(tqdm(it, desc=desc, unit="batch", disable=args.no_progress,
-                                                    dynamic_ncols=True)))
+  progress = lambda desc: (lambda it: _checked(progress_lib.iterate(it, desc, show=not args.no_progress)))
   # One writer per directory (train.py's lock); the results are staged and swapped in whole, and a
   # signal, an error or a full disk leaves the directory as it was.
   with RunLock(out):

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
-from rome_flax.methods import LossConfig
+from rome_flax.methods import GR_MODES, KL_REDUCTIONS, METHOD_NAMES, PROTECT, LossConfig
+from rome_flax.tasks import TASK_NAMES
 from rome_flax.targets import MODES as TARGET_MODES
+
+
+def option(default, help: str):
+  """A config field and its one-line help: `train.py --help` prints it with the default, so the field's
+  documentation has one definition."""
+  return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _check(checks) -> None:
@@ -31,36 +38,41 @@ def _check(checks) -> None:
 class NetworkOptions:
   """A Hugging Face checkpoint (directory or hub id), a rome_flax export, or None for a small randomly
   initialised BERT (sized by random_model_*) with the synthetic task's tokenizer."""
-  model: Optional[str] = None
-  random_model_layers: int = 4
-  random_model_hidden: int = 64
-  random_model_heads: int = 4
-  random_model_intermediate: int = 128
-  exit_pooling: str = "cls"
-  dtype: str = "float32"
-  classifier_dropout: Optional[float] = None   # exit heads' dropout (None: the checkpoint's hidden dropout)
+  model: Optional[str] = option(None, "Hugging Face checkpoint (directory or hub id) or rome_flax export; none: a "
+                                "small random BERT sized by random_model_*")
+  random_model_layers: int = option(4, "random model: encoder layers (= exits)")
+  random_model_hidden: int = option(64, "random model: hidden size")
+  random_model_heads: int = option(4, "random model: attention heads")
+  random_model_intermediate: int = option(128, "random model: feed-forward size")
+  exit_pooling: str = option("cls", "what an exit head reads: cls (the first token, as published) or mean (the "
+                             "mean over the sentence's pieces)")
+  dtype: str = option("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+  classifier_dropout: Optional[float] = option(None, "exit heads' dropout (none: the checkpoint's hidden dropout)")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-  task: str = "synthetic"
-  data_dir: Optional[str] = None
-  train_file: Optional[str] = None      # custom task: CSV / TSV / JSON Lines files
-  dev_file: Optional[str] = None
-  test_file: Optional[str] = None
-  text_a_column: str = "text"
-  text_b_column: Optional[str] = None
-  label_column: str = "label"
-  custom_labels: Optional[tuple] = None   # custom label names in id order (default: sorted train labels)
-  custom_regression: bool = False
-  regression_targets: str = "standardize"   # regression exits learn (y - mean) / std of the train labels (targets.py); 'raw': as published
-  train_rows: int = 0                   # use only the first N training rows (0: all)
-  max_length: int = 128
+  task: str = option("synthetic", f"{', '.join(TASK_NAMES)} (custom: your CSV/TSV/JSONL files; "
+                     "conll2003, ner, pos: sequence labelling)")
+  data_dir: Optional[str] = option(None, "the task's directory (GLUE TSVs, or CoNLL train.txt/dev.txt/test.txt)")
+  train_file: Optional[str] = option(None, "custom or token task: the training file (CSV, TSV, JSON Lines, CoNLL)")
+  dev_file: Optional[str] = option(None, "custom or token task: the dev file")
+  test_file: Optional[str] = option(None, "custom or token task: the test file")
+  text_a_column: str = option("text", "custom task: the column of the (first) text")
+  text_b_column: Optional[str] = option(None, "custom task: the column of the second text of a pair")
+  label_column: str = option("label", "custom task: the column of the label")
+  custom_labels: Optional[tuple] = option(None, "custom task: label names in id order, comma list (default: the "
+                                          "sorted train labels)")
+  custom_regression: bool = option(False, "custom task: the label is a number (regression, MSE exits)")
+  regression_targets: str = option("standardize", "regression: standardize (exits learn (y - mean) / std of the "
+                                   "train labels), bias_init, or raw (as published)")
+  train_rows: int = option(0, "use only the first N training rows (0: all)")
+  max_length: int = option(128, "word pieces per example, special tokens included (longer: an error)")
   # Sequence labelling (tasks conll2003 / ner / pos): CoNLL column files (data_dir with train.txt,
   # dev.txt, test.txt, or train_file / dev_file / test_file) or JSON Lines (tokens + tags lists).
-  tag_column: int = -1                  # CoNLL files: the tag column (-1: last; e.g. 1 for POS in CoNLL-2003's 4 columns)
-  tokens_column: str = "tokens"         # JSON Lines: the column of a sentence's words
-  tags_column: str = "tags"             # JSON Lines: the column of its tags
+  tag_column: int = option(-1, "CoNLL files: the tag column (-1: the last; 1: POS in CoNLL-2003)")
+  tokens_column: str = option("tokens", "token task, JSON Lines: the column of a sentence's words")
+  tags_column: str = option("tags", "token task, JSON Lines: the column of its tags")
 
   def __post_init__(self):
     if self.custom_labels is not None and not isinstance(self.custom_labels, tuple):
@@ -74,21 +86,27 @@ class DataOptions:
 class ObjectiveOptions:
   """The method and its loss (method.md): `methods.LossConfig` without the task's `regression`;
   the defaults and the checks are LossConfig's."""
-  method: str = LossConfig.method
-  gamma: float = LossConfig.gamma
-  temperature: float = LossConfig.temperature
-  kl_reduction: str = LossConfig.kl_reduction
-  gr: str = LossConfig.gr
-  gr_lambda: float = LossConfig.gr_lambda
-  protect: str = LossConfig.protect
-  highway_weight: float = LossConfig.highway_weight
+  method: str = option(LossConfig.method, f"{', '.join(METHOD_NAMES)} (docs/method.md)")
+  gamma: float = option(LossConfig.gamma, "RomeBERT: the weight of the label loss against self-distillation (1: "
+                        "no distillation)")
+  temperature: float = option(LossConfig.temperature, "self-distillation temperature")
+  kl_reduction: str = option(LossConfig.kl_reduction, f"KL scaling: {' or '.join(KL_REDUCTIONS)} (reference: the "
+                             "published code's, divided by the labels)")
+  gr: str = option(LossConfig.gr, f"gradient regularisation: {', '.join(GR_MODES)} (projection: "
+                     "as published)")
+  gr_lambda: float = option(LossConfig.gr_lambda, "gr penalty: its weight")
+  protect: str = option(LossConfig.protect, f"GR keeps this gradient group intact: {', '.join(PROTECT)} (auto: "
+                        "the final exit for MNLI and QQP, the highways otherwise)")
+  highway_weight: float = option(LossConfig.highway_weight, "the highway (exits 1..L-1) term's weight against the "
+                                 "final exit's")
   # Self-sampling (method self_sampling, method-seqlab.md section 4): per sentence a TOKEE window and
   # threshold drawn from these lists; sandwich rules; the upper-half threshold cap.
-  ss_windows: tuple = LossConfig.ss_windows
-  ss_thresholds: tuple = LossConfig.ss_thresholds
-  ss_sandwich_small: int = LossConfig.ss_sandwich_small
-  ss_sandwich_full: int = LossConfig.ss_sandwich_full
-  ss_upper_cap: float = LossConfig.ss_upper_cap
+  ss_windows: tuple = option(LossConfig.ss_windows, "self-sampling: TOKEE windows drawn per sentence (odd)")
+  ss_thresholds: tuple = option(LossConfig.ss_thresholds, "self-sampling: TOKEE thresholds drawn per sentence")
+  ss_sandwich_small: int = option(LossConfig.ss_sandwich_small, "self-sampling: sentences per batch given the "
+                                  "smallest window / largest threshold")
+  ss_sandwich_full: int = option(LossConfig.ss_sandwich_full, "self-sampling: sentences per batch that never halt")
+  ss_upper_cap: float = option(LossConfig.ss_upper_cap, "self-sampling: the cap on the doubled upper-half threshold")
 
   def __post_init__(self):
     for name, kind in (("ss_windows", int), ("ss_thresholds", float)):
@@ -104,16 +122,16 @@ class ObjectiveOptions:
 
 @dataclasses.dataclass(frozen=True)
 class OptimOptions:
-  learning_rate: float = 2e-5
-  epochs: int = 3                       # per stage (DeeBERT trains two stages of this many epochs)
-  batch_size: int = 8
-  warmup_ratio: float = 0.0
-  weight_decay: float = 0.0
-  adam_eps: float = 1e-8
-  clip_norm: float = 1.0
-  seed: int = 42                        # parameter init of new heads, batch order, dropout
-  grad_accum_steps: int = 1             # micro-batches per step, inside the one jitted step (same update)
-  encoder_lr_scale: float = 1.0         # the encoder's learning rate / the exit heads' (self-sampling: 0.1)
+  learning_rate: float = option(2e-5, "peak learning rate (AdamW, linear decay)")
+  epochs: int = option(3, "epochs per stage (DeeBERT trains two stages of this many)")
+  batch_size: int = option(8, "examples per step (over all devices)")
+  warmup_ratio: float = option(0.0, "share of the steps with a linear warm-up")
+  weight_decay: float = option(0.0, "AdamW weight decay")
+  adam_eps: float = option(1e-8, "AdamW epsilon")
+  clip_norm: float = option(1.0, "global gradient-norm clip")
+  seed: int = option(42, "seed of the new heads' initialisation, the batch order and dropout")
+  grad_accum_steps: int = option(1, "micro-batches per step, inside the one jitted step (same update)")
+  encoder_lr_scale: float = option(1.0, "the encoder's learning rate / the exit heads' (self-sampling: 0.1)")
 
   def __post_init__(self):
     _check([(self.epochs >= 1, "epochs must be at least 1"),
@@ -129,15 +147,15 @@ class OptimOptions:
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-  output_dir: str = "runs/default"
-  log_every: int = 50
-  eval_every: int = 0                   # steps between dev evaluations; 0 = at the end of every epoch
-  eval_batch_size: int = 64
-  save_every: int = 500                 # steps between checkpoints (also at every evaluation and the end)
-  keep_checkpoints: int = 2
-  select_by: str = "mean_exits"         # best checkpoint by the mean over exits, or 'final_exit'
-  export: bool = True
-  fsdp: bool = False                    # shard parameters and optimiser state over the devices (FSDP-style)
+  output_dir: str = option("runs/default", "the run's directory (config, metrics, checkpoints, export)")
+  log_every: int = option(50, "steps between training-loss lines")
+  eval_every: int = option(0, "steps between dev evaluations (0: at the end of every epoch)")
+  eval_batch_size: int = option(64, "examples per evaluation batch")
+  save_every: int = option(500, "steps between checkpoints (also at every evaluation and the end)")
+  keep_checkpoints: int = option(2, "latest checkpoints kept (the best one is kept apart)")
+  select_by: str = option("mean_exits", "the best checkpoint by mean_exits (the mean over exits) or final_exit")
+  export: bool = option(True, "write export/ (the model infer.py and convert read) at the end")
+  fsdp: bool = option(False, "shard parameters and optimiser state over the devices (FSDP-style)")
 
   def __post_init__(self):
     _check([(self.select_by in ("mean_exits", "final_exit"), "select_by must be mean_exits or final_exit"),
@@ -197,6 +215,15 @@ def _locate(key: str) -> Optional[str]:
 def field_name(key: str) -> Optional[str]:
   """The flat field name of a flat or dotted key (`learning_rate`, `optim.learning_rate`); None when no field."""
   return key.rpartition(".")[2] if _locate(key) is not None else None
+
+
+def field_help(name: str, also: str = "") -> str:
+  """A field's one-line help with its default (`train.py --help`); `also` is added inside the brackets."""
+  field = {f.name: f for f in dataclasses.fields(getattr(TrainConfig, _GROUP_OF[name]))}[name]
+  default = field.default
+  shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else \
+      ("none" if default is None else str(default).lower() if isinstance(default, bool) else str(default))
+  return f"{field.metadata.get('help', '')} (default: {shown}{also})"
 
 
 def field_names() -> tuple[str, ...]:

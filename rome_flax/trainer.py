@@ -30,6 +30,7 @@ from rome_flax import metrics as metrics_lib
 from rome_flax import model as model_lib
 from rome_flax import preemption
 from rome_flax import primary
+from rome_flax import progress as progress_lib
 from rome_flax import self_sampling
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
@@ -547,7 +548,7 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
         "(train labels' mean / std; predictions are in the labels' units)", flush=True)
 
   writer = MetricsWriter(out, start)
-  bar = _progress(sched.total_steps, start, progress and sharding_lib.is_primary())
+  bar = progress_lib.bar(sched.total_steps, start, "train", "step", show=progress, silent=not sharding_lib.is_primary())
   last_good = point.step if point is not None and point.verified else None   # only ever a verified one
   best = ckpts.best_value()
   results: dict = {}
@@ -594,6 +595,16 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   hooks.add(evaluate_all, when=evaluates)
   hooks.add(save, every=cfg.run.save_every, when=lambda step: evaluates(step) or step == end)
 
+  began = time.perf_counter()
+
+  def trained(step: int) -> str:
+    """The training time of this process's steps (a resumed run: since the resume), also logged."""
+    if step == start:
+      return "no step left to train"
+    seconds = time.perf_counter() - began
+    writer.write([{"step": step, "kind": "time", "steps": step - start, "seconds": round(seconds, 3)}])
+    return f"steps {start + 1}-{step} trained in {progress_lib.duration(seconds)}"
+
   with preemption.StopSignals(sync_every=cfg.run.log_every) as signals:
     try:
       step, stopped = start, False
@@ -618,8 +629,9 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
         save(StepInfo(step, state, {}))
         raise preemption.Preempted(f"{signals.signal_name} after step {step} of {sched.total_steps}; checkpoint "
                                    f"saved in {ckpts.last.directory}; continue with --resume")
+      time_line = trained(step)
       if step < sched.total_steps:
-        say(f"stopped by max_steps after step {step} of {sched.total_steps}; checkpoint saved in "
+        say(f"stopped by max_steps after step {step} of {sched.total_steps} ({time_line}); checkpoint saved in "
             f"{ckpts.last.directory}; continue with --resume", flush=True)
       if cfg.run.export:
         path = out / EXPORT_DIR
@@ -633,8 +645,10 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
             results.update({split: evaluate(eval_step, state.params, task, encoded, cfg.run.eval_batch_size)[0]
                             for split, encoded in run_data.evals.items()})
           export_model(path, mcfg, state.params, model.tokenizer, export_info(cfg, task, method, results))
-          say(f"exported the trained model to {path} (logs: {out / METRICS_FILE}, {out / TENSORBOARD_DIR})",
-              flush=True)
+          say(f"exported the trained model to {path} ({time_line}; logs: {out / METRICS_FILE}, "
+              f"{out / TENSORBOARD_DIR})", flush=True)
+      elif step >= sched.total_steps:
+        say(f"training finished ({time_line}; logs: {out / METRICS_FILE})", flush=True)
     finally:
       bar.close()
       writer.close()
@@ -678,6 +692,3 @@ def export_model(path: Path, mcfg: ModelConfig, params, tokenizer, info: ExportI
   return path
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from rome_flax import trainer
+from rome_flax import train_config, trainer
 from rome_flax.errors import RomeFlaxError
 from rome_flax.pretrained import MultiExitBert
 from rome_flax.train_config import TrainConfig, load_config_file, parse_value
@@ -210,6 +210,20 @@ def test_config_groups_flat_and_dotted_names():
     cfg.replace(**{"optim.output_dir": "y"})
   with pytest.raises(RomeFlaxError, match="gamma must be in"):
     cfg.replace(gamma=2.0)
+
+
+def test_every_option_has_help_and_its_default():
+  """train.py --help: a line for every TrainConfig field with its default, and configs/default.py's value where
+  the run without --config differs (issue 25: ~60 bare VALUE options)."""
+  import train
+  helps = {a.dest[4:]: a for a in train.build_parser()._actions if a.dest.startswith("set_")}
+  assert set(helps) == set(train_config.field_names())
+  for name, action in helps.items():
+    text = action.help
+    assert text and not text.startswith(" (default") and "(default: " in text, name
+    assert action.metavar in ("STR", "INT", "FLOAT", "BOOL", "LIST"), (name, action.metavar)
+  assert helps["learning_rate"].help.endswith("(default: 2e-05; configs/default.py: 0.001)")
+  assert helps["method"].help.endswith("(default: romebert)")
 
 
 def test_metrics_writer_and_exit_lines_ignore_the_exit_number(tmp_path):
