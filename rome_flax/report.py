@@ -88,34 +88,54 @@ def save_plot(fig, ax, path, ylabel: str, title: str) -> Path:
     plt.close(fig)
 
 
+def curve_name(row: dict) -> str:
+  """The curve a sweep row belongs to: its criterion, and a TOKEE row's window (one line per window)."""
+  return f"{row['criterion']} window {row['window']}" if row.get("window") is not None else row["criterion"]
+
+
+def plot_title(what: str, checkpoint=None, task: str | None = None, split: str | None = None) -> str:
+  """A title a reader understands alone: what is plotted, the model, the task and split, the date."""
+  import datetime
+  model = Path(str(checkpoint)).name if checkpoint else None
+  if model == "export" and checkpoint:   # runs/NAME/export: the run's name says more
+    model = Path(str(checkpoint)).parent.name or model
+  where = ", ".join(x for x in (model, f"{task} {split}" if task else None) if x)
+  return f"{what}\n{where + ', ' if where else ''}{datetime.date.today().isoformat()}"
+
+
 def plot_tradeoff(path, settings: Sequence[dict], metric: str, final_metric: float | None = None,
-                  speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured") -> Path:
-  """Task metric against speed-up, one curve per criterion ('static': the model cut to k layers, the
-  baseline); measured wall-clock points as crosses."""
+                  speed: str = "layer_ratio", measured: Sequence[tuple] = (), measured_label: str = "measured",
+                  title: str | None = None) -> Path:
+  """Task metric against speed-up, one curve per criterion (TOKEE: per window; 'static': the model cut
+  to k layers, the baseline); measured wall-clock points as crosses, each labelled with its setting
+  (`measured`: (metric, speed-up) or (metric, speed-up, setting)); the legend outside the data."""
   fig, ax = new_axes()
-  for criterion in dict.fromkeys(r["criterion"] for r in settings):
-    pts = sorted((r[speed], r[metric]) for r in settings if r["criterion"] == criterion and metric in r)
+  for curve in dict.fromkeys(curve_name(r) for r in settings):
+    pts = sorted((r[speed], r[metric]) for r in settings if curve_name(r) == curve and metric in r)
     if pts:
-      ax.plot(*zip(*pts), marker="o", label=criterion)
+      ax.plot(*zip(*pts), marker="o", markersize=4, label=curve)
   if measured:
-    ys, xs = zip(*measured)
+    ys, xs = [m[0] for m in measured], [m[1] for m in measured]
     ax.scatter(xs, ys, marker="x", s=60, color="black", zorder=3, label=f"{measured_label} (wall clock)")
+    for m in measured:
+      if len(m) > 2:
+        ax.annotate(str(m[2]), (m[1], m[0]), textcoords="offset points", xytext=(4, -10), fontsize=7)
   if final_metric is not None:
     ax.axhline(final_metric, color="gray", linestyle="--", linewidth=1, label="final exit (full model)")
   xlabel = {"layer_ratio": "layer ratio (L / average exit layer)",
             "flops_ratio": "FLOPs ratio (full / early exit)"}.get(speed, speed)
   ax.set_xlabel(f"speed-up: {xlabel}" + ("; crosses: measured wall clock" if measured else ""))
-  ax.legend()
-  return save_plot(fig, ax, path, metric, f"{metric} vs speed-up")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
+  return save_plot(fig, ax, path, metric, title or f"{metric} vs speed-up")
 
 
-def plot_per_exit(path, per_exit: Sequence[dict], metric: str) -> Path:
+def plot_per_exit(path, per_exit: Sequence[dict], metric: str, title: str | None = None) -> Path:
   """Task metric of each exit used alone."""
   fig, ax = new_axes()
   ax.plot([r["exit"] for r in per_exit], [r[metric] for r in per_exit], marker="o")
   ax.set_xlabel("exit (layer)")
   ax.set_xticks([r["exit"] for r in per_exit])
-  return save_plot(fig, ax, path, metric, f"{metric} per exit")
+  return save_plot(fig, ax, path, metric, title or f"{metric} per exit")
 
 
 def _label_cell(prediction, label_names: Sequence[str]) -> str:
@@ -140,11 +160,13 @@ def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[
 
 def predictions_conll(words, predictions_NxW, exit_index, label_names: Sequence[str], labels_NxW=None
                       ) -> Iterator[str]:
-  """A token task's predictions in CoNLL format: `word gold predicted exit_layer` per line (no gold
-  column for an unlabelled split), a blank line after each sentence; streamed. conlleval reads the
-  last two tag columns of the labelled form (drop the exit column: `cut -d' ' -f1-3`). exit_index:
-  0-based, per sentence [N] (SENTEE) or per word [N, W] (TOKEE)."""
+  """A token task's predictions in CoNLL format: a header line `# columns: word gold predicted
+  exit_layer`, then one line per word (no gold column for an unlabelled split), a blank line after each
+  sentence; streamed. For conlleval drop the header and the exit column:
+  `grep -v '^#' FILE | cut -d' ' -f1-3`. exit_index: 0-based, per sentence [N] (SENTEE) or per word
+  [N, W] (TOKEE)."""
   exit_index = np.asarray(exit_index)
+  yield f"# columns: word{' gold' if labels_NxW is not None else ''} predicted exit_layer\n"
   for i, sentence in enumerate(words):
     for k, word in enumerate(sentence):
       layer = int(exit_index[i] if exit_index.ndim == 1 else exit_index[i, k]) + 1
@@ -179,7 +201,8 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
   written = []
   if ev.per_exit:
     written += write_table(out, "per_exit", ev.per_exit)
-    written.append(plot_per_exit(out / "per_exit.png", ev.per_exit, ev.metric))
+    written.append(plot_per_exit(out / "per_exit.png", ev.per_exit, ev.metric,
+                                 title=plot_title(f"{ev.metric} per exit", checkpoint, ev.task.name, ev.split)))
     written += write_table(out, "static", ev.static, ev.sweep_columns)
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
   for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
@@ -204,14 +227,16 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
     written += write_table(out, "speed", ev.speed)
   if ev.labelled:
     speedup = f"throughput_speedup_b{ev.batch_size}"
-    measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in ev.settings if r["setting"] == s["setting"]]
-    written.append(plot_tradeoff(out / "tradeoff.png", ev.settings + ev.static, ev.metric, final_metric=ev.final_metric,
-                                 measured=measured, measured_label=f"measured, throughput b={ev.batch_size}"))
+    rows = ev.settings + ev.static + ev.token_settings   # TOKEE in every trade-off plot where it ran
+    measured = [(r[ev.metric], s[speedup], s["setting"]) for s in ev.speed for r in rows
+                if r["setting"] == s["setting"]]
+    title = lambda speed: plot_title(f"{ev.metric} vs {speed}", checkpoint, ev.task.name, ev.split)
+    written.append(plot_tradeoff(out / "tradeoff.png", rows, ev.metric, final_metric=ev.final_metric,
+                                 measured=measured, measured_label=f"measured, throughput b={ev.batch_size}",
+                                 title=title("layer ratio")))
     if ev.task.is_token_task:   # SENTEE, TOKEE and the static exit on one currency: FLOPs
-      rows = ev.settings + ev.static + ev.token_settings
-      measured = [(r[ev.metric], s[speedup]) for s in ev.speed for r in rows if r["setting"] == s["setting"]]
       written.append(plot_tradeoff(out / "tradeoff_flops.png", rows, ev.metric, final_metric=ev.final_metric,
                                    speed="flops_ratio", measured=measured,
-                                   measured_label=f"measured speed-up, b={ev.batch_size}"))
+                                   measured_label=f"measured speed-up, b={ev.batch_size}", title=title("FLOPs ratio")))
   written.append(files.write_json(out / "summary.json", {"checkpoint": checkpoint, **ev.summary}))
   return written

@@ -84,6 +84,8 @@ def read_predictions(path: Path) -> list[list[list[str]]]:
   """A .conll prediction file as sentences of split lines; checks the blank line after each."""
   text = path.read_text()
   assert text.endswith("\n\n"), "no blank line after the last sentence"
+  header, _, text = text.partition("\n")
+  assert header in ("# columns: word gold predicted exit_layer", "# columns: word predicted exit_layer"), header
   sentences, current = [], []
   for line in text.splitlines():
     if line == "":
