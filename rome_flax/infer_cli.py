@@ -15,10 +15,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
-from rome_flax import cli, evaluation, files, preemption, report
+import numpy as np
+
+from rome_flax import cli, evaluation, files, preemption, report, sweep
 from rome_flax import exit_policy as ep
 from rome_flax import progress as progress_lib
 from rome_flax.errors import RomeFlaxError
@@ -211,6 +214,11 @@ def build_token_policies(args, cfg) -> list:
                         "per sentence")
   windows = token_exit.parse_windows(args.tokee_windows)
   taus = [v[0] if len(v) == 1 else v for v in ep.parse_thresholds(args.tokee_thresholds)]
+  saturated = [t for t in taus if np.ndim(t) == 0 and args.tokee_upper_scale * t >= 1.0]
+  if len(saturated) > 1:   # a normalised entropy never exceeds 1: these settings differ in layers 1..L/2 only
+    print(f"note: TOKEE tau {', '.join(f'{t:g}' for t in saturated)}: the upper-half threshold "
+          f"(--tokee_upper_scale {args.tokee_upper_scale:g} x tau) is >= 1, so every word still running halts at "
+          f"layer {cfg.num_layers // 2 + 1}; use --tokee_upper_scale 1 for taus up to 1", file=sys.stderr)
   return [token_exit.make_token_policy(tau, w, cfg.num_layers, upper_scale=args.tokee_upper_scale,
                                        masked_window=args.tokee_masked_window, copy_wordpiece=args.copy_wordpiece)
           for w in windows for tau in taus]
@@ -291,8 +299,11 @@ def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:
         f"all-exits pass {ev.all_exits_seconds:.1f} s (batch {ev.batch_size})")
   if ev.per_exit:
     print("\nper exit:\n" + report.to_markdown(ev.per_exit))
+  shown, repeats = sweep.distinct(ev.settings)
   print("thresholds (layer ratio = L / average exit layer; FLOPs ratio counts exit heads that ran):\n"
-        + report.to_markdown(ev.settings, ev.sweep_columns))
+        + report.to_markdown(shown, ev.sweep_columns))
+  for note in repeats:
+    print(f"  {note}")
   if ev.token_settings:
     print("token-level early exit (TOKEE, run for real; layer ratio = L / average layers per word; FLOPs ratio "
           "charges K/V of halted pieces and every exit head that ran):\n"

@@ -57,8 +57,10 @@ def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelCon
   logits = jnp.asarray(exit_logits_ExNxC, jnp.float32)
   L = cfg.num_layers
   rows = []
+  seen: dict = {}   # the decisions of a setting -> the first setting that made them
   for policy in policies:
     pred_N, exit_N = decisions(policy, logits, cfg.is_regression, word_mask_NxW)
+    first = seen.setdefault((pred_N.tobytes(), exit_N.tobytes()), policy.describe())
     highway_thresholds = np.asarray(policy.threshold_E)[:max(L - 1, 1)]   # the last exit always exits
     row = {"criterion": policy.criterion, "setting": policy.describe(),
            "thresholds": [float(f"{v:.6g}") for v in highway_thresholds],
@@ -66,8 +68,31 @@ def evaluate(policies: Sequence[ep.ExitPolicy], exit_logits_ExNxC, cfg: ModelCon
     if labels_N is not None and task is not None:
       row.update(metrics.compute_metrics(task, pred_N, labels_N))
     row.update(exit_statistics(cfg, exit_N, lengths_N))
+    if first != row["setting"]:
+      row["same_as"] = first
+      row["why_same"] = same_reason(exit_N, L)
     rows.append(row)
   return rows
+
+
+def same_reason(exit_N, num_layers: int) -> str:
+  """Why a setting decides as an earlier one did (issue 25: identical rows, and nothing said why)."""
+  layers = np.unique(np.asarray(exit_N))
+  if layers.size == 1:
+    where = "the last layer" if layers[0] == num_layers - 1 else f"layer {int(layers[0]) + 1}"
+    return f"every example exits at {where}"
+  return "no example's exit changes between these thresholds"
+
+
+def distinct(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
+  """The rows a reader needs (one per distinct set of decisions) and a note per group of repeats."""
+  kept = [r for r in rows if "same_as" not in r]
+  groups: dict = {}
+  for r in rows:
+    if "same_as" in r:
+      groups.setdefault((r["same_as"], r["why_same"]), []).append(r["setting"])
+  notes = [f"{', '.join(names)}: the same decisions as {first} ({why})" for (first, why), names in groups.items()]
+  return kept, notes
 
 
 def static_exits(cfg: ModelConfig, per_exit: Sequence[dict], lengths_N) -> list[dict]:

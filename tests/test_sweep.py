@@ -108,3 +108,18 @@ def test_prediction_files_and_names():
   assert report.safe_name("entropy<0.1") == "entropy_lt_0.1"
   assert report.submission_file("mnli", "test_mismatched") == "MNLI-mm.tsv"
   assert report.submission_file("sst-2", "test") == "SST-2.tsv" and report.submission_file("x", "test") == "x.tsv"
+
+
+def test_settings_with_the_same_decisions_are_shown_once_with_the_reason(cached):
+  z, labels = cached
+  policies = [ep.make_policy("entropy", t, 3, num_labels=2) for t in (0.0, 0.001, 0.1, 0.2, 0.99, 1.0)]
+  rows = sweep.evaluate(policies, z, CFG, np.full(4, 10), labels, TASK)
+  assert "same_as" not in rows[0] and rows[1]["same_as"] == "entropy<0"   # nothing is confident below 0.001
+  assert rows[1]["why_same"] == "every example exits at the last layer"
+  assert rows[3]["same_as"] == "entropy<0.1" and rows[3]["why_same"] == "no example's exit changes between these thresholds"
+  assert rows[5]["same_as"] == "entropy<0.99" and rows[5]["why_same"] == "every example exits at layer 1"
+  kept, notes = sweep.distinct(rows)
+  assert [r["setting"] for r in kept] == ["entropy<0", "entropy<0.1", "entropy<0.99"]
+  assert notes == ["entropy<0.001: the same decisions as entropy<0 (every example exits at the last layer)",
+                   "entropy<0.2: the same decisions as entropy<0.1 (no example's exit changes between these thresholds)",
+                   "entropy<1: the same decisions as entropy<0.99 (every example exits at layer 1)"]
