@@ -527,7 +527,8 @@ def encode_token_split(tokenizer, words: list[list[str]], tag_ids: Optional[list
       types_i = enc["token_type_ids"][i]
     if len(piece_ids) > max_length:
       raise RomeFlaxError(f"{where(i)}: a sentence of {len(words[i])} words is {len(piece_ids)} word pieces, more "
-                          f"than max_length {max_length}; raise --max_length (sentences are never cut)")
+                          f"than max_length {max_length}; raise --max_length (sentences are never cut; infer.py "
+                          "--truncate keeps the words that fit)")
     ids.append(np.asarray(piece_ids, np.int32))
     types.append(np.asarray(types_i, np.int32))
     starts.append(first)

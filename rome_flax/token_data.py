@@ -297,6 +297,37 @@ def tag_ids(split: TokenSplit, tag_names: Sequence[str]) -> list[np.ndarray]:
   return out
 
 
+def fit_to_length(split: TokenSplit, tokenizer, max_length: int) -> tuple[TokenSplit, Optional[str]]:
+  """`infer.py --truncate`: each sentence longer than max_length word pieces (special tokens included)
+  keeps its longest prefix of whole words that fits; its other words are not predicted. Returns the
+  split and a warning that counts the cut sentences and words and names the first file:line (None
+  when nothing was cut). Without it such a sentence is an error (`encode`)."""
+  if not split.words:
+    return split, None
+  enc = tokenizer(split.words, is_split_into_words=True, truncation=False, return_attention_mask=False)
+  words, tags, cut, dropped = list(split.words), None if split.tags is None else list(split.tags), [], 0
+  for i, sentence in enumerate(split.words):
+    if len(enc["input_ids"][i]) <= max_length:
+      continue
+    word_ids = enc.word_ids(i)
+    special = sum(w is None for w in word_ids)
+    pieces = np.bincount([w for w in word_ids if w is not None], minlength=len(sentence))
+    used = special + np.cumsum(np.maximum(pieces, 1))   # a word with no piece is read as the unknown token
+    keep = int(np.searchsorted(used, max_length, side="right"))
+    if keep == 0:
+      raise RomeFlaxError(f"{split.where(i)}: its first word alone is more than max_length {max_length} word pieces")
+    words[i] = sentence[:keep]
+    if tags is not None:
+      tags[i] = tags[i][:keep]
+    cut.append(i)
+    dropped += len(sentence) - keep
+  if not cut:
+    return split, None
+  return (dataclasses.replace(split, words=words, tags=tags),
+          f"--truncate: {len(cut)} of {len(split)} sentences were longer than max_length {max_length} word pieces and "
+          f"were cut ({dropped} words not predicted); the first: {split.where(cut[0])}")
+
+
 def encode(tokenizer, split: TokenSplit, tag_names: Sequence[str], max_length: int) -> EncodedSplit:
   """A split tokenised for the model (`data.encode_token_split`: each word's tag on its first piece),
   its tags as ids of the task's tag set; a tag the training split lacks, or a sentence longer than

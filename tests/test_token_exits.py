@@ -73,6 +73,19 @@ def test_word_pieces_of_a_split_word():
   assert enc.word_starts[0].tolist() == [1, 2, 4]
 
 
+def test_truncate_keeps_the_words_that_fit_and_says_how_many_were_cut(tokenizer):
+  from rome_flax import token_data
+  split = token_data.TokenSplit("ner", "dev", [["the"] * 20, ["a", "b"], ["the"] * 30], [["O"] * 20, ["O", "O"], ["O"] * 30],
+                                np.arange(3), np.array([1, 22, 25]), "dev.txt", True)
+  cut, warning = token_data.fit_to_length(split, tokenizer, 16)
+  assert [len(w) for w in cut.words] == [14, 2, 14] and [len(t) for t in cut.tags] == [14, 2, 14]   # [CLS] 14 [SEP]
+  assert warning == ("--truncate: 2 of 3 sentences were longer than max_length 16 word pieces and were cut "
+                     "(22 words not predicted); the first: dev.txt:1")
+  encoded = token_data.encode(tokenizer, cut, ("O",), 16)   # now it fits
+  assert max(len(x) for x in encoded.input_ids) == 16
+  assert token_data.fit_to_length(cut, tokenizer, 16) == (cut, None)
+
+
 def test_long_sentence_is_refused_not_cut(tokenizer):
   words = [["the"] * 20]
   with pytest.raises(RomeFlaxError, match=r"dev.txt:7: a sentence of 20 words is 22 word pieces, more than "
