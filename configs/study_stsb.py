@@ -1,4 +1,4 @@
-"""The STS-B study (issues 14 and 22): all-MiniLM-L6-v2, mean pooling, 3 cells x 3 seeds, Pearson / Spearman per
+"""The STS-B study (issues 14 and 22): all-MiniLM-L6-v2, mean pooling, 4 cells x 3 seeds, Pearson / Spearman per
 exit and the patience (delta) trade-off curve.
 
 Every cell trains on standardised targets (`regression_targets="standardize"`, the default since issue 22: the
@@ -7,10 +7,8 @@ collapse the first STS-B study measured). Every cell uses mean pooling, so diffe
 method's alone.
 
 Budget: the first 3,000 of the 5,749 STS-B train rows (the first study's budget; a run with its dev sweep takes 6-9
-minutes on 2 CPU cores), max length 128, batch 8, 1 epoch (DeeBERT: 1 per stage), lr 5e-5. RomeBERT SD only was
-left out to fit the session (SD alone matched SD+GR on SST-2, docs/results.md); add it back with
-  dict(name="romebert_sd_mean", label="RomeBERT SD only (mean)", overrides=dict(method="romebert", gr="none"))
-and claims role romebert_sd="romebert_sd_mean".
+minutes on 2 CPU cores), max length 128, batch 8, 1 epoch (DeeBERT: 1 per stage), lr 5e-5. Four cells: RomeBERT
+SD+GR, RomeBERT SD only (is GR needed on regression?), DeeBERT two-stage and final_only.
 
   python -m rome_flax study --config configs/study_stsb.py --model MINILM_DIR --data_dir ../shared/glue/STS-B
 """
@@ -27,6 +25,7 @@ def get_config():
                overrides=dict(method="romebert", gr="projection")),
           dict(name="deebert_mean", label="DeeBERT two-stage (mean)", overrides=dict(method="deebert")),
           dict(name="final_only_mean", label="final_only (mean)", overrides=dict(method="final_only")),
+          dict(name="romebert_sd_mean", label="RomeBERT SD only (mean)", overrides=dict(method="romebert", gr="none")),
       ],
       seeds=[0, 1, 2],
       criterion="patience",
@@ -34,5 +33,6 @@ def get_config():
       deltas=[0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
       ratios=[1.5, 2.0, 3.0],
       speed_ratio=2.0,
-      claims=dict(romebert="romebert_gr_mean", deebert="deebert_mean", final_only="final_only_mean"),
+      claims=dict(romebert="romebert_gr_mean", romebert_sd="romebert_sd_mean", deebert="deebert_mean",
+                  final_only="final_only_mean"),
   )
