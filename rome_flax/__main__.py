@@ -15,7 +15,10 @@ from rome_flax.runlock import RunLock
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
          "       python -m rome_flax study --config configs/study_sst2.py [--model DIR] [--data_dir DIR] "
-         "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]")
+         "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]\n"
+         "       python -m rome_flax calibrate --checkpoint EXPORT --target consistency|risk|speed "
+         "[--epsilon E] [--delta D] [--speedup S] [--criterion entropy|maxprob|patience|tokee] [--task T] "
+         "[--data_dir DIR] [--split train] [--skip_rows N] [--rows N] [--output thresholds.json]")
 
 
 def convert_parser() -> cli.ArgumentParser:
@@ -99,7 +102,17 @@ def _study_in(args, study_lib, cfg, cells, out: Path) -> None:
   study_lib.run_study(cfg, out, cells=cells, say=lambda m: print(m, flush=True))
 
 
-COMMANDS = {"convert": (convert, convert_parser), "study": (study, study_parser)}
+def calibrate_parser() -> cli.ArgumentParser:
+  from rome_flax import calibrate_cli
+  return calibrate_cli.build_parser()
+
+
+def calibrate(args) -> None:
+  from rome_flax import calibrate_cli
+  calibrate_cli.run(args)
+
+
+COMMANDS = {"convert": (convert, convert_parser), "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser)}
 
 
 def main(argv=None) -> int:

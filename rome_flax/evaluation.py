@@ -121,6 +121,65 @@ def _chunks(examples, size: int) -> Iterator[data.Split]:
     yield examples.rows(start, start + size)
 
 
+@dataclasses.dataclass
+class AllExits:
+  """One all-exits pass over a split: every exit's logits and what the offline sweep reads with them."""
+  exit_logits: np.ndarray            # [E, N, C]; token tasks word-level [E, N, W, C]
+  lengths: np.ndarray                # real tokens per example
+  example_ids: np.ndarray
+  labels: Optional[np.ndarray]       # [N] (token tasks [N, W], -1 past a sentence's words); None: unlabelled
+  words: list                        # token tasks: each sentence's words
+  word_mask: Optional[np.ndarray]    # token tasks: [N, W] word slots in use
+  split: str
+  timed_set: data.EncodedSplit       # the first chunk, encoded (what the speed measurement runs on)
+  encoded_chunks: list               # token tasks: every chunk, encoded (TOKEE runs for real on them)
+  seconds: float                     # the pass, compile included
+
+  @property
+  def labelled(self) -> bool:
+    return self.labels is not None
+
+
+def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_length: Optional[int] = None,
+              progress: Progress = None, mesh=None, prepared=None) -> AllExits:
+  """Every exit's logits for a split's examples (a `data.Split`, or an iterable of them read as a
+  stream), tokenised and run `STREAM_EXAMPLES` at a time: the cache `evaluate_exits` sweeps and
+  `calibration` calibrates from."""
+  cfg, bar = model.config, progress or _no_progress
+  max_length = max_length or model.export_info.max_length or DEFAULT_MAX_LENGTH
+  prepared = ee.prepare_params(model.params) if prepared is None else prepared
+  mesh = inference.local_mesh() if mesh is None else mesh
+  t0 = time.perf_counter()
+  logits, lengths, ids, labels, words, timed_set, split_name, encoded_chunks = [], [], [], [], [], None, None, []
+  for chunk in _chunks(examples, STREAM_EXAMPLES):
+    if task.is_token_task:
+      encoded = token_data.encode(model.tokenizer, chunk, task.label_names, max_length)
+      encoded_chunks.append(encoded)
+      words += chunk.words
+      labels.append(encoded.labels if chunk.tags is not None else None)
+    else:
+      encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
+      labels.append(chunk.labels)
+    logits.append(inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"), mesh=mesh))
+    lengths.append(encoded.lengths)
+    ids.append(chunk.ids)
+    timed_set = encoded if timed_set is None else timed_set
+    split_name = chunk.split
+  if timed_set is None:
+    raise RomeFlaxError("no examples to evaluate")
+  labelled = all(y is not None for y in labels)
+  word_mask = None
+  if task.is_token_task:   # chunks hold different word counts: pad word slots to the widest
+    width = max(len(w) for w in words)
+    logits = [np.pad(z, ((0, 0), (0, 0), (0, width - z.shape[2]), (0, 0))) for z in logits]
+    labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-1) for y in labels] if labelled else labels
+    word_mask = np.arange(width)[None, :] < np.asarray([len(w) for w in words])[:, None]
+  return AllExits(exit_logits=np.concatenate(logits, axis=1), lengths=np.concatenate(lengths),
+                  example_ids=np.concatenate(ids), labels=np.concatenate(labels) if labelled else None,
+                  words=words, word_mask=word_mask, split=split_name, timed_set=timed_set,
+                  encoded_chunks=encoded_chunks, seconds=time.perf_counter() - t0)
+
+
 def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPolicy], *,
                    batch_size: int = 64, max_length: Optional[int] = None, metric: Optional[str] = None,
                    measure_speed: str = "best", latency_examples: int = 128, speed_repeats: int = 2,
@@ -161,35 +220,11 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   if token_policies and not task.is_token_task:
     raise RomeFlaxError("token-level early exit (TOKEE) is for token tasks (sequence labelling); this task has one "
                         "prediction per sentence")
-  t0 = time.perf_counter()
-  logits, lengths, ids, labels, words, timed_set, split_name, encoded_chunks = [], [], [], [], [], None, None, []
-  for chunk in _chunks(examples, STREAM_EXAMPLES):
-    if task.is_token_task:
-      encoded = token_data.encode(model.tokenizer, chunk, task.label_names, max_length)
-      encoded_chunks.append(encoded)
-      words += chunk.words
-      labels.append(encoded.labels if chunk.tags is not None else None)
-    else:
-      encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
-      labels.append(chunk.labels)
-    logits.append(inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"), mesh=mesh))
-    lengths.append(encoded.lengths)
-    ids.append(chunk.ids)
-    timed_set = encoded if timed_set is None else timed_set
-    split_name = chunk.split
-  if timed_set is None:
-    raise RomeFlaxError("no examples to evaluate")
-  labelled = all(y is not None for y in labels)
-  word_mask = None
-  if task.is_token_task:   # chunks hold different word counts: pad word slots to the widest
-    width = max(len(w) for w in words)
-    logits = [np.pad(z, ((0, 0), (0, 0), (0, width - z.shape[2]), (0, 0))) for z in logits]
-    labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-1) for y in labels] if labelled else labels
-    word_mask = np.arange(width)[None, :] < np.asarray([len(w) for w in words])[:, None]
-  exit_logits = np.concatenate(logits, axis=1)
-  lengths_N, example_ids = np.concatenate(lengths), np.concatenate(ids)
-  labels_N = np.concatenate(labels) if labelled else None
-  all_exits_seconds = time.perf_counter() - t0
+  cache = all_exits(model, task, examples, batch_size=batch_size, max_length=max_length, progress=bar, mesh=mesh,
+                    prepared=prepared)
+  exit_logits, lengths_N, example_ids, labels_N = cache.exit_logits, cache.lengths, cache.example_ids, cache.labels
+  words, word_mask, timed_set, split_name = cache.words, cache.word_mask, cache.timed_set, cache.split
+  encoded_chunks, all_exits_seconds, labelled = cache.encoded_chunks, cache.seconds, cache.labelled
   if metric is not None and not labelled:
     raise RomeFlaxError(f"split {split_name!r} has no labels: metric {metric!r} cannot be computed")
   metric = (metric or metrics.primary_metric(task)) if labelled else None

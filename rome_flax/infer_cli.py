@@ -49,6 +49,8 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--thresholds", help="comma list of settings; one setting may list per-exit values with ':' "
                   "(e.g. 0.05,0.1,0.2 or 0.1:0.2:0.3). Default: the reference sweep of the criterion")
   ap.add_argument("--delta", type=float, help="regression patience: |change| below which predictions agree")
+  ap.add_argument("--thresholds_file", help="run exactly the setting a `python -m rome_flax calibrate` thresholds.json "
+                  "names (refused for another model); replaces --criterion / --thresholds")
   ap.add_argument("--pool", choices=ep.POOLS, help="token tasks (SENTEE): a sentence's uncertainty is the max "
                   "(default) or the mean over its words")
   ap.add_argument("--min_exit_layer", type=int, default=1, help="no example exits before this layer")
@@ -224,6 +226,21 @@ def build_token_policies(args, cfg) -> list:
           for w in windows for tau in taus]
 
 
+def calibrated_policies(args, cfg) -> tuple[list, list]:
+  """--thresholds_file: the one setting `python -m rome_flax calibrate` chose for this export (a TOKEE
+  setting runs beside the full model's, entropy<0, which every sweep needs)."""
+  from rome_flax import calibration
+  if args.thresholds is not None or args.tokee_windows is not None:
+    raise RomeFlaxError("--thresholds_file names the setting to run: drop --thresholds / --tokee_windows")
+  record = calibration.read_thresholds(args.thresholds_file, calibration.export_identity(args.checkpoint))
+  kind, policy = calibration.policy_from_setting(record["setting"], cfg)
+  print(f"thresholds from {args.thresholds_file}: {policy.describe()} ({record.get('target')}; "
+        f"{record.get('guarantee', 'no guarantee recorded')})")
+  if kind == "token":
+    return [ep.make_policy("entropy", 0.0, cfg.num_exits, num_labels=cfg.num_labels, token_task=True)], [policy]
+  return [policy], []
+
+
 def check_max_length(max_length: Optional[int], model) -> None:
   """The length examples are cut to must fit the model's position table (beyond it the position
   lookup reads past the table: NaN logits, no error), as train.py demands."""
@@ -266,8 +283,11 @@ def run(args):
   model = load_model(args.checkpoint, named_task.num_labels if named_task is not None else None)
   check_max_length(args.max_length, model)
   task = resolve_task(args, model)
-  policies = build_policies(args, model.config)
-  token_policies = build_token_policies(args, model.config)
+  if args.thresholds_file is not None:
+    policies, token_policies = calibrated_policies(args, model.config)
+  else:
+    policies = build_policies(args, model.config)
+    token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
   progress = lambda desc: (lambda it: _checked(progress_lib.iterate(it, desc, show=not args.no_progress)))
   # One writer per directory (train.py's lock); the results are staged and swapped in whole, and a

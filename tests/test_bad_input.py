@@ -21,6 +21,7 @@ import pytest
 import infer
 import train
 from rome_flax import integrity
+from rome_flax.__main__ import main as rome_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--random_model_layers", "2", "--random_model_hidden", "16", "--random_model_heads", "2",
@@ -156,6 +157,8 @@ def world(tmp_path_factory) -> World:
   (w.root / "foreign").mkdir()
   (w.root / "foreign" / "notes.txt").write_text("someone else's files\n")
   (w.root / "hf_like").mkdir()
+  (d / "thresholds_other.json").write_text(json.dumps({"format": "rome_flax_thresholds/1", "setting": {
+      "criterion": "entropy", "threshold": 0.1}, "model": {"identity": "0" * 64}}))
   (w.root / "hf_like" / "weights.bin").write_bytes(b"x")
   assert infer.main(["--checkpoint", str(w.export), "--output_dir", str(w.root / "infer_out"), "--limit", "8",
                      "--measure_speed", "none", "--no_progress", "--thresholds", "0.5"]) == 0
@@ -182,6 +185,12 @@ def i(*args, ckpt=lambda w: w.export, out=None):
   return ("infer", lambda w, new: ["--checkpoint", str(ckpt(w)), "--output_dir", str(out(w) if out else new),
                                    "--limit", "8", "--measure_speed", "none", "--no_progress",
                                    *[a(w) if callable(a) else a for a in args]])
+
+
+def c(*args, ckpt=lambda w: w.export):
+  """A `python -m rome_flax calibrate` case, writing to a fresh --output file."""
+  return ("calibrate", lambda w, new: ["--checkpoint", str(ckpt(w)), "--output", str(new), "--no_progress",
+                                       *[a(w) if callable(a) else a for a in args]])
 
 
 D = lambda name: (lambda w: str(w.data / name))
@@ -390,6 +399,35 @@ CASES = [
     ("i_overwrite_mixed", i("--overwrite", out=lambda w: w.root / "infer_mixed"),
      "infer_mixed also holds photos, which rome_flax did not write"),
     ("i_overwrite_run", i("--overwrite", out=lambda w: w.run), "holds rome_flax train output, not infer output"),
+    ("i_thresholds_file_other_model", i("--thresholds_file", D("thresholds_other.json")),
+     "was calibrated for another model"),
+    ("i_thresholds_file_malformed", i("--thresholds_file", D("ok.csv")), "is malformed"),
+    ("i_thresholds_file_missing", i("--thresholds_file", D("nope.json")), "does not exist"),
+    # --- python -m rome_flax calibrate
+    ("c_epsilon_high", c("--target", "consistency", "--epsilon", "1.5"), "--epsilon must be in (0, 1), got 1.5"),
+    ("c_epsilon_zero", c("--target", "risk", "--epsilon", "0", "--delta", "0.1"), "--epsilon must be in (0, 1)"),
+    ("c_delta_one", c("--target", "risk", "--epsilon", "0.1", "--delta", "1"), "--delta must be in (0, 1), got 1.0"),
+    ("c_no_epsilon", c("--target", "consistency"), "--target consistency needs --epsilon"),
+    ("c_no_speedup", c("--target", "speed"), "--target speed needs --speedup"),
+    ("c_target", c("--target", "fast"), "invalid choice"),
+    ("c_criterion", c("--target", "speed", "--speedup", "2", "--criterion", "confidence"), "unknown criterion"),
+    ("c_risk_unlabelled", c("--target", "risk", "--epsilon", "0.1", "--delta", "0.1", "--split", "test"),
+     "split 'test' has no labels"),
+    ("c_n_too_small", c("--target", "consistency", "--epsilon", "0.01", "--skip_rows", "100", "--rows", "20"),
+     "n=20 can certify epsilon >= 0.04762"),
+    ("c_rows_past_split", c("--target", "speed", "--speedup", "2", "--skip_rows", "5000"), "the split has only"),
+    ("c_run_dir", c("--target", "speed", "--speedup", "2", ckpt=lambda w: w.run), "is a train.py run directory"),
+    ("c_hf_dir", c("--target", "speed", "--speedup", "2", ckpt=lambda w: w.root / "hf_like"),
+     "neither a rome_flax export"),
+    ("c_tokee_sentence_export", c("--target", "speed", "--speedup", "2", "--criterion", "tokee"),
+     "criterion 'tokee' (token-level early exit) is for token tasks"),
+    ("c_patience_token_export", c("--target", "speed", "--speedup", "2", "--criterion", "patience",
+                                  "--data_dir", D("tok_ok"), ckpt=lambda w: w.token_export),
+     "criterion 'patience' is for sentence tasks"),
+    ("c_tolerance_classes", c("--target", "consistency", "--epsilon", "0.1", "--tolerance", "0.5"),
+     "--tolerance is for regression tasks"),
+    ("c_output_dir", ("calibrate", lambda w, new: ["--checkpoint", str(w.export), "--output", str(w.data),
+                                                   "--target", "speed", "--speedup", "2"]), "is a directory"),
 ]
 
 
@@ -413,7 +451,8 @@ def test_bad_input_is_one_line(world, tmp_path, capsys, name, case, message):
   cli, argv = case
   new = tmp_path / "new_out"
   before = digest(world.root)
-  code = run_cli(train.main if cli == "train" else infer.main, argv(world, new))
+  mains = {"train": train.main, "infer": infer.main, "calibrate": lambda a: rome_main(["calibrate", *a])}
+  code = run_cli(mains[cli], argv(world, new))
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert code == 2, err
   assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
