@@ -2,7 +2,7 @@
 
   python train.py                                    # configs/default.py: synthetic task, small model, minutes
   python train.py --config configs/sst2_minilm.py --method deebert --output_dir runs/sst2_deebert
-  python train.py --config configs/sst2_minilm.py --resume   # continue a killed run
+  python train.py --output_dir runs/sst2 --resume            # continue a killed run with its own config
 
 Every TrainConfig field is a flag (`--learning_rate 5e-5`, or by group `--optim.learning_rate 5e-5`);
 see rome_flax/train_config.py.
@@ -49,12 +49,20 @@ def build_parser():
 
 
 def run(args) -> None:
+  from pathlib import Path
   from rome_flax import train_config, trainer
   cfg = train_config.load_config_file(args.config or DEFAULT_CONFIG)
   overrides = {k[4:]: train_config.parse_value(k[4:], v) for k, v in vars(args).items()
                if k.startswith("set_") and v is not None}
-  trainer.train(cfg.replace(**overrides), resume=args.resume, overwrite=args.overwrite,
-                progress=not args.no_progress, max_steps=args.max_steps)
+  cfg = cfg.replace(**overrides)
+  if args.resume:   # the run's own config; what --config and the flags name must agree with it (trainer.RUN_OWNED aside)
+    given = {train_config.field_name(k) or k: v for k, v in
+             (train_config.read_config_dict(args.config) if args.config else {}).items()}
+    given.update(overrides)
+    given.pop("output_dir", None)
+    cfg = trainer.resume_config(Path(cfg.run.output_dir).absolute(), given) or cfg
+  trainer.train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                max_steps=args.max_steps)
 
 
 def main(argv=None) -> int:

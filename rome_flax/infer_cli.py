@@ -69,6 +69,10 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--batch_size", type=int, default=64, help="examples per batch of the all-exits pass and the "
                   "batched speed measure")
   ap.add_argument("--max_length", type=int, help="default: the export's max_length, else 128")
+  ap.add_argument("--truncate", action="store_true", help="token tasks: a sentence longer than max_length word "
+                  "pieces keeps the words that fit (the rest are not predicted; a warning counts them and names the "
+                  "first file:line) instead of being an error. Sentence tasks are always cut to max_length, as in "
+                  "training")
   ap.add_argument("--output_dir", required=True, help="where the sweep, tables, plots and predictions go")
   ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier infer.py run in "
                   "output_dir (never other files: a directory holding anything else is refused)")
@@ -241,9 +245,9 @@ def calibrated_policies(args, cfg) -> tuple[list, list]:
   return [policy], []
 
 
-def check_max_length(max_length: Optional[int], model) -> None:
-  """The length examples are cut to must fit the model's position table (beyond it the position
-  lookup reads past the table: NaN logits, no error), as train.py demands."""
+def check_max_length(max_length: Optional[int], model) -> int:
+  """The length examples are cut to (returned) must fit the model's position table (beyond it the
+  position lookup reads past the table: NaN logits, no error), as train.py demands."""
   if max_length is not None and max_length < 8:
     raise RomeFlaxError(f"--max_length must be at least 8, got {max_length}")
   length = max_length or model.export_info.max_length or evaluation.DEFAULT_MAX_LENGTH
@@ -251,6 +255,7 @@ def check_max_length(max_length: Optional[int], model) -> None:
   if length > positions:
     raise RomeFlaxError(f"max_length {length} exceeds the model's {positions} positions"
                         + ("" if max_length else "; pass a smaller --max_length"))
+  return length
 
 
 def check_output_dir(path: str, overwrite: bool) -> Path:
@@ -281,7 +286,7 @@ def run(args):
   out = check_output_dir(args.output_dir, args.overwrite)
   named_task = _named_task(args)
   model = load_model(args.checkpoint, named_task.num_labels if named_task is not None else None)
-  check_max_length(args.max_length, model)
+  length = check_max_length(args.max_length, model)
   task = resolve_task(args, model)
   if args.thresholds_file is not None:
     policies, token_policies = calibrated_policies(args, model.config)
@@ -289,6 +294,11 @@ def run(args):
     policies = build_policies(args, model.config)
     token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
+  if args.truncate and task.is_token_task:
+    from rome_flax import token_data
+    examples, warning = token_data.fit_to_length(examples, model.tokenizer, length)
+    if warning:
+      print(f"warning: {warning}", file=sys.stderr)
   progress = lambda desc: (lambda it: _checked(progress_lib.iterate(it, desc, show=not args.no_progress)))
   # One writer per directory (train.py's lock); the results are staged and swapped in whole, and a
   # signal, an error or a full disk leaves the directory as it was.

@@ -221,10 +221,34 @@ def _is_regression_config(cfg: TrainConfig) -> bool:
     return False
 
 
+# What a resumed run may change: where it is, and how often it logs, evaluates and saves (never the maths).
+RUN_OWNED = ("output_dir", "log_every", "eval_every", "eval_batch_size", "save_every", "keep_checkpoints")
+
+
+def resume_config(out: Path, given: dict) -> Optional[TrainConfig]:
+  """`train.py --resume`: the run's own config.json with the fields given on the command line (or by
+  --config) on top; None when out holds no readable config.json (prepare_output_dir says why). A given
+  field that changes the maths is refused there, naming it; RUN_OWNED fields may change."""
+  try:
+    saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError):
+    return None
+  if not isinstance(saved, dict):
+    return None
+  try:
+    cfg = TrainConfig.from_dict(saved)
+  except (RomeFlaxError, TypeError) as e:
+    raise RomeFlaxError(f"cannot resume {out}: its {CONFIG_FILE} does not fit this version ({e})") from None
+  for name, (former, applies) in FORMER_DEFAULTS.items():
+    if name not in saved and applies(cfg):
+      cfg = cfg.replace(**{name: former})
+  return cfg.replace(**given, output_dir=str(out))
+
+
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-  """The fields in which a run's saved config.json differs from cfg. A field added since the run started
-  counts as equal while it keeps the value the run had (FORMER_DEFAULTS where it applies, else the default);
-  output_dir never counts (a directory may move)."""
+  """The fields in which a run's saved config.json differs from cfg, RUN_OWNED fields aside. A field
+  added since the run started counts as equal while it keeps the value the run had (FORMER_DEFAULTS
+  where it applies, else the default)."""
   now = json.loads(json.dumps(cfg.to_dict()))
   defaults = json.loads(json.dumps(TrainConfig().to_dict()))
   for name, (former, applies) in FORMER_DEFAULTS.items():
@@ -233,7 +257,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
         defaults[name] = former
       else:
         now.pop(name, None)
-  return sorted(k for k in set(saved) | set(now) if k != "output_dir" and saved.get(k, defaults.get(k)) != now.get(k))
+  return sorted(k for k in set(saved) | set(now) if k not in RUN_OWNED and saved.get(k, defaults.get(k)) != now.get(k))
 
 
 def settle_replaced(out: Path) -> None:
@@ -276,7 +300,8 @@ def prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: boo
         raise RomeFlaxError(f"cannot resume {out}: {config_path} is unreadable ({type(e).__name__}: {e})") from None
       differ = config_differences(saved, cfg)
       if differ:
-        raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)}")
+        raise RomeFlaxError(f"cannot resume {out}: config differs in {', '.join(differ)} (a resumed run keeps its "
+                            f"maths; it may change only {', '.join(RUN_OWNED)})")
   sharding_lib.barrier("rome_flax:output_dir_checked")   # every process has looked before one writes
   if sharding_lib.is_primary():
     if overwrite and _run_files(out):

@@ -88,6 +88,25 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
   assert sorted(p.name for p in (Path(cfg.run.output_dir) / "checkpoints" / "last").iterdir()) == before
 
 
+def test_resume_takes_the_runs_own_config_and_refuses_only_maths_changes(tmp_path, capsys):
+  """`train.py --output_dir D --resume` continues with D's config.json: no flag needs repeating, the run-owned
+  ones (logging, evaluation and save cadence) may change, one that changes the maths is refused by name."""
+  import train
+  out = tmp_path / "run"
+  flags = ["--random_model_layers", "2", "--random_model_hidden", "16", "--random_model_heads", "2",
+           "--random_model_intermediate", "32", "--train_rows", "64", "--max_length", "16", "--batch_size", "8",
+           "--epochs", "1", "--learning_rate", "3e-3", "--method", "joint", "--gr", "none", "--no_progress"]
+  assert train.main([*flags, "--output_dir", str(out), "--max_steps", "3", "--log_every", "1"]) == 0
+  assert train.main(["--output_dir", str(out), "--resume", "--gamma", "0.5", "--no_progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "config differs in gamma (a resumed run keeps its maths; it may change only" in err[0]
+  assert train.main(["--output_dir", str(out), "--resume", "--eval_every", "2", "--log_every", "4", "--no_progress"]) == 0
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9)), "to the run's own end"
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 6, 8], "the resumed part evaluates every 2 steps"
+  assert json.loads((out / "config.json").read_text())["learning_rate"] == 3e-3
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   rows = ["text,label"] + [f"good film {i},{i % 5}" for i in range(40)] + ["awful film,1e30"] * 8
   (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
