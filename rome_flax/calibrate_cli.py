@@ -24,17 +24,8 @@ def build_parser() -> cli.ArgumentParser:
                           description="Early-exit thresholds with a statistical guarantee -> thresholds.json "
                           "(read by infer.py --thresholds_file).")
   ap.add_argument("--checkpoint", required=True, help="a rome_flax export (train.py's runs/NAME/export)")
-  ap.add_argument("--task", help="default: the export's task")
-  ap.add_argument("--data_dir")
-  ap.add_argument("--data_file", help="custom task: a .csv/.tsv/.jsonl file for --split")
-  ap.add_argument("--text_a_column", default="text")
-  ap.add_argument("--text_b_column")
-  ap.add_argument("--label_column", default="label")
-  ap.add_argument("--tag_column", type=int, default=-1)
-  ap.add_argument("--tokens_column", default="tokens")
-  ap.add_argument("--tags_column", default="tags")
-  ap.add_argument("--split", default="train", help="default train: pass --skip_rows past the rows the export "
-                  "trained on (train.py --train_rows), so calibration rows are unseen")
+  infer_cli.add_data_arguments(ap, "train", "the calibration split: pass --skip_rows past the rows the export "
+                               "trained on (train.py --train_rows), so calibration rows are unseen")
   ap.add_argument("--skip_rows", type=int, default=0, help="first row of the calibration slice")
   ap.add_argument("--rows", type=int, help="rows in the calibration slice (default: the rest of the split)")
   ap.add_argument("--criterion", default="entropy", help=f"one of {', '.join(calibration.CRITERIA)}")
@@ -53,14 +44,14 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--pool", choices=ep.POOLS, help="token tasks (SENTEE): pool the words' uncertainties by max / avg")
   ap.add_argument("--window", type=int, help="TOKEE: the odd window size (default 3)")
   ap.add_argument("--upper_scale", type=float, default=2.0, help="TOKEE: threshold scale in the upper half")
-  ap.add_argument("--min_exit_layer", type=int, default=1)
+  ap.add_argument("--min_exit_layer", type=int, default=1, help="no example exits before this layer")
   ap.add_argument("--grid", type=int, default=calibration.DEFAULT_GRID, help="candidate thresholds (entropy, "
                   "maxprob, tokee)")
-  ap.add_argument("--batch_size", type=int, default=64)
-  ap.add_argument("--max_length", type=int)
+  ap.add_argument("--batch_size", type=int, default=64, help="examples per batch of the all-exits pass")
+  ap.add_argument("--max_length", type=int, help="default: the export's max_length, else 128")
   ap.add_argument("--output", default="thresholds.json", help="the thresholds file to write")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-  ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bars (a heartbeat line instead)")
   return ap
 
 

@@ -30,20 +30,27 @@ from rome_flax.runlock import RunLock
 log = logging.getLogger("rome_flax.infer")
 
 
-def build_parser() -> cli.ArgumentParser:
-  ap = cli.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
-  ap.add_argument("--checkpoint", required=True, help="train.py export (runs/NAME/export) or a Hugging Face "
-                  "checkpoint directory")
+def add_data_arguments(ap, split_default: str = "dev", split_help: str = "") -> None:
+  """The options that name a split's data (`load_examples` reads them): one definition for infer.py and
+  `python -m rome_flax calibrate`."""
   ap.add_argument("--task", help="task name (GLUE name, 'synthetic' or 'custom'); default: the export's task")
-  ap.add_argument("--data_dir", help="directory with the task's GLUE TSV files")
-  ap.add_argument("--data_file", help="custom task: a .csv/.tsv/.jsonl file for --split")
+  ap.add_argument("--data_dir", help="directory with the task's GLUE TSV files (token tasks: CoNLL files)")
+  ap.add_argument("--data_file", help="custom or token task: a .csv/.tsv/.jsonl (or CoNLL) file for --split")
   ap.add_argument("--text_a_column", default="text", help="custom task: the column of the (first) text")
   ap.add_argument("--text_b_column", help="custom task: the column of the second text of a pair")
   ap.add_argument("--label_column", default="label", help="custom task: the column of the label")
   ap.add_argument("--tag_column", type=int, default=-1, help="token tasks, CoNLL files: the tag column (-1: last)")
   ap.add_argument("--tokens_column", default="tokens", help="token tasks, JSON Lines: the words' column")
   ap.add_argument("--tags_column", default="tags", help="token tasks, JSON Lines: the tags' column")
-  ap.add_argument("--split", default="dev", help="train, dev or test (GLUE MNLI: dev_matched, dev_mismatched)")
+  ap.add_argument("--split", default=split_default,
+                  help=split_help or "train, dev or test (GLUE MNLI: dev_matched, dev_mismatched)")
+
+
+def build_parser() -> cli.ArgumentParser:
+  ap = cli.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
+  ap.add_argument("--checkpoint", required=True, help="train.py export (runs/NAME/export) or a Hugging Face "
+                  "checkpoint directory")
+  add_data_arguments(ap)
   ap.add_argument("--criterion", default="entropy",
                   help="entropy, maxprob, patience, a comma list of them, or 'all' (default thresholds each)")
   ap.add_argument("--thresholds", help="comma list of settings; one setting may list per-exit values with ':' "
