@@ -13,6 +13,7 @@ import dataclasses
 import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import data
@@ -180,11 +181,34 @@ def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_leng
                   encoded_chunks=encoded_chunks, seconds=time.perf_counter() - t0)
 
 
+def with_data_grid(policies: Sequence[ep.ExitPolicy], exit_logits, word_mask=None) -> list[ep.ExitPolicy]:
+  """The policies plus, per entropy / maxprob criterion among them, the thresholds of
+  `exit_policy.grid_from_scores` (same options as that criterion's first policy), each criterion's
+  settings sorted by threshold when every one is a single value; a threshold already there is kept once."""
+  out: list = []
+  for criterion in dict.fromkeys(p.criterion for p in policies):
+    own = [p for p in policies if p.criterion == criterion]
+    if criterion in ("entropy", "maxprob"):
+      first = own[0]
+      known = {np.asarray(p.threshold_E).tobytes() for p in own}
+      for t in ep.grid_from_scores(criterion, exit_logits[0], word_mask if first.token_task else None, first.pool):
+        new = first.replace(threshold_E=jnp.full_like(first.threshold_E, t))
+        key = np.asarray(new.threshold_E).tobytes()
+        if key not in known:
+          known.add(key)
+          own.append(new)
+      if all(np.all(np.asarray(p.threshold_E) == np.asarray(p.threshold_E)[0]) for p in own):
+        own.sort(key=lambda p: float(np.asarray(p.threshold_E)[0]))
+    out += own
+  return out
+
+
 def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPolicy], *,
                    batch_size: int = 64, max_length: Optional[int] = None, metric: Optional[str] = None,
                    measure_speed: str = "best", latency_examples: int = 128, speed_repeats: int = 2,
                    chunk_size: Optional[int] = None, progress: Progress = None, devices: Optional[int] = None,
-                   token_policies: Sequence[token_exit.TokenPolicy] = ()) -> ExitsEvaluation:
+                   token_policies: Sequence[token_exit.TokenPolicy] = (),
+                   grid_from_data: bool = False) -> ExitsEvaluation:
   """Early-exit evaluation of a `MultiExitBert` on a split's examples (a `data.Split`, or an iterable
   of them read as a stream) under each policy.
 
@@ -197,7 +221,9 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   this process's devices the all-exits pass and the batch-size passes use (default all; results are
   those of one device). token_policies: token-level early exit (TOKEE) settings of a token task, each
   run for real over the split (halted words change later layers: no all-exits pass can stand in),
-  timed like the policies.
+  timed like the policies. grid_from_data: each entropy / maxprob criterion among the policies also
+  gets `exit_policy.grid_from_scores`' thresholds, read off the cached first-exit logits (so the sweep
+  spans from little to nearly all early exit on any task); a criterion's rows are sorted by threshold.
   """
   check_options(batch_size=batch_size, measure_speed=measure_speed, latency_examples=latency_examples,
                 speed_repeats=speed_repeats, chunk_size=chunk_size, devices=devices)
@@ -227,6 +253,8 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   encoded_chunks, all_exits_seconds, labelled = cache.encoded_chunks, cache.seconds, cache.labelled
   if metric is not None and not labelled:
     raise RomeFlaxError(f"split {split_name!r} has no labels: metric {metric!r} cannot be computed")
+  if grid_from_data:
+    policies = with_data_grid(policies, exit_logits, word_mask)
   metric = (metric or metrics.primary_metric(task)) if labelled else None
   per_exit = metrics.per_exit_metrics(task, exit_logits, labels_N) if labelled else []
   settings = sweep.evaluate(policies, exit_logits, cfg, lengths_N, labels_N, task, word_mask)

@@ -190,31 +190,56 @@ def _pool_words(values_BxS, word_mask_BxS, pool: str, worst: str):
   return jnp.min(jnp.where(m_BxS, values_BxS, jnp.inf), axis=-1)
 
 
-def sentence_confident(policy: ExitPolicy, logits_BxSxC, word_mask_BxS, threshold):
-  """SENTEE (method-seqlab.md section 3): the words' normalised entropies H / log C pooled by max
-  (or mean) below tau; for maxprob, the words' max probabilities pooled by min (or mean) >= p."""
-  if policy.criterion == "entropy":
-    u_BxS = entropy(logits_BxSxC) / math.log(logits_BxSxC.shape[-1])
-    return _pool_words(u_BxS, word_mask_BxS, policy.pool, "max") < threshold
-  p_BxS = jnp.max(jax.nn.softmax(logits_BxSxC, axis=-1), axis=-1)
-  return _pool_words(p_BxS, word_mask_BxS, policy.pool, "min") >= threshold
+def score(criterion: str, logits, word_mask_BxS=None, pool: str = "max") -> jax.Array:
+  """The number an entropy or maxprob criterion compares with its threshold, per example: the entropy
+  (exits below tau) or the max probability (exits at or above p). Token exits (logits [B,S,C] and
+  word_mask_BxS), SENTEE (method-seqlab.md section 3): the words' normalised entropies H / log C pooled
+  by max (or mean), the words' max probabilities pooled by min (or mean)."""
+  logits = logits.astype(jnp.float32)
+  if criterion == "entropy":
+    h = entropy(logits)
+    if word_mask_BxS is None:
+      return h
+    return _pool_words(h / math.log(logits.shape[-1]), word_mask_BxS, pool, "max")
+  p = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+  return p if word_mask_BxS is None else _pool_words(p, word_mask_BxS, pool, "min")
+
+
+def confident(criterion: str, score_B, threshold):
+  return score_B < threshold if criterion == "entropy" else score_B >= threshold
+
+
+# Shares of examples that a data-driven grid lets exit at the first exit (`grid_from_scores`).
+GRID_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+def grid_from_scores(criterion: str, first_exit_logits, word_mask_NxW=None, pool: str = "max",
+                     shares=GRID_SHARES) -> list[float]:
+  """Thresholds at which about each of `shares` of the examples would exit at the first exit (the
+  others later): a grid that reaches from little early exit to nearly all of it on any task, whatever
+  its uncertainty scale (issue 25: the fixed tau list topped out at a 1.04x layer ratio on 17-tag POS).
+  Quantiles of the criterion's own `score` on the cached first-exit logits, 4 significant digits."""
+  values = np.asarray(score(criterion, jnp.asarray(first_exit_logits),
+                            None if word_mask_NxW is None else jnp.asarray(word_mask_NxW), pool), np.float64)
+  levels = np.asarray(shares) if criterion == "entropy" else 1.0 - np.asarray(shares)
+  grid = np.quantile(values, levels)
+  if criterion == "maxprob":
+    grid = np.clip(grid, 0.0, 1.0)
+  return sorted({float(f"{max(v, 0.0):.4g}") for v in grid})
 
 
 def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=None):
   """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits.
 
   Token exits: logits [B,S,C] and word_mask_BxS (1 at each word's first piece): the sentence's
-  words decide together (`sentence_confident`)."""
+  words decide together (`score`: SENTEE)."""
   threshold = policy.threshold_E[i]
   logits_BxC = logits_BxC.astype(jnp.float32)
-  if policy.token_task:
-    if word_mask_BxS is None or logits_BxC.ndim != 3:
-      raise RomeFlaxError("a token-task policy needs token logits [B,S,C] and the word mask")
-    confident_B = sentence_confident(policy, logits_BxC, word_mask_BxS, threshold)
-  elif policy.criterion == "entropy":
-    confident_B = entropy(logits_BxC) < threshold
-  elif policy.criterion == "maxprob":
-    confident_B = jnp.max(jax.nn.softmax(logits_BxC, axis=-1), axis=-1) >= threshold
+  if policy.token_task and (word_mask_BxS is None or logits_BxC.ndim != 3):
+    raise RomeFlaxError("a token-task policy needs token logits [B,S,C] and the word mask")
+  if policy.criterion in ("entropy", "maxprob"):
+    words = word_mask_BxS if policy.token_task else None
+    confident_B = confident(policy.criterion, score(policy.criterion, logits_BxC, words, policy.pool), threshold)
   else:
     pred_B = heads.predictions(logits_BxC, policy.is_regression).astype(jnp.float32)
     if policy.is_regression:

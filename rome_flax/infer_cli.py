@@ -83,6 +83,8 @@ def build_parser() -> cli.ArgumentParser:
   ap.add_argument("--output_dir", required=True, help="where the sweep, tables, plots and predictions go")
   ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier infer.py run in "
                   "output_dir (never other files: a directory holding anything else is refused)")
+  ap.add_argument("--target_speedup", default="2,3", help="comma list of layer ratios: the most accurate setting "
+                  "reaching each is printed")
   ap.add_argument("--measure_speed", choices=evaluation.MEASURE_SPEED, default="best",
                   help="run the throughput and latency paths for real and time them against the full model: "
                   "for the fastest setting within 1 point of the final exit (best; labelled splits), every "
@@ -288,6 +290,7 @@ def run(args):
                            chunk_size=args.chunk_size, devices=args.devices)
   if args.limit is not None and args.limit < 1:
     raise RomeFlaxError(f"--limit must be >= 1, got {args.limit}")
+  targets = parse_targets(args.target_speedup)
   if args.thresholds is not None:
     ep.parse_thresholds(args.thresholds)  # fail on a bad list before loading anything
   out = check_output_dir(args.output_dir, args.overwrite)
@@ -317,9 +320,9 @@ def run(args):
           model, task, examples, policies, batch_size=args.batch_size, max_length=args.max_length,
           metric=args.metric, measure_speed=args.measure_speed, latency_examples=args.latency_examples,
           speed_repeats=args.speed_repeats, chunk_size=args.chunk_size, progress=progress, devices=args.devices,
-          token_policies=token_policies)
+          token_policies=token_policies, grid_from_data=args.thresholds is None and args.thresholds_file is None)
       written = report.write_evaluation(stage, result, checkpoint=str(args.checkpoint))
-  print_evaluation(result)
+  print_evaluation(result, targets)
   print(f"wrote {len(written)} files to {out}")
   return result
 
@@ -331,7 +334,18 @@ def _checked(batches):
     yield batch
 
 
-def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:
+def parse_targets(text: str) -> tuple:
+  """--target_speedup '2,3' -> (2.0, 3.0); each must be a number >= 1."""
+  try:
+    values = tuple(float(v) for v in str(text).split(",") if v.strip())
+  except ValueError:
+    raise RomeFlaxError(f"--target_speedup takes a comma list of layer ratios, e.g. 2,3; got {text!r}") from None
+  if any(not v >= 1.0 or v == float("inf") for v in values):
+    raise RomeFlaxError(f"--target_speedup ratios must be finite numbers >= 1, got {text!r}")
+  return values
+
+
+def print_evaluation(ev: evaluation.ExitsEvaluation, targets: tuple = ()) -> None:
   print(f"{ev.task.name} {ev.split}: {ev.num_examples} examples, {ev.num_layers} layers, "
         f"all-exits pass {ev.all_exits_seconds:.1f} s (batch {ev.batch_size})")
   if ev.per_exit:
@@ -348,6 +362,12 @@ def print_evaluation(ev: evaluation.ExitsEvaluation) -> None:
   if ev.static:
     print("static exit (the model cut to k layers, exit k for every example: the baseline at equal cost):\n"
           + report.to_markdown(ev.static, [c for c in ev.sweep_columns if c != "exit_shares"]))
+  for ratio in targets if ev.metric else ():
+    rows = ev.settings + ev.token_settings
+    got = sweep.best_at(rows, ev.metric, ratio)
+    print(f"at >= {ratio:g}x layers: " + (f"{got['setting']} ({ev.metric} {got[ev.metric]:.2f}, layer ratio "
+                                         f"{got['layer_ratio']:.2f}, FLOPs ratio {got['flops_ratio']:.2f})" if got
+                                         else f"no setting reaches it (the fastest: {max(r['layer_ratio'] for r in rows):.2f}x)"))
   if ev.best is not None:
     best, metric = ev.best, ev.metric
     print(f"fastest setting within 1 point of the final exit ({metric} {ev.final_metric:.2f}): {best['setting']} "

@@ -131,6 +131,12 @@ def decisions(policy: ep.ExitPolicy, exit_logits_ExNxC, is_regression: bool, wor
   return heads.predictions(np.asarray(d.logits_NxC), is_regression), np.asarray(d.exit_index_N)
 
 
+def best_at(settings: Sequence[dict], metric: str, ratio: float, speed: str = "layer_ratio"):
+  """The most accurate setting whose speed ratio reaches `ratio` (None when none does)."""
+  ok = [r for r in settings if metric in r and r[speed] >= ratio]
+  return max(ok, key=lambda r: (r[metric], r[speed])) if ok else None
+
+
 def best_tradeoff(settings: Sequence[dict], metric: str, reference: float, tolerance: float = 1.0):
   """The setting with the highest layer ratio whose metric is within `tolerance` of the reference."""
   ok = [r for r in settings if metric in r and r[metric] >= reference - tolerance]

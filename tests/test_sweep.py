@@ -123,3 +123,26 @@ def test_settings_with_the_same_decisions_are_shown_once_with_the_reason(cached)
   assert notes == ["entropy<0.001: the same decisions as entropy<0 (every example exits at the last layer)",
                    "entropy<0.2: the same decisions as entropy<0.1 (no example's exit changes between these thresholds)",
                    "entropy<1: the same decisions as entropy<0.99 (every example exits at layer 1)"]
+
+
+def test_data_grid_spans_from_little_to_nearly_all_early_exit():
+  """The default sweep adds thresholds read off the first exit's scores, so it reaches high layer ratios on any
+  task's uncertainty scale (issue 25: 17-tag POS topped out at 1.04x with the fixed tau list)."""
+  from rome_flax import evaluation
+  rng = np.random.default_rng(0)
+  E, N, C = 3, 400, 17
+  logits = rng.normal(size=(E, N, C)).astype(np.float32) * 0.3   # every exit unsure: entropy near log(17)
+  grid = ep.grid_from_scores("entropy", logits[0])
+  assert grid == sorted(grid) and len(grid) >= 10 and grid[-1] > 2.0   # on this task's scale, not 0..0.7
+  policies = [ep.make_policy("entropy", t, E, num_labels=C) for t in ep.default_thresholds("entropy", E)]
+  grown = evaluation.with_data_grid(policies, logits)
+  values = [float(np.asarray(p.threshold_E)[0]) for p in grown]
+  assert values == sorted(values) and len(set(values)) == len(values) and len(grown) > len(policies)
+  rows = sweep.evaluate(grown, logits, CFG.replace(num_labels=C), np.full(N, 10))
+  ratios = [r["layer_ratio"] for r in rows]
+  assert min(ratios) == pytest.approx(1.0) and max(ratios) > 2.5
+  best = sweep.best_at([dict(r, accuracy=-r["layer_ratio"]) for r in rows], "accuracy", 2.0)
+  assert best["layer_ratio"] >= 2.0 and best["layer_ratio"] == min(r["layer_ratio"] for r in rows
+                                                                    if r["layer_ratio"] >= 2.0)
+  maxprob = ep.grid_from_scores("maxprob", logits[0])
+  assert all(0.0 <= v <= 1.0 for v in maxprob)
