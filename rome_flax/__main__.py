@@ -1,4 +1,5 @@
-"""`python -m rome_flax convert SRC OUT_DIR [...]` and `python -m rome_flax study --config F`: package-level commands.
+"""`python -m rome_flax convert SRC OUT_DIR [...]`, `python -m rome_flax export-hf --checkpoint EXPORT --out DIR` and
+`python -m rome_flax study --config F`: package-level commands.
 
 The command lives here, not in convert.py, so the library modules never import their CLI (and
 convert.py never imports pretrained.py, which imports it).
@@ -14,6 +15,7 @@ from rome_flax.runlock import RunLock
 
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
+         "       python -m rome_flax export-hf --checkpoint EXPORT_DIR --out DIR [--overwrite]\n"
          "       python -m rome_flax study --config configs/study_sst2.py [--model DIR] [--data_dir DIR] "
          "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]\n"
          "       python -m rome_flax calibrate --checkpoint EXPORT --target consistency|risk|speed "
@@ -27,7 +29,8 @@ def convert_parser() -> cli.ArgumentParser:
   ap.add_argument("src", help="Hugging Face checkpoint directory or hub id")
   ap.add_argument("out_dir", help="directory to write the rome_flax export to")
   ap.add_argument("--num_labels", type=int, default=None)
-  ap.add_argument("--exit_pooling", choices=["cls", "mean"], default="cls")
+  ap.add_argument("--exit_pooling", choices=["cls", "mean"], default=None,
+                  help="default: the checkpoint's (an export or export-hf directory), else cls")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   ap.add_argument("--seed", type=int, default=0, help="seed of the new exit classifiers")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
@@ -42,6 +45,21 @@ def convert(args) -> None:
   cfg = model.config
   loaded = model.load_report.summary() if model.load_report is not None else "a rome_flax export, copied as it is"
   print(f"converted {args.src} -> {out} ({cfg.model_type}, {cfg.num_layers} layers, {cfg.num_labels} labels); {loaded}")
+
+
+def export_hf_parser() -> cli.ArgumentParser:
+  ap = cli.ArgumentParser(prog="python -m rome_flax export-hf",
+                          description="A rome_flax export -> a Hugging Face directory (model.safetensors, config.json, "
+                          "modeling_rome_flax.py, tokenizer) that PyTorch transformers loads with every exit.")
+  ap.add_argument("--checkpoint", required=True, help="rome_flax export directory (train.py's export/, or convert's)")
+  ap.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
+  ap.add_argument("--overwrite", action="store_true", help="replace an existing export-hf directory")
+  return ap
+
+
+def export_hf(args) -> None:
+  from rome_flax.export_hf import export_hf as run_export
+  run_export(args.checkpoint, args.out, overwrite=args.overwrite, say=print)
 
 
 def study_parser() -> cli.ArgumentParser:
@@ -112,7 +130,8 @@ def calibrate(args) -> None:
   calibrate_cli.run(args)
 
 
-COMMANDS = {"convert": (convert, convert_parser), "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser)}
+COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),
+            "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser)}
 
 
 def main(argv=None) -> int:

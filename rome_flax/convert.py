@@ -3,7 +3,11 @@
 Reads a local directory (config.json + model.safetensors, a sharded safetensors index, or
 pytorch_model.bin when torch is installed) or downloads one from the hub. Accepts BertModel,
 BertForSequenceClassification, BertForTokenClassification, RobertaModel and
-Roberta{Sequence,Token}Classification weights, with or without the `bert.` / `roberta.` prefix.
+Roberta{Sequence,Token}Classification weights, with or without the `bert.` / `roberta.` prefix, and
+what `python -m rome_flax export-hf` writes (every exit, under DeeBERT's `encoder.highway.{i}` names).
+
+The name table below is the one definition of the mapping: `convert_state_dict` reads it (HF -> rome_flax)
+and `hf_state_dict` writes it (rome_flax -> HF, the exact inverse).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.model import init_params
+from rome_flax.model import init_params, stack_layers
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -64,6 +68,10 @@ def resolve_checkpoint_dir(path_or_id: str, revision: Optional[str] = None) -> P
         f"{path_or_id!r} is not a local directory and could not be downloaded from the hub "
         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
         "check the id or your connection, or pass a local directory") from None
+
+
+# config.json of an export-hf directory: {"format": ..., "metadata": ExportInfo's dict} (what the export said).
+HF_EXPORT_KEY = "rome_flax_export"
 
 
 def read_hf_config(ckpt_dir: Path) -> dict:
@@ -149,6 +157,28 @@ _PREFIXES = ("bert.", "roberta.", "model.")
 _IGNORED = re.compile(r"(position_ids|\.num_batches_tracked)$")
 
 
+# The name table: Hugging Face names without the `bert.` / `roberta.` prefix. PyTorch's [out, in] weight
+# matrices are also ours (layers.Linear): nothing is transposed either way.
+EMBEDDINGS = (("word", "embeddings.word_embeddings.weight"), ("position", "embeddings.position_embeddings.weight"),
+              ("token_type", "embeddings.token_type_embeddings.weight"))
+EMBEDDING_NORM = "embeddings.LayerNorm"
+QKV = ("query", "key", "value")   # attention.self.{name}: the row blocks of our fused qkv kernel, in this order
+LAYER_LINEARS = (("attention_out", "attention.output.dense"), ("intermediate", "intermediate.dense"),
+                 ("output", "output.dense"))
+LAYER_NORMS = (("attention_ln", "attention.output.LayerNorm"), ("output_ln", "output.LayerNorm"))
+POOLER = "pooler.dense"        # the final exit's pooler (BertModel's own)
+CLASSIFIER = "classifier"      # the final exit's classifier (a *For*Classification model's head, unprefixed)
+
+
+def layer_prefix(i: int) -> str:
+  return f"encoder.layer.{i}."
+
+
+def highway_prefix(i: int) -> str:
+  """Exit i + 1 < L (0-based i), DeeBERT's names: `{prefix}pooler.dense` (sequence head) and `{prefix}classifier`."""
+  return f"encoder.highway.{i}."
+
+
 def _strip(name: str) -> str:
   for p in _PREFIXES:
     if name.startswith(p):
@@ -193,39 +223,35 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
       tree[key] = np.asarray(value, np.float32)
 
   emb = params["embeddings"]
-  put(emb["word"], "embedding", take("embeddings.word_embeddings.weight", emb["word"]["embedding"].shape))
-  put(emb["position"], "embedding",
-      take("embeddings.position_embeddings.weight", emb["position"]["embedding"].shape))
-  put(emb["token_type"], "embedding",
-      take("embeddings.token_type_embeddings.weight", emb["token_type"]["embedding"].shape))
-  _put_ln(sd, "embeddings.LayerNorm", emb["ln"]["ln"], missing, D)
+  for ours, theirs in EMBEDDINGS:
+    put(emb[ours], "embedding", take(theirs, emb[ours]["embedding"].shape))
+  _put_ln(sd, EMBEDDING_NORM, emb["ln"]["ln"], missing, D)
 
   lay = params["layers"]
   for i in range(L):
-    pre = f"encoder.layer.{i}."
-    q = [take(pre + f"attention.self.{n}.weight", (D, D)) for n in ("query", "key", "value")]
-    qb = [take(pre + f"attention.self.{n}.bias", (D,)) for n in ("query", "key", "value")]
+    pre = layer_prefix(i)
+    q = [take(pre + f"attention.self.{n}.weight", (D, D)) for n in QKV]
+    qb = [take(pre + f"attention.self.{n}.bias", (D,)) for n in QKV]
     if all(x is not None for x in q + qb):
       lay["qkv"]["kernel"][i] = np.concatenate(q, axis=0)
       lay["qkv"]["bias"][i] = np.concatenate(qb)
-    for ours, theirs, shape in (("attention_out", "attention.output.dense", (D, D)),
-                                ("intermediate", "intermediate.dense", (cfg.intermediate_size, D)),
-                                ("output", "output.dense", (D, cfg.intermediate_size))):
+    for ours, theirs in LAYER_LINEARS:
+      shape = lay[ours]["kernel"].shape[1:]
       w = take(pre + theirs + ".weight", shape)
       b = take(pre + theirs + ".bias", shape[:1])
       if w is not None:
         lay[ours]["kernel"][i] = w
       if b is not None:
         lay[ours]["bias"][i] = b
-    for ours, theirs in (("attention_ln", "attention.output.LayerNorm"), ("output_ln", "output.LayerNorm")):
+    for ours, theirs in LAYER_NORMS:
       ln_i = {"scale": lay[ours]["ln"]["scale"][i], "bias": lay[ours]["ln"]["bias"][i]}
       _put_ln(sd, pre + theirs, ln_i, missing, D)
       lay[ours]["ln"]["scale"][i], lay[ours]["ln"]["bias"][i] = ln_i["scale"], ln_i["bias"]
 
   # Pooler: BertModel's pooler, or RobertaForSequenceClassification's classifier.dense (same role).
   ex = params["exits"]
-  pool_name = "pooler.dense" if "pooler.dense.weight" in sd else (
-      "classifier.dense" if "classifier.dense.weight" in sd else "pooler.dense")
+  pool_name = POOLER if f"{POOLER}.weight" in sd else (
+      "classifier.dense" if "classifier.dense.weight" in sd else POOLER)
   has_pooler = "pooler" in ex   # a token head has none (the checkpoint's pooler stays unused)
   pw = take(pool_name + ".weight", (D, D)) if has_pooler else None
   pb = take(pool_name + ".bias", (D,)) if has_pooler else None
@@ -234,7 +260,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
     ex["pooler"]["bias"][:] = pb
 
   # Final exit classifier: kept when the checkpoint has one with the same label count.
-  cls_name = "classifier.out_proj" if "classifier.out_proj.weight" in sd else "classifier"
+  cls_name = "classifier.out_proj" if "classifier.out_proj.weight" in sd else CLASSIFIER
   classifier_from_checkpoint = False
   if f"{cls_name}.weight" in sd:
     cw, cb = sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
@@ -249,6 +275,20 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
       ex["classifier"]["bias"][L - 1] = cb
       classifier_from_checkpoint = True
       del sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
+
+  # The other exits, where the checkpoint has them (an export-hf directory): they replace the copies above.
+  for i in range(L - 1):
+    for part in ((POOLER,) if has_pooler else ()) + (CLASSIFIER,):
+      name = highway_prefix(i) + part
+      if f"{name}.weight" not in sd:
+        continue
+      tree = ex["pooler"] if part == POOLER else ex["classifier"]
+      if part == CLASSIFIER and sd[f"{name}.weight"].shape[0] != cfg.num_labels and not cfg.is_token_task:
+        continue   # another label count: a new classifier, as for the final exit (the checkpoint's stays unused)
+      w, b = take(name + ".weight", tree["kernel"].shape[1:]), take(name + ".bias", tree["bias"].shape[1:])
+      if part == CLASSIFIER and cfg.is_token_task and classifier_rows is not None:
+        w, b = w[classifier_rows], b[classifier_rows]
+      tree["kernel"][i], tree["bias"][i] = w, b
   params = jax.tree.map(np.asarray, params)
   return params, LoadReport(missing=missing, unexpected=sorted(sd), classifier_from_checkpoint=classifier_from_checkpoint)
 
@@ -262,6 +302,47 @@ def _put_ln(sd, base, tree, missing, dim):
   if w.shape != (dim,):
     raise RomeFlaxError(f"checkpoint weight {base} has shape {w.shape}, config implies ({dim},)")
   tree["scale"], tree["bias"] = w, b
+
+
+def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """rome_flax parameters -> PyTorch tensors' names and values (float32, C-contiguous): the exact inverse of
+  `convert_state_dict`, by the same name table. The encoder and the final exit's pooler under the model's
+  prefix (`bert.` / `roberta.`), the final classifier as `classifier`, exits 1..L-1 under
+  `{prefix}encoder.highway.{i}` (a token head has no pooler)."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float32), stack_layers(jax.device_get(params)))
+  pre, out = f"{cfg.model_type}.", {}
+
+  def put(name, value):
+    out[name] = np.ascontiguousarray(value, np.float32)
+
+  emb = p["embeddings"]
+  for ours, theirs in EMBEDDINGS:
+    put(pre + theirs, emb[ours]["embedding"])
+  put(f"{pre}{EMBEDDING_NORM}.weight", emb["ln"]["ln"]["scale"])
+  put(f"{pre}{EMBEDDING_NORM}.bias", emb["ln"]["ln"]["bias"])
+  lay, L = p["layers"], cfg.num_layers
+  for i in range(L):
+    lp = pre + layer_prefix(i)
+    for n, w, b in zip(QKV, np.split(lay["qkv"]["kernel"][i], 3, axis=0), np.split(lay["qkv"]["bias"][i], 3)):
+      put(f"{lp}attention.self.{n}.weight", w)
+      put(f"{lp}attention.self.{n}.bias", b)
+    for ours, theirs in LAYER_LINEARS:
+      put(f"{lp}{theirs}.weight", lay[ours]["kernel"][i])
+      put(f"{lp}{theirs}.bias", lay[ours]["bias"][i])
+    for ours, theirs in LAYER_NORMS:
+      put(f"{lp}{theirs}.weight", lay[ours]["ln"]["scale"][i])
+      put(f"{lp}{theirs}.bias", lay[ours]["ln"]["bias"][i])
+  ex = p["exits"]
+  for i in range(L):
+    final = i == L - 1
+    if "pooler" in ex:
+      name = pre + (POOLER if final else highway_prefix(i) + POOLER)
+      put(f"{name}.weight", ex["pooler"]["kernel"][i])
+      put(f"{name}.bias", ex["pooler"]["bias"][i])
+    name = CLASSIFIER if final else pre + highway_prefix(i) + CLASSIFIER
+    put(f"{name}.weight", ex["classifier"]["kernel"][i])
+    put(f"{name}.bias", ex["classifier"]["bias"][i])
+  return out
 
 
 def classifier_order(hf: dict, label_names) -> Optional[np.ndarray]:
@@ -278,14 +359,17 @@ def classifier_order(hf: dict, label_names) -> Optional[np.ndarray]:
   return np.asarray([theirs[name] for name in label_names])
 
 
-def load_hf_checkpoint(path_or_id: str, *, num_labels: Optional[int] = None, exit_pooling: str = "cls",
+def load_hf_checkpoint(path_or_id: str, *, num_labels: Optional[int] = None, exit_pooling: Optional[str] = None,
                        dtype: str = "float32", seed: int = 0, revision: Optional[str] = None,
-                       head: str = "sequence", label_names=None, classifier_dropout: Optional[float] = None):
+                       head: Optional[str] = None, label_names=None, classifier_dropout: Optional[float] = None):
   """Returns (ModelConfig, params, LoadReport, checkpoint_dir). head='token' (with the task's
-  label_names) loads a token classifier's head as the final exit, matching its labels by name."""
+  label_names) loads a token classifier's head as the final exit, matching its labels by name.
+  exit_pooling and head default to what config.json says (`exit_pooling`, `exit_head`: an export-hf
+  directory), else 'cls' and 'sequence'."""
   ckpt_dir = resolve_checkpoint_dir(path_or_id, revision)
   hf = read_hf_config(ckpt_dir)
-  overrides = dict(exit_pooling=exit_pooling, dtype=dtype, head=head)
+  head = head or hf.get("exit_head") or "sequence"
+  overrides = dict(exit_pooling=exit_pooling or hf.get("exit_pooling") or "cls", dtype=dtype, head=head)
   if classifier_dropout is not None:
     overrides["classifier_dropout"] = classifier_dropout
   if num_labels is not None:

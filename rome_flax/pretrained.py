@@ -22,7 +22,7 @@ import numpy as np
 from rome_flax import files, integrity, layers, preemption
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
-from rome_flax.convert import LoadReport, load_hf_checkpoint, resolve_checkpoint_dir
+from rome_flax.convert import HF_EXPORT_KEY, LoadReport, load_hf_checkpoint, read_hf_config, resolve_checkpoint_dir
 from rome_flax.errors import RomeFlaxError
 from rome_flax.files import staged_directory
 from rome_flax.runlock import RunLock
@@ -126,23 +126,26 @@ class MultiExitBert:
     """Loads a rome_flax export or a Hugging Face checkpoint (local directory or hub id).
 
     For Hugging Face checkpoints `num_labels` defaults to the checkpoint's own label count (2 if it
-    has none); `exit_pooling` defaults to 'cls' and `dtype` to 'float32'. For a rome_flax export
-    they default to the saved values. head='token' builds token exits (sequence labelling) over
-    `label_names`, taking a token classifier's head as exit L when its labels are the same (default:
-    the export's head; 'sequence' for a Hugging Face checkpoint).
+    has none); `exit_pooling` defaults to the checkpoint's (an export-hf directory's) or 'cls', and
+    `dtype` to 'float32'. For a rome_flax export they default to the saved values. head='token' builds
+    token exits (sequence labelling) over `label_names`, taking a token classifier's head as exit L when
+    its labels are the same (default: the export's head; for a Hugging Face checkpoint an export-hf
+    directory's own, else 'sequence').
     """
     ckpt_dir = resolve_checkpoint_dir(str(path_or_id), revision)
     if (ckpt_dir / EXPORT_CONFIG).is_file():
       return cls._from_export(ckpt_dir, num_labels, exit_pooling, dtype, load_tokenizer_files, head)
     cfg, params, report, ckpt_dir = load_hf_checkpoint(
-        str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling or "cls", dtype=dtype or "float32",
-        seed=seed, head=head or "sequence", label_names=label_names, classifier_dropout=classifier_dropout)
+        str(ckpt_dir), num_labels=num_labels, exit_pooling=exit_pooling, dtype=dtype or "float32",
+        seed=seed, head=head, label_names=label_names, classifier_dropout=classifier_dropout)
     # Missing encoder weights usually mean the wrong checkpoint: say so loudly.
     level = logging.WARNING if any(not m.startswith(("pooler", "classifier")) for m in report.missing) else logging.INFO
     log.log(level, "loaded %s: %s", ckpt_dir, report.summary())
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
+    exported = read_hf_config(ckpt_dir).get(HF_EXPORT_KEY)   # an export-hf directory keeps the export's metadata
+    info = ExportInfo.from_dict(exported.get("metadata") if isinstance(exported, dict) else None)
     return cls(cfg, jax.tree.map(jnp.asarray, params), tokenizer, report,
-               export_info=ExportInfo(source=str(path_or_id)))
+               export_info=info.replace(source=str(path_or_id)))
 
   @classmethod
   def _from_export(cls, ckpt_dir: Path, num_labels, exit_pooling, dtype, load_tokenizer_files, head=None):
@@ -221,7 +224,7 @@ MultiExitRoberta = MultiExitBert
 
 
 def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Optional[int] = None,
-                       exit_pooling: str = "cls", dtype: str = "float32", seed: int = 0,
+                       exit_pooling: Optional[str] = None, dtype: str = "float32", seed: int = 0,
                        overwrite: bool = False) -> tuple[Path, MultiExitBert]:
   """A Hugging Face checkpoint (directory or hub id) -> a rome_flax export; converting once makes
   later loads skip the name mapping (a rome_flax export is copied with its metadata). Refuses an
@@ -240,7 +243,7 @@ def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Opti
   check_out()
   model = MultiExitBert.from_pretrained(src, num_labels=num_labels, exit_pooling=exit_pooling, dtype=dtype,
                                         seed=seed)
-  info = model.export_info if model.load_report is None else ExportInfo(source=str(src))
+  info = model.export_info   # a Hugging Face checkpoint's: source=src (and an export-hf directory's metadata)
   with RunLock(out):
     files.settle_output(out)
     check_out()   # again, now that no other command can write there
