@@ -24,6 +24,9 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.tasks import TaskSpec
 
 MEASURE_SPEED = ("best", "all", "none")
+# --measure_speed best times a setting only when it saves at least this much (layer ratio; TOKEE: FLOPs ratio):
+# timing a setting where nothing exits measures only the early-exit paths' overhead (issue 25: 0.72x at 1.001x).
+MIN_TIMED_RATIO = 1.1
 DEFAULT_MAX_LENGTH = 128
 # Examples tokenised and run through the all-exits pass at a time: what is kept of a chunk is its
 # logits [E, n, C], lengths and ids (~60 bytes an example for 6 exits), not its tokens, so peak
@@ -266,7 +269,8 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   best = sweep.best_tradeoff(settings, metric, per_exit[-1][metric]) if labelled else None
 
   timed = {"all": range(len(policies)), "none": [],
-           "best": [settings.index(best)] if best is not None else []}[measure_speed]
+           "best": [settings.index(best)] if best is not None and best["layer_ratio"] >= MIN_TIMED_RATIO
+           else []}[measure_speed]
   speed_rows = []
   n_lat = min(latency_examples, len(timed_set))
   for k in bar("measured speed")(timed):
@@ -288,7 +292,8 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
     token_rows.append(token_row(cfg, task, policy, run, lengths_N, labels_N))
   if token_policies and measure_speed != "none":
     reference = per_exit[-1][metric] if labelled else None
-    ok = [k for k, r in enumerate(token_rows) if reference is None or r[metric] >= reference - 1.0]
+    ok = [k for k, r in enumerate(token_rows) if (reference is None or r[metric] >= reference - 1.0)
+          and (measure_speed == "all" or r["flops_ratio"] >= MIN_TIMED_RATIO)]
     timed_tokee = range(len(token_rows)) if measure_speed == "all" else \
         ([max(ok, key=lambda k: token_rows[k]["flops_ratio"])] if ok and labelled else [])
     for k in bar("TOKEE measured speed")(timed_tokee):

@@ -373,6 +373,9 @@ def print_evaluation(ev: evaluation.ExitsEvaluation, targets: tuple = ()) -> Non
     print(f"fastest setting within 1 point of the final exit ({metric} {ev.final_metric:.2f}): {best['setting']} "
           f"({metric} {best[metric]:.2f}, layer ratio {best['layer_ratio']:.2f}, "
           f"FLOPs ratio {best['flops_ratio']:.2f})\n")
+  if not ev.speed and ev.best is not None:
+    print(f"nothing timed: no setting within 1 point of the final exit saves {evaluation.MIN_TIMED_RATIO:g}x or more "
+          "(--measure_speed all times every setting)")
   if ev.speed:
     shown = ["setting", "layer_ratio", f"throughput_speedup_b{ev.batch_size}", "latency_layer_ratio",
              "latency_speedup_b1", "latency_ms", "full_latency_ms", "warmup_s_throughput", "warmup_s_latency",
