@@ -2,8 +2,11 @@
 
 No training: the converted all-MiniLM-L6-v2 checkpoint (6 layers) with a known exit distribution.
 Exits 1, 3, 4, 5 get a zero classifier (uniform softmax: never confident), exit 2 a classifier
-along a random direction, and the entropy threshold is set at the median of exit 2's entropies on
-the benchmark data: about half of the examples exit at layer 2, the rest run all 6 layers.
+along a random direction, and the entropy threshold is set in the widest gap between exit 2's
+entropies near their median on the benchmark data (`exit_policy.threshold_in_gap`): about half of the
+examples exit at layer 2, the rest run all 6 layers. Both paths' decisions must equal the offline ones
+wherever an example's entropy is more than --tie_tol from tau (the near-ties are counted and printed,
+never compared: paths that sum in different orders may split on them).
 
 Measures (a) the throughput path at batch 64 and (b) the latency path at batch 1, each against the
 full model (all layers, final exit only) on the same examples, batch size and machine, through
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._common import add_malloc_option, apply_malloc_option, minilm_dir
+from bench._common import add_malloc_option, apply_malloc_option, cpu_model, minilm_dir
 
 
 def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float, seed: int = 0):
@@ -59,6 +63,59 @@ def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
   return EncodedSplit.from_padded(ids, np.ones_like(ids))
 
 
+class Result(NamedTuple):
+  measured: object            # rome_flax.speed.EarlyExitSpeed
+  policy: object
+  stats: dict                 # "throughput" / "latency": sweep.exit_statistics of each path's exits
+  gap: tuple                  # (mean, std) of the chosen exit's logit gap at scale 1
+  near_ties: int              # examples whose score lies within the tolerance of tau (decisions not compared)
+  mismatches: dict            # "throughput" / "latency": decisions off the offline ones, away from tau
+
+
+def measure(params, cfg, data, *, batch: int = 64, latency_examples: int = 96, exit_layer: int = 2,
+            dispatch: str = "switch", repeats: int = 3, tol: float | None = None) -> Result:
+  """The known exit distribution on `params` (any model: MiniLM here, a random BERT-base in bench/gpu.py),
+  tau in a gap of exit `exit_layer`'s entropies near their median, both paths against the full model,
+  and their decisions against the offline ones wherever the score is more than `tol` from tau."""
+  from rome_flax import early_exit as ee
+  from rome_flax import inference
+  from rome_flax import exit_policy as ep
+  from rome_flax.speed import early_exit_speed
+  from rome_flax.sweep import exit_statistics
+
+  tol = ep.TIE_TOLERANCE if tol is None else tol
+  L = cfg.num_layers
+  # Centre and scale the chosen exit's logit gaps to a spread of about 3: entropies from ~0 to log 2.
+  p = known_exit_params(params, cfg, exit_layer - 1, scale=1.0, shift=0.0)
+  z = inference.run_all_exits(ee.prepare_params(p, dispatch), cfg, data, batch)[exit_layer - 1]
+  gap = z[:, 0] - z[:, 1]
+  params = known_exit_params(params, cfg, exit_layer - 1, scale=3.0 / max(float(gap.std()), 1e-6),
+                             shift=float(gap.mean()))
+  prepared = ee.prepare_params(params, dispatch)
+  # The baseline is always the fastest full model: unstacked layers, static indices (stacked weights
+  # sliced per call cost a weight copy per layer, which at batch 1 doubles the full model's time).
+  baseline = ee.prepare_params(params, "switch")
+
+  # tau from the data: in the widest gap between the chosen exit's entropies near their median, so no
+  # example sits within rounding of it (paths that sum in different orders would split on it).
+  exit_logits = inference.run_all_exits(prepared, cfg, data, batch)
+  h_ExN = np.asarray(ep.entropy(jnp.asarray(exit_logits)))
+  tau = ep.threshold_in_gap(h_ExN[exit_layer - 1])
+  policy = ep.make_policy("entropy", tau, L, num_labels=cfg.num_labels)
+
+  measured = early_exit_speed(prepared, cfg, policy, data, batch, latency_examples=latency_examples,
+                              repeats=repeats, baseline=baseline)
+  thr, lat = measured.throughput, measured.latency
+  stats = {name: exit_statistics(cfg, m.run.exit_index_N, data.lengths[:len(m.run.exit_index_N)])
+           for name, m in (("throughput", thr), ("latency", lat))}
+  want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)
+  near_N = ep.near_tie_examples(policy, exit_logits, tol=tol)   # an exit's entropy within tol of tau
+  n_lat = measured.latency_examples
+  mismatches = {"throughput": int(((thr.run.exit_index_N != want) & ~near_N).sum()),
+                "latency": int(((lat.run.exit_index_N != want[:n_lat]) & ~near_N[:n_lat]).sum())}
+  return Result(measured, policy, stats, (float(gap.mean()), float(gap.std())), int(near_N.sum()), mismatches)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--examples", type=int, default=512, help="examples for the throughput measurement")
@@ -68,54 +125,34 @@ def main():
   ap.add_argument("--exit_layer", type=int, default=2, help="the layer (1-based) where about half exit")
   ap.add_argument("--dispatch", default="switch", choices=("switch", "slice"))
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--tie_tol", type=float, default=None,
+                  help="decisions whose entropy lies this close to tau are not compared (default: "
+                       "exit_policy.TIE_TOLERANCE)")
   add_malloc_option(ap)
   args = ap.parse_args()
   apply_malloc_option(args)
 
   import rome_flax
-  from rome_flax import early_exit as ee
-  from rome_flax import inference
-  from rome_flax import exit_policy as ep
-  from rome_flax.speed import early_exit_speed
-  from rome_flax.sweep import exit_statistics
 
   model = rome_flax.MultiExitBert.from_pretrained(minilm_dir(), num_labels=2, load_tokenizer_files=False)
   cfg = model.config
   L = cfg.num_layers
   data = synthetic_tokens(args.examples, args.seq, cfg.vocab_size, seed=1)
-  # Centre and scale the chosen exit's logit gaps to a spread of about 3: entropies from ~0 to log 2.
-  params = known_exit_params(model.params, cfg, args.exit_layer - 1, scale=1.0, shift=0.0)
-  z = inference.run_all_exits(ee.prepare_params(params, args.dispatch), cfg, data, args.batch)[args.exit_layer - 1]
-  gap = z[:, 0] - z[:, 1]
-  params = known_exit_params(model.params, cfg, args.exit_layer - 1, scale=3.0 / max(float(gap.std()), 1e-6),
-                             shift=float(gap.mean()))
-  print(f"exit {args.exit_layer} logit gap at scale 1: mean {gap.mean():.4g} std {gap.std():.4g}")
-  prepared = ee.prepare_params(params, args.dispatch)
-  # The baseline is always the fastest full model: unstacked layers, static indices (stacked weights
-  # sliced per call cost a weight copy per layer, which at batch 1 doubles the full model's time).
-  baseline = ee.prepare_params(params, "switch")
-
-  # Threshold from the data: the median entropy of the chosen exit (halfway between two neighbours).
-  exit_logits = inference.run_all_exits(prepared, cfg, data, args.batch)
-  h = np.sort(np.asarray(ep.entropy(jnp.asarray(exit_logits[args.exit_layer - 1]))))
-  tau = float((h[len(h) // 2 - 1] + h[len(h) // 2]) / 2)
-  policy = ep.make_policy("entropy", tau, L, num_labels=cfg.num_labels)
-
-  measured = early_exit_speed(prepared, cfg, policy, data, args.batch, latency_examples=args.latency_examples,
-                              repeats=args.repeats, baseline=baseline)
+  r = measure(model.params, cfg, data, batch=args.batch, latency_examples=args.latency_examples,
+              exit_layer=args.exit_layer, dispatch=args.dispatch, repeats=args.repeats, tol=args.tie_tol)
+  measured, stats = r.measured, r.stats
   full_b, thr = measured.full_throughput, measured.throughput
   full_1, lat = measured.full_latency, measured.latency
-  stats = {name: exit_statistics(cfg, m.run.exit_index_N, data.lengths[:len(m.run.exit_index_N)])
-           for name, m in (("throughput", thr), ("latency", lat))}
-
-  want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)
-  assert np.array_equal(thr.run.exit_index_N, want), "throughput path disagrees with the offline decisions"
-  assert np.array_equal(lat.run.exit_index_N, want[:measured.latency_examples]), "latency path disagrees"
-
+  print(f"exit {args.exit_layer} logit gap at scale 1: mean {r.gap[0]:.4g} std {r.gap[1]:.4g}")
   print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), seq {args.seq}, float32, "
-        f"device {jax.devices()[0].device_kind}, dispatch {args.dispatch}")
-  print(f"policy: {policy.describe()} (median entropy of exit {args.exit_layer}); exits 1..{L - 1} other than "
-        f"{args.exit_layer} never confident")
+        f"device {jax.devices()[0].device_kind}, dispatch {args.dispatch}; Model name: {cpu_model()}")
+  print(f"policy: {r.policy.describe()} (widest gap near the median entropy of exit {args.exit_layer}); exits "
+        f"1..{L - 1} other than {args.exit_layer} never confident")
+  print(f"decisions equal the offline ones: throughput {r.mismatches['throughput'] == 0}, latency "
+        f"{r.mismatches['latency'] == 0}; near-ties (entropy within the tolerance of tau, not compared): "
+        f"{r.near_ties}")
+  assert r.mismatches["throughput"] == 0, "throughput path disagrees with the offline decisions"
+  assert r.mismatches["latency"] == 0, "latency path disagrees with the offline decisions"
   for name, m in (("throughput", thr), ("latency", lat)):
     st = stats[name]
     print(f"{name} set ({len(m.run.exit_index_N)} examples): exit layer shares "

@@ -228,6 +228,52 @@ def grid_from_scores(criterion: str, first_exit_logits, word_mask_NxW=None, pool
   return sorted({float(f"{max(v, 0.0):.4g}") for v in grid})
 
 
+# Two paths that sum in different orders (batch 1 against batch 64, gathered against plain) give scores
+# that differ by rounding (~1e-6 in float32; more with bfloat16 compute): a decision whose score lies
+# this close to its threshold may differ between them. Benches and tests compare decisions only past it.
+TIE_TOLERANCE = 1e-3
+
+
+def threshold_in_gap(values, quantile: float = 0.5, spread: float = 0.05) -> float:
+  """A threshold near the `quantile` of `values` that no value sits near: the middle of the largest
+  gap between neighbouring sorted values within +-`spread` (a share of the values) of that quantile.
+  For benches and tests that compare the decisions of two paths (issue 23: a median threshold sat
+  within rounding of a word's uncertainty, and batch 1 and batch 64 disagreed on it)."""
+  v = np.sort(np.ravel(np.asarray(values, np.float64)))
+  v = v[np.isfinite(v)]
+  n = len(v)
+  if n < 2:
+    raise RomeFlaxError(f"threshold_in_gap needs at least 2 finite values, got {n}")
+  lo = int(np.clip(math.floor((quantile - spread) * n) - 1, 0, n - 2))
+  hi = int(np.clip(math.ceil((quantile + spread) * n), lo, n - 2))
+  k = lo + int(np.argmax(v[lo + 1:hi + 2] - v[lo:hi + 1]))
+  return float((v[k] + v[k + 1]) / 2)
+
+
+def near_ties(values, threshold, tol: float = TIE_TOLERANCE) -> np.ndarray:
+  """Which values lie within `tol` of their threshold (broadcast): decisions two paths may take
+  differently by rounding alone."""
+  return np.abs(np.asarray(values, np.float64) - np.asarray(threshold, np.float64)) <= tol
+
+
+def near_tie_examples(policy: ExitPolicy, exit_logits_ExNxC, word_mask_NxW=None,
+                      tol: float = TIE_TOLERANCE) -> np.ndarray:
+  """[N] bool: examples with an exit before the last whose `score` lies within `tol` of that exit's
+  threshold (entropy, maxprob; patience counts whole predictions: none). Compare two paths' decisions
+  on the others."""
+  N = np.shape(exit_logits_ExNxC)[1]
+  if policy.criterion not in ("entropy", "maxprob"):
+    return np.zeros(N, bool)
+  words = None if word_mask_NxW is None else jnp.asarray(word_mask_NxW)
+  s_ExN = np.stack([np.asarray(score(policy.criterion, jnp.asarray(z), words, policy.pool))
+                    for z in exit_logits_ExNxC[:-1]]) if len(exit_logits_ExNxC) > 1 else np.zeros((0, N))
+  t_Ex1 = np.asarray(policy.threshold_E)[:-1, None]
+  near_ExN = near_ties(s_ExN, t_Ex1, tol)
+  if policy.criterion == "entropy":
+    near_ExN &= t_Ex1 > 0    # no entropy is below 0: a zero threshold never splits
+  return near_ExN.any(0)
+
+
 def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=None):
   """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits.
 

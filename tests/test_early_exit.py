@@ -51,10 +51,8 @@ def exit_logits(params, arrays):
 
 
 def gap_median(values):
-  """A threshold halfway between two neighbouring values near the median: no example sits on it."""
-  v = np.sort(np.ravel(values))
-  k = len(v) // 2
-  return float((v[k - 1] + v[k]) / 2)
+  """A threshold in the widest gap between values near the median: no example sits within rounding of it."""
+  return ep.threshold_in_gap(values)
 
 
 def policies(exit_logits):
@@ -91,10 +89,13 @@ def test_paths_equal_offline_decisions(params, encoded, exit_logits, dispatch):
             inference.throughput_pass(prepared, CFG, policy, encoded, batch_size=4, chunk_size=16).run()]
     if n == 0:
       runs.append(inference.latency_pass(prepared, CFG, policy, encoded, batch_size=5).run())
+    # Decisions within rounding of a threshold may differ between paths (issue 23): compare the others.
+    far = ~ep.near_tie_examples(policy, exit_logits)
+    assert far.sum() >= len(far) - 1, f"{(~far).sum()} near-ties: {policy.describe()}"
     for res in runs:
-      np.testing.assert_array_equal(res.exit_index_N, want_exit, err_msg=policy.describe())
-      np.testing.assert_array_equal(res.logits_NxC.argmax(-1), want_logits.argmax(-1))
-      np.testing.assert_allclose(res.logits_NxC, want_logits, atol=1e-5)
+      np.testing.assert_array_equal(res.exit_index_N[far], want_exit[far], err_msg=policy.describe())
+      np.testing.assert_array_equal(res.logits_NxC[far].argmax(-1), want_logits[far].argmax(-1))
+      np.testing.assert_allclose(res.logits_NxC[far], want_logits[far], atol=1e-5)
   assert len(spread) >= 3 or dispatch == "slice", "test data should exercise several exits"
 
 

@@ -106,3 +106,20 @@ def test_describe():
   assert ep.make_policy("entropy", 0.1, 3, num_labels=2).describe() == "entropy<0.1"
   assert ep.make_policy("patience", 2, 3, num_labels=1, delta=0.05).describe() == "patience=2,delta=0.05"
   assert ep.make_policy("maxprob", [0.8, 0.9], 3, num_labels=2).describe() == "maxprob>=0.8/0.9"
+
+
+def test_threshold_in_gap_keeps_away_from_values_and_near_ties_count_them():
+  """Issue 23: a median threshold sat within rounding of a value; the gap threshold does not."""
+  v = np.array([0.1, 0.2, 0.3, 0.3 + 1e-7, 0.31, 0.6, 0.9, 1.0])
+  tau = ep.threshold_in_gap(v)
+  assert not ep.near_ties(v, tau, 1e-2).any() and 0.3 < tau < 0.9
+  u = np.random.default_rng(0).random(1001)
+  tau = ep.threshold_in_gap(u)
+  assert abs((u < tau).mean() - 0.5) <= 0.06 and np.abs(u - tau).min() > 0
+  assert ep.near_ties(v, 0.3, 1e-3).sum() == 2
+  logits = np.array([[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], np.float32)   # [E=2, N=2, C=2]
+  h = float(ep.entropy(jnp.asarray(logits[0, 0])))
+  policy = ep.make_policy("entropy", h + 1e-4, 2, num_labels=2)
+  np.testing.assert_array_equal(ep.near_tie_examples(policy, logits), [True, False])
+  assert not ep.near_tie_examples(ep.make_policy("entropy", 0.0, 2, num_labels=2), logits).any()
+  assert not ep.near_tie_examples(ep.make_policy("patience", 1, 2, num_labels=2), logits).any()

@@ -143,7 +143,7 @@ def test_token_train_step_runs_and_learns(encoded):
 def _policies(exit_logits_words, mask):
   u = np.asarray(ep.entropy(jnp.asarray(exit_logits_words))) / np.log(len(TAGS))
   pooled = np.where(mask[None], u, -np.inf).max(-1)   # [E, N]
-  tau = float(np.median(pooled[:-1]))
+  tau = ep.threshold_in_gap(pooled[:-1])   # no sentence within rounding of it (issue 23)
   return [ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), token_task=True),
           ep.make_policy("entropy", [tau * 0.5, tau, tau * 1.5], 4, num_labels=len(TAGS), token_task=True),
           ep.make_policy("maxprob", 0.6, 4, num_labels=len(TAGS), token_task=True),
@@ -183,9 +183,12 @@ def test_sentee_paths_equal_offline(params, encoded, dispatch):
     runs = [inference.latency_pass(prepared, CFG, policy, encoded, 1).run(),
             inference.latency_pass(prepared, CFG, policy, encoded, 4).run(),
             inference.throughput_pass(prepared, CFG, policy, encoded, 4, chunk_size=12).run()]
+    # Sentences within rounding of a threshold may exit differently on another path: compare the others.
+    far = ~ep.near_tie_examples(policy, logits, mask)
+    assert far.sum() >= len(far) - 1, f"{(~far).sum()} near-ties: {policy.describe()}"
     for run in runs:
-      np.testing.assert_array_equal(run.exit_index_N, exits, err_msg=policy.describe())
-      np.testing.assert_allclose(run.logits_NxC, np.asarray(d.logits_NxC), atol=2e-5)
+      np.testing.assert_array_equal(run.exit_index_N[far], exits[far], err_msg=policy.describe())
+      np.testing.assert_allclose(run.logits_NxC[far], np.asarray(d.logits_NxC)[far], atol=2e-5)
 
 
 def test_patience_is_refused_for_token_tasks():
