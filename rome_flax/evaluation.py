@@ -150,7 +150,7 @@ def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_leng
   stream), tokenised and run `STREAM_EXAMPLES` at a time: the cache `evaluate_exits` sweeps and
   `calibration` calibrates from."""
   cfg, bar = model.config, progress or _no_progress
-  max_length = max_length or model.export_info.max_length or DEFAULT_MAX_LENGTH
+  max_length = max_length_of(model, max_length)
   prepared = ee.prepare_params(model.params) if prepared is None else prepared
   mesh = inference.local_mesh() if mesh is None else mesh
   t0 = time.perf_counter()
@@ -182,6 +182,11 @@ def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_leng
                   example_ids=np.concatenate(ids), labels=np.concatenate(labels) if labelled else None,
                   words=words, word_mask=word_mask, split=split_name, timed_set=timed_set,
                   encoded_chunks=encoded_chunks, seconds=time.perf_counter() - t0)
+
+
+def max_length_of(model, requested: Optional[int] = None) -> int:
+  """The length examples are cut to: the one asked for, else the export's training length, else 128."""
+  return requested or model.export_info.max_length or DEFAULT_MAX_LENGTH
 
 
 def with_data_grid(policies: Sequence[ep.ExitPolicy], exit_logits, word_mask=None) -> list[ep.ExitPolicy]:
@@ -240,7 +245,7 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
       raise RomeFlaxError(f"policy {policy.describe()} is for {policy.num_exits} exits, the model has "
                           f"{cfg.num_exits}")
   bar = progress or _no_progress
-  max_length = max_length or model.export_info.max_length or DEFAULT_MAX_LENGTH
+  max_length = max_length_of(model, max_length)
   prepared = ee.prepare_params(model.params)
   mesh = inference.local_mesh(devices)
 

@@ -91,12 +91,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, over
     raise RomeFlaxError(f"--out {out_dir} is the export itself; choose another directory")
 
   def check_out():
-    if out.exists() and not out.is_dir():
-      raise RomeFlaxError(f"--out {out_dir} is a file")
-    if files.entries(out) and not overwrite:
-      raise RomeFlaxError(f"--out {out_dir} already exists and is not empty; pass --overwrite to replace it")
-    if overwrite:
-      files.check_replaceable(out, KIND, ENTRIES)
+    files.check_output_target(out, f"--out {out_dir}", overwrite, KIND, ENTRIES,
+                              occupied="already exists and is not empty")
 
   check_out()
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)

@@ -234,6 +234,19 @@ def entries(directory: Path) -> list[str]:
   return sorted(p.name for p in Path(directory).iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in OWN_ENTRIES))
 
 
+def check_output_target(directory: Path, shown: str, overwrite: bool, kind: str, ours: Sequence[str],
+                        legacy: Optional[str] = None, occupied: str = "already exists") -> None:
+  """A directory a command is about to fill: not a file; empty, unless `overwrite`, which replaces only
+  rome_flax output of `kind` (`check_replaceable`). `shown` names it in the messages (e.g. '--out DIR')."""
+  directory = Path(directory)
+  if directory.exists() and not directory.is_dir():
+    raise RomeFlaxError(f"{shown} is a file")
+  if entries(directory) and not overwrite:
+    raise RomeFlaxError(f"{shown} {occupied}; pass --overwrite to replace it")
+  if overwrite:
+    check_replaceable(directory, kind, ours, legacy=legacy)
+
+
 def check_replaceable(directory: Path, kind: str, ours: Sequence[str], legacy: Optional[str] = None) -> None:
   """--overwrite's rule: a directory is replaced only when rome_flax marked it as `kind` output (or,
   written before the mark existed, it holds `legacy`) and it holds nothing but such output (the

@@ -259,7 +259,7 @@ def check_max_length(max_length: Optional[int], model) -> int:
   position lookup reads past the table: NaN logits, no error), as train.py demands."""
   if max_length is not None and max_length < 8:
     raise RomeFlaxError(f"--max_length must be at least 8, got {max_length}")
-  length = max_length or model.export_info.max_length or evaluation.DEFAULT_MAX_LENGTH
+  length = evaluation.max_length_of(model, max_length)
   positions = model.config.max_position_embeddings
   if length > positions:
     raise RomeFlaxError(f"max_length {length} exceeds the model's {positions} positions"

@@ -233,12 +233,7 @@ def convert_checkpoint(src: str, out_dir: str | os.PathLike, *, num_labels: Opti
   out = files.check_output_value(out_dir).absolute()
 
   def check_out():
-    if out.exists() and not out.is_dir():
-      raise RomeFlaxError(f"{out_dir} is a file")
-    if files.entries(out) and not overwrite:
-      raise RomeFlaxError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if overwrite:
-      files.check_replaceable(out, "export", EXPORT_ENTRIES, legacy=EXPORT_CONFIG)
+    files.check_output_target(out, str(out_dir), overwrite, "export", EXPORT_ENTRIES, legacy=EXPORT_CONFIG)
 
   check_out()
   model = MultiExitBert.from_pretrained(src, num_labels=num_labels, exit_pooling=exit_pooling, dtype=dtype,
