@@ -564,7 +564,8 @@ def bucket_length(n: int, cap: int) -> int:
   return cap
 
 
-def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool = False) -> dict[str, np.ndarray]:
+def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool = False,
+              seq: Optional[int] = None) -> dict[str, np.ndarray]:
   """Examples `rows` of a split as one fixed-shape batch: {input_ids, attention_mask, token_type_ids,
   labels, example_ids}, num_rows rows padded to the bucket (`bucket_length`) of the longest example.
   A token task's batch has labels [num_rows, S] (each word's tag at its first piece) and word_mask
@@ -573,10 +574,11 @@ def pad_batch(encoded: EncodedSplit, rows, num_rows: int, *, repeat_first: bool 
   Rows past len(rows) are padding: example_ids -1, label 0, and no tokens, or with repeat_first a
   copy of the first example's tokens, so that a rule over the whole batch (the latency path stops
   once every row has exited) waits for no padding row. An example's own row is the same whatever
-  else is in the batch; only the padding length changes, and attention masks it out.
+  else is in the batch; only the padding length changes, and attention masks it out. `seq` pads to
+  that length instead of the bucket (the open engine's slots all have one length).
   """
   rows = np.asarray(rows)
-  seq = bucket_length(max(len(encoded.input_ids[i]) for i in rows), encoded.max_length)
+  seq = seq or bucket_length(max(len(encoded.input_ids[i]) for i in rows), encoded.max_length)
   input_ids = np.full((num_rows, seq), encoded.pad_id, np.int32)
   token_types = np.zeros((num_rows, seq), np.int32)
   mask = np.zeros((num_rows, seq), np.int32)

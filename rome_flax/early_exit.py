@@ -5,14 +5,11 @@ exit i on the whole batch, asks the policy which examples exit, and stops as soo
 has exited; each example keeps the first exit it took. At batch size 1 this is classic early exit,
 with no host round trip per layer and no re-tracing per input (the layer index is traced).
 
-Throughput path (`throughput_chunk`): at batch size > 1 the latency path waits for the slowest
-example. Here a chunk of N examples lives on the device as a buffer of hidden states [N,S,D] with,
-per example, the next layer to run, the criterion state and a done flag. Each `lax.while_loop`
-iteration picks a layer l (the lowest layer with a full batch of waiting examples, else the lowest
-layer with any), gathers up to B of its waiting examples, runs layer l + exit l on that fixed-size
-batch (cut to the length bucket of its longest example), scatters the results back and retires the
-examples that exit. Shapes never change, so nothing recompiles, and an exited example costs
-nothing more. At most one partial batch per layer per chunk; the host streams chunks.
+Throughput path (`throughput_chunk` = `engine.chunk`): at batch size > 1 the latency path waits for
+the slowest example. The open engine (engine.py) keeps N examples on the device in slots and runs one
+layer at a time on B waiting ones, retiring those that exit; a closed chunk admits N examples and runs
+until all have exited, the admission pass (`inference.throughput_pass(admission=True)`) and the
+server refill slots as they free up.
 
 Every path runs the model's one unit of work (`model.layer_and_exit`): the full model and the
 all-exits pass are `model.forward`, the loops call `model.layer_and_exit_at` with a traced layer.
@@ -35,15 +32,14 @@ piece); a sentence is one example and exits as a whole (SENTEE), its logits [S,C
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from rome_flax import engine
 from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
-from rome_flax.data import BUCKETS
 from rome_flax.errors import RomeFlaxError
 
 DISPATCHES = ("switch", "slice")
@@ -59,15 +55,13 @@ def prepare_params(params: dict, dispatch: str = "switch") -> dict:
 # ----------------------------------------------------------------------------- jitted paths
 
 
-def example_logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
-  """Shape of a batch's logits at one exit: [B, C], or [B, S, C] for token exits."""
-  return (batch, seq, cfg.num_labels) if cfg.is_token_task else (batch, cfg.num_labels)
+example_logits_shape = engine.logits_shape
 
 
-class ExitResult(NamedTuple):
-  logits_BxC: jax.Array     # float32 logits of the exit each example took ([B, S, C] for token exits)
-  exit_index_B: jax.Array   # int32, 0-based exit taken
-  layer_runs: jax.Array     # int32 []: layer applications on a batch (latency: layers run; throughput: batches)
+# The throughput path is the open engine's closed chunk (engine.py), re-exported under its old names.
+ExitResult = engine.ExitResult
+throughput_chunk = engine.chunk
+trim_lengths = engine.trim_lengths
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -100,103 +94,12 @@ def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_Bx
     i, h_BxSxD, state, done_B, exit_B, out_BxC = carry
     h_BxSxD, logits_BxC = model_lib.layer_and_exit_at(prepared, cfg, i, h_BxSxD, mask_BxS, bias)
     state, exit_now_B = ep.step(policy, state, logits_BxC, i, word_mask_BxS)
-    newly_B = exit_now_B & ~done_B
-    exit_B = jnp.where(newly_B, i, exit_B)
-    out_BxC = jnp.where(ep.per_example(newly_B, out_BxC), logits_BxC.astype(jnp.float32), out_BxC)
-    return i + 1, h_BxSxD, state, done_B | exit_now_B, exit_B, out_BxC
+    return (i + 1, h_BxSxD, state, *ep.record_exit(exit_now_B, i, logits_BxC, done_B, exit_B, out_BxC))
 
   init = (jnp.int32(0), h_BxSxD, ep.init_state((B,)), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
           jnp.zeros(example_logits_shape(cfg, B, S), jnp.float32))
   layers_run, _, _, _, exit_B, out_BxC = jax.lax.while_loop(cond, body, init)
   return ExitResult(out_BxC, exit_B, layers_run)
-
-
-def _pick_layer(counts_L, batch_size):
-  """The lowest layer with a full batch waiting, else the lowest layer with anything waiting."""
-  has_full = counts_L >= batch_size
-  return jnp.where(jnp.any(has_full), jnp.argmax(has_full), jnp.argmax(counts_L > 0)).astype(jnp.int32)
-
-
-def trim_lengths(seq_len: int) -> tuple[int, ...]:
-  """Lengths a gathered batch may be trimmed to inside a chunk padded to seq_len: the buckets of
-  `data.bucket_length`, the one bucketing rule of training and inference batches."""
-  return tuple(sorted({min(b, seq_len) for b in BUCKETS} | {seq_len}))
-
-
-def _layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple):
-  """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example.
-
-  A chunk is padded to its longest example, but a gathered batch of shorter ones need not pay for
-  that: `lax.switch` picks a branch per (layer, length), like the full model's per-batch buckets.
-  Positions past the cut are padding for every example of the batch, so the result is the same.
-  """
-  S = h_BxSxD.shape[1]
-  k = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), longest), len(lengths) - 1)
-
-  def cut(s, layer_exit):
-    def branch(h_BxSxD, mask_BxS):
-      m_BxS = mask_BxS[:, :s]
-      h_cut, logits_BxC = layer_exit(h_BxSxD[:, :s], m_BxS, model_lib.attention_bias(m_BxS))
-      if cfg.is_token_task and s < S:   # token logits back to the chunk's length (padding: zeros)
-        logits_BxC = jnp.pad(logits_BxC, ((0, 0), (0, S - s), (0, 0)))
-      return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
-    return branch
-
-  if model_lib.is_unstacked(prepared):
-    branches = [cut(s, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
-                for s in lengths]
-    return jax.lax.switch(l * len(lengths) + k, branches, h_BxSxD, mask_BxS)
-  layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
-  return jax.lax.switch(k, [cut(s, layer_exit) for s in lengths], h_BxSxD, mask_BxS)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "lengths"))
-def throughput_chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_NxS, attention_mask_NxS,
-                     token_type_ids_NxS, valid_N, batch_size: int, lengths: Optional[tuple] = None,
-                     word_mask_NxS=None) -> ExitResult:
-  """Early exit over a chunk of N examples, running one layer at a time on B waiting examples.
-
-  `valid_N` marks padding rows (False), which are never run. Waiting examples are gathered in row
-  order, so a chunk sorted by length batches similar lengths together, and each batch is trimmed
-  to one of `lengths` (default: trim_lengths(S)). Returns per-example logits and exits and, as
-  layer_runs, the number of layer batches that ran.
-  """
-  mask_NxS = jnp.asarray(attention_mask_NxS, jnp.int32)
-  N, S = mask_NxS.shape
-  L = cfg.num_layers
-  lengths = tuple(lengths or trim_lengths(S))
-  length_N = mask_NxS.sum(axis=1)
-  h_NxSxD = model_lib.embed(prepared, cfg, input_ids_NxS, mask_NxS, token_type_ids_NxS)
-
-  def cond(carry):
-    return ~jnp.all(carry[3])
-
-  def body(carry):
-    runs, h_NxSxD, next_layer_N, done_N, state_N, exit_N, out_NxC = carry
-    waiting_N = ~done_N
-    counts_L = jnp.zeros((L,), jnp.int32).at[jnp.minimum(next_layer_N, L - 1)].add(waiting_N.astype(jnp.int32))
-    l = _pick_layer(counts_L, batch_size)
-    (idx_B,) = jnp.nonzero(waiting_N & (next_layer_N == l), size=batch_size, fill_value=N)
-    safe_B = jnp.minimum(idx_B, N - 1)
-    longest = jnp.max(jnp.where(idx_B < N, length_N[safe_B], 1))
-    h_BxSxD, logits_BxC = _layer_exit_trimmed(prepared, cfg, l, h_NxSxD[safe_B], mask_NxS[safe_B], longest,
-                                              lengths)
-    words_B = None if word_mask_NxS is None else word_mask_NxS[safe_B]
-    state_B, exit_now_B = ep.step(policy, jax.tree.map(lambda x: x[safe_B], state_N), logits_BxC, l, words_B)
-    put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
-    h_NxSxD = put(h_NxSxD, h_BxSxD.astype(h_NxSxD.dtype))
-    next_layer_N = put(next_layer_N, jnp.full((batch_size,), l + 1, jnp.int32))
-    state_N = jax.tree.map(put, state_N, state_B)
-    done_N = put(done_N, exit_now_B)
-    exit_N = put(exit_N, jnp.where(exit_now_B, l, exit_N[safe_B]))
-    out_NxC = put(out_NxC, jnp.where(ep.per_example(exit_now_B, logits_BxC), logits_BxC.astype(jnp.float32),
-                                     out_NxC[safe_B]))
-    return runs + 1, h_NxSxD, next_layer_N, done_N, state_N, exit_N, out_NxC
-
-  init = (jnp.int32(0), h_NxSxD, jnp.zeros((N,), jnp.int32), ~jnp.asarray(valid_N, bool), ep.init_state((N,)),
-          jnp.zeros((N,), jnp.int32), jnp.zeros(example_logits_shape(cfg, N, S), jnp.float32))
-  runs, _, _, _, _, exit_N, out_NxC = jax.lax.while_loop(cond, body, init)
-  return ExitResult(out_NxC, exit_N, runs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "mesh"))

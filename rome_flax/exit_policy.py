@@ -278,8 +278,9 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=No
   """Exit i has produced logits_BxC: returns (new state, exit_now_B). The last exit always exits.
 
   Token exits: logits [B,S,C] and word_mask_BxS (1 at each word's first piece): the sentence's
-  words decide together (`score`: SENTEE)."""
-  threshold = policy.threshold_E[i]
+  words decide together (`score`: SENTEE). threshold_E may also be per example, [B, E] (the engine's
+  per-request thresholds)."""
+  threshold = policy.threshold_E[..., i]
   logits_BxC = logits_BxC.astype(jnp.float32)
   if policy.token_task and (word_mask_BxS is None or logits_BxC.ndim != 3):
     raise RomeFlaxError("a token-task policy needs token logits [B,S,C] and the word mask")
@@ -298,6 +299,15 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=No
   allowed = i + 1 >= policy.min_exit_layer
   exit_now_B = (confident_B & allowed) | (i == policy.num_exits - 1)
   return state, exit_now_B
+
+
+def record_exit(exit_now_B, i, logits_BxC, done_B, exit_B, out_BxC):
+  """The first-exit bookkeeping of every driver (offline scan, latency loop, engine step): examples
+  that exit now and had not exited keep exit i and its logits. Returns (done_B, exit_B, out_BxC)."""
+  newly_B = exit_now_B & ~done_B
+  exit_B = jnp.where(newly_B, i, exit_B)
+  out_BxC = jnp.where(per_example(newly_B, out_BxC), logits_BxC.astype(jnp.float32), out_BxC)
+  return done_B | exit_now_B, exit_B, out_BxC
 
 
 class Decision(NamedTuple):
@@ -322,10 +332,7 @@ def decide(policy: ExitPolicy, exit_logits_ExNxC, word_mask_NxW=None) -> Decisio
     state, done_N, exit_N, out_NxC = carry
     logits_NxC, i = xs
     state, exit_now_N = step(policy, state, logits_NxC, i, word_mask_NxW)
-    newly_N = exit_now_N & ~done_N
-    exit_N = jnp.where(newly_N, i, exit_N)
-    out_NxC = jnp.where(per_example(newly_N, logits_NxC), logits_NxC, out_NxC)
-    return (state, done_N | exit_now_N, exit_N, out_NxC), None
+    return (state, *record_exit(exit_now_N, i, logits_NxC, done_N, exit_N, out_NxC)), None
 
   init = (init_state((N,)), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32),
           jnp.zeros(exit_logits_ExNxC.shape[1:], jnp.float32))

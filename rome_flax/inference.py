@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_flax import data, heads, sharding
+from rome_flax import data, engine, heads, sharding
 from rome_flax import exit_policy as ep
 from rome_flax.config import ModelConfig
 from rome_flax.early_exit import (ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk,
@@ -151,14 +151,89 @@ def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: dat
               len(encoded), cfg, _num_words(encoded))
 
 
+class AdmissionPass(Pass):
+  """The throughput path as a host-driven open engine: admit a batch of rows whenever enough slots are
+  free, `engine.run` until B slots are free again, collect the finished slots, repeat (issue 19).
+
+  Unlike closed chunks, which each end with up to one partial batch per layer, slots refill as
+  examples exit, so only the very end of the dataset runs partial batches. One host sync per refill.
+  Rows are admitted longest first, each padded to the slots' length (the bucket of the longest)."""
+
+  def __init__(self, prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
+               batch_size: int, slots: int):
+    seq = data.bucket_length(int(encoded.lengths.max()), encoded.max_length)
+    order = np.argsort(-encoded.lengths, kind="stable")
+    pieces = [data.pad_batch(encoded, order[start:start + batch_size], batch_size, repeat_first=True, seq=seq)
+              for start in range(0, len(encoded), batch_size)]
+    super().__init__(pieces, None, len(encoded), cfg, _num_words(encoded))
+    self.prepared, self.policy, self.batch_size, self.slots, self.seq = prepared, policy, batch_size, slots, seq
+    self.threshold_BxE = np.broadcast_to(np.asarray(policy.threshold_E), (batch_size, cfg.num_exits))
+
+  def _admit(self, state, piece, slot_B):
+    return engine.admit(self.prepared, self.cfg, state, slot_B, piece["input_ids"], piece["attention_mask"],
+                        piece["token_type_ids"], piece["attention_mask"].sum(1), self.threshold_BxE,
+                        piece.get("word_mask"))
+
+  def warm_up(self) -> None:
+    state = self._admit(engine.init(self.cfg, self.slots, self.seq), self.pieces[0],
+                        np.full(self.batch_size, self.slots, np.int32))
+    jax.block_until_ready(engine.run(self.prepared, self.cfg, self.policy, state, self.batch_size, max_steps=1))
+
+  def __call__(self, progress=None) -> list:
+    N, B = self.slots, self.batch_size
+    state = engine.init(self.cfg, N, self.seq)
+    example_of_N = np.full(N, -1)           # the example each slot holds (running or not yet collected)
+    running_N = np.zeros(N, bool)
+    words_of_N = np.zeros((N, self.seq), np.int32)
+    finished, pieces = [], iter(progress(self.pieces) if progress else self.pieces)
+    piece = next(pieces, None)
+    while True:
+      while piece is not None:
+        rows = np.flatnonzero(piece["example_ids"] >= 0)
+        free = np.flatnonzero(example_of_N < 0)
+        if len(free) < len(rows):
+          break
+        slot_B = np.full(B, N, np.int32)
+        slot_B[rows] = free[:len(rows)]
+        state = self._admit(state, piece, slot_B)
+        example_of_N[free[:len(rows)]] = piece["example_ids"][rows]
+        running_N[free[:len(rows)]] = True
+        if "word_mask" in piece:
+          words_of_N[free[:len(rows)]] = piece["word_mask"][rows]
+        piece = next(pieces, None)
+      if not running_N.any():
+        break
+      state = engine.run(self.prepared, self.cfg, self.policy, state, B,
+                         min_free=B if piece is not None else engine.NEVER)
+      now_running_N, exit_N, out_N = jax.device_get((state.running_N, state.exit_N, state.out_NxC))
+      done_N = running_N & ~now_running_N
+      finished.append((example_of_N[done_N], exit_N[done_N], out_N[done_N], words_of_N[done_N]))
+      example_of_N[done_N] = -1
+      running_N = np.array(now_running_N)
+    finished.append(int(state.runs))
+    return finished
+
+  def collect(self, outputs: list) -> RunResult:
+    *finished, runs = outputs
+    per_example = (self.num_words,) if self.cfg.is_token_task else ()
+    logits = np.zeros((self.num_examples,) + per_example + (self.cfg.num_labels,), np.float32)
+    exits = np.full((self.num_examples,), self.cfg.num_layers - 1, np.int32)
+    for rows, exit_rows, out_rows, words in finished:
+      logits[rows] = to_words(out_rows, words, self.num_words) if self.cfg.is_token_task else out_rows
+      exits[rows] = exit_rows
+    return RunResult(logits, exits, runs)
+
+
 def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
-                    batch_size: int = 64, chunk_size: Optional[int] = None, mesh=None) -> Pass:
+                    batch_size: int = 64, chunk_size: Optional[int] = None, mesh=None,
+                    admission: bool = False) -> Pass:
   """Throughput path over a dataset: chunks of `chunk_size` examples on device; with a mesh of D
   devices, D chunks at a time, one per device (`early_exit.throughput_chunks`).
 
   The default chunk is 16 batches (or the whole dataset, rounded up to a batch, if smaller; with D
   devices, 1/D of it): larger chunks leave fewer partial batches (at most one per layer per chunk)
-  but hold more hidden states.
+  but hold more hidden states. admission=True: `chunk_size` slots refilled as examples exit
+  (`AdmissionPass`), one device.
   """
   devices = 1 if mesh is None else mesh.size
   if batch_size < 1:
@@ -166,6 +241,10 @@ def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: 
   chunk_size = chunk_size or min(16 * batch_size, -(-len(encoded) // (batch_size * devices)) * batch_size)
   if chunk_size < batch_size:
     raise RomeFlaxError(f"chunk_size ({chunk_size}) must be at least batch_size ({batch_size})")
+  if admission:
+    if devices > 1:
+      raise RomeFlaxError("the admission pass runs on one device; use closed chunks (admission=False) on a mesh")
+    return AdmissionPass(prepared, cfg, policy, encoded, batch_size, chunk_size)
   if devices == 1:
     def fn(p):
       return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),

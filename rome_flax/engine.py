@@ -1,0 +1,227 @@
+"""The open early-exit engine: a fixed set of slots on the device, new work admitted while it runs.
+
+Every sentence-level early-exit path that batches examples runs here (issue 19): the closed chunk
+of `infer.py --path throughput`, the admission pass over a dataset, and the server's step loop.
+The engine is three pure, jitted functions over an `EngineState` of N slots:
+
+  init(cfg, slots, seq)                     -> state        every slot free
+  admit(params, cfg, state, slot_A, rows)   -> state        embeds A rows into the given free slots
+  run(params, cfg, policy, state, ...)      -> state        steps until enough slots are free
+
+and the step every one of them repeats (`step`): pick a layer l (the lowest layer with a full batch of
+B waiting slots, else the lowest with any), gather up to B of its waiting slots (highest `priority`
+first: the longest for a dataset pass, the oldest request for the server), run layer l + exit l on
+that fixed-size batch cut to the length bucket of its longest example, apply the exit policy (with
+each slot's own thresholds) and retire the slots that exit; they keep their results (`exit_N`,
+`out_NxC`) until the host admits new work into them. Shapes never change, so each function compiles
+once per (slots, length, batch) and nothing recompiles as work comes and goes.
+
+The host owns the queue. It reads `running_N` after a `run` (one sync), collects the slots that
+finished, and admits more rows into free slots; `evict` frees slots whose caller went away.
+A closed chunk (`chunk`) is admit-everything-then-run-to-the-end, the same step in one `while_loop`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rome_flax import exit_policy as ep
+from rome_flax import model as model_lib
+from rome_flax.config import ModelConfig
+from rome_flax.data import BUCKETS
+
+NEVER = 2 ** 30   # `run(min_free=NEVER)`: run until no slot is running
+
+
+class EngineState(NamedTuple):
+  """N slots. A slot is free (running False) or runs one example through its layers."""
+  h_NxSxD: jax.Array          # hidden state of each slot's example after its last layer run
+  mask_NxS: jax.Array         # int32 attention mask
+  length_N: jax.Array         # int32 pieces
+  priority_N: jax.Array       # int32: among the slots waiting at a layer, the highest go first
+  next_layer_N: jax.Array     # int32: the layer each slot runs next (0-based)
+  running_N: jax.Array        # bool: holds an example that has not exited
+  policy_state: ep.PolicyState
+  threshold_NxE: jax.Array    # float32: each slot's thresholds (per-request policies)
+  exit_N: jax.Array           # int32: 0-based exit taken (valid once a slot stops running)
+  out_NxC: jax.Array          # float32 logits of that exit ([N, S, C] for token exits)
+  runs: jax.Array             # int32 []: layer batches run since init
+  words_NxS: Optional[jax.Array] = None   # int32 word mask (token exits, SENTEE) else None
+
+
+def logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
+  """Shape of a batch's logits at one exit: [B, C], or [B, S, C] for token exits."""
+  return (batch, seq, cfg.num_labels) if cfg.is_token_task else (batch, cfg.num_labels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def init(cfg: ModelConfig, slots: int, seq: int) -> EngineState:
+  """Every slot free. Hidden states in the model's compute dtype. (Jitted: every field its own buffer,
+  which `admit` and `run` donate.)"""
+  from rome_flax import layers
+  zeros_N = jnp.zeros((slots,), jnp.int32)
+  return EngineState(
+      h_NxSxD=jnp.zeros((slots, seq, cfg.hidden_size), layers.compute_dtype(cfg)),
+      mask_NxS=jnp.zeros((slots, seq), jnp.int32), length_N=zeros_N, priority_N=zeros_N, next_layer_N=zeros_N,
+      running_N=jnp.zeros((slots,), bool), policy_state=ep.init_state((slots,)),
+      threshold_NxE=jnp.zeros((slots, cfg.num_exits), jnp.float32), exit_N=zeros_N,
+      out_NxC=jnp.zeros(logits_shape(cfg, slots, seq), jnp.float32), runs=jnp.int32(0),
+      words_NxS=jnp.zeros((slots, seq), jnp.int32) if cfg.is_token_task else None)
+
+
+def _admit(prepared, cfg: ModelConfig, state: EngineState, slot_A, input_ids_AxS, attention_mask_AxS,
+           token_type_ids_AxS, priority_A, threshold_AxE, word_mask_AxS=None) -> EngineState:
+  """Rows into slots `slot_A` (N: a padding row, dropped). Rows are as long as the slots (S)."""
+  mask_AxS = jnp.asarray(attention_mask_AxS, jnp.int32)
+  A = mask_AxS.shape[0]
+  h_AxSxD = model_lib.embed(prepared, cfg, input_ids_AxS, mask_AxS, token_type_ids_AxS)
+  put = lambda buf, val: buf.at[slot_A].set(val, mode="drop")
+  fresh = ep.init_state((A,))
+  return state._replace(
+      h_NxSxD=put(state.h_NxSxD, h_AxSxD.astype(state.h_NxSxD.dtype)), mask_NxS=put(state.mask_NxS, mask_AxS),
+      length_N=put(state.length_N, mask_AxS.sum(1)), priority_N=put(state.priority_N, jnp.asarray(priority_A, jnp.int32)),
+      next_layer_N=put(state.next_layer_N, jnp.zeros((A,), jnp.int32)),
+      running_N=put(state.running_N, jnp.ones((A,), bool)),
+      policy_state=jax.tree.map(put, state.policy_state, fresh),
+      threshold_NxE=put(state.threshold_NxE, jnp.asarray(threshold_AxE, jnp.float32)),
+      exit_N=put(state.exit_N, jnp.zeros((A,), jnp.int32)),
+      out_NxC=put(state.out_NxC, jnp.zeros((A,) + state.out_NxC.shape[1:], jnp.float32)),
+      words_NxS=None if state.words_NxS is None else put(state.words_NxS, jnp.asarray(word_mask_AxS, jnp.int32)))
+
+
+admit = jax.jit(_admit, static_argnames=("cfg",), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def evict(state: EngineState, slot_mask_N) -> EngineState:
+  """Frees slots (a caller that went away or timed out): they stop running and take no more layers."""
+  return state._replace(running_N=state.running_N & ~jnp.asarray(slot_mask_N, bool))
+
+
+def trim_lengths(seq_len: int) -> tuple[int, ...]:
+  """Lengths a gathered batch may be trimmed to inside slots of length seq_len: the buckets of
+  `data.bucket_length`, the one bucketing rule of training and inference batches."""
+  return tuple(sorted({min(b, seq_len) for b in BUCKETS} | {seq_len}))
+
+
+def pick_layer(counts_L, batch_size):
+  """The lowest layer with a full batch waiting, else the lowest layer with anything waiting."""
+  has_full = counts_L >= batch_size
+  return jnp.where(jnp.any(has_full), jnp.argmax(has_full), jnp.argmax(counts_L > 0)).astype(jnp.int32)
+
+
+def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple):
+  """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example.
+
+  Slots are as long as their longest possible example, but a gathered batch of shorter ones need not
+  pay for that: `lax.switch` picks a branch per (layer, length), like the full model's per-batch
+  buckets. Positions past the cut are padding for every example of the batch, so the result is the same.
+  """
+  S = h_BxSxD.shape[1]
+  k = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), longest), len(lengths) - 1)
+
+  def cut(s, layer_exit):
+    def branch(h_BxSxD, mask_BxS):
+      m_BxS = mask_BxS[:, :s]
+      h_cut, logits_BxC = layer_exit(h_BxSxD[:, :s], m_BxS, model_lib.attention_bias(m_BxS))
+      if cfg.is_token_task and s < S:   # token logits back to the slots' length (padding: zeros)
+        logits_BxC = jnp.pad(logits_BxC, ((0, 0), (0, S - s), (0, 0)))
+      return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
+    return branch
+
+  if model_lib.is_unstacked(prepared):
+    branches = [cut(s, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
+                for s in lengths]
+    return jax.lax.switch(l * len(lengths) + k, branches, h_BxSxD, mask_BxS)
+  layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
+  return jax.lax.switch(k, [cut(s, layer_exit) for s in lengths], h_BxSxD, mask_BxS)
+
+
+def waiting_at(state: EngineState, l, batch_size: int):
+  """Up to B slots waiting at layer l, highest priority first (ties: lower slot first); N fills the rest.
+
+  A dataset pass gives each example its length as priority, so a batch groups similar lengths (for
+  rows sorted longest first this is plain row order); the server gives older requests priority."""
+  N = state.running_N.shape[0]
+  waiting_N = state.running_N & (state.next_layer_N == l)
+  slot_N = jnp.arange(N, dtype=jnp.int32)
+  _, _, order_N = jax.lax.sort(((~waiting_N).astype(jnp.int32), -state.priority_N, slot_N), num_keys=3)
+  idx_B = order_N[:batch_size]
+  return jnp.where(waiting_N[idx_B], idx_B, N)
+
+
+def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
+         lengths: tuple) -> EngineState:
+  """One layer batch: pick a layer, gather its waiting slots, layer + exit, policy, retire the exited."""
+  N, L = state.running_N.shape[0], cfg.num_layers
+  counts_L = jnp.zeros((L,), jnp.int32).at[jnp.minimum(state.next_layer_N, L - 1)].add(
+      state.running_N.astype(jnp.int32))
+  l = pick_layer(counts_L, batch_size)
+  idx_B = waiting_at(state, l, batch_size)
+  safe_B = jnp.minimum(idx_B, N - 1)
+  longest = jnp.max(jnp.where(idx_B < N, state.length_N[safe_B], 1))
+  h_BxSxD, logits_BxC = layer_exit_trimmed(prepared, cfg, l, state.h_NxSxD[safe_B], state.mask_NxS[safe_B],
+                                           longest, lengths)
+  words_B = None if state.words_NxS is None else state.words_NxS[safe_B]
+  slot_policy = policy.replace(threshold_E=state.threshold_NxE[safe_B])
+  policy_B, exit_now_B = ep.step(slot_policy, jax.tree.map(lambda x: x[safe_B], state.policy_state), logits_BxC,
+                                 l, words_B)
+  _, exit_B, out_BxC = ep.record_exit(exit_now_B, l, logits_BxC, jnp.zeros_like(exit_now_B), state.exit_N[safe_B],
+                                      state.out_NxC[safe_B])
+  put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
+  return state._replace(
+      h_NxSxD=put(state.h_NxSxD, h_BxSxD.astype(state.h_NxSxD.dtype)),
+      next_layer_N=put(state.next_layer_N, jnp.full((batch_size,), l + 1, jnp.int32)),
+      running_N=put(state.running_N, ~exit_now_B),
+      policy_state=jax.tree.map(put, state.policy_state, policy_B),
+      exit_N=put(state.exit_N, exit_B), out_NxC=put(state.out_NxC, out_BxC), runs=state.runs + 1)
+
+
+def _run(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
+         lengths: Optional[tuple] = None, min_free=NEVER, max_steps=NEVER) -> EngineState:
+  """Steps while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps` ran."""
+  lengths = tuple(lengths or trim_lengths(state.mask_NxS.shape[1]))
+
+  def cond(carry):
+    steps, state = carry
+    free = jnp.sum(~state.running_N)
+    return jnp.any(state.running_N) & (free < min_free) & (steps < max_steps)
+
+  def body(carry):
+    steps, state = carry
+    return steps + 1, step(prepared, cfg, policy, state, batch_size, lengths)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+run = jax.jit(_run, static_argnames=("cfg", "batch_size", "lengths"), donate_argnames=("state",))
+
+
+class ExitResult(NamedTuple):
+  logits_BxC: jax.Array     # float32 logits of the exit each example took ([B, S, C] for token exits)
+  exit_index_B: jax.Array   # int32, 0-based exit taken
+  layer_runs: jax.Array     # int32 []: layer applications on a batch (latency: layers run; throughput: batches)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "lengths"))
+def chunk(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_NxS, attention_mask_NxS,
+          token_type_ids_NxS, valid_N, batch_size: int, lengths: Optional[tuple] = None,
+          word_mask_NxS=None) -> ExitResult:
+  """A closed chunk: N examples into N slots (rows with valid_N False stay free), run until all exit.
+
+  Priority is length, so batches group similar lengths; for rows sorted longest first (what
+  `inference.plan` gives) that is plain row order. Returns per-example logits and exits and, as
+  layer_runs, the number of layer batches that ran."""
+  mask_NxS = jnp.asarray(attention_mask_NxS, jnp.int32)
+  N, S = mask_NxS.shape
+  state = init(cfg, N, S)
+  slot_N = jnp.where(jnp.asarray(valid_N, bool), jnp.arange(N, dtype=jnp.int32), N)
+  threshold_NxE = jnp.broadcast_to(policy.threshold_E, (N, cfg.num_exits))
+  state = _admit(prepared, cfg, state, slot_N, input_ids_NxS, mask_NxS, token_type_ids_NxS, mask_NxS.sum(1),
+                 threshold_NxE, word_mask_NxS)
+  state = _run(prepared, cfg, policy, state, batch_size, lengths)
+  return ExitResult(state.out_NxC, state.exit_N, state.runs)
