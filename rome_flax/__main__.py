@@ -20,7 +20,9 @@ USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exi
          "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]\n"
          "       python -m rome_flax calibrate --checkpoint EXPORT --target consistency|risk|speed "
          "[--epsilon E] [--delta D] [--speedup S] [--criterion entropy|maxprob|patience|tokee] [--task T] "
-         "[--data_dir DIR] [--split train] [--skip_rows N] [--rows N] [--output thresholds.json]")
+         "[--data_dir DIR] [--split train] [--skip_rows N] [--rows N] [--output thresholds.json]\n"
+         "       python -m rome_flax serve --checkpoint EXPORT [--host 127.0.0.1] [--port 8080] [--policy entropy:0.3] "
+         "[--max_batch 64] [--max_queue 1024] [--timeout_ms MS] [--full_model]")
 
 
 def convert_parser() -> cli.ArgumentParser:
@@ -130,8 +132,46 @@ def calibrate(args) -> None:
   calibrate_cli.run(args)
 
 
+def serve_parser() -> cli.ArgumentParser:
+  ap = cli.ArgumentParser(prog="python -m rome_flax serve",
+                          description="An HTTP server with early exit and continuous batching at layer granularity "
+                          "(POST /predict, GET /health, GET /metrics); SIGTERM drains and exits 0.")
+  ap.add_argument("--checkpoint", help="rome_flax export directory (train.py's export/, or convert's)")
+  ap.add_argument("--artefact", help="serve an artefact written by python -m rome_flax export instead")
+  ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  ap.add_argument("--port", type=int, default=8080, help="port (0: any free port; the line 'serving on' names it)")
+  ap.add_argument("--policy", help="CRITERION:THRESHOLD, e.g. entropy:0.3 or maxprob:0.9 (default: entropy:0.3, or "
+                  "the --thresholds_file setting); requests may change the thresholds")
+  ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")
+  ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to B/16, B/4 at low load)")
+  ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch)")
+  ap.add_argument("--max_queue", type=int, default=1024, help="examples that may wait; beyond it: 429")
+  ap.add_argument("--timeout_ms", type=float, help="default request deadline; past it: 504 (default: none)")
+  ap.add_argument("--max_length", type=int, help="longest input in tokens (default: the export's training length)")
+  ap.add_argument("--full_model", action="store_true", help="the baseline: every layer, final exit, dynamic batches")
+  ap.add_argument("--grace_s", type=float, default=30.0, help="on SIGTERM, time to finish running requests")
+  return ap
+
+
+def serve(args) -> None:
+  from rome_flax import server
+  from rome_flax.errors import RomeFlaxError
+  if not args.checkpoint and not args.artefact:
+    raise RomeFlaxError("give --checkpoint EXPORT (or --artefact DIR)")
+  if not 0 <= args.port <= 65535:
+    raise RomeFlaxError(f"--port must be in 0..65535, got {args.port}")
+  for name in ("max_batch", "max_queue", "slots", "max_length"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise RomeFlaxError(f"--{name} must be >= 1, got {value}")
+  server.serve(args.checkpoint, artefact=args.artefact, host=args.host,
+               port=args.port, policy=args.policy, max_batch=args.max_batch, slots=args.slots,
+               max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
+               max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s)
+
+
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),
-            "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser)}
+            "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser), "serve": (serve, serve_parser)}
 
 
 def main(argv=None) -> int:

@@ -108,37 +108,52 @@ def trim_lengths(seq_len: int) -> tuple[int, ...]:
   return tuple(sorted({min(b, seq_len) for b in BUCKETS} | {seq_len}))
 
 
-def pick_layer(counts_L, batch_size):
-  """The lowest layer with a full batch waiting, else the lowest layer with anything waiting."""
+PICKS = ("lowest", "oldest")
+
+
+def pick_layer(counts_L, batch_size, fallback_layer=None):
+  """The lowest layer with a full batch waiting, else the lowest layer with anything waiting ('lowest':
+  the most batching, for a dataset pass) or `fallback_layer` ('oldest': the layer of the slot with the
+  highest priority, so a server's oldest request is not held back while newer ones catch up)."""
   has_full = counts_L >= batch_size
-  return jnp.where(jnp.any(has_full), jnp.argmax(has_full), jnp.argmax(counts_L > 0)).astype(jnp.int32)
+  partial = jnp.argmax(counts_L > 0) if fallback_layer is None else fallback_layer
+  return jnp.where(jnp.any(has_full), jnp.argmax(has_full), partial).astype(jnp.int32)
 
 
-def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple):
-  """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example.
+def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple, count=None,
+                       sizes: Optional[tuple] = None):
+  """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example
+  and (given `count`, the real rows, which come first) to the smallest of `sizes` that holds them.
 
   Slots are as long as their longest possible example, but a gathered batch of shorter ones need not
-  pay for that: `lax.switch` picks a branch per (layer, length), like the full model's per-batch
-  buckets. Positions past the cut are padding for every example of the batch, so the result is the same.
+  pay for that: `lax.switch` picks a branch per (layer, length, size), like the full model's per-batch
+  buckets. Positions and rows past the cut are padding, so the real rows' results are the same; rows
+  past the cut come back as they went in (hidden state) or zeros (logits). A server uses sizes such as
+  (4, 16, 64): at low load a step runs 4 rows, not 64.
   """
-  S = h_BxSxD.shape[1]
+  B, S = h_BxSxD.shape[:2]
+  sizes = tuple(sizes or (B,))
   k = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), longest), len(lengths) - 1)
+  j = 0 if count is None else jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), count), len(sizes) - 1)
 
-  def cut(s, layer_exit):
+  def cut(s, b, layer_exit):
     def branch(h_BxSxD, mask_BxS):
-      m_BxS = mask_BxS[:, :s]
-      h_cut, logits_BxC = layer_exit(h_BxSxD[:, :s], m_BxS, model_lib.attention_bias(m_BxS))
-      if cfg.is_token_task and s < S:   # token logits back to the slots' length (padding: zeros)
-        logits_BxC = jnp.pad(logits_BxC, ((0, 0), (0, S - s), (0, 0)))
-      return (h_BxSxD.at[:, :s].set(h_cut) if s < S else h_cut), logits_BxC
+      m_bxs = mask_BxS[:b, :s]
+      h_cut, logits_bxC = layer_exit(h_BxSxD[:b, :s], m_bxs, model_lib.attention_bias(m_bxs))
+      pad = ((0, B - b), (0, S - s), (0, 0)) if cfg.is_token_task else ((0, B - b), (0, 0))
+      if b < B or (cfg.is_token_task and s < S):   # logits back to the batch's shape (padding: zeros)
+        logits_bxC = jnp.pad(logits_bxC, pad)
+      return (h_BxSxD.at[:b, :s].set(h_cut) if (s < S or b < B) else h_cut), logits_bxC
     return branch
 
+  shapes = [(s, b) for s in lengths for b in sizes]
+  index = k * len(sizes) + j
   if model_lib.is_unstacked(prepared):
-    branches = [cut(s, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
-                for s in lengths]
-    return jax.lax.switch(l * len(lengths) + k, branches, h_BxSxD, mask_BxS)
+    branches = [cut(s, b, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
+                for s, b in shapes]
+    return jax.lax.switch(l * len(shapes) + index, branches, h_BxSxD, mask_BxS)
   layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
-  return jax.lax.switch(k, [cut(s, layer_exit) for s in lengths], h_BxSxD, mask_BxS)
+  return jax.lax.switch(index, [cut(s, b, layer_exit) for s, b in shapes], h_BxSxD, mask_BxS)
 
 
 def waiting_at(state: EngineState, l, batch_size: int):
@@ -155,17 +170,22 @@ def waiting_at(state: EngineState, l, batch_size: int):
 
 
 def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
-         lengths: tuple) -> EngineState:
+         lengths: tuple, sizes: Optional[tuple] = None, pick: str = "lowest") -> EngineState:
   """One layer batch: pick a layer, gather its waiting slots, layer + exit, policy, retire the exited."""
   N, L = state.running_N.shape[0], cfg.num_layers
   counts_L = jnp.zeros((L,), jnp.int32).at[jnp.minimum(state.next_layer_N, L - 1)].add(
       state.running_N.astype(jnp.int32))
-  l = pick_layer(counts_L, batch_size)
+  oldest = None
+  if pick == "oldest":
+    top = jnp.argmax(jnp.where(state.running_N, state.priority_N, jnp.iinfo(jnp.int32).min))
+    oldest = state.next_layer_N[top]
+  l = pick_layer(counts_L, batch_size, oldest)
   idx_B = waiting_at(state, l, batch_size)
   safe_B = jnp.minimum(idx_B, N - 1)
   longest = jnp.max(jnp.where(idx_B < N, state.length_N[safe_B], 1))
+  count = None if sizes is None else jnp.sum(idx_B < N)
   h_BxSxD, logits_BxC = layer_exit_trimmed(prepared, cfg, l, state.h_NxSxD[safe_B], state.mask_NxS[safe_B],
-                                           longest, lengths)
+                                           longest, lengths, count, sizes)
   words_B = None if state.words_NxS is None else state.words_NxS[safe_B]
   slot_policy = policy.replace(threshold_E=state.threshold_NxE[safe_B])
   policy_B, exit_now_B = ep.step(slot_policy, jax.tree.map(lambda x: x[safe_B], state.policy_state), logits_BxC,
@@ -182,9 +202,13 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
 
 
 def _run(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
-         lengths: Optional[tuple] = None, min_free=NEVER, max_steps=NEVER) -> EngineState:
-  """Steps while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps` ran."""
+         lengths: Optional[tuple] = None, min_free=NEVER, max_steps=NEVER, sizes: Optional[tuple] = None,
+         pick: str = "lowest") -> EngineState:
+  """Steps while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps` ran.
+  `sizes`: batch sizes a step may cut its batch to (`layer_exit_trimmed`; default: batch_size only);
+  `pick`: the layer rule when no layer has a full batch (`pick_layer`)."""
   lengths = tuple(lengths or trim_lengths(state.mask_NxS.shape[1]))
+  sizes = None if sizes is None else tuple(sorted(set(sizes) | {batch_size}))
 
   def cond(carry):
     steps, state = carry
@@ -193,12 +217,12 @@ def _run(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
 
   def body(carry):
     steps, state = carry
-    return steps + 1, step(prepared, cfg, policy, state, batch_size, lengths)
+    return steps + 1, step(prepared, cfg, policy, state, batch_size, lengths, sizes, pick)
 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-run = jax.jit(_run, static_argnames=("cfg", "batch_size", "lengths"), donate_argnames=("state",))
+run = jax.jit(_run, static_argnames=("cfg", "batch_size", "lengths", "sizes", "pick"), donate_argnames=("state",))
 
 
 class ExitResult(NamedTuple):

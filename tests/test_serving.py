@@ -1,0 +1,190 @@
+"""Serving: the Engine's answers equal infer.py's offline decisions; the queue's rules (429 when full,
+504 past a deadline, cancellation frees slots, bad requests refused alone); the HTTP app; SIGTERM
+drains in-flight requests and exits 0 (a real server process on 127.0.0.1, bounded in time)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rome_flax import exit_policy as ep
+from rome_flax import inference, serving
+from rome_flax.config import ModelConfig
+from rome_flax.pretrained import ExportInfo, MultiExitBert, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["a charming and moving film", "dull , plodding and far too long", "it is what it is",
+         "an utter triumph of style and wit", "the plot makes no sense at all", "i laughed , i cried",
+         "not bad", "a mess from start to finish , with no redeeming features whatsoever"]
+
+
+@pytest.fixture(scope="module")
+def model(minilm_dir):
+  """A tiny 3-layer model with MiniLM's tokenizer, its exits spread over the layers."""
+  cfg = ModelConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=48, max_position_embeddings=64, num_labels=2)
+  m = MultiExitBert.from_config(cfg, seed=3, tokenizer=load_tokenizer(minilm_dir))
+  m.params["exits"]["classifier"]["kernel"] = m.params["exits"]["classifier"]["kernel"] * 400.0
+  m.export_info = ExportInfo(task="sst2", label_names=("negative", "positive"), max_length=64)
+  return m
+
+
+def entropy_gap_policy(model, texts):
+  """An entropy threshold in a gap of the first exit's entropies (no decision within rounding)."""
+  enc = model.encode(texts, max_length=64)
+  logits = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).exit_logits)
+  h = np.asarray(ep.entropy(jnp.asarray(logits)))
+  return ep.make_policy("entropy", ep.threshold_in_gap(h[0]), model.config.num_exits, num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  eng = serving.Engine(model, entropy_gap_policy(model, TEXTS), slots=8, batch=4, max_length=64, max_queue=16)
+  yield eng
+  eng.close(5)
+
+
+def test_engine_answers_equal_the_offline_decisions(model, engine):
+  policy = entropy_gap_policy(model, TEXTS)
+  ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
+  assert 1 < len(set(ref.exit_layers.tolist()))             # exits spread over layers
+  one_call = engine.predict(TEXTS)
+  one_each = [f.result(30)[0] for f in [engine.submit([t]) for t in TEXTS]]   # arriving while others run
+  for got in (one_call, one_each):
+    assert [p.exit_layer for p in got] == ref.exit_layers.tolist()
+    assert [p.label for p in got] == [("negative", "positive")[k] for k in ref.predictions]
+    np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
+
+
+def test_per_request_thresholds(model, engine):
+  never = engine.predict(TEXTS, policy={"criterion": "entropy", "threshold": 0.0})
+  always = engine.predict(TEXTS, policy="entropy:9")
+  late = engine.predict(TEXTS, policy={"criterion": "entropy", "threshold": 9, "min_layer": 2})
+  L = model.config.num_layers
+  assert [p.exit_layer for p in never] == [L] * len(TEXTS)
+  assert [p.exit_layer for p in always] == [1] * len(TEXTS)
+  assert [p.exit_layer for p in late] == [2] * len(TEXTS)
+  with pytest.raises(serving.RequestError, match="criterion"):
+    engine.submit(TEXTS[:1], policy="maxprob:0.9")
+
+
+@pytest.mark.parametrize("texts, kw, message", [
+    ([], {}, "non-empty list"), (["ok", ""], {}, "non-empty string"), ("just a string", {}, "non-empty list"),
+    (["word " * 80], {}, "at most 64"), (["ok"], {"policy": "entropy"}, "CRITERION:THRESHOLD"),
+    (["ok"], {"policy": {"criterion": "nope", "threshold": 1}}, "unknown criterion"),
+    (["ok"], {"policy": "entropy:-1"}, ">= 0"), (["ok"], {"timeout_ms": -5}, "positive"),
+    (["ok"], {"text_pairs": ["a", "b"]}, "one per text")])
+def test_bad_requests_are_refused_alone(engine, texts, kw, message):
+  with pytest.raises(serving.RequestError, match=message):
+    engine.submit(texts, **kw)
+  assert engine.predict(TEXTS[:2])   # the engine goes on serving
+
+
+def test_queue_full_deadline_and_cancel(model):
+  eng = serving.Engine(model, "entropy:0.0", slots=4, batch=2, max_length=64, max_queue=3)
+  try:
+    with pytest.raises(serving.Overloaded):
+      eng.submit(TEXTS[:4])                                   # 4 examples > a queue of 3: refused at once
+    late = eng.submit(TEXTS[:2], timeout_ms=1e-3)             # its deadline passes before it is admitted
+    with pytest.raises(serving.DeadlineExceeded):
+      late.result(30)
+    gone = eng.submit(TEXTS[:3])
+    gone.cancel()                                             # a client that went away
+    assert [p.exit_layer for p in eng.predict(TEXTS[:3])] == [model.config.num_layers] * 3
+  finally:
+    eng.close(5)
+  with pytest.raises(serving.ShuttingDown):
+    eng.submit(TEXTS[:1])
+
+
+def test_full_model_baseline_answers_with_the_final_exit(model):
+  eng = serving.Engine(model, slots=8, batch=4, max_length=64, full_model=True)
+  try:
+    got = eng.predict(TEXTS)
+  finally:
+    eng.close(5)
+  enc = model.encode(TEXTS, max_length=64)
+  final = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).exit_logits)[-1]
+  assert [p.exit_layer for p in got] == [model.config.num_layers] * len(TEXTS)
+  np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(final, -1), atol=1e-5)
+
+
+def test_http_app(model, engine):
+  from starlette.testclient import TestClient
+  from rome_flax import server
+  metrics = server.Metrics(model.config.num_layers)
+  app = server.build_app(engine, metrics, {"slots": 8})
+  with TestClient(app) as client:
+    r = client.post("/predict", json={"texts": TEXTS[:2]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["predictions"]) == 2 and body["server_ms"] > 0
+    assert set(body["predictions"][0]) == {"label", "probabilities", "exit_layer"}
+    for payload, status in ((b"{not json", 400), (b"[1, 2]", 400), (json.dumps({"texts": [""]}).encode(), 400),
+                            (json.dumps({"texts": ["a"], "colour": 1}).encode(), 400),
+                            (json.dumps({"texts": ["a"] * 20}).encode(), 400),
+                            (json.dumps({"texts": ["a"] * 8 + ["b"] * 0, "timeout_ms": 1e-3}).encode(), 504)):
+      r = client.post("/predict", content=payload)
+      assert r.status_code == status, (payload, r.text)
+      assert "error" in r.json()
+    assert client.get("/health").json()["status"] == "ok"
+    text = client.get("/metrics").text
+    for name in ("rome_flax_request_duration_seconds", "rome_flax_queue_duration_seconds", "rome_flax_queue_size",
+                 "rome_flax_slot_occupancy", "rome_flax_exit_layer_bucket", "rome_flax_rejected_total"):
+      assert name in text
+
+
+def _post(port: int, texts, timeout: float = 60.0):
+  req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=json.dumps({"texts": texts}).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=timeout) as r:
+    return r.status, json.loads(r.read())
+
+
+def test_server_process_drains_on_sigterm(model, tmp_path):
+  """`python -m rome_flax serve --port 0` on 127.0.0.1: answers, then SIGTERM while a request is in
+  flight: that request is answered, the server exits 0."""
+  export = tmp_path / "export"
+  model.save_pretrained(export)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(export), "--port", "0",
+                           "--max_batch", "4", "--slots", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env, cwd=tmp_path)
+  try:
+    port, lines, deadline = None, [], time.monotonic() + 120
+    while port is None and time.monotonic() < deadline:
+      line = proc.stdout.readline()
+      if not line:
+        break
+      lines.append(line)
+      if line.startswith("serving on http://127.0.0.1:"):
+        port = int(line.rsplit(":", 1)[1])
+    assert port, "".join(lines)
+    status, body = _post(port, TEXTS[:3])
+    assert status == 200 and len(body["predictions"]) == 3
+    results = []
+    flights = [threading.Thread(target=lambda: results.append(_post(port, TEXTS))) for _ in range(3)]
+    for t in flights:
+      t.start()
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    for t in flights:
+      t.join(60)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert [s for s, _ in results] == [200] * 3
+    assert "draining" in out and "stopped" in out
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(10)
