@@ -1,4 +1,5 @@
-"""`python -m rome_flax convert SRC OUT_DIR [...]`, `python -m rome_flax export-hf --checkpoint EXPORT --out DIR` and
+"""`python -m rome_flax convert SRC OUT_DIR [...]`, `python -m rome_flax export-hf --checkpoint EXPORT --out DIR`,
+`python -m rome_flax export --checkpoint EXPORT --out DIR` and
 `python -m rome_flax study --config F`: package-level commands.
 
 The command lives here, not in convert.py, so the library modules never import their CLI (and
@@ -16,6 +17,8 @@ from rome_flax.runlock import RunLock
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
          "       python -m rome_flax export-hf --checkpoint EXPORT_DIR --out DIR [--overwrite]\n"
+         "       python -m rome_flax export --checkpoint EXPORT_DIR --out DIR [--slots 256] [--batch 64] "
+         "[--sizes 4,16,64] [--max_length N] [--criteria entropy,maxprob,patience] [--overwrite]\n"
          "       python -m rome_flax study --config configs/study_sst2.py [--model DIR] [--data_dir DIR] "
          "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]\n"
          "       python -m rome_flax calibrate --checkpoint EXPORT --target consistency|risk|speed "
@@ -62,6 +65,31 @@ def export_hf_parser() -> cli.ArgumentParser:
 def export_hf(args) -> None:
   from rome_flax.export_hf import export_hf as run_export
   run_export(args.checkpoint, args.out, overwrite=args.overwrite, say=print)
+
+
+def export_parser() -> cli.ArgumentParser:
+  ap = cli.ArgumentParser(prog="python -m rome_flax export",
+                          description="A rome_flax export -> an artefact that serves without rome_flax: the early-exit "
+                          "engine's steps and the full-model / all-exits forwards as jax.export functions for fixed "
+                          "shapes, the parameters, the tokenizer, manifest.json and artefact_runtime.py (jax only).")
+  ap.add_argument("--checkpoint", required=True, help="rome_flax export directory (train.py's export/, or convert's)")
+  ap.add_argument("--out", required=True, help="directory to write the artefact to")
+  ap.add_argument("--slots", type=int, default=256, help="examples the engine holds at once")
+  ap.add_argument("--batch", type=int, default=64, help="examples a layer batch runs at most")
+  ap.add_argument("--sizes", help="batch sizes a step may cut to, and the forwards' batch sizes (default: batch/16, "
+                  "batch/4, batch)")
+  ap.add_argument("--max_length", type=int, help="pieces per example (default: the export's max_length, else 128)")
+  ap.add_argument("--criteria", help="criteria to export (default: every one the task allows)")
+  ap.add_argument("--overwrite", action="store_true", help="replace an existing artefact directory")
+  return ap
+
+
+def export(args) -> None:
+  from rome_flax import artefact
+  sizes = artefact.parse_ints(args.sizes, "--sizes") if args.sizes is not None else None
+  criteria = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria is not None else None
+  artefact.export_artefact(args.checkpoint, args.out, slots=args.slots, batch=args.batch, sizes=sizes,
+                           max_length=args.max_length, criteria=criteria, overwrite=args.overwrite, say=print)
 
 
 def study_parser() -> cli.ArgumentParser:
@@ -171,10 +199,13 @@ def serve(args) -> None:
 
 
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),
+            "export": (export, export_parser),
             "study": (study, study_parser), "calibrate": (calibrate, calibrate_parser), "serve": (serve, serve_parser)}
 
 
 def main(argv=None) -> int:
+  from rome_flax.runtime import retain_host_memory
+  retain_host_memory()   # before JAX starts its threads, as train.py and infer.py do (serving: 42 -> ? ms per request)
   argv = sys.argv[1:] if argv is None else list(argv)
   if not argv or argv[0] not in COMMANDS:
     print(USAGE, file=sys.stderr)
