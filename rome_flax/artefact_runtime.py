@@ -1,0 +1,269 @@
+"""Runs a rome_flax artefact (what `python -m rome_flax export` writes) with jax and numpy alone.
+
+This file is copied into every artefact as `artefact_runtime.py` and must not import rome_flax: a
+server or another project loads the artefact without installing this package.
+
+  import sys; sys.path.insert(0, "DIR")
+  import artefact_runtime
+  steps = artefact_runtime.load("DIR")
+  state = steps.admit(steps.init(), slots, ids, mask, types, priority, thresholds)
+  state = steps.run(state, "entropy", min_free=1, max_steps=1 << 30)
+  running, exit_layer, logits = steps.read(state)
+
+The artefact holds the early-exit engine's step functions (init / admit / run per criterion / evict) and
+the full-model and all-exits forwards for fixed batch and length buckets, each serialised by
+`jax.export` with the parameters as arguments; the parameters once (`params.npz`); `manifest.json`
+(shapes, buckets, labels, the export's identity, checksums); the tokenizer files. The engine state is a
+dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export as jax_export
+
+FORMAT = "rome_flax-artefact/1"
+MANIFEST = "manifest.json"
+NEVER = 2 ** 30   # run(max_steps=NEVER) / run(min_free=NEVER): until no slot runs
+
+
+class ArtefactError(ValueError):
+  """A bad artefact or a call that does not fit it."""
+
+
+def function_name(kind: str, batch: int, length: int) -> str:
+  """The file stem of a bucketed forward ('full_model' or 'all_exits'), shared by export and load."""
+  return f"{kind}_b{batch}_s{length}"
+
+
+def run_name(criterion: str) -> str:
+  return f"run_{criterion}"
+
+
+def sha256_of(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _pick_device(platforms: Sequence[str]):
+  """The first accelerator the artefact was exported for that this process has, else the CPU."""
+  for p in platforms:
+    if p == "cpu":
+      continue
+    try:
+      return jax.devices(p)[0], p
+    except RuntimeError:
+      continue
+  if "cpu" not in platforms:
+    raise ArtefactError(f"this artefact was exported for {', '.join(platforms)}; this process has none of them")
+  return jax.devices("cpu")[0], "cpu"
+
+
+class ArtefactSteps:
+  """The engine's steps and the bucketed forwards of one artefact, on one device.
+
+  The parameters are put on the device once and passed to every function; each function compiles on
+  its first call (`warmup` compiles them all). `init`, `admit`, `run` and `evict` donate the state they
+  are given: use the state they return.
+  """
+
+  def __init__(self, path: Path, manifest: dict, params: tuple, exported: dict, device, platform: str):
+    self.path, self.manifest, self.device, self.platform = path, manifest, device, platform
+    model = manifest["model"]
+    self.num_layers: int = model["num_layers"]
+    self.num_exits: int = model["num_exits"]
+    self.num_labels: int = model["num_labels"]
+    self.is_token_task: bool = model["is_token_task"]
+    self.is_regression: bool = model["is_regression"]
+    self.pad_token_id: int = model["pad_token_id"]
+    self.label_names: Optional[list] = manifest.get("label_names")
+    self.slots: int = manifest["slots"]
+    self.seq: int = manifest["seq"]
+    self.batch: int = manifest["batch"]
+    self.sizes: tuple = tuple(manifest["sizes"])
+    self.lengths: tuple = tuple(manifest["lengths"])
+    self.criteria: tuple = tuple(manifest["criteria"])
+    self._params = params
+    self._exported = exported
+    self._jitted: dict = {}
+    self._tokenizer = None
+
+  # ------------------------------------------------------------------ calling the exported functions
+  def _jit(self, name: str):
+    fn = self._jitted.get(name)
+    if fn is None:
+      if name not in self._exported:
+        raise ArtefactError(f"{self.path} has no exported function {name!r}")
+      takes_state = name in ("admit", "evict") or name.startswith("run_")
+      # the state (argument 1; 0 for evict) is donated: a step updates the slots in place, not a copy of them
+      donate = ((0,) if name == "evict" else (1,)) if takes_state else ()
+      fn = self._jitted[name] = jax.jit(self._exported[name].call, donate_argnums=donate)
+    return fn
+
+  def _call(self, name: str, *args):
+    with jax.default_device(self.device):   # init takes no array: say where it runs
+      return self._jit(name)(*args)
+
+  def _put(self, x, dtype):
+    return jax.device_put(np.asarray(x, dtype), self.device)
+
+  # ------------------------------------------------------------------ the engine
+  def init(self) -> dict:
+    """Every slot free."""
+    return self._call("init")
+
+  def admit(self, state: dict, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B,
+            threshold_BxE) -> dict:
+    """Rows into free slots (slot N: a padding row, dropped). Fewer than `batch` rows are padded, more are
+    admitted `batch` at a time; rows shorter than `seq` are padded (pad_token_id, mask 0)."""
+    slot = np.asarray(slot_B, np.int32).reshape(-1)
+    A = len(slot)
+    ids = np.asarray(input_ids_BxS)
+    if ids.ndim != 2 or ids.shape[0] != A or ids.shape[1] > self.seq:
+      raise ArtefactError(f"admit: input_ids must be [{A}, <= {self.seq}], got {list(ids.shape)}")
+    rows = [ids, np.asarray(attention_mask_BxS), np.asarray(token_type_ids_BxS)]
+    if any(r.shape != ids.shape for r in rows):
+      raise ArtefactError(f"admit: input_ids, attention_mask and token_type_ids differ in shape: "
+                          f"{[list(r.shape) for r in rows]}")
+    priority = np.broadcast_to(np.asarray(priority_B, np.int32), (A,))
+    threshold = np.broadcast_to(np.asarray(threshold_BxE, np.float32), (A, self.num_exits))
+    if slot.size and (slot.min() < 0 or slot.max() > self.slots):
+      raise ArtefactError(f"admit: slots must be in 0..{self.slots - 1} (or {self.slots}: a padding row)")
+    for start in range(0, max(A, 1), self.batch):
+      part = slice(start, start + self.batch)
+      n = len(slot[part])
+      pad_rows, pad_cols = self.batch - n, self.seq - ids.shape[1]
+
+      def fit(x, fill, dtype):
+        return np.pad(np.asarray(x[part], dtype), ((0, pad_rows), (0, pad_cols)), constant_values=fill)
+
+      state = self._call(
+          "admit", self._params, state, self._put(np.pad(slot[part], (0, pad_rows), constant_values=self.slots), np.int32),
+          self._put(fit(rows[0], self.pad_token_id, np.int32), np.int32),
+          self._put(fit(rows[1], 0, np.int32), np.int32), self._put(fit(rows[2], 0, np.int32), np.int32),
+          self._put(np.pad(priority[part], (0, pad_rows)), np.int32),
+          self._put(np.pad(threshold[part], ((0, pad_rows), (0, 0))), np.float32))
+    return state
+
+  def run(self, state: dict, criterion: str, min_free: int = NEVER, max_steps: int = NEVER,
+          delta: float = 0.0) -> dict:
+    """Layer batches while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps`
+    ran; each slot exits by `criterion` with its own thresholds (`delta`: regression patience's tolerance)."""
+    if criterion not in self.criteria:
+      raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
+    if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
+      raise ArtefactError(f"patience on a regression task needs a positive delta, got {delta}")
+    return self._call(
+        run_name(criterion), self._params, state, self._put(min(int(min_free), NEVER), np.int32),
+        self._put(min(int(max_steps), NEVER), np.int32), self._put(delta, np.float32))
+
+  def evict(self, state: dict, slot_mask_N) -> dict:
+    """Frees slots (their caller went away): they stop running."""
+    mask = np.asarray(slot_mask_N, bool)
+    if mask.shape != (self.slots,):
+      raise ArtefactError(f"evict: the slot mask must be [{self.slots}], got {list(mask.shape)}")
+    return self._call("evict", state, self._put(mask, bool))
+
+  def read(self, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(running_N, exit_N: 0-based exit taken, out_NxC: its logits) as NumPy copies."""
+    return (np.array(state["running_N"], np.bool_), np.array(state["exit_N"], np.int32),
+            np.array(state["out_NxC"], np.float32))
+
+  # ------------------------------------------------------------------ bucketed forwards
+  def bucket_shape(self, batch: int, length: int) -> tuple[int, int]:
+    """The smallest exported (batch, length) holding a batch of this shape (pad up to it)."""
+    b = next((s for s in self.sizes if s >= batch), None)
+    s = next((t for t in self.lengths if t >= length), None)
+    if b is None or s is None:
+      raise ArtefactError(f"no exported bucket holds [{batch}, {length}]: batches up to {self.sizes[-1]}, "
+                          f"lengths up to {self.lengths[-1]}")
+    return b, s
+
+  def _forward(self, kind: str, ids, mask, types) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[0] not in self.sizes or ids.shape[1] not in self.lengths:
+      raise ArtefactError(f"{kind}: shape {list(ids.shape)} is not exported; batch in {list(self.sizes)}, length "
+                          f"in {list(self.lengths)} (pad to bucket_shape)")
+    if np.shape(mask) != ids.shape or np.shape(types) != ids.shape:
+      raise ArtefactError(f"{kind}: input_ids, attention_mask and token_type_ids differ in shape")
+    b, s = ids.shape
+    out = self._call(function_name(kind, b, s), self._params, self._put(ids, np.int32), self._put(mask, np.int32),
+                                              self._put(types, np.int32))
+    return np.array(out, np.float32)
+
+  def full_model(self, input_ids_bxs, attention_mask_bxs, token_type_ids_bxs) -> np.ndarray:
+    """Every layer, the final exit's logits [b, C]; (b, s) must be an exported bucket."""
+    return self._forward("full_model", input_ids_bxs, attention_mask_bxs, token_type_ids_bxs)
+
+  def all_exits(self, input_ids_bxs, attention_mask_bxs, token_type_ids_bxs) -> np.ndarray:
+    """Every exit's logits [E, b, C]; (b, s) must be an exported bucket."""
+    return self._forward("all_exits", input_ids_bxs, attention_mask_bxs, token_type_ids_bxs)
+
+  def warmup(self) -> None:
+    """Compiles every exported function now rather than on its first call."""
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    with jax.default_device(self.device):
+      for name, exp in self._exported.items():
+        args, kwargs = jax.tree.map(spec, exp.in_tree.unflatten(exp.in_avals))
+        self._jit(name).lower(*args, **kwargs).compile()
+
+  # ------------------------------------------------------------------ text
+  def tokenize(self, texts, text_pairs=None, max_length: Optional[int] = None):
+    """Token ids and token type ids (lists of lists, unpadded, cut to max_length: default `seq`) by the
+    export's tokenizer.json; needs the `tokenizers` package."""
+    if self._tokenizer is None:
+      file = self.path / "tokenizer.json"
+      if not file.is_file():
+        raise ArtefactError(f"{self.path} has no tokenizer.json")
+      try:
+        from tokenizers import Tokenizer
+      except ImportError:
+        raise ArtefactError("tokenize needs the `tokenizers` package (pip install tokenizers)") from None
+      self._tokenizer = Tokenizer.from_file(str(file))
+      self._tokenizer.no_padding()
+    tok = self._tokenizer
+    tok.enable_truncation(int(max_length or self.seq))
+    texts = list(texts)
+    pairs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
+    encs = tok.encode_batch(pairs)
+    return [e.ids for e in encs], [e.type_ids for e in encs]
+
+
+def load(path, *, verify: bool = True) -> ArtefactSteps:
+  """Reads an artefact directory; `verify` checks every file against the manifest's SHA-256 first."""
+  path = Path(path).expanduser().absolute()
+  try:
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    raise ArtefactError(f"{path} is not a rome_flax artefact (no {MANIFEST})") from None
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ArtefactError(f"{path / MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ArtefactError(f"{path} is in format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
+                        f"this runtime reads {FORMAT!r}")
+  for rel, entry in manifest["files"].items():
+    file = path / rel
+    if not file.is_file() or file.stat().st_size != entry["bytes"] or (verify and sha256_of(file) != entry["sha256"]):
+      raise ArtefactError(f"{path} is damaged: {rel} is missing or differs from its checksum; export it again")
+  device, platform = _pick_device(manifest["platforms"])
+  spec = manifest["params"]
+  with np.load(path / spec["file"], allow_pickle=False) as npz:
+    leaves = []
+    for leaf in spec["leaves"]:
+      arr = npz[leaf["key"]]
+      if str(arr.dtype) != leaf["dtype"]:   # stored as raw bits (bfloat16: uint16)
+        arr = arr.view(jnp.dtype(leaf["dtype"]))
+      leaves.append(jax.device_put(arr, device))
+  exported = {name: jax_export.deserialize(bytearray((path / fn["file"]).read_bytes()))
+              for name, fn in manifest["functions"].items()}
+  return ArtefactSteps(path, manifest, tuple(leaves), exported, device, platform)

@@ -1,0 +1,301 @@
+"""`python -m rome_flax export`: the engine's steps and the bucketed forwards as a jax.export artefact.
+
+Tiny random models (a classifier with exits made decisive, a regressor) are exported; one `python -I`
+subprocess in which rome_flax cannot be imported loads each artefact through its own artefact_runtime.py,
+drives the engine (two admission waves, an eviction, runs cut by max_steps / min_free) and the forwards of
+every bucket, and writes every result; the same calls in-process (engine.*, early_exit.*) must give the
+same bits: logits, exit layers and the whole engine state.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rome_flax import artefact, engine, serving
+from rome_flax import early_exit as ee
+from rome_flax import exit_policy as ep
+from rome_flax.__main__ import main
+from rome_flax.config import ModelConfig
+from rome_flax.pretrained import ExportInfo, MultiExitBert
+
+SLOTS, BATCH, LENGTH = 8, 4, 24
+CLS = ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, num_labels=3)
+REG = CLS.replace(num_labels=1)
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "movie", "was", "good", "bad", "not"]
+
+# Runs with jax, numpy and the artefact's own runtime; rome_flax is made unimportable.
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["rome_flax"] = None
+    job = json.load(open(sys.argv[1]))
+    import numpy as np
+    out = {}
+    for name, spec in job["artefacts"].items():
+        sys.path.insert(0, spec["dir"])
+        import artefact_runtime
+        sys.path.remove(spec["dir"])
+        steps = artefact_runtime.load(spec["dir"])
+        del sys.modules["artefact_runtime"]
+        x = np.load(spec["inputs"])
+        for c in spec["criteria"]:
+            th = x["threshold_" + c]
+            state = steps.init()
+            state = steps.admit(state, np.arange(4), x["ids"][:4], x["mask"][:4], x["types"][:4], x["priority"][:4],
+                                th[:4])
+            state = steps.run(state, c, min_free=1 << 30, max_steps=2, delta=spec["delta"])
+            # fewer rows than the batch: padded with dropped rows
+            state = steps.admit(state, [5, 6], x["ids"][4:6], x["mask"][4:6], x["types"][4:6], x["priority"][4:6],
+                                th[4:6])
+            state = steps.evict(state, np.arange(steps.slots) == 2)
+            state = steps.run(state, c, min_free=steps.slots - 1, max_steps=1 << 30, delta=spec["delta"])
+            running, exits, logits = steps.read(state)
+            out[f"{name}/{c}/running"], out[f"{name}/{c}/exit"], out[f"{name}/{c}/out"] = running, exits, logits
+            state = steps.run(state, c, delta=spec["delta"])
+            for k, v in state.items():
+                out[f"{name}/{c}/state/{k}"] = np.asarray(v)
+        for b, s in spec["buckets"]:
+            args = (x["ids"][:b, :s], x["mask"][:b, :s], x["types"][:b, :s])
+            out[f"{name}/full_model/{b}/{s}"] = steps.full_model(*args)
+            out[f"{name}/all_exits/{b}/{s}"] = steps.all_exits(*args)
+        if spec["texts"]:
+            ids, types = steps.tokenize(spec["texts"], spec["pairs"], max_length=6)
+            out[name + "/tokenize"] = json.dumps([ids, types])
+        out[name + "/attributes"] = json.dumps([steps.num_layers, steps.num_exits, steps.num_labels,
+                                                steps.is_token_task, steps.is_regression, steps.label_names,
+                                                steps.slots, steps.seq, steps.batch, list(steps.sizes),
+                                                list(steps.lengths), list(steps.criteria)])
+    out["modules"] = json.dumps(sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}))
+    np.savez(job["out"], **out)
+""")
+
+
+def _tokenizer(path) -> None:
+  """A tiny BERT-style tokenizer.json ([CLS] a [SEP] b [SEP], token types 0 / 1)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                     special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  tok.save(str(path / "tokenizer.json"))
+
+
+def _inputs(cfg, rng) -> dict:
+  lengths = np.array([24, 7, 16, 3, 20, 11])
+  ids = rng.integers(4, cfg.vocab_size, (6, LENGTH)).astype(np.int32)
+  mask = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.int32)
+  ids[mask == 0] = 0
+  types = (np.arange(LENGTH)[None] >= lengths[:, None] // 2).astype(np.int32) * mask
+  x = {"ids": ids, "mask": mask, "types": types, "priority": lengths.astype(np.int32)}
+  E = cfg.num_exits
+  x["threshold_entropy"] = rng.uniform(0, 1.1, (6, E)).astype(np.float32)
+  x["threshold_maxprob"] = rng.uniform(0.3, 1.0, (6, E)).astype(np.float32)
+  x["threshold_patience"] = np.repeat(np.array([1, 1, 2, 1, 2, 1], np.float32)[:, None], E, 1)
+  return x
+
+
+def _model(cfg, seed) -> MultiExitBert:
+  """Random weights, exits made decisive (a sharp classifier) so that examples leave at different layers."""
+  model = MultiExitBert.from_config(cfg, seed=seed)
+  params = jax.tree.map(np.array, jax.device_get(model.params))
+  params["exits"]["classifier"]["kernel"] = params["exits"]["classifier"]["kernel"] * 150.0
+  model.params = jax.tree.map(jnp.asarray, params)
+  return model
+
+
+def _in_process(model, x, criteria, delta, buckets) -> dict:
+  """The same calls as SCRIPT through engine.* and early_exit.* on the export's parameters."""
+  cfg, out = model.config, {}
+  prepared = ee.prepare_params(model.params)
+  sizes, lengths = serving.default_sizes(BATCH), engine.trim_lengths(LENGTH)
+  pad = lambda a, n: np.concatenate([a, np.zeros((n,) + a.shape[1:], a.dtype)])
+  for c in criteria:
+    policy = ep.make_policy(c, 1.0, cfg.num_exits, num_labels=cfg.num_labels,
+                            delta=delta if c == "patience" and cfg.is_regression else None)
+    th = x["threshold_" + c]
+    state = engine.init(cfg, SLOTS, LENGTH)
+    state = engine.admit(prepared, cfg, state, np.arange(4, dtype=np.int32), x["ids"][:4], x["mask"][:4],
+                         x["types"][:4], x["priority"][:4], th[:4])
+    def run(state, min_free=engine.NEVER, max_steps=engine.NEVER):   # both passed: one compilation
+      return engine.run(prepared, cfg, policy, state, BATCH, lengths=lengths, sizes=sizes, min_free=min_free,
+                        max_steps=max_steps, pick="oldest")
+
+    state = run(state, max_steps=2)
+    state = engine.admit(prepared, cfg, state, np.array([5, 6, SLOTS, SLOTS], np.int32), pad(x["ids"][4:6], 2),
+                         pad(x["mask"][4:6], 2), pad(x["types"][4:6], 2), pad(x["priority"][4:6], 2),
+                         pad(th[4:6], 2))
+    state = engine.evict(state, np.arange(SLOTS) == 2)
+    state = run(state, min_free=SLOTS - 1)
+    out[f"{c}/running"], out[f"{c}/exit"], out[f"{c}/out"] = (np.asarray(state.running_N), np.asarray(state.exit_N),
+                                                              np.asarray(state.out_NxC))
+    state = run(state)
+    for k, v in artefact.state_dict(state).items():
+      out[f"{c}/state/{k}"] = np.asarray(v)
+  for b, s in buckets:
+    args = (x["ids"][:b, :s], x["mask"][:b, :s], x["types"][:b, :s])
+    out[f"full_model/{b}/{s}"] = np.asarray(ee.full_model(prepared, cfg, *args))
+    out[f"all_exits/{b}/{s}"] = np.asarray(ee.all_exits(prepared, cfg, *args))
+  return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Both artefacts exported and run in the isolated subprocess; the in-process results beside them."""
+  tmp = tmp_path_factory.mktemp("artefact")
+  rng = np.random.default_rng(0)
+  specs, expected, models = {}, {}, {}
+  for name, cfg, criteria, info in (
+      ("cls", CLS, ep.CRITERIA, ExportInfo(task="sst2", label_names=("neg", "mid", "pos"), max_length=LENGTH)),
+      ("reg", REG, ("patience",), ExportInfo(task="stsb", is_regression=True))):
+    model = _model(cfg, seed=len(specs))
+    src, out = tmp / f"{name}_export", tmp / f"{name}_artefact"
+    model.save_pretrained(src, info)
+    if name == "cls":
+      _tokenizer(src)
+    argv = ["export", "--checkpoint", str(src), "--out", str(out), "--slots", str(SLOTS), "--batch", str(BATCH)]
+    assert main(argv + ([] if info.max_length else ["--max_length", str(LENGTH)])) == 0
+    x = _inputs(cfg, rng)
+    # regression patience: a tolerance amid the changes between exits, so that examples leave at different layers
+    z = np.asarray(ee.all_exits(ee.prepare_params(model.params), cfg, x["ids"], x["mask"], x["types"]))
+    delta = float(np.quantile(np.abs(z[1, :, 0] - z[0, :, 0]), 0.6)) if cfg.is_regression else 0.0
+    np.savez(tmp / f"{name}_inputs.npz", **x)
+    # every bucket of the classifier; the regressor's largest (its head is what differs)
+    buckets = [(b, s) for b in serving.default_sizes(BATCH) for s in engine.trim_lengths(LENGTH)]
+    buckets = buckets if name == "cls" else buckets[-1:]
+    specs[name] = {"dir": str(out), "inputs": str(tmp / f"{name}_inputs.npz"), "criteria": list(criteria),
+                   "buckets": buckets,
+                   "delta": delta, "texts": ["the movie was good", "not bad at all"] if name == "cls" else None,
+                   "pairs": ["bad", "the the the the the"] if name == "cls" else None}
+    expected[name] = _in_process(model, x, criteria, delta, buckets)
+    models[name] = (model, src, out)
+  job = tmp / "job.json"
+  job.write_text(json.dumps({"artefacts": specs, "out": str(tmp / "got.npz")}))
+  proc = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(job)], cwd=tmp, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = dict(np.load(tmp / "got.npz"))
+  return got, expected, models
+
+
+def test_the_runtime_process_never_imports_rome_flax(runs):
+  modules = json.loads(str(runs[0]["modules"]))
+  assert "rome_flax" not in modules and "flax" not in modules and "jax" in modules
+  assert not {"torch", "transformers", "orbax"} & set(modules)
+
+
+@pytest.mark.parametrize("name", ["cls", "reg"])
+def test_engine_steps_and_forwards_are_bit_identical(runs, name):
+  got, expected, _ = runs
+  want = expected[name]
+  assert {k.split("/", 1)[1] for k in got if k.startswith(name + "/") and "/" in k[len(name) + 1:]} >= set(want)
+  for key, value in want.items():
+    have = got[f"{name}/{key}"]
+    assert have.dtype == value.dtype and have.shape == value.shape, key
+    assert have.tobytes() == value.tobytes(), key   # bit for bit (NaN included: the policy's "no prediction yet")
+  # the cut runs left work behind, the last one none; exits spread over the layers
+  criteria = {k.split("/")[0] for k in want if k.endswith("/exit")}
+  for c in criteria:
+    assert not want[f"{c}/state/running_N"].any()
+    assert want[f"{c}/running"].sum() <= 1   # min_free = N - 1
+  for c in criteria:   # slots 2 (evicted) and 4, 7 (never admitted) aside
+    assert len(set(want[f"{c}/state/exit_N"][[0, 1, 3, 5, 6]].tolist())) > 1, c
+
+
+def test_attributes_tokenizer_and_manifest(runs):
+  got, _, models = runs
+  assert json.loads(str(got["cls/attributes"])) == [3, 3, 3, False, False, ["neg", "mid", "pos"], SLOTS, LENGTH,
+                                                    BATCH, [1, 4], [16, 24], ["entropy", "maxprob", "patience"]]
+  assert json.loads(str(got["reg/attributes"]))[3:5] == [False, True]
+  from transformers import PreTrainedTokenizerFast
+  tok = PreTrainedTokenizerFast(tokenizer_file=str(models["cls"][1] / "tokenizer.json"))
+  enc = tok(["the movie was good", "not bad at all"], ["bad", "the the the the the"], truncation=True, max_length=6,
+            return_token_type_ids=True)
+  assert json.loads(str(got["cls/tokenize"])) == [enc["input_ids"], enc["token_type_ids"]]
+  from rome_flax import calibration
+  _, src, out = models["cls"]
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["export"]["identity"] == calibration.export_identity(src)
+  assert manifest["jax_version"] == jax.__version__ and "cpu" in manifest["platforms"]
+  assert (out / "artefact_runtime.py").read_bytes() == (artefact.Path(artefact.runtime.__file__)).read_bytes()
+  assert sorted(manifest["files"]) == sorted(
+      str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in (
+          "manifest.json", "rome_flax_output.json") and p.parent.name != "__pycache__")   # the subprocess's import
+
+
+def test_a_damaged_artefact_is_refused(runs, tmp_path):
+  import shutil
+  from rome_flax import artefact_runtime
+  out = tmp_path / "copy"
+  shutil.copytree(runs[2]["reg"][2], out)
+  params = out / "params.npz"
+  data = bytearray(params.read_bytes())
+  data[len(data) // 2] ^= 1
+  params.write_bytes(bytes(data))
+  with pytest.raises(artefact_runtime.ArtefactError, match="damaged"):
+    artefact_runtime.load(out)
+
+
+def _one_error(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def test_bad_input_is_one_error_line(runs, tmp_path, capsys):
+  _, src, out = runs[2]["cls"]
+  _, reg_src, _ = runs[2]["reg"]
+  before = sorted(p.name for p in out.rglob("*"))
+  new = tmp_path / "new"
+  rows = [
+      (["--checkpoint", str(tmp_path / "nowhere"), "--out", str(new)], "does not exist"),
+      (["--checkpoint", str(tmp_path), "--out", str(new)], "not a rome_flax export"),
+      (["--checkpoint", str(src), "--out", str(out)], "already exists and is not empty"),
+      (["--checkpoint", str(src), "--out", str(src)], "the export itself"),
+      (["--checkpoint", str(src), "--out", str(new), "--batch", "16", "--slots", "8"], "batch <= slots"),
+      (["--checkpoint", str(src), "--out", str(new), "--sizes", "2,x"], "comma list of integers"),
+      (["--checkpoint", str(reg_src), "--out", str(new), "--max_length", "24", "--criteria", "entropy"], "patience"),
+      (["--checkpoint", str(src), "--out", str(new), "--max_length", "1000"], "--max_length 1000"),
+  ]
+  for argv, message in rows:
+    assert main(["export"] + argv) == 2, argv
+    assert message in _one_error(capsys), argv
+  assert not new.exists()
+  assert sorted(p.name for p in out.rglob("*")) == before
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  assert main(["export", "--checkpoint", str(src), "--out", str(other), "--overwrite"]) == 2
+  assert "not written by rome_flax" in _one_error(capsys)
+  assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_token_task_is_refused(tmp_path, capsys):
+  cfg = CLS.replace(head="token", num_labels=5)
+  src = tmp_path / "token_export"
+  MultiExitBert.from_config(cfg).save_pretrained(src, ExportInfo(task="conll2003"))
+  assert main(["export", "--checkpoint", str(src), "--out", str(tmp_path / "out")]) == 2
+  assert "sentence tasks only" in _one_error(capsys)
+  assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_an_artefact(runs, tmp_path, capsys):
+  """An artefact (with the __pycache__ its runtime left) is replaced whole; nothing else is."""
+  import shutil
+  _, src, out = runs[2]["reg"]
+  copy = tmp_path / "artefact"
+  shutil.copytree(out, copy)
+  assert (copy / "__pycache__").is_dir()
+  argv = ["export", "--checkpoint", str(src), "--out", str(copy), "--slots", "4", "--batch", "2", "--max_length", "16"]
+  assert main(argv) == 2 and "--overwrite" in _one_error(capsys)
+  assert main(argv + ["--overwrite"]) == 0
+  manifest = json.loads((copy / "manifest.json").read_text())
+  assert (manifest["slots"], manifest["batch"], manifest["sizes"], manifest["lengths"]) == (4, 2, [1, 2], [16])
+  assert not (copy / "__pycache__").exists()
