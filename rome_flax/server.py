@@ -167,7 +167,10 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     spec = importlib.util.spec_from_file_location("rome_flax_artefact_runtime", runtime)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    steps = module.load(artefact)
+    try:
+      steps = module.load(artefact)
+    except ValueError as e:   # artefact_runtime.ArtefactError: a missing, altered or foreign file
+      raise RomeFlaxError(f"--artefact {artefact}: {e}") from None
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
   else:
     from rome_flax.pretrained import MultiExitBert
@@ -230,13 +233,19 @@ def _artefact_tokenizer(artefact: str):
 
 
 def _calibrated_policy(path: str, checkpoint: Optional[str], steps):
-  """A thresholds.json written by `calibrate` for this export, as the named policy 'calibrated'
-  (read and checked by calibration.py, as infer.py --thresholds_file does)."""
+  """A thresholds.json written by `calibrate` for this export (or the export an artefact was made from,
+  by the identity in its manifest), as the named policy 'calibrated' (read and checked by calibration.py,
+  as infer.py --thresholds_file does)."""
+  import types
   from rome_flax import calibration
-  if checkpoint is None:
-    raise RomeFlaxError("--thresholds_file needs --checkpoint (the export it was calibrated for)")
-  record = calibration.read_thresholds(path, calibration.export_identity(checkpoint))
-  kind, policy = calibration.policy_from_setting(record["setting"], steps.cfg)
+  if checkpoint:
+    identity = calibration.export_identity(checkpoint)
+  else:
+    identity = str(steps.manifest.get("export", {}).get("identity", ""))
+  record = calibration.read_thresholds(path, identity)
+  cfg = getattr(steps, "cfg", None) or types.SimpleNamespace(
+      num_exits=steps.num_exits, num_labels=steps.num_labels, num_layers=steps.num_layers, is_token_task=False)
+  kind, policy = calibration.policy_from_setting(record["setting"], cfg)
   if kind != "sentence":
     raise RomeFlaxError(f"--thresholds_file {path}: a TOKEE setting; the server runs sentence criteria")
   return policy

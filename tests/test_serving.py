@@ -188,3 +188,27 @@ def test_server_process_drains_on_sigterm(model, tmp_path):
     if proc.poll() is None:
       proc.kill()
       proc.wait(10)
+
+
+def test_engine_serves_from_an_exported_artefact(model, engine, tmp_path):
+  """`serve --artefact`: the same engine driven by the jax.export'ed steps answers as the in-process one."""
+  import importlib.util
+  from rome_flax import artefact
+  export = tmp_path / "export"
+  model.save_pretrained(export)
+  out = tmp_path / "artefact"
+  artefact.export_artefact(export, out, slots=8, batch=4, max_length=64, criteria=["entropy"], say=lambda *a, **k: None)
+  spec = importlib.util.spec_from_file_location("artefact_runtime_copy", out / "artefact_runtime.py")
+  runtime = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(runtime)
+  steps = runtime.load(out)
+  served = serving.Engine(policy=engine.policy, steps=steps, tokenizer=model.tokenizer,
+                          label_names=model.export_info.label_names)
+  try:
+    got = served.predict(TEXTS)
+  finally:
+    served.close(5)
+  want = engine.predict(TEXTS)
+  assert [p.exit_layer for p in got] == [p.exit_layer for p in want]
+  assert [p.label for p in got] == [p.label for p in want]
+  np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in want], atol=1e-6)
