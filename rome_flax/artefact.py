@@ -41,8 +41,8 @@ from rome_flax import engine, files, preemption
 from rome_flax import exit_policy as ep
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.export_hf import TOKENIZER_FILES
-from rome_flax.pretrained import EXPORT_CONFIG, MultiExitBert
+from rome_flax.export_hf import TOKENIZER_FILES, export_and_target
+from rome_flax.pretrained import MultiExitBert
 from rome_flax.runlock import RunLock
 from rome_flax.serving import default_sizes
 
@@ -182,22 +182,9 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
   not a rome_flax export, a token task, and an existing non-empty out_dir unless `overwrite` (then
   replaces only an artefact directory: files.check_replaceable)."""
   from rome_flax import calibration, evaluation
-  src = Path(os.path.expanduser(str(checkpoint)))
-  if not src.is_dir():
-    raise RomeFlaxError(f"--checkpoint {checkpoint}: {'is a file' if src.exists() else 'does not exist'}; "
-                        "pass a rome_flax export directory (what train.py or `python -m rome_flax convert` writes)")
-  if not (src / EXPORT_CONFIG).is_file():
-    raise RomeFlaxError(f"--checkpoint {checkpoint} is not a rome_flax export (no {EXPORT_CONFIG}); convert a "
-                        "Hugging Face checkpoint first (python -m rome_flax convert)")
-  out = files.check_output_value(out_dir).absolute()
-  if out == src.absolute():
-    raise RomeFlaxError(f"--out {out_dir} is the export itself; choose another directory")
-
-  def check_out():
-    files.check_output_target(out, f"--out {out_dir}", overwrite, KIND, ENTRIES,
-                              occupied="already exists and is not empty")
-
-  check_out()
+  src, out, check_out = export_and_target(
+      checkpoint, out_dir, overwrite=overwrite, kind=KIND, entries=ENTRIES,
+      hf_hint="convert a Hugging Face checkpoint first (python -m rome_flax convert)")
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)
   cfg, info = model.config, model.export_info
   if cfg.is_token_task:

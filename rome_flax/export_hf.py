@@ -74,27 +74,35 @@ def _save_safetensors(path: Path, tensors: dict) -> None:
   files.atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
-def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-              say=None) -> tuple[Path, MultiExitBert]:
-  """Writes the Hugging Face directory of a rome_flax export (see the module's docstring). Refuses a
-  checkpoint that is not a rome_flax export, and an existing non-empty out_dir unless `overwrite` (then
-  replaces only an export-hf directory: files.check_replaceable)."""
+def export_and_target(checkpoint, out_dir, *, overwrite: bool, kind: str, entries, hf_hint: str):
+  """The checks of a command that turns a rome_flax export into a directory (export-hf, export): the
+  checkpoint is an export, --out is not the export and may be written (files.check_output_target).
+  Returns (export path, out path, the --out check, to repeat just before the directory is swapped in)."""
   src = Path(os.path.expanduser(str(checkpoint)))
   if not src.is_dir():
     raise RomeFlaxError(f"--checkpoint {checkpoint}: {'is a file' if src.exists() else 'does not exist'}; "
                         "pass a rome_flax export directory (what train.py or `python -m rome_flax convert` writes)")
   if not (src / EXPORT_CONFIG).is_file():
-    raise RomeFlaxError(f"--checkpoint {checkpoint} is not a rome_flax export (no {EXPORT_CONFIG}); a Hugging Face "
-                        "checkpoint is already in Hugging Face format")
+    raise RomeFlaxError(f"--checkpoint {checkpoint} is not a rome_flax export (no {EXPORT_CONFIG}); {hf_hint}")
   out = files.check_output_value(out_dir).absolute()
   if out == src.absolute():
     raise RomeFlaxError(f"--out {out_dir} is the export itself; choose another directory")
 
   def check_out():
-    files.check_output_target(out, f"--out {out_dir}", overwrite, KIND, ENTRIES,
+    files.check_output_target(out, f"--out {out_dir}", overwrite, kind, entries,
                               occupied="already exists and is not empty")
 
   check_out()
+  return src, out, check_out
+
+
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+              say=None) -> tuple[Path, MultiExitBert]:
+  """Writes the Hugging Face directory of a rome_flax export (see the module's docstring). Refuses a
+  checkpoint that is not a rome_flax export, and an existing non-empty out_dir unless `overwrite` (then
+  replaces only an export-hf directory: files.check_replaceable)."""
+  src, out, check_out = export_and_target(checkpoint, out_dir, overwrite=overwrite, kind=KIND, entries=ENTRIES,
+                                          hf_hint="a Hugging Face checkpoint is already in Hugging Face format")
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)
   tensors = hf_state_dict(model.params, model.config)
   config = hf_config(model.config, model.export_info)

@@ -124,7 +124,7 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
       return error(504, str(e))
     except serving.ShuttingDown as e:
       return error(503, str(e))
-    except (RomeFlaxError, asyncio.CancelledError, concurrent_cancelled()) as e:
+    except Exception as e:   # the worker stopped (serving.Engine fails every request it holds): answer, never hang
       return error(500, f"internal error: {e}")
     seconds = time.perf_counter() - t0
     metrics.request_latency.observe(seconds)
@@ -137,16 +137,11 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
     return JSONResponse({"status": "ok", **info, "queue": engine.queue_size()})
 
   async def metrics_endpoint(request):
-    metrics.set_state(engine.queue_size(), int(metrics.slots_busy._value.get()), info["slots"])
+    metrics.queue_size.set(engine.queue_size())   # (slots are set by the worker after each run)
     return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
   return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health),
                            Route("/metrics", metrics_endpoint)])
-
-
-def concurrent_cancelled():
-  import concurrent.futures
-  return concurrent.futures.CancelledError
 
 
 def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,

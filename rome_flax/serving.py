@@ -169,7 +169,7 @@ def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
 
 
 class _Request:
-  __slots__ = ("rows", "policy", "deadline", "future", "submitted", "started", "results", "left", "slots", "seq")
+  __slots__ = ("rows", "policy", "deadline", "future", "submitted", "started", "results", "left", "seq")
 
   def __init__(self, rows, policy, deadline, seq):
     self.rows, self.policy, self.deadline, self.seq = rows, policy, deadline, seq
@@ -177,7 +177,6 @@ class _Request:
     self.submitted, self.started = time.monotonic(), None
     self.results: list = [None] * len(rows)
     self.left = len(rows)
-    self.slots: set = set()
 
 
 class Prediction(NamedTuple):
@@ -420,7 +419,6 @@ class Engine:
           ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
           priority_B[r] = -(request.seq % (2 ** 31 - 1))
           threshold_BxE[r] = request.policy.threshold_E
-          request.slots.add(slot)
         state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE)
       if len(free) == N:
         continue
@@ -451,7 +449,6 @@ class Engine:
 
   def _run_full(self) -> None:
     s, B = self.steps, self.steps.batch
-    from rome_flax.data import BUCKETS
     while True:
       if not self._wait_for_work(False):
         return
