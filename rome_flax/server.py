@@ -151,6 +151,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
   """Loads the model (or artefact), compiles, serves until SIGTERM / SIGINT, drains, returns."""
   import uvicorn
 
+  sock = _listen(host, port)   # first: a port in use is one error line, before minutes of loading and compiling
   named = {}
   if artefact:
     import importlib.util
@@ -215,10 +216,27 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
   config = uvicorn.Config(build_app(engine, metrics, info), host=host, port=port, log_level="warning",
                           timeout_graceful_shutdown=grace_s, lifespan="off")
   try:
-    Server(config).run()
+    Server(config).run(sockets=[sock])
   finally:
     engine.close(grace_s)
   say("stopped", flush=True)
+
+
+def _listen(host: str, port: int):
+  """The server's socket, bound now (uvicorn serves on it): a taken port or a foreign address is a
+  RomeFlaxError, not uvicorn's log line and exit code 3."""
+  import socket
+  from rome_flax.errors import os_error_text
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError as e:
+    sock.close()
+    raise RomeFlaxError(f"--host {host} --port {port}: cannot listen there ({os_error_text(e)})") from None
+  sock.set_inheritable(True)
+  return sock
 
 
 def _artefact_tokenizer(artefact: str):

@@ -212,3 +212,20 @@ def test_engine_serves_from_an_exported_artefact(model, engine, tmp_path):
   assert [p.exit_layer for p in got] == [p.exit_layer for p in want]
   assert [p.label for p in got] == [p.label for p in want]
   np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in want], atol=1e-6)
+
+
+def test_a_taken_port_is_one_error_line_before_loading(tmp_path):
+  import socket
+  taken = socket.socket()
+  taken.bind(("127.0.0.1", 0))
+  taken.listen()
+  try:
+    port = taken.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(tmp_path / "nothing_here"),
+                        "--port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+  finally:
+    taken.close()
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [f"error: --host 127.0.0.1 --port {port}: cannot listen there "
+                                           "(Address already in use)"]
