@@ -179,6 +179,17 @@ class _Request:
     self.left = len(rows)
 
 
+def _pad_rows(rows, num_rows: int, seq: int):
+  """Queued (request, row) pairs as right-padded [num_rows, seq] ids, mask and token types (rows past
+  len(rows): all zeros)."""
+  ids = np.zeros((num_rows, seq), np.int32)
+  mask, types = np.zeros_like(ids), np.zeros_like(ids)
+  for r, (request, i) in enumerate(rows):
+    tokens, token_types = request.rows[i]
+    ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
+  return ids, mask, types
+
+
 class Prediction(NamedTuple):
   label: Any                    # class id or name; the value for regression
   probabilities: Optional[list]
@@ -409,14 +420,11 @@ class Engine:
         if not rows:
           break
         slot_B = np.full(B, N, np.int32)
-        ids = np.zeros((B, s.seq), np.int32)
-        mask, types = np.zeros_like(ids), np.zeros_like(ids)
+        ids, mask, types = _pad_rows(rows, B, s.seq)
         priority_B, threshold_BxE = np.zeros(B, np.int32), np.zeros((B, E), np.float32)
         for r, (request, i) in enumerate(rows):
           slot = free.popleft()
-          tokens, token_types = request.rows[i]
           slot_B[r], slot_of[slot] = slot, (request, i)
-          ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
           priority_B[r] = -(request.seq % (2 ** 31 - 1))
           threshold_BxE[r] = request.policy.threshold_E
         state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE)
@@ -460,11 +468,7 @@ class Engine:
       b = next(size for size in s.sizes if size >= len(rows))
       longest = max(len(request.rows[i][0]) for request, i in rows)
       length = next((x for x in s.lengths if x >= longest), s.lengths[-1])
-      ids = np.zeros((b, length), np.int32)
-      mask, types = np.zeros_like(ids), np.zeros_like(ids)
-      for r, (request, i) in enumerate(rows):
-        tokens, token_types = request.rows[i]
-        ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
+      ids, mask, types = _pad_rows(rows, b, length)
       mask[len(rows):, 0] = 1   # padding rows attend to one token (no all-padding softmax)
       if self.metrics is not None:
         self.metrics.set_state(len(self._pending), len(rows), b)
