@@ -23,7 +23,8 @@ ARGS = ["--method", "romebert", "--gr", "projection", "--random_model_layers", "
 
 
 def _env(devices: int, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env = {k: v for k, v in os.environ.items()   # the suite's compilation cache is kept (conftest)
+         if not k.startswith("JAX_") or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT), **extra)
   return env
