@@ -168,8 +168,11 @@ def serve_parser() -> cli.ArgumentParser:
   ap.add_argument("--artefact", help="serve an artefact written by python -m rome_flax export instead")
   ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
   ap.add_argument("--port", type=int, default=8080, help="port (0: any free port; the line 'serving on' names it)")
-  ap.add_argument("--policy", help="CRITERION:THRESHOLD, e.g. entropy:0.3 or maxprob:0.9 (default: entropy:0.3, or "
-                  "the --thresholds_file setting); requests may change the thresholds")
+  ap.add_argument("--policy", help="CRITERION:THRESHOLD, e.g. entropy:0.3 or maxprob:0.9, or for a token task "
+                  "tokee:0.1 (token-level early exit) or a sentence criterion (SENTEE) (default: entropy:0.3, tokee:0.1 "
+                  "for a token task, or the --thresholds_file setting); requests may change the thresholds")
+  ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default: 3, or "
+                  "the --thresholds_file setting's)")
   ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")
   ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to B/16, B/4 at low load)")
   ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch)")
@@ -195,7 +198,8 @@ def serve(args) -> None:
   server.serve(args.checkpoint, artefact=args.artefact, host=args.host,
                port=args.port, policy=args.policy, max_batch=args.max_batch, slots=args.slots,
                max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
-               max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s)
+               max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s,
+               window=args.window)
 
 
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),

@@ -69,7 +69,7 @@ def default_criteria(cfg: ModelConfig) -> tuple[str, ...]:
 
 def state_dict(state: engine.EngineState) -> dict:
   """EngineState -> a dict of arrays (what the exported functions take and return)."""
-  out = {k: v for k, v in state._asdict().items() if k not in ("policy_state", "words_NxS")}
+  out = {k: v for k, v in state._asdict().items() if k not in ("policy_state", "words_NxS", "tokee")}
   out.update(policy_count_N=state.policy_state.count_B, policy_prev_N=state.policy_state.prev_B)
   return out
 

@@ -1,7 +1,9 @@
 """The open early-exit engine: a fixed set of slots on the device, new work admitted while it runs.
 
 Every sentence-level early-exit path that batches examples runs here (issue 19): the closed chunk
-of `infer.py --path throughput`, the admission pass over a dataset, and the server's step loop.
+of `infer.py --path throughput`, the admission pass over a dataset, and the server's step loop; and
+TOKEE for the server (`token_step`, state from `init(..., tokee=True)`): a sentence whose words have
+all halted frees its slot for the next one while the others run.
 The engine is three pure, jitted functions over an `EngineState` of N slots:
 
   init(cfg, slots, seq)                     -> state        every slot free
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
+from rome_flax import token_policy as tp
 from rome_flax.config import ModelConfig
 from rome_flax.data import BUCKETS
 
@@ -51,6 +54,17 @@ class EngineState(NamedTuple):
   out_NxC: jax.Array          # float32 logits of that exit ([N, S, C] for token exits)
   runs: jax.Array             # int32 []: layer batches run since init
   words_NxS: Optional[jax.Array] = None   # int32 word mask (token exits, SENTEE) else None
+  tokee: Optional["TokenSlots"] = None    # per-word halting (TOKEE) else None
+
+
+class TokenSlots(NamedTuple):
+  """What TOKEE keeps per slot besides `EngineState` (whose out_NxC then holds each word's exit logits,
+  words first, [N, W=S, C], and exit_N the sentence's last layer)."""
+  p_NxSxD: jax.Array          # float32 pre-LN residual of every piece (frozen once its word halts)
+  halted_NxW: jax.Array       # bool: the word has halted (True past the sentence's words)
+  word_exit_NxW: jax.Array    # int32 0-based exit layer of each word (-1: no word)
+  queries_NxL: jax.Array      # int32 active pieces per layer (queries, attention output, FFN)
+  keys_NxL: jax.Array         # int32 pieces per layer while the sentence ran (keys, values, exit head)
 
 
 def logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
@@ -58,19 +72,26 @@ def logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
   return (batch, seq, cfg.num_labels) if cfg.is_token_task else (batch, cfg.num_labels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def init(cfg: ModelConfig, slots: int, seq: int) -> EngineState:
-  """Every slot free. Hidden states in the model's compute dtype. (Jitted: every field its own buffer,
-  which `admit` and `run` donate.)"""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def init(cfg: ModelConfig, slots: int, seq: int, tokee: bool = False) -> EngineState:
+  """Every slot free. Hidden states in the model's compute dtype; `tokee` adds per-word halting state.
+  (Jitted: every field its own buffer, which `admit` and `run` donate.)"""
   from rome_flax import layers
   zeros_N = jnp.zeros((slots,), jnp.int32)
+  token_slots = None
+  if tokee:
+    if not cfg.is_token_task:
+      raise ValueError("TOKEE slots need a model with token exits")
+    zeros_NxL = jnp.zeros((slots, cfg.num_layers), jnp.int32)
+    token_slots = TokenSlots(jnp.zeros((slots, seq, cfg.hidden_size), jnp.float32), jnp.ones((slots, seq), bool),
+                             jnp.full((slots, seq), -1, jnp.int32), zeros_NxL, zeros_NxL)
   return EngineState(
       h_NxSxD=jnp.zeros((slots, seq, cfg.hidden_size), layers.compute_dtype(cfg)),
       mask_NxS=jnp.zeros((slots, seq), jnp.int32), length_N=zeros_N, priority_N=zeros_N, next_layer_N=zeros_N,
       running_N=jnp.zeros((slots,), bool), policy_state=ep.init_state((slots,)),
       threshold_NxE=jnp.zeros((slots, cfg.num_exits), jnp.float32), exit_N=zeros_N,
       out_NxC=jnp.zeros(logits_shape(cfg, slots, seq), jnp.float32), runs=jnp.int32(0),
-      words_NxS=jnp.zeros((slots, seq), jnp.int32) if cfg.is_token_task else None)
+      words_NxS=jnp.zeros((slots, seq), jnp.int32) if cfg.is_token_task else None, tokee=token_slots)
 
 
 def _admit(prepared, cfg: ModelConfig, state: EngineState, slot_A, input_ids_AxS, attention_mask_AxS,
@@ -90,7 +111,19 @@ def _admit(prepared, cfg: ModelConfig, state: EngineState, slot_A, input_ids_AxS
       threshold_NxE=put(state.threshold_NxE, jnp.asarray(threshold_AxE, jnp.float32)),
       exit_N=put(state.exit_N, jnp.zeros((A,), jnp.int32)),
       out_NxC=put(state.out_NxC, jnp.zeros((A,) + state.out_NxC.shape[1:], jnp.float32)),
-      words_NxS=None if state.words_NxS is None else put(state.words_NxS, jnp.asarray(word_mask_AxS, jnp.int32)))
+      words_NxS=None if state.words_NxS is None else put(state.words_NxS, jnp.asarray(word_mask_AxS, jnp.int32)),
+      tokee=None if state.tokee is None else _admit_words(state.tokee, slot_A, h_AxSxD, word_mask_AxS, put))
+
+
+def _admit_words(t: TokenSlots, slot_A, h_AxSxD, word_mask_AxS, put) -> TokenSlots:
+  """TOKEE's per-slot state for admitted sentences: no word halted, the residual stream is the embedding."""
+  word_mask_AxS = jnp.asarray(word_mask_AxS, jnp.int32)
+  A, S = word_mask_AxS.shape
+  valid_AxW = jnp.arange(S)[None, :] < word_mask_AxS.sum(1)[:, None]
+  zeros_AxL = jnp.zeros((A,) + t.queries_NxL.shape[1:], jnp.int32)
+  return TokenSlots(put(t.p_NxSxD, h_AxSxD.astype(jnp.float32)), put(t.halted_NxW, ~valid_AxW),
+                    put(t.word_exit_NxW, jnp.full((A, S), -1, jnp.int32)), put(t.queries_NxL, zeros_AxL),
+                    put(t.keys_NxL, zeros_AxL))
 
 
 admit = jax.jit(_admit, static_argnames=("cfg",), donate_argnames=("state",))
@@ -121,7 +154,7 @@ def pick_layer(counts_L, batch_size, fallback_layer=None):
 
 
 def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest, lengths: tuple, count=None,
-                       sizes: Optional[tuple] = None):
+                       sizes: Optional[tuple] = None, carry: tuple = (), layer_fn=None):
   """Layer l + exit l on the batch cut to the shortest allowed length that holds its longest example
   and (given `count`, the real rows, which come first) to the smallest of `sizes` that holds them.
 
@@ -130,6 +163,10 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   buckets. Positions and rows past the cut are padding, so the real rows' results are the same; rows
   past the cut come back as they went in (hidden state) or zeros (logits). A server uses sizes such as
   (4, 16, 64): at low load a step runs 4 rows, not 64.
+
+  layer_fn(k, h, mask, bias, *carry) -> (h, logits, *carry), k a static layer: another layer body on the
+  same cuts (TOKEE's `token_policy.token_layer`), with `carry` extra [B, S, ...] arrays it reads and
+  returns, cut and restored like h. Returns (h, logits, *carry).
   """
   B, S = h_BxSxD.shape[:2]
   sizes = tuple(sizes or (B,))
@@ -137,23 +174,29 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   j = 0 if count is None else jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), count), len(sizes) - 1)
 
   def cut(s, b, layer_exit):
-    def branch(h_BxSxD, mask_BxS):
+    def branch(h_BxSxD, mask_BxS, *carry_BxS):
       m_bxs = mask_BxS[:b, :s]
-      h_cut, logits_bxC = layer_exit(h_BxSxD[:b, :s], m_bxs, model_lib.attention_bias(m_bxs))
+      h_cut, logits_bxC, *carry_cut = layer_exit(h_BxSxD[:b, :s], m_bxs, model_lib.attention_bias(m_bxs),
+                                                 *[c[:b, :s] for c in carry_BxS])
       pad = ((0, B - b), (0, S - s), (0, 0)) if cfg.is_token_task else ((0, B - b), (0, 0))
       if b < B or (cfg.is_token_task and s < S):   # logits back to the batch's shape (padding: zeros)
         logits_bxC = jnp.pad(logits_bxC, pad)
-      return (h_BxSxD.at[:b, :s].set(h_cut) if (s < S or b < B) else h_cut), logits_bxC
+      restore = lambda full, part: full.at[:b, :s].set(part) if (s < S or b < B) else part
+      return (restore(h_BxSxD, h_cut), logits_bxC, *[restore(c, x) for c, x in zip(carry_BxS, carry_cut)])
     return branch
 
   shapes = [(s, b) for s in lengths for b in sizes]
   index = k * len(sizes) + j
+  operands = (h_BxSxD, mask_BxS, *carry)
+  if layer_fn is not None:
+    branches = [cut(s, b, functools.partial(layer_fn, i)) for i in range(cfg.num_layers) for s, b in shapes]
+    return jax.lax.switch(l * len(shapes) + index, branches, *operands)
   if model_lib.is_unstacked(prepared):
     branches = [cut(s, b, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
                 for s, b in shapes]
-    return jax.lax.switch(l * len(shapes) + index, branches, h_BxSxD, mask_BxS)
+    return jax.lax.switch(l * len(shapes) + index, branches, *operands)
   layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
-  return jax.lax.switch(index, [cut(s, b, layer_exit) for s, b in shapes], h_BxSxD, mask_BxS)
+  return jax.lax.switch(index, [cut(s, b, layer_exit) for s, b in shapes], *operands)
 
 
 def waiting_at(state: EngineState, l, batch_size: int):
@@ -169,11 +212,11 @@ def waiting_at(state: EngineState, l, batch_size: int):
   return jnp.where(waiting_N[idx_B], idx_B, N)
 
 
-def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
-         lengths: tuple, sizes: Optional[tuple] = None, pick: str = "lowest") -> EngineState:
-  """One layer batch: pick a layer, gather its waiting slots, layer + exit, policy, retire the exited."""
-  N, L = state.running_N.shape[0], cfg.num_layers
-  counts_L = jnp.zeros((L,), jnp.int32).at[jnp.minimum(state.next_layer_N, L - 1)].add(
+def _gather(state: EngineState, num_layers: int, batch_size: int, pick: str):
+  """The step's choice: layer l, up to B slots waiting there (`idx_B`, N past the real ones), the same
+  indices clipped for gathering (`safe_B`) and the longest example among them."""
+  N = state.running_N.shape[0]
+  counts_L = jnp.zeros((num_layers,), jnp.int32).at[jnp.minimum(state.next_layer_N, num_layers - 1)].add(
       state.running_N.astype(jnp.int32))
   oldest = None
   if pick == "oldest":
@@ -183,6 +226,14 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
   idx_B = waiting_at(state, l, batch_size)
   safe_B = jnp.minimum(idx_B, N - 1)
   longest = jnp.max(jnp.where(idx_B < N, state.length_N[safe_B], 1))
+  return l, idx_B, safe_B, longest
+
+
+def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
+         lengths: tuple, sizes: Optional[tuple] = None, pick: str = "lowest") -> EngineState:
+  """One layer batch: pick a layer, gather its waiting slots, layer + exit, policy, retire the exited."""
+  N = state.running_N.shape[0]
+  l, idx_B, safe_B, longest = _gather(state, cfg.num_layers, batch_size, pick)
   count = None if sizes is None else jnp.sum(idx_B < N)
   h_BxSxD, logits_BxC = layer_exit_trimmed(prepared, cfg, l, state.h_NxSxD[safe_B], state.mask_NxS[safe_B],
                                            longest, lengths, count, sizes)
@@ -201,10 +252,52 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
       exit_N=put(state.exit_N, exit_B), out_NxC=put(state.out_NxC, out_BxC), runs=state.runs + 1)
 
 
-def _run(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, batch_size: int,
+def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: EngineState, batch_size: int,
+               lengths: tuple, sizes: Optional[tuple] = None, pick: str = "lowest") -> EngineState:
+  """`step` for TOKEE: the gathered sentences run layer l with their halted words' pieces frozen
+  (`token_policy.token_layer`, every piece computed and mixed), each word halts by the window rule with
+  its slot's thresholds, and a sentence whose words have all halted frees its slot: token-level refill."""
+  N, S = state.mask_NxS.shape
+  t = state.tokee
+  l, idx_B, safe_B, longest = _gather(state, cfg.num_layers, batch_size, pick)
+  count = None if sizes is None else jnp.sum(idx_B < N)
+  mask_BxS, words_BxS, halted_BxW = state.mask_NxS[safe_B], state.words_NxS[safe_B], t.halted_NxW[safe_B]
+  valid_BxW = jnp.arange(S)[None, :] < words_BxS.sum(1)[:, None]
+  active_BxS, done_B = tp.active_pieces(policy, halted_BxW, valid_BxW, mask_BxS > 0,
+                                        tp.piece_words(words_BxS, mask_BxS), words_BxS > 0)
+
+  def layer_fn(k, h, mask, bias, p, active):
+    h, p, logits = tp.token_layer(prepared, cfg, policy, k, h, mask, bias, p, active)
+    return h, logits, p, active
+
+  h_BxSxD, logits_BxSxC, p_BxSxD, _ = layer_exit_trimmed(
+      prepared, cfg, l, state.h_NxSxD[safe_B], mask_BxS, longest, lengths, count, sizes,
+      carry=(t.p_NxSxD[safe_B], active_BxS), layer_fn=layer_fn)
+  words_BxWxC = jnp.take_along_axis(logits_BxSxC.astype(jnp.float32), tp.word_positions(words_BxS)[..., None], axis=1)
+  now_BxW = tp.halt_step(policy.replace(threshold_L=state.threshold_NxE[safe_B]), halted_BxW, words_BxWxC,
+                         valid_BxW, l)
+  halted_BxW = halted_BxW | now_BxW
+  finished_B = jnp.all(halted_BxW | ~valid_BxW, axis=1)
+  put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
+  tokee = TokenSlots(
+      put(t.p_NxSxD, p_BxSxD), put(t.halted_NxW, halted_BxW),
+      put(t.word_exit_NxW, jnp.where(now_BxW, l, t.word_exit_NxW[safe_B])),
+      put(t.queries_NxL, t.queries_NxL[safe_B].at[:, l].set(active_BxS.sum(1).astype(jnp.int32))),
+      put(t.keys_NxL, t.keys_NxL[safe_B].at[:, l].set(jnp.where(done_B, 0, mask_BxS.sum(1)).astype(jnp.int32))))
+  return state._replace(
+      h_NxSxD=put(state.h_NxSxD, h_BxSxD.astype(state.h_NxSxD.dtype)),
+      next_layer_N=put(state.next_layer_N, jnp.full((batch_size,), l + 1, jnp.int32)),
+      running_N=put(state.running_N, ~finished_B), exit_N=put(state.exit_N, jnp.full((batch_size,), l, jnp.int32)),
+      out_NxC=put(state.out_NxC, jnp.where(now_BxW[..., None], words_BxWxC, state.out_NxC[safe_B])),
+      runs=state.runs + 1, tokee=tokee)
+
+
+def _run(prepared, cfg: ModelConfig, policy, state: EngineState, batch_size: int,
          lengths: Optional[tuple] = None, min_free=NEVER, max_steps=NEVER, sizes: Optional[tuple] = None,
          pick: str = "lowest") -> EngineState:
   """Steps while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps` ran.
+  policy: an `exit_policy.ExitPolicy` (a sentence's exit) or a `token_policy.TokenPolicy` (TOKEE: the
+  state from `init(..., tokee=True)`).
   `sizes`: batch sizes a step may cut its batch to (`layer_exit_trimmed`; default: batch_size only);
   `pick`: the layer rule when no layer has a full batch (`pick_layer`)."""
   lengths = tuple(lengths or trim_lengths(state.mask_NxS.shape[1]))
@@ -215,9 +308,11 @@ def _run(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
     free = jnp.sum(~state.running_N)
     return jnp.any(state.running_N) & (free < min_free) & (steps < max_steps)
 
+  one_step = token_step if isinstance(policy, tp.TokenPolicy) else step
+
   def body(carry):
     steps, state = carry
-    return steps + 1, step(prepared, cfg, policy, state, batch_size, lengths, sizes, pick)
+    return steps + 1, one_step(prepared, cfg, policy, state, batch_size, lengths, sizes, pick)
 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 

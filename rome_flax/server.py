@@ -9,6 +9,10 @@ Endpoints:
   POST /predict  {"texts": [...], "text_pairs": [...]?, "policy": "entropy:0.2" | {...} | name?,
                   "timeout_ms": 2000?} -> {"predictions": [{"label", "probabilities", "exit_layer"}],
                   "server_ms"}; 400 bad request, 429 queue full, 503 shutting down, 504 deadline.
+                 A token task's export (sequence labelling) takes {"tokens": [["EU", "rejects", ...], ...],
+                 "policy": "tokee:0.3" | "entropy:0.2"?} -> {"predictions": [{"tags", "probabilities",
+                 "exit_layers"}]}: with TOKEE each word its own exit layer, and a sentence's slot refilled
+                 as soon as all its words have halted.
   GET /health    {"status": "ok", ...} (503 while draining)
   GET /metrics   Prometheus text: request and queue latency histograms, queue size, slot occupancy,
                  exit-layer histogram, requests by status, rejections by reason.
@@ -91,17 +95,14 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
       return error(400, "the body is not JSON")
     if not isinstance(body, dict):
       metrics.count("rejected", "bad_request")
-      return error(400, "the body must be a JSON object with 'texts'")
+      return error(400, "the body must be a JSON object with 'texts' (or 'tokens' for a token task)")
     unknown = set(body) - {"texts", "text_pairs", "policy", "timeout_ms", "tokens"}
     if unknown:
       metrics.count("rejected", "bad_request")
       return error(400, f"unknown fields: {', '.join(sorted(unknown))}")
-    if "tokens" in body:
-      metrics.count("rejected", "bad_request")
-      return error(400, "'tokens' is for token tasks (sequence labelling); this server serves sentence tasks")
     try:
-      future = engine.submit(body.get("texts"), body.get("text_pairs"), policy=body.get("policy"),
-                             timeout_ms=body.get("timeout_ms"))
+      future = engine.submit(body.get("texts"), body.get("text_pairs"), tokens=body.get("tokens"),
+                             policy=body.get("policy"), timeout_ms=body.get("timeout_ms"))
     except serving.RequestError as e:
       metrics.count("rejected", "bad_request")
       return error(400, str(e))
@@ -147,14 +148,17 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
 def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,
           policy: Optional[str] = None, max_batch: int = 64, slots: Optional[int] = None, max_queue: int = 1024,
           timeout_ms: Optional[float] = None, full_model: bool = False, max_length: Optional[int] = None,
-          thresholds_file: Optional[str] = None, grace_s: float = 30.0, say=print) -> None:
+          thresholds_file: Optional[str] = None, grace_s: float = 30.0, window: Optional[int] = None,
+          say=print) -> None:
   """Loads the model (or artefact), compiles, serves until SIGTERM / SIGINT, drains, returns."""
   import uvicorn
 
   sock = _listen(host, port)   # first: a port in use is one error line, before minutes of loading and compiling
-  named = {}
+  from rome_flax import token_policy as tp
+  named, calibrated = {}, None
   if artefact:
     import importlib.util
+    import types
     from pathlib import Path
     runtime = Path(artefact) / "artefact_runtime.py"
     if not runtime.is_file():
@@ -168,16 +172,31 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     except ValueError as e:   # artefact_runtime.ArtefactError: a missing, altered or foreign file
       raise RomeFlaxError(f"--artefact {artefact}: {e}") from None
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
+    if thresholds_file:
+      cfg = types.SimpleNamespace(num_exits=steps.num_exits, num_labels=steps.num_labels,
+                                  num_layers=steps.num_layers, is_token_task=False)
+      identity = str(steps.manifest.get("export", {}).get("identity", ""))
+      calibrated = _calibrated_policy(thresholds_file, identity, cfg)
   else:
+    from rome_flax import calibration
     from rome_flax.pretrained import MultiExitBert
     model = MultiExitBert.from_pretrained(checkpoint)
+    if thresholds_file:
+      calibrated = _calibrated_policy(thresholds_file, calibration.export_identity(checkpoint), model.config)
+    if isinstance(calibrated, tp.TokenPolicy):   # the calibrated window is the server's, unless one is given
+      if window is not None and window != calibrated.window:
+        raise RomeFlaxError(f"--window {window}: the --thresholds_file setting uses window {calibrated.window}")
+      window = calibrated.window
     length = max_length or model.export_info.max_length or 128
-    steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length)
+    steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
+                               window=window or 3)
     tokenizer, label_names, source = model.tokenizer, model.export_info.label_names, checkpoint
-  if thresholds_file:
-    named["calibrated"] = _calibrated_policy(thresholds_file, checkpoint, steps)
+  if window is not None and not steps.is_token_task:
+    raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")
+  if calibrated is not None:
+    named["calibrated"] = calibrated
     policy = policy or "calibrated"
-  policy = policy or "entropy:0.3"
+  policy = policy or ("tokee:0.1" if steps.is_token_task else "entropy:0.3")
   metrics = Metrics(steps.num_layers)
   t0 = time.perf_counter()
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,
@@ -245,20 +264,10 @@ def _artefact_tokenizer(artefact: str):
   return load_tokenizer(Path(artefact))
 
 
-def _calibrated_policy(path: str, checkpoint: Optional[str], steps):
+def _calibrated_policy(path: str, identity: str, cfg):
   """A thresholds.json written by `calibrate` for this export (or the export an artefact was made from,
   by the identity in its manifest), as the named policy 'calibrated' (read and checked by calibration.py,
-  as infer.py --thresholds_file does)."""
-  import types
+  as infer.py --thresholds_file does): an ExitPolicy, or a TokenPolicy for a TOKEE setting."""
   from rome_flax import calibration
-  if checkpoint:
-    identity = calibration.export_identity(checkpoint)
-  else:
-    identity = str(steps.manifest.get("export", {}).get("identity", ""))
   record = calibration.read_thresholds(path, identity)
-  cfg = getattr(steps, "cfg", None) or types.SimpleNamespace(
-      num_exits=steps.num_exits, num_labels=steps.num_labels, num_layers=steps.num_layers, is_token_task=False)
-  kind, policy = calibration.policy_from_setting(record["setting"], cfg)
-  if kind != "sentence":
-    raise RomeFlaxError(f"--thresholds_file {path}: a TOKEE setting; the server runs sentence criteria")
-  return policy
+  return calibration.policy_from_setting(record["setting"], cfg)[1]

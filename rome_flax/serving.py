@@ -65,12 +65,9 @@ class LocalSteps:
   """The open engine's jitted functions bound to a model in this process (what `Engine` drives)."""
 
   def __init__(self, model, *, slots: int = 256, batch: int = 64, max_length: int = 128,
-               sizes: Optional[Sequence[int]] = None):
+               sizes: Optional[Sequence[int]] = None, window: int = 3):
     from rome_flax import early_exit, engine
     cfg = model.config
-    if cfg.is_token_task:
-      raise RomeFlaxError("serving covers sentence tasks (classification, regression); this export has token "
-                          "exits (sequence labelling), which infer.py runs offline")
     if not 1 <= batch <= slots:
       raise RomeFlaxError(f"need 1 <= batch ({batch}) <= slots ({slots})")
     if not 8 <= max_length <= cfg.max_position_embeddings:
@@ -78,27 +75,38 @@ class LocalSteps:
     self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
     self.params = early_exit.prepare_params(model.params)
     self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels
-    self.is_regression = cfg.is_regression
+    self.is_regression, self.is_token_task = cfg.is_regression, cfg.is_token_task
+    self.window = window if cfg.is_token_task else None   # TOKEE's window (static: one per server)
+    if self.window is not None:
+      from rome_flax import token_policy as tp
+      tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
     self.slots, self.seq, self.batch = slots, max_length, batch
     self.sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
     self.lengths = engine.trim_lengths(max_length)
     self._policies: dict = {}
 
   def policy(self, criterion: str, delta: float = 0.0):
-    """The engine's policy for a criterion: thresholds live in the slots, so only these two matter."""
+    """The engine's policy for a criterion: thresholds live in the slots, so only these two matter
+    (and, for TOKEE, the server's window)."""
     key = (criterion, delta)
     if key not in self._policies:
       from rome_flax import exit_policy as ep
-      self._policies[key] = ep.make_policy(criterion, 1.0, self.num_exits, num_labels=self.num_labels,
-                                           delta=delta if criterion == "patience" and self.is_regression else None)
+      from rome_flax import token_policy as tp
+      if criterion == "tokee":
+        self._policies[key] = tp.make_token_policy(1.0, self.window, self.num_layers)
+      else:
+        self._policies[key] = ep.make_policy(criterion, 1.0, self.num_exits, num_labels=self.num_labels,
+                                             delta=delta if criterion == "patience" and self.is_regression else None,
+                                             token_task=self.is_token_task)
     return self._policies[key]
 
-  def init(self):
-    return self._engine.init(self.cfg, self.slots, self.seq)
+  def init(self, tokee: bool = False):
+    return self._engine.init(self.cfg, self.slots, self.seq, tokee)
 
-  def admit(self, state, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B, threshold_BxE):
+  def admit(self, state, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B, threshold_BxE,
+            word_mask_BxS=None):
     return self._engine.admit(self.params, self.cfg, state, slot_B, input_ids_BxS, attention_mask_BxS,
-                              token_type_ids_BxS, priority_B, threshold_BxE)
+                              token_type_ids_BxS, priority_B, threshold_BxE, word_mask_BxS)
 
   def run(self, state, criterion: str, min_free: int, max_steps: int, delta: float = 0.0):
     return self._engine.run(self.params, self.cfg, self.policy(criterion, delta), state, self.batch, self.lengths,
@@ -108,8 +116,11 @@ class LocalSteps:
     return self._engine.evict(state, slot_mask_N)
 
   def read(self, state):
+    """(running_N, exits, out): exits per slot [N] and its exit's logits ([N, C]; a token task's [N, S, C]
+    per piece), or with TOKEE each word's exit [N, W] and logits [N, W, C], words first."""
     import jax
-    running, exits, out = jax.device_get((state.running_N, state.exit_N, state.out_NxC))
+    exits = state.exit_N if state.tokee is None else state.tokee.word_exit_NxW
+    running, exits, out = jax.device_get((state.running_N, exits, state.out_NxC))
     return np.asarray(running), np.asarray(exits), np.asarray(out)
 
   def full_model(self, input_ids_bxs, attention_mask_bxs, token_type_ids_bxs):
@@ -118,25 +129,33 @@ class LocalSteps:
 
 
 class Policy(NamedTuple):
-  """A request's exit rule: the criterion (one per engine) and one threshold per exit."""
+  """A request's exit rule: the criterion (one per engine) and one threshold per exit (TOKEE: tau_l of
+  each layer, the window is the server's)."""
   criterion: str
   threshold_E: np.ndarray
   delta: float = 0.0
 
   def describe(self) -> str:
     t = self.threshold_E[:-1] if len(self.threshold_E) > 1 else self.threshold_E
+    if self.criterion == "tokee":   # tau in the lower half of the layers (the upper half: doubled by default)
+      t = self.threshold_E[:max(1, len(self.threshold_E) // 2)]
     shown = f"{float(t[0]):.4g}" if np.all(t == t[0]) else "/".join(f"{float(v):.4g}" for v in t)
     return f"{self.criterion}:{shown}"
 
 
 def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
-                named: Optional[dict] = None) -> Policy:
+                named: Optional[dict] = None, window: Optional[int] = None) -> Policy:
   """A Policy from 'entropy:0.3', {'criterion': 'entropy', 'threshold': 0.3, 'min_layer': 2}, a name of
-  `named` (calibrated settings), or an `exit_policy.ExitPolicy`. min_layer folds into the thresholds:
-  exits before it get a threshold no score meets."""
+  `named` (calibrated settings), an `exit_policy.ExitPolicy` or a `token_policy.TokenPolicy`. min_layer
+  folds into the thresholds: exits before it get a threshold no score meets. window: the server's TOKEE
+  window (a token task's server; None: sentence tasks, no TOKEE)."""
   from rome_flax import exit_policy as ep
+  from rome_flax import token_policy as tp
+  token_task = window is not None
   if isinstance(spec, Policy):
     return spec
+  if isinstance(spec, tp.TokenPolicy):
+    spec = {"criterion": "tokee", "threshold": np.asarray(spec.threshold_L).tolist(), "window": spec.window}
   if isinstance(spec, ep.ExitPolicy):
     spec = {"criterion": spec.criterion, "threshold": np.asarray(spec.threshold_E).tolist(),
             "min_layer": spec.min_exit_layer, "delta": float(spec.delta) if spec.is_regression else None}
@@ -154,18 +173,39 @@ def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
   if not isinstance(spec, dict) or "criterion" not in spec or "threshold" not in spec:
     raise RequestError("policy must be 'CRITERION:THRESHOLD', a calibrated setting's name, or "
                        "{\"criterion\": ..., \"threshold\": ...}")
+  if spec["criterion"] == "tokee":
+    return _token_policy(spec, num_exits, window)
   unknown = set(spec) - {"criterion", "threshold", "min_layer", "delta"}
   if unknown:
     raise RequestError(f"policy has unknown fields: {', '.join(sorted(unknown))}")
   try:
     p = ep.make_policy(str(spec["criterion"]), spec["threshold"], num_exits, num_labels=num_labels,
-                       min_exit_layer=int(spec.get("min_layer") or 1), delta=spec.get("delta"))
+                       min_exit_layer=int(spec.get("min_layer") or 1), delta=spec.get("delta"),
+                       token_task=token_task)
   except (RomeFlaxError, TypeError, ValueError) as e:
     raise RequestError(f"policy: {e}") from None
   threshold_E = np.asarray(p.threshold_E, np.float32).copy()
   never = {"entropy": -1.0, "maxprob": 2.0, "patience": float(2 ** 30)}[p.criterion]
   threshold_E[:p.min_exit_layer - 1] = never
   return Policy(p.criterion, threshold_E, float(p.delta))
+
+
+def _token_policy(spec: dict, num_layers: int, window: Optional[int]) -> Policy:
+  """TOKEE's Policy: one tau (doubled in the upper half of the layers) or one per layer; the window is
+  the server's (it shapes the compiled step), so a request may restate it, not change it."""
+  from rome_flax import token_policy as tp
+  if window is None:
+    raise RequestError("policy: tokee (token-level early exit) is for token tasks; this server labels sentences")
+  unknown = set(spec) - {"criterion", "threshold", "window"}
+  if unknown:
+    raise RequestError(f"policy has unknown fields for tokee: {', '.join(sorted(unknown))}")
+  if spec.get("window", window) != window:
+    raise RequestError(f"policy: this server's TOKEE window is {window}; a request may change tau, not the window")
+  try:
+    p = tp.make_token_policy(spec["threshold"], window, num_layers)
+  except (RomeFlaxError, TypeError, ValueError) as e:
+    raise RequestError(f"policy: {e}") from None
+  return Policy("tokee", np.asarray(p.threshold_L, np.float32).copy(), 0.0)
 
 
 class _Request:
@@ -180,20 +220,29 @@ class _Request:
 
 
 def _pad_rows(rows, num_rows: int, seq: int):
-  """Queued (request, row) pairs as right-padded [num_rows, seq] ids, mask and token types (rows past
-  len(rows): all zeros)."""
+  """Queued (request, row) pairs as right-padded [num_rows, seq] ids, mask, token types and word mask
+  (a token task's rows carry their words' first pieces; rows past len(rows): all zeros)."""
   ids = np.zeros((num_rows, seq), np.int32)
-  mask, types = np.zeros_like(ids), np.zeros_like(ids)
+  mask, types, words = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids)
   for r, (request, i) in enumerate(rows):
-    tokens, token_types = request.rows[i]
+    tokens, token_types, *starts = request.rows[i]
     ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
-  return ids, mask, types
+    if starts:
+      words[r, starts[0]] = 1
+  return ids, mask, types, words
 
 
 class Prediction(NamedTuple):
   label: Any                    # class id or name; the value for regression
   probabilities: Optional[list]
   exit_layer: int               # 1-based
+
+
+class WordPredictions(NamedTuple):
+  """A token task's answer for one sentence: per word, its tag, tag probabilities and exit layer."""
+  tags: list
+  probabilities: list
+  exit_layers: list             # 1-based
 
 
 class Engine:
@@ -222,10 +271,10 @@ class Engine:
       raise RomeFlaxError(f"timeout_ms must be a positive number, got {timeout_ms}")
     self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
-    self.named_policies = {k: make_policy(v, steps.num_exits, steps.num_labels, steps.is_regression)
-                           for k, v in (named_policies or {}).items()}
-    self.policy = make_policy(policy, steps.num_exits, steps.num_labels, steps.is_regression,
-                              named=self.named_policies)
+    self.is_token_task = bool(getattr(steps, "is_token_task", False))
+    self.window = getattr(steps, "window", None) if self.is_token_task else None
+    self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
+    self.policy = self._make_policy(policy, named=self.named_policies)
     for name, p in self.named_policies.items():
       if p.criterion != self.policy.criterion:
         raise RomeFlaxError(f"named policy {name!r} uses {p.criterion}; this engine runs {self.policy.criterion}")
@@ -241,6 +290,27 @@ class Engine:
     self._thread.start()
 
   # ------------------------------------------------------------------ requests
+
+  def _make_policy(self, spec, named: Optional[dict] = None) -> Policy:
+    s = self.steps
+    return make_policy(spec, s.num_exits, s.num_labels, s.is_regression, named=named, window=self.window)
+
+  def encode_words(self, sentences) -> list:
+    """Token rows (input ids, token types, each word's first piece) for sentences given as word lists."""
+    from rome_flax import data
+    if isinstance(sentences, str) or not isinstance(sentences, (list, tuple)) or not sentences:
+      raise RequestError("tokens must be a non-empty list of sentences, each a list of words")
+    if len(sentences) > self.steps.slots:
+      raise RequestError(f"at most {self.steps.slots} sentences per request, got {len(sentences)}")
+    for i, words in enumerate(sentences):
+      if isinstance(words, str) or not isinstance(words, (list, tuple)) or not words or any(
+          not isinstance(w, str) or not w.strip() for w in words):
+        raise RequestError(f"sentence {i + 1}: give a non-empty list of non-empty words (strings)")
+    try:
+      enc = data.encode_token_split(self.tokenizer, [list(w) for w in sentences], None, self.steps.seq)
+    except RomeFlaxError as e:
+      raise RequestError(str(e).replace("raise --max_length", "the server's --max_length is the limit")) from None
+    return [(ids, types, starts) for ids, types, starts in zip(enc.input_ids, enc.token_type_ids, enc.word_starts)]
 
   def encode(self, texts, text_pairs=None) -> list:
     """Token rows (input ids, token types) for texts; RequestError for what cannot be served."""
@@ -263,13 +333,21 @@ class Engine:
       rows.append((np.asarray(ids, np.int32), np.asarray(types, np.int32)))
     return rows
 
-  def submit(self, texts, text_pairs=None, *, policy=None, timeout_ms: Optional[float] = None
+  def submit(self, texts=None, text_pairs=None, *, tokens=None, policy=None, timeout_ms: Optional[float] = None
              ) -> concurrent.futures.Future:
-    """Queues texts (or pairs); the future's result is a list of `Prediction`, one per text.
+    """Queues texts (or pairs), or for a token task `tokens` (sentences as word lists); the future's result
+    is a list with one `Prediction` per text, or one `WordPredictions` per sentence.
     Raises RequestError (bad input), Overloaded (queue full) or ShuttingDown at once."""
-    rows = self.encode(texts, text_pairs)
-    p = self.policy if policy is None else make_policy(policy, self.steps.num_exits, self.steps.num_labels,
-                                                       self.steps.is_regression, named=self.named_policies)
+    if self.is_token_task:
+      if texts is not None or text_pairs is not None:
+        raise RequestError("this server labels words (a token task): send 'tokens', a list of word lists")
+      rows = self.encode_words(tokens)
+    else:
+      if tokens is not None:
+        raise RequestError("'tokens' is for token tasks (sequence labelling); this server labels sentences: "
+                           "send 'texts'")
+      rows = self.encode(texts, text_pairs)
+    p = self.policy if policy is None else self._make_policy(policy, named=self.named_policies)
     if p.criterion != self.policy.criterion:
       raise RequestError(f"this server exits by {self.policy.criterion}; a request may change its thresholds, "
                          f"not the criterion ({p.criterion})")
@@ -291,7 +369,7 @@ class Engine:
       self._cond.notify()
     return request.future
 
-  def predict(self, texts, text_pairs=None, **kw) -> list:
+  def predict(self, texts=None, text_pairs=None, **kw) -> list:
     """submit(...).result(): blocking."""
     return self.submit(texts, text_pairs, **kw).result()
 
@@ -309,12 +387,16 @@ class Engine:
           ones = np.ones((b, length), np.int32)
           s.full_model(ones, ones, np.zeros_like(ones))
       return
-    state = s.init()
+    state = self._init_state()
     B = s.batch
     ids = np.ones((B, s.seq), np.int32)
+    words = (ids,) if self.is_token_task else ()
     state = s.admit(state, np.full(B, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(B, np.int32),
-                    np.zeros((B, s.num_exits), np.float32))
+                    np.zeros((B, s.num_exits), np.float32), *words)
     s.read(s.run(state, self.policy.criterion, NEVER, 1, self.policy.delta))
+
+  def _init_state(self):
+    return self.steps.init(True) if self.policy.criterion == "tokee" else self.steps.init()
 
   def close(self, grace_s: float = 30.0) -> None:
     """Stops taking work, lets queued and running requests finish within grace_s, fails the rest."""
@@ -357,8 +439,13 @@ class Engine:
       request.future.set_exception(error)
       self._count("rejected", label)
 
-  def _deliver(self, request: _Request, i: int, exit_index: int, logits_C: np.ndarray) -> None:
+  def _deliver(self, request: _Request, i: int, exit_index, logits_C: np.ndarray) -> None:
+    """Answers row i of a request from its slot: exit_index and logits_C as `LocalSteps.read` gives one
+    slot's (a token task's per piece, or TOKEE's per word, words first)."""
     if request.future.done():
+      return
+    if self.is_token_task:
+      self._deliver_words(request, i, np.asarray(exit_index), logits_C)
       return
     if self.steps.is_regression:
       label, probs = float(logits_C[0]), None
@@ -371,6 +458,26 @@ class Engine:
     request.results[i] = Prediction(label, probs, int(exit_index) + 1)
     if self.metrics is not None:
       self.metrics.observe_exit(int(exit_index) + 1)
+    request.left -= 1
+    if request.left == 0:
+      request.future.set_result(request.results)
+
+  def _deliver_words(self, request: _Request, i: int, exit_index: np.ndarray, logits: np.ndarray) -> None:
+    starts = request.rows[i][2]
+    W = len(starts)
+    if exit_index.ndim:   # TOKEE: each word its own exit, logits words first
+      word_logits_WxC, layers = logits[:W], exit_index[:W] + 1
+    else:                 # the sentence's exit (or the full model's last): its pieces' logits
+      word_logits_WxC, layers = logits[starts], np.full(W, int(exit_index) + 1)
+    z = word_logits_WxC.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    probs = e / e.sum(-1, keepdims=True)
+    ids = word_logits_WxC.argmax(-1)
+    tags = [self.label_names[k] if k < len(self.label_names) else int(k) for k in ids]
+    request.results[i] = WordPredictions(tags, probs.tolist(), [int(v) for v in layers])
+    if self.metrics is not None:
+      for v in layers:
+        self.metrics.observe_exit(int(v))
     request.left -= 1
     if request.left == 0:
       request.future.set_result(request.results)
@@ -402,7 +509,7 @@ class Engine:
 
   def _run_early(self) -> None:
     s, N, B, E = self.steps, self.steps.slots, self.steps.batch, self.steps.num_exits
-    state = s.init()
+    state = self._init_state()
     slot_of: list = [None] * N      # (request, row) per busy slot
     free = collections.deque(range(N))
     while True:
@@ -420,14 +527,15 @@ class Engine:
         if not rows:
           break
         slot_B = np.full(B, N, np.int32)
-        ids, mask, types = _pad_rows(rows, B, s.seq)
+        ids, mask, types, words = _pad_rows(rows, B, s.seq)
         priority_B, threshold_BxE = np.zeros(B, np.int32), np.zeros((B, E), np.float32)
         for r, (request, i) in enumerate(rows):
           slot = free.popleft()
           slot_B[r], slot_of[slot] = slot, (request, i)
           priority_B[r] = -(request.seq % (2 ** 31 - 1))
           threshold_BxE[r] = request.policy.threshold_E
-        state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE)
+        state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE,
+                        *((words,) if self.is_token_task else ()))
       if len(free) == N:
         continue
       # Until one more slot is free (an example finished), at most L layer batches: one host round trip per
@@ -468,7 +576,7 @@ class Engine:
       b = next(size for size in s.sizes if size >= len(rows))
       longest = max(len(request.rows[i][0]) for request, i in rows)
       length = next((x for x in s.lengths if x >= longest), s.lengths[-1])
-      ids, mask, types = _pad_rows(rows, b, length)
+      ids, mask, types, _ = _pad_rows(rows, b, length)
       mask[len(rows):, 0] = 1   # padding rows attend to one token (no all-padding softmax)
       if self.metrics is not None:
         self.metrics.set_state(len(self._pending), len(rows), b)

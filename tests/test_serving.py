@@ -229,3 +229,132 @@ def test_a_taken_port_is_one_error_line_before_loading(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [f"error: --host 127.0.0.1 --port {port}: cannot listen there "
                                            "(Address already in use)"]
+
+
+# ----------------------------------------------------------------------------- token tasks (TOKEE, SENTEE)
+
+SENTENCES = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."], ["Peter", "Blackburn"],
+             ["BRUSSELS", "1996-08-22"], ["The", "European", "Commission", "said", "on", "Thursday", "it",
+                                          "disagreed", "with", "German", "advice", "."],
+             ["Germany", "'s", "representative"], ["He", "said", "further", "scientific", "study", "was", "required"]]
+TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG")
+
+
+@pytest.fixture(scope="module")
+def token_model(minilm_dir):
+  """A tiny 4-layer token-task model (sequence labelling) with MiniLM's tokenizer, words halting at
+  different layers."""
+  cfg = ModelConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=48, max_position_embeddings=64, num_labels=len(TAGS), head="token")
+  m = MultiExitBert.from_config(cfg, seed=5, tokenizer=load_tokenizer(minilm_dir))
+  m.params["exits"]["classifier"]["kernel"] = m.params["exits"]["classifier"]["kernel"] * 60.0
+  m.export_info = ExportInfo(task="ner", label_names=TAGS, max_length=64)
+  return m
+
+
+def test_token_task_engine_refills_and_equals_offline_tokee_and_sentee(token_model):
+  """A token task served with TOKEE (each word its own exit; a sentence's slot refilled once all its
+  words halted) and with a sentence criterion (SENTEE): the offline `predict_tags` answers, for one call
+  and for one sentence per request arriving while others run."""
+  from rome_flax import token_exit as te
+  L = token_model.config.num_layers
+  tokee = te.make_token_policy(0.02, 3, L)
+  sentee = ep.make_policy("entropy", 0.02, L, num_labels=len(TAGS), token_task=True)
+  for policy in (tokee, sentee):
+    ref = te.predict_tags(token_model, SENTENCES, policy, batch_size=4, max_length=64)
+    eng = serving.Engine(token_model, policy, slots=4, batch=2, max_length=64)
+    try:
+      one_call = eng.predict(tokens=SENTENCES[:4]) + eng.predict(tokens=SENTENCES[4:])   # 4 slots
+      one_each = [f.result(30)[0] for f in [eng.submit(tokens=[s]) for s in SENTENCES]]
+    finally:
+      eng.close(5)
+    for got in (one_call, one_each):
+      assert [p.tags for p in got] == ref.tags
+      assert [p.exit_layers for p in got] == ref.exit_layers
+      assert all(len(p.probabilities) == len(s) and abs(sum(p.probabilities[0]) - 1) < 1e-5
+                 for p, s in zip(got, SENTENCES))
+    layers = sum(ref.exit_layers, [])
+    assert 1 < len(set(layers)), f"{policy}: exits do not spread over layers"
+
+
+def test_token_task_requests_full_model_and_http(token_model):
+  from starlette.testclient import TestClient
+  from rome_flax import server
+  L = token_model.config.num_layers
+  full = serving.Engine(token_model, slots=4, batch=2, max_length=64, full_model=True)
+  try:
+    got = full.predict(tokens=SENTENCES[:3])
+  finally:
+    full.close(5)
+  from rome_flax import token_exit as te
+  ref = te.predict_tags(token_model, SENTENCES[:3], te.make_token_policy(0.0, 3, L), batch_size=4, max_length=64)
+  assert [p.tags for p in got] == ref.tags and all(set(p.exit_layers) == {L} for p in got)
+
+  eng = serving.Engine(token_model, "tokee:0.02", slots=4, batch=2, max_length=64)
+  try:
+    with pytest.raises(serving.RequestError, match="send 'tokens'"):
+      eng.submit(["a text"])
+    for bad, message in (([], "non-empty list"), ([["ok", ""]], "non-empty words"), ([[]], "non-empty list"),
+                         ([["word"] * 80], "max_length"), ("EU rejects", "non-empty list")):
+      with pytest.raises(serving.RequestError, match=message):
+        eng.submit(tokens=bad)
+    with pytest.raises(serving.RequestError, match="window is 3"):
+      eng.submit(tokens=SENTENCES[:1], policy={"criterion": "tokee", "threshold": 0.1, "window": 5})
+    late = eng.predict(tokens=SENTENCES[:2], policy="tokee:0")          # tau 0: every word runs every layer
+    assert all(set(p.exit_layers) == {L} for p in late)
+    app = server.build_app(eng, server.Metrics(L), {"slots": 4})
+    with TestClient(app) as client:
+      r = client.post("/predict", json={"tokens": SENTENCES[:2], "policy": "tokee:0.02"})
+      assert r.status_code == 200, r.text
+      body = r.json()["predictions"]
+      assert set(body[0]) == {"tags", "probabilities", "exit_layers"} and len(body[0]["tags"]) == len(SENTENCES[0])
+      assert client.post("/predict", json={"texts": ["a text"]}).status_code == 400
+  finally:
+    eng.close(5)
+
+
+def test_a_client_that_disconnects_frees_its_slots(model):
+  """Through the HTTP app: a client that goes away while its request waits gets no answer (499 in the
+  log), its request is cancelled and its slots freed; the engine answers the next request."""
+  import asyncio
+  from rome_flax import server
+  steps = serving.LocalSteps(model, slots=4, batch=2, max_length=64)
+  gate = threading.Event()
+
+  class HeldSteps:   # the worker's first run waits until the client has gone
+    def __getattr__(self, name):
+      return getattr(steps, name)
+
+    def run(self, *a, **kw):
+      gate.wait(30)
+      return steps.run(*a, **kw)
+
+  metrics = server.Metrics(model.config.num_layers)
+  eng = serving.Engine(policy="entropy:0.0", steps=HeldSteps(), tokenizer=model.tokenizer, metrics=metrics,
+                       warm_up=False)
+  app = server.build_app(eng, metrics, {})
+  body = json.dumps({"texts": TEXTS[:4]}).encode()
+  sent = []
+
+  async def receive():
+    if not sent:
+      sent.append(1)
+      return {"type": "http.request", "body": body, "more_body": False}
+    return {"type": "http.disconnect"}   # the client has gone
+
+  async def send(message):
+    sent.append(message)
+
+  scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-type", b"application/json")],
+           "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80),
+           "client": ("127.0.0.1", 1), "root_path": "", "app": app}
+  try:
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    start = next(m for m in sent[1:] if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    gate.set()
+    assert [p.exit_layer for p in eng.predict(TEXTS[:4], timeout_ms=30_000)] == [model.config.num_layers] * 4
+    assert 'reason="disconnected"} 1.0' in metrics.text().decode()
+  finally:
+    gate.set()
+    eng.close(5)

@@ -196,3 +196,49 @@ def test_simulate_equals_the_device_decision_on_given_logits():
     assert (exits[now] == i).all()
     halted |= now
   assert halted.all()
+
+
+def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded):
+  """TOKEE in the open engine (the server's path): sentences admitted into free slots while others run,
+  each with its own thresholds, give the closed loop's word exits and logits for the same thresholds."""
+  from rome_flax import engine
+  policy = te.make_token_policy(0.6, 3, 4)
+  plain = te.token_pass(params, CFG15, policy, encoded, 8, gather=False).run()
+  full = te.token_pass(params, CFG15, te.make_token_policy(0.0, 3, 4), encoded, 8, gather=False).run()
+  N = len(encoded)
+  padded = data.pad_batch(encoded, np.arange(N), N)
+  S = padded["input_ids"].shape[1]
+  slots, batch = 4, 2
+  state = engine.init(CFG15, slots, S, True)
+  queue, free, held, admitted_while_running = list(range(N)), list(range(slots)), {}, 0
+  exits, logits, queries = np.full((N, S), -9), np.zeros((N, S, TAGS), np.float32), np.zeros((N, 4), int)
+  W = plain.word_exits.shape[1]
+  for _ in range(200):   # bounded: each round finishes at least one sentence
+    if not queue and not held:
+      break
+    take = queue[:len(free)]
+    if take:
+      admitted_while_running += bool(held)
+      slot_A = np.array([free.pop(0) for _ in take], np.int32)
+      tau = np.array([policy.threshold_L if n % 3 else np.zeros(4) for n in take], np.float32)   # every third: tau 0
+      state = engine.admit(params, CFG15, state, slot_A, *(padded[k][take] for k in
+                                                           ("input_ids", "attention_mask", "token_type_ids")),
+                           -np.array(take, np.int32), tau, padded["word_mask"][take])
+      held.update(zip(slot_A.tolist(), take))
+      queue = queue[len(take):]
+    state = engine.run(params, CFG15, policy, state, batch, None, slots - len(held) + 1, 10 ** 6)
+    running = np.asarray(state.running_N)
+    for slot, n in list(held.items()):
+      if not running[slot]:
+        exits[n], logits[n] = np.asarray(state.tokee.word_exit_NxW)[slot], np.asarray(state.out_NxC)[slot]
+        queries[n] = np.asarray(state.tokee.queries_NxL)[slot]
+        del held[slot]
+        free.append(slot)
+  assert not queue and not held and admitted_while_running > 0
+  for n in range(N):
+    want = full if n % 3 == 0 else plain
+    np.testing.assert_array_equal(exits[n, :W], want.word_exits[n], err_msg=f"sentence {n}")
+    assert (exits[n, W:] == -1).all()
+    np.testing.assert_allclose(logits[n, :W], want.word_logits[n], atol=3e-4)
+    np.testing.assert_array_equal(queries[n], want.queries[n])
+  assert len(np.unique(plain.word_exits[plain.word_exits >= 0])) > 1
