@@ -15,7 +15,8 @@ server's default policy, or --policy). Against each it measures
 Each phase is bounded: --requests per rate (or --saturation_requests), no request sent after --time_limit
 seconds, none awaited longer than --request_timeout. Inputs: the texts of --data (a GLUE-style TSV, a pair
 task's two columns, or a text file of one text per line), by default the dev split of the embedded synthetic
-task that the README's default run (`python train.py` -> runs/default/export) trains on. The client is one
+task that the README's default run (`python train.py` -> runs/default/export) trains on; for a token-task
+export (sequence labelling), the sentences of a CoNLL file sent as `tokens` (mean exit: over words). The client is one
 asyncio loop (httpx) in this process: it shares the 2 cores with the server, alike for both servers.
 
 Prints the CPU model, export and data, a table per server (P50/P95/P99 latency, throughput, rejected,
@@ -67,20 +68,31 @@ JSON_HEADERS = {"content-type": "application/json"}
 # ----------------------------------------------------------------------------- inputs
 
 
-def export_task(checkpoint: Path) -> Optional[str]:
-  """The task an export was trained on (its metadata), None when it does not say; a missing export is
-  the one user error this bench expects most, so it names both ways out."""
+def export_task(checkpoint: Path) -> tuple[Optional[str], bool]:
+  """The task an export was trained on (its metadata; None when it does not say) and whether it labels
+  words (a token head); a missing export is the one user error this bench expects most, so it names both
+  ways out."""
   config = checkpoint / EXPORT_CONFIG
   if not config.is_file():
     what = "has no " + EXPORT_CONFIG if checkpoint.is_dir() else "is missing"
     raise RomeFlaxError(f"export {checkpoint} {what}: run `python train.py` first (the README's default run "
                         "writes runs/default/export) or pass --checkpoint EXPORT_DIR")
   try:
-    meta = json.loads(config.read_text(encoding="utf-8")).get("metadata") or {}
-    task = meta.get("task")
+    record = json.loads(config.read_text(encoding="utf-8"))
+    task = (record.get("metadata") or {}).get("task")
+    token_task = (record.get("model") or {}).get("head") == "token"
   except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
     raise RomeFlaxError(f"{config} is malformed ({type(e).__name__})") from None
-  return str(task) if task else None
+  return (str(task) if task else None), bool(token_task)
+
+
+def load_sentences(data: Optional[str]) -> tuple[list[list[str]], str]:
+  """A token task's inputs: the sentences (word lists) of a CoNLL column file."""
+  if data is None:
+    raise RomeFlaxError("a token-task export needs --data, a CoNLL file such as ../shared/conll2003/dev.txt")
+  from rome_flax import token_data
+  split = token_data.read_conll(data, "dev")
+  return split.words, f"{data} ({len(split.words)} sentences)"
 
 
 def _glue_text_columns() -> list[tuple[str, Optional[str]]]:
@@ -150,16 +162,18 @@ def load_texts(data: Optional[str], task: Optional[str]) -> tuple[list[str], Opt
   return list(split.texts_a), None, f"synthetic dev split ({len(split)} texts)"
 
 
-def request_bodies(texts_a: Sequence[str], texts_b: Optional[Sequence[str]], per_request: int) -> list[bytes]:
-  """JSON bodies of `per_request` consecutive texts each (wrapping around), encoded once up front so the
-  client spends its share of the 2 cores on sending, not on json.dumps; request i sends body i % len."""
+def request_bodies(texts_a: Sequence, texts_b: Optional[Sequence[str]], per_request: int,
+                   field: str = "texts") -> list[bytes]:
+  """JSON bodies of `per_request` consecutive texts (or, field 'tokens', sentences as word lists) each
+  (wrapping around), encoded once up front so the client spends its share of the 2 cores on sending, not
+  on json.dumps; request i sends body i % len."""
   if per_request < 1:
     raise RomeFlaxError(f"--texts_per_request must be >= 1, got {per_request}")
   n = len(texts_a)
   bodies = []
   for j in range(max(1, n // per_request)):
     rows = [(j * per_request + m) % n for m in range(per_request)]
-    body = {"texts": [texts_a[r] for r in rows]}
+    body = {field: [texts_a[r] for r in rows]}
     if texts_b is not None:
       body["text_pairs"] = [texts_b[r] for r in rows]
     bodies.append(json.dumps(body).encode())
@@ -276,6 +290,8 @@ async def _post(client, url: str, body: bytes, timeout: float) -> tuple[int, tup
     return r.status_code, ()
   try:
     predictions = r.json()["predictions"]
+    if predictions and "exit_layers" in predictions[0]:   # a token task: each word's exit layer
+      return 200, tuple(int(v) for p in predictions for v in p["exit_layers"])
     return 200, tuple(int(p["exit_layer"]) for p in predictions if p.get("exit_layer") is not None)
   except (ValueError, KeyError, TypeError, AttributeError):
     return FAILED, ()
@@ -498,9 +514,13 @@ def run(args, command: Callable = server_command) -> str:
   """The whole bench; prints the header and tables and returns the ratio line (printed last by main)."""
   _check_args(args)
   args.checkpoint = Path(os.path.expanduser(str(args.checkpoint))).absolute()   # the server runs in the repo root
-  task = export_task(args.checkpoint)
-  texts_a, texts_b, described = load_texts(args.data, task)
-  bodies = request_bodies(texts_a, texts_b, args.texts_per_request)
+  task, token_task = export_task(args.checkpoint)
+  if token_task:
+    sentences, described = load_sentences(args.data)
+    bodies = request_bodies(sentences, None, args.texts_per_request, "tokens")
+  else:
+    texts_a, texts_b, described = load_texts(args.data, task)
+    bodies = request_bodies(texts_a, texts_b, args.texts_per_request)
   print(f"serve_load: cpu = {cpu_model()}")
   print(f"export: {args.checkpoint} (task {task or '?'}); data: {described}; {args.texts_per_request} text(s) per "
         f"request; max_batch {args.max_batch}; early-exit policy {args.policy or 'the server default'}")

@@ -194,7 +194,16 @@ def test_inputs_of_an_export(tmp_path):
   with pytest.raises(RomeFlaxError, match=r"python train.py.*--checkpoint"):
     sl.export_task(tmp_path / "export")
   (tmp_path / sl.EXPORT_CONFIG).write_text(json.dumps({"model": {}, "metadata": {"task": "synthetic"}}))
-  assert sl.export_task(tmp_path) == "synthetic"
+  assert sl.export_task(tmp_path) == ("synthetic", False)
+  (tmp_path / sl.EXPORT_CONFIG).write_text(json.dumps({"model": {"head": "token"}, "metadata": {"task": "ner"}}))
+  assert sl.export_task(tmp_path) == ("ner", True)
+  with pytest.raises(RomeFlaxError, match="CoNLL"):
+    sl.load_sentences(None)
+  conll = tmp_path / "dev.txt"
+  conll.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")
+  sentences, described = sl.load_sentences(str(conll))
+  assert sentences == [["EU", "rejects"], ["Peter"]] and "2 sentences" in described
+  assert json.loads(sl.request_bodies(sentences, None, 2, "tokens")[0]) == {"tokens": [["EU", "rejects"], ["Peter"]]}
   a, b, described = sl.load_texts(None, "synthetic")
   assert a == synthetic.make_split("dev")[0] and b is None and "1000 texts" in described
   with pytest.raises(RomeFlaxError, match=r"\(its task is sst-2\): pass --data"):
