@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
@@ -74,4 +73,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})   # until cli.run takes them (preemption.py)
-  sys.exit(main())
+  from rome_flax import cli
+  cli.exit(main())
