@@ -8,6 +8,7 @@ See rome_flax/infer_cli.py for every option.
 """
 
 import signal
+import sys
 
 if __name__ == "__main__":   # SIGINT / SIGTERM wait while the libraries load; cli.run takes them (preemption.py)
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -16,8 +17,7 @@ from rome_flax.runtime import retain_host_memory  # noqa: E402
 
 retain_host_memory()  # before JAX starts its threads: no page faults on every batch's temporaries
 
-from rome_flax import cli  # noqa: E402
 from rome_flax.infer_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-  cli.exit(main())
+  sys.exit(main())

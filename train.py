@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
@@ -73,5 +74,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})   # until cli.run takes them (preemption.py)
-  from rome_flax import cli
-  cli.exit(main())
+  sys.exit(main())

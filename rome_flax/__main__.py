@@ -219,4 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  cli.exit(main())
+  raise SystemExit(main())

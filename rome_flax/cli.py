@@ -62,7 +62,6 @@ def run(program: Callable[[argparse.Namespace], object], parser: argparse.Argume
     if debug:
       traceback.print_exc()
     print(f"error: {e}", file=sys.stderr)
-    _error_line_printed(debug)
     return EXIT_USER_ERROR
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
@@ -79,29 +78,5 @@ def run(program: Callable[[argparse.Namespace], object], parser: argparse.Argume
     if debug:
       traceback.print_exc()
     print(f"error: {os_error_text(failed)}", file=sys.stderr)
-    _error_line_printed(debug)
     return EXIT_USER_ERROR
   return 0
-
-
-_QUIET_AT_EXIT = False
-
-
-def _error_line_printed(debug: bool) -> None:
-  global _QUIET_AT_EXIT
-  _QUIET_AT_EXIT = not debug
-
-
-def exit(code: int) -> None:
-  """How an entry point's process ends (`cli.exit(main())`). After an error line, the libraries'
-  leftovers of the failed operation stay quiet: a failed Orbax save (a full disk) leaves asyncio tasks
-  and writer threads whose exceptions were never retrieved, and at shutdown asyncio logs them ("Task
-  exception was never retrieved" with a traceback), or a thread or a finaliser reports them.
-  scripts/chaos.py counted such a traceback beside the right error line in 1 of 32 full-disk rounds.
-  The error line already said what failed; --debug keeps them. (Not in `run`: tests call it in-process.)"""
-  if _QUIET_AT_EXIT:
-    import threading
-    logging.getLogger("asyncio").disabled = True
-    threading.excepthook = lambda args: None
-    sys.unraisablehook = lambda unraisable: None
-  sys.exit(code)
