@@ -189,7 +189,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
       window = calibrated.window
     length = max_length or model.export_info.max_length or 128
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
-                               window=window or 3)
+                               window=3 if window is None else window)
     tokenizer, label_names, source = model.tokenizer, model.export_info.label_names, checkpoint
   if window is not None and not steps.is_token_task:
     raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")

@@ -157,6 +157,8 @@ def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
   if isinstance(spec, tp.TokenPolicy):
     spec = {"criterion": "tokee", "threshold": np.asarray(spec.threshold_L).tolist(), "window": spec.window}
   if isinstance(spec, ep.ExitPolicy):
+    if token_task and spec.pool != "max":
+      raise RomeFlaxError(f"the server pools a sentence's words by max (SENTEE); this setting pools by {spec.pool}")
     spec = {"criterion": spec.criterion, "threshold": np.asarray(spec.threshold_E).tolist(),
             "min_layer": spec.min_exit_layer, "delta": float(spec.delta) if spec.is_regression else None}
   if isinstance(spec, str):
