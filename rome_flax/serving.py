@@ -234,6 +234,13 @@ def _pad_rows(rows, num_rows: int, seq: int):
   return ids, mask, types, words
 
 
+def _softmax(logits_xC: np.ndarray) -> np.ndarray:
+  """Probabilities over the last axis, in float64 (what a response carries)."""
+  z = logits_xC.astype(np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
 class Prediction(NamedTuple):
   label: Any                    # class id or name; the value for regression
   probabilities: Optional[list]
@@ -447,42 +454,34 @@ class Engine:
     if request.future.done():
       return
     if self.is_token_task:
-      self._deliver_words(request, i, np.asarray(exit_index), logits_C)
-      return
-    if self.steps.is_regression:
-      label, probs = float(logits_C[0]), None
+      result, layers = self._words(request.rows[i][2], np.asarray(exit_index), logits_C)
+    elif self.steps.is_regression:
+      result, layers = Prediction(float(logits_C[0]), None, int(exit_index) + 1), [int(exit_index) + 1]
     else:
-      z = logits_C.astype(np.float64)
-      e = np.exp(z - z.max())
-      probs = (e / e.sum()).tolist()
       k = int(np.argmax(logits_C))
-      label = self.label_names[k] if k < len(self.label_names) else k
-    request.results[i] = Prediction(label, probs, int(exit_index) + 1)
+      result = Prediction(self._label(k), _softmax(logits_C).tolist(), int(exit_index) + 1)
+      layers = [result.exit_layer]
+    request.results[i] = result
     if self.metrics is not None:
-      self.metrics.observe_exit(int(exit_index) + 1)
+      for v in layers:
+        self.metrics.observe_exit(v)
     request.left -= 1
     if request.left == 0:
       request.future.set_result(request.results)
 
-  def _deliver_words(self, request: _Request, i: int, exit_index: np.ndarray, logits: np.ndarray) -> None:
-    starts = request.rows[i][2]
+  def _label(self, k: int):
+    return self.label_names[k] if k < len(self.label_names) else int(k)
+
+  def _words(self, starts: np.ndarray, exit_index: np.ndarray, logits: np.ndarray) -> tuple:
+    """A sentence's WordPredictions and its words' exit layers."""
     W = len(starts)
     if exit_index.ndim:   # TOKEE: each word its own exit, logits words first
       word_logits_WxC, layers = logits[:W], exit_index[:W] + 1
     else:                 # the sentence's exit (or the full model's last): its pieces' logits
       word_logits_WxC, layers = logits[starts], np.full(W, int(exit_index) + 1)
-    z = word_logits_WxC.astype(np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    probs = e / e.sum(-1, keepdims=True)
-    ids = word_logits_WxC.argmax(-1)
-    tags = [self.label_names[k] if k < len(self.label_names) else int(k) for k in ids]
-    request.results[i] = WordPredictions(tags, probs.tolist(), [int(v) for v in layers])
-    if self.metrics is not None:
-      for v in layers:
-        self.metrics.observe_exit(int(v))
-    request.left -= 1
-    if request.left == 0:
-      request.future.set_result(request.results)
+    layers = [int(v) for v in layers]
+    tags = [self._label(int(k)) for k in word_logits_WxC.argmax(-1)]
+    return WordPredictions(tags, _softmax(word_logits_WxC).tolist(), layers), layers
 
   def _loop(self) -> None:
     try:
