@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +54,16 @@ def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float,
   bias[exit_to_use] = [-scale * shift / 2, scale * shift / 2]
   exits["classifier"] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
   return {**params, "exits": exits}
+
+
+def sst2_tokens(tokenizer, data_dir: Path, n: int, max_length: int = 128):
+  """The first n SST-2 dev sentences, tokenised by the model's tokenizer (real lengths: 4-55 pieces,
+  most in the 16- and 32-piece buckets): where batch 1's fixed per-layer costs weigh most."""
+  from rome_flax import data, tasks
+  split = data.load_split(tasks.get_task("sst-2"), "dev", data_dir=str(data_dir))
+  keep = np.arange(min(n, len(split.texts_a)))
+  split = data.Split(split.task, split.split, [split.texts_a[i] for i in keep], None, split.labels[keep], keep)
+  return data.encode_split(tokenizer, split, max_length=max_length)
 
 
 def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
@@ -116,11 +127,46 @@ def measure(params, cfg, data, *, batch: int = 64, latency_examples: int = 96, e
   return Result(measured, policy, stats, (float(gap.mean()), float(gap.std())), int(near_N.sum()), mismatches)
 
 
+def report(name: str, args, r: Result, L: int) -> tuple[float, float]:
+  """Prints one data row's measurement; returns (throughput, latency) speed-up over layer ratio."""
+  measured, stats = r.measured, r.stats
+  full_b, thr = measured.full_throughput, measured.throughput
+  full_1, lat = measured.full_latency, measured.latency
+  print(f"\n== {name}")
+  print(f"exit {args.exit_layer} logit gap at scale 1: mean {r.gap[0]:.4g} std {r.gap[1]:.4g}")
+  print(f"policy: {r.policy.describe()} (widest gap near the median entropy of exit {args.exit_layer}); exits "
+        f"1..{L - 1} other than {args.exit_layer} never confident")
+  print(f"decisions equal the offline ones: throughput {r.mismatches['throughput'] == 0}, latency "
+        f"{r.mismatches['latency'] == 0}; near-ties (entropy within the tolerance of tau, not compared): "
+        f"{r.near_ties}")
+  assert r.mismatches["throughput"] == 0, "throughput path disagrees with the offline decisions"
+  assert r.mismatches["latency"] == 0, "latency path disagrees with the offline decisions"
+  for path, m in (("throughput", thr), ("latency", lat)):
+    st = stats[path]
+    print(f"{path} set ({len(m.run.exit_index_N)} examples): exit layer shares "
+          + " ".join(f"{k + 1}:{s:.2f}" for k, s in enumerate(st["exit_shares"]))
+          + f"; average exit layer {st['avg_exit_layer']:.2f}, layer ratio {st['layer_ratio']:.2f}, "
+          f"FLOPs ratio {st['flops_ratio']:.2f}")
+  thr_speed, lat_speed = measured.throughput_speedup, measured.latency_speedup
+  n_b = len(thr.run.exit_index_N)
+  print(f"(a) throughput, batch {args.batch}: full model {full_b.seconds:.3f} s ({n_b / full_b.seconds:.1f} ex/s, "
+        f"{full_b.run.layer_runs} layer batches), early exit {thr.seconds:.3f} s ({n_b / thr.seconds:.1f} ex/s, "
+        f"{thr.run.layer_runs} layer batches); speed-up {thr_speed:.2f}; compile+warm-up excluded: full "
+        f"{full_b.warmup_seconds:.2f} s, early exit {thr.warmup_seconds:.2f} s")
+  n_1 = measured.latency_examples
+  print(f"(b) latency, batch 1: full model {full_1.seconds / n_1 * 1e3:.2f} ms/example, early exit "
+        f"{lat.seconds / n_1 * 1e3:.2f} ms/example; speed-up {lat_speed:.2f}; compile+warm-up excluded: full "
+        f"{full_1.warmup_seconds:.2f} s, early exit {lat.warmup_seconds:.2f} s")
+  return thr_speed / stats["throughput"]["layer_ratio"], lat_speed / stats["latency"]["layer_ratio"]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--examples", type=int, default=512, help="examples for the throughput measurement")
   ap.add_argument("--latency_examples", type=int, default=96, help="examples for the batch-1 measurement")
-  ap.add_argument("--seq", type=int, default=64)
+  ap.add_argument("--seq", type=int, default=64, help="the synthetic row's length")
+  ap.add_argument("--glue_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "glue"),
+                  help="GLUE data (SST-2/dev.tsv: the real-text row; skipped with a note when absent)")
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--exit_layer", type=int, default=2, help="the layer (1-based) where about half exit")
   ap.add_argument("--dispatch", default="switch", choices=("switch", "slice"))
@@ -134,43 +180,28 @@ def main():
 
   import rome_flax
 
-  model = rome_flax.MultiExitBert.from_pretrained(minilm_dir(), num_labels=2, load_tokenizer_files=False)
+  model = rome_flax.MultiExitBert.from_pretrained(minilm_dir(), num_labels=2)
   cfg = model.config
   L = cfg.num_layers
-  data = synthetic_tokens(args.examples, args.seq, cfg.vocab_size, seed=1)
-  r = measure(model.params, cfg, data, batch=args.batch, latency_examples=args.latency_examples,
-              exit_layer=args.exit_layer, dispatch=args.dispatch, repeats=args.repeats, tol=args.tie_tol)
-  measured, stats = r.measured, r.stats
-  full_b, thr = measured.full_throughput, measured.throughput
-  full_1, lat = measured.full_latency, measured.latency
-  print(f"exit {args.exit_layer} logit gap at scale 1: mean {r.gap[0]:.4g} std {r.gap[1]:.4g}")
-  print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), seq {args.seq}, float32, "
-        f"device {jax.devices()[0].device_kind}, dispatch {args.dispatch}; Model name: {cpu_model()}")
-  print(f"policy: {r.policy.describe()} (widest gap near the median entropy of exit {args.exit_layer}); exits "
-        f"1..{L - 1} other than {args.exit_layer} never confident")
-  print(f"decisions equal the offline ones: throughput {r.mismatches['throughput'] == 0}, latency "
-        f"{r.mismatches['latency'] == 0}; near-ties (entropy within the tolerance of tau, not compared): "
-        f"{r.near_ties}")
-  assert r.mismatches["throughput"] == 0, "throughput path disagrees with the offline decisions"
-  assert r.mismatches["latency"] == 0, "latency path disagrees with the offline decisions"
-  for name, m in (("throughput", thr), ("latency", lat)):
-    st = stats[name]
-    print(f"{name} set ({len(m.run.exit_index_N)} examples): exit layer shares "
-          + " ".join(f"{k + 1}:{s:.2f}" for k, s in enumerate(st["exit_shares"]))
-          + f"; average exit layer {st['avg_exit_layer']:.2f}, layer ratio {st['layer_ratio']:.2f}, "
-          f"FLOPs ratio {st['flops_ratio']:.2f}")
-  thr_speed, lat_speed = measured.throughput_speedup, measured.latency_speedup
-  n_b = args.examples
-  print(f"(a) throughput, batch {args.batch}: full model {full_b.seconds:.3f} s ({n_b / full_b.seconds:.1f} ex/s, "
-        f"{full_b.run.layer_runs} layer batches), early exit {thr.seconds:.3f} s ({n_b / thr.seconds:.1f} ex/s, "
-        f"{thr.run.layer_runs} layer batches); speed-up {thr_speed:.2f}; compile+warm-up excluded: full "
-        f"{full_b.warmup_seconds:.2f} s, early exit {thr.warmup_seconds:.2f} s")
-  n_1 = measured.latency_examples
-  print(f"(b) latency, batch 1: full model {full_1.seconds / n_1 * 1e3:.2f} ms/example, early exit "
-        f"{lat.seconds / n_1 * 1e3:.2f} ms/example; speed-up {lat_speed:.2f}; compile+warm-up excluded: full "
-        f"{full_1.warmup_seconds:.2f} s, early exit {lat.warmup_seconds:.2f} s")
-  print(f"of layer ratio: throughput = {thr_speed / stats['throughput']['layer_ratio']:.2f} "
-        f"latency = {lat_speed / stats['latency']['layer_ratio']:.2f}")
+  print(f"model: all-MiniLM-L6-v2 ({L} layers, hidden {cfg.hidden_size}), float32, device "
+        f"{jax.devices()[0].device_kind}, dispatch {args.dispatch}; Model name: {cpu_model()}")
+  rows = []
+  sst2 = Path(args.glue_dir) / "SST-2"
+  if (sst2 / "dev.tsv").is_file():
+    rows.append(("SST-2 dev (real text)", sst2_tokens(model.tokenizer, sst2, args.examples)))
+  else:
+    print(f"note: {sst2 / 'dev.tsv'} not found: the real-text row is skipped")
+  rows.append((f"synthetic tokens, seq {args.seq}", synthetic_tokens(args.examples, args.seq, cfg.vocab_size, seed=1)))
+  ratios = {}
+  for name, data in rows:
+    r = measure(model.params, cfg, data, batch=args.batch, latency_examples=args.latency_examples,
+                exit_layer=args.exit_layer, dispatch=args.dispatch, repeats=args.repeats, tol=args.tie_tol)
+    ratios[name] = report(name, args, r, L)
+  print("\n| data | throughput speed-up / layer ratio | latency speed-up / layer ratio |\n|---|---|---|")
+  for name, (t, l) in ratios.items():
+    print(f"| {name} | {t:.2f} | {l:.2f} |")
+  t, l = ratios[rows[0][0]]
+  print(f"of layer ratio: throughput = {t:.2f} latency = {l:.2f}")
 
 
 if __name__ == "__main__":

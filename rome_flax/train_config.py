@@ -44,6 +44,8 @@ class NetworkOptions:
   random_model_hidden: int = option(64, "random model: hidden size")
   random_model_heads: int = option(4, "random model: attention heads")
   random_model_intermediate: int = option(128, "random model: feed-forward size")
+  random_model_init: float = option(0.02, "random model: std of its N(0, std) weight init (BERT's "
+                                    "initializer_range)")
   exit_pooling: str = option("cls", "what an exit head reads: cls (the first token, as published) or mean (the "
                              "mean over the sentence's pieces)")
   dtype: str = option("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")

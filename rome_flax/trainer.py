@@ -109,6 +109,7 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
     mcfg = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=net.random_model_hidden,
                        num_hidden_layers=net.random_model_layers, num_attention_heads=net.random_model_heads,
                        intermediate_size=net.random_model_intermediate,
+                       initializer_range=net.random_model_init,
                        max_position_embeddings=max(max_length, 64), num_labels=task.num_labels,
                        exit_pooling=net.exit_pooling, dtype=net.dtype, head=task.kind,
                        classifier_dropout=net.classifier_dropout)
