@@ -28,8 +28,8 @@ SPLIT_SIZES = {"train": 4000, "dev": 1000, "test": 500}
 _SPLIT_SEEDS = {"train": 0, "dev": 1, "test": 2}
 
 
-def _sentence(rng: np.random.Generator) -> tuple[str, int]:
-  words = [str(rng.choice(FILLER)) for _ in range(rng.integers(FILLER_WORDS[0], FILLER_WORDS[1] + 1))]
+def _sentence(rng: np.random.Generator, filler_words: tuple[int, int]) -> tuple[str, int]:
+  words = [str(rng.choice(FILLER)) for _ in range(rng.integers(filler_words[0], filler_words[1] + 1))]
   positive = bool(rng.random() < 0.5)
   negated = bool(rng.random() < 0.4)
   at = int(rng.integers(1, len(words)))          # position of the sentiment word (never first)
@@ -44,12 +44,14 @@ def _sentence(rng: np.random.Generator) -> tuple[str, int]:
   return " ".join(words), int(positive != negated)
 
 
-def make_split(split: str, seed: int = 0, size: int | None = None) -> tuple[list[str], np.ndarray]:
-  """Texts and labels of one split (deterministic in split and seed)."""
+def make_split(split: str, seed: int = 0, size: int | None = None,
+               filler_words: tuple[int, int] = FILLER_WORDS) -> tuple[list[str], np.ndarray]:
+  """Texts and labels of one split (deterministic in split, seed and filler_words; (5, 19) gives the
+  sentences of rome_flax before 2026-12-03)."""
   if split not in SPLIT_SIZES:
     raise RomeFlaxError(f"task synthetic has no split {split!r}; splits: {', '.join(SPLIT_SIZES)}")
   rng = np.random.default_rng([seed, _SPLIT_SEEDS[split]])
-  rows = [_sentence(rng) for _ in range(size or SPLIT_SIZES[split])]
+  rows = [_sentence(rng, filler_words) for _ in range(size or SPLIT_SIZES[split])]
   return [t for t, _ in rows], np.asarray([y for _, y in rows], np.int64)
 
 
