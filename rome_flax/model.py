@@ -40,6 +40,8 @@ from rome_flax.errors import RomeFlaxError
 
 # Additive mask value for padded keys; finite so a row of all padding stays NaN-free.
 _MASK_VALUE = -1e9
+# EncoderLayer with query rows: below 3M + this many pieces, Q is computed for every piece (see there).
+QUERY_ROWS_SLACK = 64
 
 
 class Embeddings(nn.Module):
@@ -90,14 +92,21 @@ class EncoderLayer(nn.Module):
       k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
       q_BxSxD, h_BxSxD, S = q_Bx1xD, h_BxSxD[:, :1], 1
     elif query_rows_M is not None:
-      h_flat = h_BxSxD.reshape(B * S, D)
+      M = query_rows_M.shape[0]
       rows_out = jnp.minimum(query_rows_M, B * S - 1)
-      h_MxD = h_flat[rows_out]
-      q_MxD = qkv(h_MxD)[..., :D]
-      kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
-      kv_BxSx2D = layers.linear(h_BxSxD, kernel[D:], bias[D:], dtype)
-      k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
-      q_BxSxD = jnp.zeros((B * S, D), q_MxD.dtype).at[query_rows_M].set(q_MxD, mode="drop").reshape(B, S, D)
+      h_MxD = h_BxSxD.reshape(B * S, D)[rows_out]
+      if B * S < 3 * M + QUERY_ROWS_SLACK:
+        # Q, K and V of every piece in one matmul, Q of the halted ones unused: cheaper than what the
+        # split below costs (a copy of the [2D, D] K/V kernel rows, and Q of M rows with K and V
+        # computed and dropped) unless most pieces have halted. One MiniLM layer at batch 1, 16 pieces,
+        # all active: 1,314 -> 1,064 us (AMD EPYC).
+        q_BxSxD, k_BxSxD, v_BxSxD = jnp.split(qkv(h_BxSxD), 3, axis=-1)
+      else:
+        q_MxD = qkv(h_MxD)[..., :D]
+        kernel, bias = qkv.variables["params"]["kernel"], qkv.variables["params"]["bias"]
+        kv_BxSx2D = layers.linear(h_BxSxD, kernel[D:], bias[D:], dtype)
+        k_BxSxD, v_BxSxD = jnp.split(kv_BxSx2D, 2, axis=-1)
+        q_BxSxD = jnp.zeros((B * S, D), q_MxD.dtype).at[query_rows_M].set(q_MxD, mode="drop").reshape(B, S, D)
     else:
       q_BxSxD, k_BxSxD, v_BxSxD = jnp.split(qkv(h_BxSxD), 3, axis=-1)
     q_BxHxSxK = to_heads(q_BxSxD * jnp.asarray(1.0 / Dh ** 0.5, q_BxSxD.dtype))
