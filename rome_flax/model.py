@@ -99,7 +99,7 @@ class EncoderLayer(nn.Module):
         # Q, K and V of every piece in one matmul, Q of the halted ones unused: cheaper than what the
         # split below costs (a copy of the [2D, D] K/V kernel rows, and Q of M rows with K and V
         # computed and dropped) unless most pieces have halted. One MiniLM layer at batch 1, 16 pieces,
-        # all active: 1,314 -> 1,064 us (AMD EPYC).
+        # all active: 1,314 -> 1,064 us (AMD EPYC, a loaded machine).
         q_BxSxD, k_BxSxD, v_BxSxD = jnp.split(qkv(h_BxSxD), 3, axis=-1)
       else:
         q_MxD = qkv(h_MxD)[..., :D]
