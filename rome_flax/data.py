@@ -141,14 +141,15 @@ def load_split(task: TaskSpec, split: str, data_dir: Optional[str] = None, **cus
 
   GLUE tasks read `data_dir` (GLUE TSV layout) when given, else the hub's `glue` dataset.
   Custom tasks take `files={'train': path, ...}`, `text_a_column`, `text_b_column`, `label_column`.
-  The synthetic task takes `seed` and `size`.
+  The synthetic task takes `seed`, `size` and `filler_words`.
   """
   if "files" in custom:   # a user's file, whatever the task (its labels must be the task's)
     out = _load_custom(task, split, **custom)
   elif task.name == "synthetic":
     if data_dir is not None:
       raise RomeFlaxError("task synthetic is generated, not read: drop data_dir")
-    texts, labels = synthetic.make_split(split, seed=custom.get("seed", 0), size=custom.get("size"))
+    texts, labels = synthetic.make_split(split, seed=custom.get("seed", 0), size=custom.get("size"),
+                                         filler_words=tuple(custom.get("filler_words", synthetic.FILLER_WORDS)))
     out = Split(task.name, split, texts, None, labels if split != "test" else None, np.arange(len(texts)))
   elif data_dir is not None:
     out = _load_tsv(task, split, Path(data_dir))

@@ -48,6 +48,8 @@ def make_split(split: str, seed: int = 0, size: int | None = None,
                filler_words: tuple[int, int] = FILLER_WORDS) -> tuple[list[str], np.ndarray]:
   """Texts and labels of one split (deterministic in split, seed and filler_words; (5, 19) gives the
   sentences of rome_flax before 2026-12-03)."""
+  if not (len(filler_words) == 2 and 2 <= filler_words[0] <= filler_words[1]):
+    raise RomeFlaxError(f"filler_words must be (fewest, most) with 2 <= fewest <= most, got {filler_words}")
   if split not in SPLIT_SIZES:
     raise RomeFlaxError(f"task synthetic has no split {split!r}; splits: {', '.join(SPLIT_SIZES)}")
   rng = np.random.default_rng([seed, _SPLIT_SEEDS[split]])

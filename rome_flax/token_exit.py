@@ -61,7 +61,7 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   word_mask_BxS = jnp.asarray(word_mask_BxS, jnp.int32)
   B, S = mask_BxS.shape
   L, C = cfg.num_layers, cfg.num_labels
-  sizes = tuple(sizes or buffer_sizes(B * S))
+  sizes = tuple(sorted(set(sizes or buffer_sizes(B * S)) | {B * S}))   # the largest holds every piece
   h_BxSxD = model_lib.embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
   bias = model_lib.attention_bias(mask_BxS)
   valid_BxS = mask_BxS > 0

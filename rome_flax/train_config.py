@@ -45,7 +45,7 @@ class NetworkOptions:
   random_model_heads: int = option(4, "random model: attention heads")
   random_model_intermediate: int = option(128, "random model: feed-forward size")
   random_model_init: float = option(0.02, "random model: std of its N(0, std) weight init (BERT's "
-                                    "initializer_range)")
+                                    "initializer_range; > 0)")
   exit_pooling: str = option("cls", "what an exit head reads: cls (the first token, as published) or mean (the "
                              "mean over the sentence's pieces)")
   dtype: str = option("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
@@ -66,6 +66,8 @@ class DataOptions:
   custom_labels: Optional[tuple] = option(None, "custom task: label names in id order, comma list (default: the "
                                           "sorted train labels)")
   custom_regression: bool = option(False, "custom task: the label is a number (regression, MSE exits)")
+  synthetic_fillers: tuple = option((2, 7), "synthetic task: fewest and most filler words of a sentence (5,19: "
+                                    "the task before 2026-12-03)")
   regression_targets: str = option("standardize", "regression: standardize (exits learn (y - mean) / std of the "
                                    "train labels), bias_init, or raw (as published)")
   train_rows: int = option(0, "use only the first N training rows (0: all)")
@@ -79,6 +81,14 @@ class DataOptions:
   def __post_init__(self):
     if self.custom_labels is not None and not isinstance(self.custom_labels, tuple):
       object.__setattr__(self, "custom_labels", tuple(self.custom_labels))   # hashable, as JSON lists load
+    fillers = self.synthetic_fillers
+    try:
+      fillers = tuple(int(v) for v in fillers) if not isinstance(fillers, (str, bytes)) else ()
+    except (TypeError, ValueError):
+      fillers = ()
+    _check([(len(fillers) == 2 and 2 <= fillers[0] <= fillers[1],
+             f"synthetic_fillers must be two whole numbers 2 <= fewest <= most, got {self.synthetic_fillers!r}")])
+    object.__setattr__(self, "synthetic_fillers", fillers)
     _check([(self.train_rows >= 0, "train_rows must be >= 0"),
             (self.regression_targets in TARGET_MODES,
              f"regression_targets must be one of {', '.join(TARGET_MODES)}, got {self.regression_targets!r}")])

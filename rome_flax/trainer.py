@@ -103,6 +103,8 @@ def resolve_task(cfg: DataOptions) -> TaskSpec:
 def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
   net, max_length, seed = cfg.network, cfg.data.max_length, cfg.optim.seed
   if net.model is None:
+    if not (math.isfinite(net.random_model_init) and net.random_model_init > 0):
+      raise RomeFlaxError(f"random_model_init must be a number > 0, got {net.random_model_init}")
     if net.random_model_layers < 2:
       raise RomeFlaxError(f"a multi-exit model needs at least 2 layers, got random_model_layers "
                           f"{net.random_model_layers}")
@@ -143,11 +145,11 @@ def _load_token_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
 
 def split_sources(cfg: DataOptions, task: TaskSpec) -> dict:
   """`data.load_split`'s keyword arguments for a run's task besides data_dir (a custom task's files and
-  columns; the synthetic task's seed)."""
+  columns; the synthetic task's seed and sentence length)."""
   if task.name == "custom":
     return {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
             "text_a_column": cfg.text_a_column, "text_b_column": cfg.text_b_column, "label_column": cfg.label_column}
-  return {"seed": 0} if task.name == "synthetic" else {}
+  return {"seed": 0, "filler_words": cfg.synthetic_fillers} if task.name == "synthetic" else {}
 
 
 def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
@@ -208,7 +210,8 @@ def _run_files(out: Path) -> list[str]:
 
 # Fields added with a default that changed the maths: a run saved before the field existed ran as this value.
 # Each matters only where `applies` says (regression_targets: regression tasks); elsewhere it is not compared.
-FORMER_DEFAULTS = {"regression_targets": ("raw", lambda cfg: _is_regression_config(cfg))}   # noqa: E731
+FORMER_DEFAULTS = {"regression_targets": ("raw", lambda cfg: _is_regression_config(cfg)),   # noqa: E731
+                   "synthetic_fillers": ((5, 19), lambda cfg: cfg.data.task == "synthetic")}   # noqa: E731
 
 
 def _is_regression_config(cfg: TrainConfig) -> bool:
@@ -255,7 +258,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
   for name, (former, applies) in FORMER_DEFAULTS.items():
     if name not in saved:
       if applies(cfg):
-        defaults[name] = former
+        defaults[name] = json.loads(json.dumps(former))
       else:
         now.pop(name, None)
   return sorted(k for k in set(saved) | set(now) if k not in RUN_OWNED and saved.get(k, defaults.get(k)) != now.get(k))

@@ -262,3 +262,24 @@ def test_metrics_writer_and_exit_lines_ignore_the_exit_number(tmp_path):
   writer.close()
   assert [json.loads(line) for line in (tmp_path / trainer.METRICS_FILE).read_text().splitlines()] == [
       {"step": 1, "kind": "train", "loss": 0.5}]
+
+
+def test_synthetic_runs_saved_before_the_short_sentences_keep_their_data(tmp_path):
+  """A synthetic run saved before `synthetic_fillers` existed trained on 5-19 filler words: --resume
+  keeps them (FORMER_DEFAULTS), while other tasks resume as before; bad lengths are one error."""
+  def saved_without_field(cfg):
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    saved.pop("synthetic_fillers")
+    return saved
+  now = TrainConfig()
+  assert now.data.synthetic_fillers == (2, 7)
+  assert trainer.config_differences(saved_without_field(now), now) == ["synthetic_fillers"]
+  assert trainer.config_differences(saved_without_field(now), now.replace(synthetic_fillers=(5, 19))) == []
+  sst2 = now.replace(task="sst-2")
+  assert trainer.config_differences(saved_without_field(sst2), sst2) == []
+  (tmp_path / trainer.CONFIG_FILE).write_text(json.dumps(saved_without_field(now)))
+  assert trainer.resume_config(tmp_path, {}).data.synthetic_fillers == (5, 19)
+  assert trainer.split_sources(now.data, trainer.get_task("synthetic"))["filler_words"] == (2, 7)
+  for bad in ((1, 5), (6, 3), (2,), "2,7"):
+    with pytest.raises(RomeFlaxError, match="synthetic_fillers must be"):
+      now.replace(synthetic_fillers=bad)
