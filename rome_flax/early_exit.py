@@ -22,7 +22,7 @@ stacked layout and indexes it with the traced i, which copies the layer's weight
 that slices stacked weights with static indices took 21.9 ms, so the baseline here also runs on
 unstacked weights. bench/early_exit.py --dispatch slice compares the two loops end to end.
 
-All paths call `exit_policy.step`, so they take exactly the decisions that
+All paths call the policy's `step` (`exit_policy.Policy`), so they take exactly the decisions that
 `exit_policy.decide` takes on an all-exits pass (tests/test_early_exit.py checks it).
 
 Token exits (sequence labelling): the same paths with a word mask [B,S] (1 at each word's first
@@ -93,10 +93,10 @@ def latency_exit(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, input_ids_Bx
   def body(carry):
     i, h_BxSxD, state, done_B, exit_B, out_BxC = carry
     h_BxSxD, logits_BxC = model_lib.layer_and_exit_at(prepared, cfg, i, h_BxSxD, mask_BxS, bias)
-    state, exit_now_B = ep.step(policy, state, logits_BxC, i, word_mask_BxS)
+    state, exit_now_B = policy.step(state, logits_BxC, i, word_mask_BxS)
     return (i + 1, h_BxSxD, state, *ep.record_exit(exit_now_B, i, logits_BxC, done_B, exit_B, out_BxC))
 
-  init = (jnp.int32(0), h_BxSxD, ep.init_state((B,)), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
+  init = (jnp.int32(0), h_BxSxD, policy.init_state(jnp.ones((B,), bool)), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
           jnp.zeros(example_logits_shape(cfg, B, S), jnp.float32))
   layers_run, _, _, _, exit_B, out_BxC = jax.lax.while_loop(cond, body, init)
   return ExitResult(out_BxC, exit_B, layers_run)

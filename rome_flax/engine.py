@@ -241,8 +241,8 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
                                            longest, lengths, count, sizes)
   words_B = None if state.words_NxS is None else state.words_NxS[safe_B]
   slot_policy = policy.replace(threshold_E=state.threshold_NxE[safe_B])
-  policy_B, exit_now_B = ep.step(slot_policy, jax.tree.map(lambda x: x[safe_B], state.policy_state), logits_BxC,
-                                 l, words_B)
+  policy_B, exit_now_B = slot_policy.step(jax.tree.map(lambda x: x[safe_B], state.policy_state), logits_BxC,
+                                          l, words_B)
   _, exit_B, out_BxC = ep.record_exit(exit_now_B, l, logits_BxC, jnp.zeros_like(exit_now_B), state.exit_N[safe_B],
                                       state.out_NxC[safe_B])
   put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
@@ -276,21 +276,21 @@ def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: Engine
       prepared, cfg, l, state.h_NxSxD[safe_B], mask_BxS, longest, lengths, count, sizes,
       carry=(t.p_NxSxD[safe_B], active_BxS), layer_fn=layer_fn)
   words_BxWxC = jnp.take_along_axis(logits_BxSxC.astype(jnp.float32), tp.word_positions(words_BxS)[..., None], axis=1)
-  now_BxW = tp.halt_step(policy.replace(threshold_L=state.threshold_NxE[safe_B]), halted_BxW, words_BxWxC,
-                         valid_BxW, l)
-  halted_BxW = halted_BxW | now_BxW
+  slot_policy = policy.replace(threshold_L=state.threshold_NxE[safe_B])
+  _, now_BxW = slot_policy.step(halted_BxW, words_BxWxC, l, valid_BxW)
+  halted_BxW, word_exit_BxW, out_BxWxC = ep.record_exit(now_BxW, l, words_BxWxC, halted_BxW,
+                                                         t.word_exit_NxW[safe_B], state.out_NxC[safe_B])
   finished_B = jnp.all(halted_BxW | ~valid_BxW, axis=1)
   put = lambda buf, val: buf.at[idx_B].set(val, mode="drop")
   tokee = TokenSlots(
-      put(t.p_NxSxD, p_BxSxD), put(t.halted_NxW, halted_BxW),
-      put(t.word_exit_NxW, jnp.where(now_BxW, l, t.word_exit_NxW[safe_B])),
+      put(t.p_NxSxD, p_BxSxD), put(t.halted_NxW, halted_BxW), put(t.word_exit_NxW, word_exit_BxW),
       put(t.queries_NxL, t.queries_NxL[safe_B].at[:, l].set(active_BxS.sum(1).astype(jnp.int32))),
       put(t.keys_NxL, t.keys_NxL[safe_B].at[:, l].set(jnp.where(done_B, 0, mask_BxS.sum(1)).astype(jnp.int32))))
   return state._replace(
       h_NxSxD=put(state.h_NxSxD, h_BxSxD.astype(state.h_NxSxD.dtype)),
       next_layer_N=put(state.next_layer_N, jnp.full((batch_size,), l + 1, jnp.int32)),
       running_N=put(state.running_N, ~finished_B), exit_N=put(state.exit_N, jnp.full((batch_size,), l, jnp.int32)),
-      out_NxC=put(state.out_NxC, jnp.where(now_BxW[..., None], words_BxWxC, state.out_NxC[safe_B])),
+      out_NxC=put(state.out_NxC, out_BxWxC),
       runs=state.runs + 1, tokee=tokee)
 
 

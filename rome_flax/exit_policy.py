@@ -20,12 +20,18 @@ Token exits (sequence labelling, logits [B,S,C] with a word mask [B,S]): a sente
 whole (SENTEE, method-seqlab.md section 3) when its uncertainty, the max (or, `pool='avg'`, the
 mean) over its words of the NORMALISED entropy H / log C, is below tau_i; maxprob pools the words'
 max probabilities by min (or mean). Patience is a sentence-task criterion.
+
+`Policy` is the one protocol of every criterion: `ExitPolicy` (entropy, maxprob, patience, SENTEE)
+and `token_policy.TokenPolicy` (TOKEE, each word its own exit) both implement it, and every driver
+(the offline `decide`, the latency loop, the engine's steps, TOKEE's closed loop) runs a policy as
+`state = policy.init_state(units)`, `state, exit_now = policy.step(state, logits, i, units)`, then
+`record_exit`, the one first-exit bookkeeping, on whatever units decide (examples or words).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +63,23 @@ class PolicyState(NamedTuple):
   prev_B: jax.Array   # float32: previous exit's prediction (argmax or value); NaN before the first exit
 
 
+@runtime_checkable
+class Policy(Protocol):
+  """What every early-exit criterion implements (issue 19: one protocol, not one per track).
+
+  A *unit* is what takes an exit: an example (sentence tasks, SENTEE) or a word (TOKEE).
+  `init_state(units)`: the state before the first exit, for a bool mask of the units (shape [B] or
+  [B, W]; False: padding). `step(state, logits, i, units)`: exit i (0-based, traced) produced
+  `logits`; returns (new state, exit_now) with exit_now one bool per unit, True for every unit at the
+  last exit. Thresholds are array leaves (a new threshold never re-traces); `describe()` names the
+  setting in tables and prediction files."""
+  num_exits: int
+
+  def init_state(self, units) -> Any: ...
+  def step(self, state, logits, i, units=None) -> tuple[Any, jax.Array]: ...
+  def describe(self) -> str: ...
+
+
 @struct.dataclass
 class ExitPolicy:
   threshold_E: jax.Array  # float32 [E]: tau (entropy), p (maxprob) or k (patience) for each exit
@@ -67,6 +90,15 @@ class ExitPolicy:
   min_exit_layer: int = struct.field(pytree_node=False, default=1)
   token_task: bool = struct.field(pytree_node=False, default=False)   # token exits: SENTEE over words
   pool: str = struct.field(pytree_node=False, default="max")
+
+  def init_state(self, units) -> "PolicyState":
+    """`Policy.init_state`: units is the [B] mask (or any array of that shape) of the examples."""
+    return init_state(jnp.shape(units))
+
+  def step(self, state: "PolicyState", logits, i, units=None):
+    """`Policy.step`: one decision per example; units is the word mask [B, S] of token exits (SENTEE:
+    the words decide together), None for a sentence head."""
+    return step(self, state, logits, i, units)
 
   def describe(self) -> str:
     """Short human-readable name, e.g. 'entropy<0.1' or 'patience=2'."""
@@ -302,8 +334,10 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=No
 
 
 def record_exit(exit_now_B, i, logits_BxC, done_B, exit_B, out_BxC):
-  """The first-exit bookkeeping of every driver (offline scan, latency loop, engine step): examples
-  that exit now and had not exited keep exit i and its logits. Returns (done_B, exit_B, out_BxC)."""
+  """The first-exit bookkeeping of every driver (offline scan, latency loop, engine steps, TOKEE's
+  loop): units that exit now and had not exited keep exit i and its logits. Units are examples
+  (exit_now_B [B], logits [B, C] or [B, S, C]) or words (TOKEE: [B, W] and [B, W, C]).
+  Returns (done_B, exit_B, out_BxC)."""
   newly_B = exit_now_B & ~done_B
   exit_B = jnp.where(newly_B, i, exit_B)
   out_BxC = jnp.where(per_example(newly_B, out_BxC), logits_BxC.astype(jnp.float32), out_BxC)
@@ -316,8 +350,9 @@ class Decision(NamedTuple):
 
 
 def per_example(flag_B, like):
-  """A per-example flag [B] broadcast against per-example values [B, ...] (logits of either head)."""
-  return flag_B.reshape(flag_B.shape + (1,) * (like.ndim - 1))
+  """A per-unit flag ([B], or [B, W] for words) broadcast against per-unit values ([B, ...] logits of
+  either head, [B, W, C] word logits)."""
+  return flag_B.reshape(flag_B.shape + (1,) * (like.ndim - flag_B.ndim))
 
 
 @jax.jit
@@ -331,10 +366,10 @@ def decide(policy: ExitPolicy, exit_logits_ExNxC, word_mask_NxW=None) -> Decisio
   def body(carry, xs):
     state, done_N, exit_N, out_NxC = carry
     logits_NxC, i = xs
-    state, exit_now_N = step(policy, state, logits_NxC, i, word_mask_NxW)
+    state, exit_now_N = policy.step(state, logits_NxC, i, word_mask_NxW)
     return (state, *record_exit(exit_now_N, i, logits_NxC, done_N, exit_N, out_NxC)), None
 
-  init = (init_state((N,)), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32),
+  init = (policy.init_state(jnp.ones((N,), bool)), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32),
           jnp.zeros(exit_logits_ExNxC.shape[1:], jnp.float32))
   (_, _, exit_N, out_NxC), _ = jax.lax.scan(
       body, init, (exit_logits_ExNxC.astype(jnp.float32), jnp.arange(E, dtype=jnp.int32)))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rome_flax import data, inference
+from rome_flax import exit_policy as ep
 from rome_flax import model as model_lib
 from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
@@ -97,15 +98,15 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
       index = i
     h_BxSxD, p_BxSxD, logits_BxSxC = jax.lax.switch(index, branches, h_BxSxD, p_BxSxD, active_BxS)
     words_BxWxC = jnp.take_along_axis(logits_BxSxC.astype(jnp.float32), pos_BxW[..., None], axis=1)
-    now_BxW = halt_step(policy, halted_BxW, words_BxWxC, valid_BxW, i)
-    exit_BxW = jnp.where(now_BxW, i, exit_BxW)
-    out_BxWxC = jnp.where(now_BxW[..., None], words_BxWxC, out_BxWxC)
+    _, now_BxW = policy.step(halted_BxW, words_BxWxC, i, valid_BxW)
+    halted_BxW, exit_BxW, out_BxWxC = ep.record_exit(now_BxW, i, words_BxWxC, halted_BxW, exit_BxW, out_BxWxC)
     q_BxL = q_BxL.at[:, i].set(active_BxS.sum(1).astype(jnp.int32))
     kv_BxL = kv_BxL.at[:, i].set(jnp.where(done_B, 0, mask_BxS.sum(1)).astype(jnp.int32))
-    return i + 1, h_BxSxD, p_BxSxD, halted_BxW | now_BxW, exit_BxW, out_BxWxC, q_BxL, kv_BxL
+    return i + 1, h_BxSxD, p_BxSxD, halted_BxW, exit_BxW, out_BxWxC, q_BxL, kv_BxL
 
   zeros_BxL = jnp.zeros((B, L), jnp.int32)
-  init = (jnp.int32(0), h_BxSxD, h_BxSxD.astype(jnp.float32), ~valid_BxW, jnp.full((B, S), -1, jnp.int32),
+  init = (jnp.int32(0), h_BxSxD, h_BxSxD.astype(jnp.float32), policy.init_state(valid_BxW),
+          jnp.full((B, S), -1, jnp.int32),
           jnp.zeros((B, S, C), jnp.float32), zeros_BxL, zeros_BxL)
   layers_run, _, _, _, exit_BxW, out_BxWxC, q_BxL, kv_BxL = jax.lax.while_loop(cond, body, init)
   return TokenExitResult(out_BxWxC, exit_BxW, q_BxL, kv_BxL, layers_run)

@@ -46,6 +46,20 @@ class TokenPolicy:
   copy_wordpiece: str = struct.field(pytree_node=False, default="all")
   keep_norm_same: bool = struct.field(pytree_node=False, default=True)
 
+  @property
+  def num_exits(self) -> int:
+    return self.num_layers
+
+  def init_state(self, units_BxW):
+    """`exit_policy.Policy.init_state`: which words have halted, [B, W]; padding words count as halted."""
+    return ~jnp.asarray(units_BxW, bool)
+
+  def step(self, halted_BxW, logits_BxWxC, i, units_BxW=None):
+    """`exit_policy.Policy.step`: layer i produced the words' logits; returns (halted, halt_now) per
+    word (`halt_step`). units_BxW: the real words."""
+    now_BxW = halt_step(self, halted_BxW, logits_BxWxC, units_BxW, i)
+    return halted_BxW | now_BxW, now_BxW
+
   def describe(self) -> str:
     tau = np.asarray(self.threshold_L)
     half = self.num_layers // 2

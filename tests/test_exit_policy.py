@@ -123,3 +123,38 @@ def test_threshold_in_gap_keeps_away_from_values_and_near_ties_count_them():
   np.testing.assert_array_equal(ep.near_tie_examples(policy, logits), [True, False])
   assert not ep.near_tie_examples(ep.make_policy("entropy", 0.0, 2, num_labels=2), logits).any()
   assert not ep.near_tie_examples(ep.make_policy("patience", 1, 2, num_labels=2), logits).any()
+
+
+def test_every_criterion_implements_the_one_policy_protocol():
+  """Entropy, maxprob, patience, SENTEE and TOKEE are all `ep.Policy`; one step and `record_exit`
+  drive each, on examples or on words, and give the criterion's own decisions."""
+  from rome_flax import token_policy as tp
+  z_ExNxC = logits([UNSURE, CONFIDENT], [CONFIDENT, CONFIDENT], [UNSURE, UNSURE])
+  words_NxS = jnp.asarray([[1, 1, 0], [1, 0, 0]], jnp.int32)
+  z_ExNxSxC = jnp.repeat(z_ExNxC[:, :, None], 3, axis=2)
+  policies = [(ep.make_policy("entropy", 0.1, 3, num_labels=2), z_ExNxC, None),
+              (ep.make_policy("maxprob", 0.9, 3, num_labels=2), z_ExNxC, None),
+              (ep.make_policy("patience", 1, 3, num_labels=2), z_ExNxC, None),
+              (ep.make_policy("entropy", 0.1, 3, num_labels=2, token_task=True), z_ExNxSxC, words_NxS),
+              (tp.make_token_policy(0.1, 1, 3), z_ExNxSxC, words_NxS > 0)]
+  for policy, z, units in policies:
+    assert isinstance(policy, ep.Policy), policy.describe()
+    mask = jnp.ones(z.shape[1:2], bool) if units is None or not isinstance(policy, tp.TokenPolicy) else units
+    state = policy.init_state(mask)
+    done, exit_, out = jnp.zeros(mask.shape, bool), jnp.zeros(mask.shape, jnp.int32), jnp.zeros(z.shape[1:])
+    for i in range(3):
+      state, now = policy.step(state, z[i], i, units)
+      assert now.shape == mask.shape
+      done, exit_, out = ep.record_exit(now, i, z[i], done, exit_, out)
+    assert bool(jnp.all(done | ~mask))
+    if isinstance(policy, tp.TokenPolicy):
+      # Each word's own exit, as `halt_step` gives it layer by layer.
+      halted = ~mask
+      expected = np.full(mask.shape, 0)
+      for i in range(3):
+        now = np.asarray(tp.halt_step(policy, halted, z[i], mask, i))
+        expected[now] = i
+        halted = halted | now
+      np.testing.assert_array_equal(np.asarray(exit_)[np.asarray(mask)], expected[np.asarray(mask)])
+    else:
+      np.testing.assert_array_equal(np.asarray(exit_), np.asarray(ep.decide(policy, z, units).exit_index_N))
