@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import xla_flags
+
 SCRIPT = textwrap.dedent("""
   import jax, numpy as np
   assert jax.device_count() == 8, jax.devices()
@@ -73,7 +75,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_step_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(Path(__file__).resolve().parents[1]))
   done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
@@ -123,7 +125,7 @@ INFER_SCRIPT = textwrap.dedent("""
 def test_sharded_inference_equals_one_device():
   """The all-exits pass and the full model split each batch over 8 devices; the throughput path runs
   one chunk per device: the same logits and exits as one device."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(Path(__file__).resolve().parents[1]))
   done = subprocess.run([sys.executable, "-c", INFER_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
