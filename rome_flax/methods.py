@@ -16,7 +16,8 @@ gradient regularisation acts on exactly these two groups.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import importlib
+from typing import Callable, Optional
 
 from rome_flax import losses
 from rome_flax.errors import RomeFlaxError
@@ -63,10 +64,31 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """A training method. Its optional hooks name a function as 'module:function' (a module of rome_flax,
+  imported when the trainer calls it, so a method's own module may import this registry):
+
+  validate(task, model) -> None: refuses what the method cannot train (raise `RomeFlaxError`), before
+    any data is read or the output directory is touched;
+  prepare(run_piece, train, loss_cfg, model_cfg, seed, batch_size) -> (batch, step) -> batch: called
+    once before the loop with the frozen starting model (`run_piece(batch) -> every exit's logits`,
+    dropout off) and the encoded training split; the function it returns adds the method's inputs to
+    each training batch (self-sampling: its frozen stage-1 targets, drawn per (seed, step)).
+
+  The trainer runs these and never checks a method's name."""
   name: str
   stages: tuple[Stage, ...]
   supports_gr: bool = False      # GR (projection / penalty) applies to its final vs highway terms
   summary: str = ""
+  validate: str = ""             # 'module:function' hook (see above), or "" for none
+  prepare: str = ""              # 'module:function' hook (see above), or "" for none
+
+  def hook(self, which: str) -> Optional[Callable]:
+    """The function a hook names (None when the method has none)."""
+    target = getattr(self, which)
+    if not target:
+      return None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(f"rome_flax.{module}"), function)
 
   @property
   def num_stages(self) -> int:
@@ -96,7 +118,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("self_sampling", (Stage("all", False, losses.flooding_terms), Stage("all", True, losses.flooding_terms)),
            summary="TOKEE's stage 2 on a finished stage-1 token model: halting sampled per sentence from the "
                    "frozen stage-1 predictions, the mixed forward, flooding against stage 1's losses; the "
-                   "encoder frozen in the first stage"),
+                   "encoder frozen in the first stage",
+           validate="self_sampling:validate", prepare="self_sampling:prepare"),
     Method("final_only", (Stage("final", True, losses.final_terms),),
            summary="ordinary fine-tuning: the final exit alone"),
 )}

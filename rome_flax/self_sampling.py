@@ -26,6 +26,24 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.methods import LossConfig
 
 
+def validate(task, model) -> None:
+  """The method's `validate` hook: self-sampling fine-tunes a finished stage-1 token model (its export)."""
+  if not task.is_token_task:
+    raise RomeFlaxError("self_sampling is token-level early exit's fine-tuning: it needs a token task (conll2003, "
+                        "ner, pos)")
+  if not model.export_info.method or not model.config.is_token_task:
+    raise RomeFlaxError("self_sampling fine-tunes a finished stage-1 run: pass --model runs/<stage 1>/export (a "
+                        "token task trained with e.g. --method joint_weighted)")
+
+
+def prepare(run_piece, train: data.EncodedSplit, loss_cfg: LossConfig, model_cfg, seed: int, batch_size: int):
+  """The method's `prepare` hook: stage 1's frozen view of the training set, once; then each batch gets
+  its sampled halting and flooding targets (`batch_extras`), drawn from (seed, step)."""
+  targets = stage_one_targets(run_piece, train, batch_size)
+  return lambda batch, step: {**batch, **batch_extras(targets, batch, loss_cfg, model_cfg.num_layers,
+                                                      np.random.default_rng([seed, step]))}
+
+
 @dataclasses.dataclass
 class StageOneTargets:
   """The frozen stage-1 model's word-level view of the training set."""

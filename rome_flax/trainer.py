@@ -31,7 +31,6 @@ from rome_flax import model as model_lib
 from rome_flax import preemption
 from rome_flax import primary
 from rome_flax import progress as progress_lib
-from rome_flax import self_sampling
 from rome_flax import sharding as sharding_lib
 from rome_flax import synthetic
 from rome_flax import targets as targets_lib
@@ -176,16 +175,11 @@ def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
   return RunData(task, data_lib.encode_split(tokenizer, train, cfg.max_length, task.is_regression), evals)
 
 
-def check_stage_one(cfg: TrainConfig, task: TaskSpec, model: MultiExitBert) -> None:
-  """Self-sampling (TOKEE's stage 2) fine-tunes a finished stage-1 token model: its export."""
-  if cfg.objective.method != "self_sampling":
-    return
-  if not task.is_token_task:
-    raise RomeFlaxError("self_sampling is token-level early exit's fine-tuning: it needs a token task (conll2003, "
-                        "ner, pos)")
-  if not model.export_info.method or not model.config.is_token_task:
-    raise RomeFlaxError("self_sampling fine-tunes a finished stage-1 run: pass --model runs/<stage 1>/export (a "
-                        "token task trained with e.g. --method joint_weighted)")
+def check_method(cfg: TrainConfig, task: TaskSpec, model: MultiExitBert) -> None:
+  """The method's own `validate` hook (methods.Method), if it has one."""
+  validate = methods.get_method(cfg.objective.method).hook("validate")
+  if validate is not None:
+    validate(task, model)
 
 
 def lock_output_dir(out: Path) -> RunLock:
@@ -520,7 +514,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
   out = Path(cfg.run.output_dir).absolute()
   task = resolve_task(cfg.data)
   model = load_model(cfg, task)
-  check_stage_one(cfg, task, model)
+  check_method(cfg, task, model)
   run_data = load_data(cfg.data, task, model.tokenizer)
   model = targets_lib.prepare(model, run_data.train.labels, cfg.data.regression_targets)
   lock = lock_output_dir(out)
@@ -545,12 +539,9 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   protect = methods.protect_final(loss_cfg, task.protect_final)
   programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched, mesh)
   eval_step = steps.make_eval_step(mcfg, out_sharding=sharding_lib.replicated(mesh))
-  batch_extras = None
-  if method.name == "self_sampling":   # stage 1's frozen view of the training set, once
-    targets = self_sampling.stage_one_targets(lambda b: eval_step(model.params, b), run_data.train,
-                                              cfg.run.eval_batch_size)
-    batch_extras = lambda batch, step: {**batch, **self_sampling.batch_extras(
-        targets, batch, loss_cfg, mcfg.num_layers, np.random.default_rng([cfg.optim.seed, step]))}
+  prepare = method.hook("prepare")   # the method's inputs per batch (methods.Method), from the starting model
+  batch_extras = None if prepare is None else prepare(lambda b: eval_step(model.params, b), run_data.train, loss_cfg,
+                                                      mcfg, cfg.optim.seed, cfg.run.eval_batch_size)
 
   # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
   ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)

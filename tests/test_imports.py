@@ -72,3 +72,17 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_cycles():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_method_hooks_resolve_and_the_trainer_names_no_method():
+  """A method's own checks and batch inputs are its registry row's hooks (methods.Method), so trainer.py
+  never compares a method's name (issue 19: a thin trainer)."""
+  from rome_flax import methods, self_sampling
+  for method in methods.METHODS.values():
+    for which in ("validate", "prepare"):
+      fn = method.hook(which)
+      assert fn is None or callable(fn), (method.name, which)
+  ss = methods.get_method("self_sampling")
+  assert (ss.hook("validate"), ss.hook("prepare")) == (self_sampling.validate, self_sampling.prepare)
+  source = (ROOT / "trainer.py").read_text()
+  assert not [name for name in methods.METHOD_NAMES if f'"{name}"' in source or f"'{name}'" in source]
