@@ -5,12 +5,14 @@ import re
 import subprocess
 from pathlib import Path
 
+from conftest import SUITE_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_dry_run_prints_every_line():
   env = dict(os.environ, GPU_PEAK_FLOPS="1e12")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUITE_XLA_FLAGS   # no forced device count of the caller's; the suite's compile level
   done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   out = done.stdout
