@@ -5,7 +5,7 @@
   python train.py --output_dir runs/sst2 --resume            # continue a killed run with its own config
 
 Every TrainConfig field is a flag (`--learning_rate 5e-5`, or by group `--optim.learning_rate 5e-5`);
-see rome_flax/train_config.py.
+see rome_flax/train/train_config.py.
 
 SIGTERM or Ctrl-C finishes the step in flight, saves a checkpoint and exits with code 3 (`--resume`
 continues exactly); bad input exits with code 2 and one `error:` line (`--debug` adds the traceback).
@@ -22,7 +22,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 def build_parser():
-  from rome_flax import cli, train_config
+  from rome_flax import cli
+  from rome_flax.train import train_config
   parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", help="config file defining get_config() -> dict of overrides "
                       "(default: configs/default.py)")
@@ -50,7 +51,7 @@ def build_parser():
 
 def run(args) -> None:
   from pathlib import Path
-  from rome_flax import train_config, trainer
+  from rome_flax.train import train_config, trainer
   cfg = train_config.load_config_file(args.config or DEFAULT_CONFIG)
   overrides = {k[4:]: train_config.parse_value(k[4:], v) for k, v in vars(args).items()
                if k.startswith("set_") and v is not None}

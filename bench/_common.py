@@ -1,6 +1,6 @@
 """Shared benchmark helpers: locate (or fetch) the MiniLM checkpoint, the --default_malloc option.
 
-Timing is rome_flax.speed's (`compare`: interleaved rounds), the same that infer.py reports.
+Timing is rome_flax.engine.speed's (`compare`: interleaved rounds), the same that infer.py reports.
 """
 
 from __future__ import annotations

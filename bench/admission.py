@@ -28,7 +28,7 @@ from bench._common import add_malloc_option, apply_malloc_option, cpu_model, min
 
 
 def mixed_tokens(n: int, min_seq: int, seq: int, vocab: int, seed: int):
-  from rome_flax.data import EncodedSplit
+  from rome_flax.kinds.data import EncodedSplit
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min_seq, seq + 1, n)
   ids = rng.integers(1000, min(vocab, 30000), size=(n, seq)).astype(np.int32)
@@ -51,9 +51,9 @@ def main():
 
   import rome_flax
   from bench.early_exit import known_exit_params
-  from rome_flax import early_exit as ee
-  from rome_flax import exit_policy as ep
-  from rome_flax import inference, speed
+  from rome_flax.engine import early_exit as ee
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.engine import inference, speed
 
   model = rome_flax.MultiExitBert.from_pretrained(minilm_dir(), num_labels=2, load_tokenizer_files=False)
   cfg = model.config

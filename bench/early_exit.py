@@ -12,7 +12,7 @@ Two data rows: the first 512 SST-2 dev sentences (real text, 4-55 pieces: most b
 piece buckets, where batch 1's fixed per-layer costs weigh most; from --glue_dir, skipped with a note
 when absent) and synthetic tokens at --seq 64. Each measures (a) the throughput path at batch 64 and
 (b) the latency path at batch 1, each against the full model (all layers, final exit only) on the same
-examples, batch size and machine, through `rome_flax.speed.early_exit_speed`, the measurement infer.py
+examples, batch size and machine, through `rome_flax.engine.speed.early_exit_speed`, the measurement infer.py
 reports. Compile and warm-up are excluded and printed apart; each timing is the best of --repeats
 passes, the two sides alternating. A table has both rows; the last line is the real-text row's
 `of layer ratio: throughput = X.XX latency = Y.YY` (measured speed-up / layer ratio; targets X >= 0.9,
@@ -62,7 +62,7 @@ def known_exit_params(params, cfg, exit_to_use: int, scale: float, shift: float,
 def sst2_tokens(tokenizer, data_dir: Path, n: int, max_length: int = 128):
   """The first n SST-2 dev sentences, tokenised by the model's tokenizer (real lengths: 4-55 pieces,
   most in the 16- and 32-piece buckets): where batch 1's fixed per-layer costs weigh most."""
-  from rome_flax import data, tasks
+  from rome_flax.kinds import data, tasks
   split = data.load_split(tasks.get_task("sst-2"), "dev", data_dir=str(data_dir))
   keep = np.arange(min(n, len(split.texts_a)))
   split = data.Split(split.task, split.split, [split.texts_a[i] for i in keep], None, split.labels[keep], keep)
@@ -70,7 +70,7 @@ def sst2_tokens(tokenizer, data_dir: Path, n: int, max_length: int = 128):
 
 
 def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
-  from rome_flax.data import EncodedSplit
+  from rome_flax.kinds.data import EncodedSplit
   rng = np.random.default_rng(seed)
   ids = rng.integers(1000, min(vocab, 30000), size=(n, seq)).astype(np.int32)
   ids[:, 0] = 101  # [CLS]
@@ -78,7 +78,7 @@ def synthetic_tokens(n: int, seq: int, vocab: int, seed: int):
 
 
 class Result(NamedTuple):
-  measured: object            # rome_flax.speed.EarlyExitSpeed
+  measured: object            # rome_flax.engine.speed.EarlyExitSpeed
   policy: object
   stats: dict                 # "throughput" / "latency": sweep.exit_statistics of each path's exits
   gap: tuple                  # (mean, std) of the chosen exit's logit gap at scale 1
@@ -91,11 +91,11 @@ def measure(params, cfg, data, *, batch: int = 64, latency_examples: int = 96, e
   """The known exit distribution on `params` (any model: MiniLM here, a random BERT-base in bench/gpu.py),
   tau in a gap of exit `exit_layer`'s entropies near their median, both paths against the full model,
   and their decisions against the offline ones wherever the score is more than `tol` from tau."""
-  from rome_flax import early_exit as ee
-  from rome_flax import inference
-  from rome_flax import exit_policy as ep
-  from rome_flax.speed import early_exit_speed
-  from rome_flax.sweep import exit_statistics
+  from rome_flax.engine import early_exit as ee
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.engine import inference
+  from rome_flax.engine.speed import early_exit_speed
+  from rome_flax.engine.sweep import exit_statistics
 
   tol = ep.TIE_TOLERANCE if tol is None else tol
   L = cfg.num_layers

@@ -33,9 +33,9 @@ def main():
 
   import torch
   from transformers import BertModel
+  from rome_flax.engine.speed import compare
+  from rome_flax.model.encoder import forward
   import rome_flax
-  from rome_flax.model import forward
-  from rome_flax.speed import compare
 
   threads = os.cpu_count()
   torch.set_num_threads(threads)

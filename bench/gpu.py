@@ -72,8 +72,8 @@ def device_name() -> str:
 
 def bench_forward(cfg, params, s: dict, peak: float) -> None:
   import jax
-  from rome_flax.model import forward
-  from rome_flax.speed import compare
+  from rome_flax.engine.speed import compare
+  from rome_flax.model.encoder import forward
   from bench.train_step import random_batch
   b = jax.device_put(random_batch(cfg, s["batch"], s["seq"]))
   fwd = jax.jit(lambda p, i, m, t: forward(p, cfg, i, m, t).exit_logits)
@@ -89,7 +89,7 @@ def bench_forward(cfg, params, s: dict, peak: float) -> None:
 
 def bench_train(cfg, params, s: dict, peak: float) -> None:
   from bench.train_step import jax_step, random_batch
-  from rome_flax.speed import compare
+  from rome_flax.engine.speed import compare
   model = types.SimpleNamespace(params=params, config=cfg)
   batch = random_batch(cfg, s["batch"], s["seq"])
   tokens = s["batch"] * s["seq"]
@@ -162,8 +162,8 @@ def main() -> None:
   peak = float(os.environ.get("GPU_PEAK_FLOPS", DEFAULT_PEAK))
 
   import jax
-  from rome_flax import model as model_lib
-  from rome_flax.config import ModelConfig
+  from rome_flax.model import encoder as model_lib
+  from rome_flax.model.config import ModelConfig
   from rome_flax.runtime import retain_host_memory
   retain_host_memory()
   cfg = ModelConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],

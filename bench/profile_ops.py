@@ -30,7 +30,7 @@ import numpy as np
 
 from bench._common import add_malloc_option, apply_malloc_option, cpu_model
 
-MASK_VALUE = -1e9   # rome_flax.model's additive bias for padded keys
+MASK_VALUE = -1e9   # rome_flax.model.encoder's additive bias for padded keys
 LAYER_WEIGHTS = ("w_qkv", "b_qkv", "w_ao", "b_ao", "w_inter", "b_inter", "w_out", "b_out", "ln_g_D", "ln_b_D")
 
 

@@ -90,7 +90,7 @@ def load_sentences(data: Optional[str]) -> tuple[list[list[str]], str]:
   """A token task's inputs: the sentences (word lists) of a CoNLL column file."""
   if data is None:
     raise RomeFlaxError("a token-task export needs --data, a CoNLL file such as ../shared/conll2003/dev.txt")
-  from rome_flax import token_data
+  from rome_flax.kinds import token_data
   split = token_data.read_conll(data, "dev")
   return split.words, f"{data} ({len(split.words)} sentences)"
 
@@ -98,7 +98,7 @@ def load_sentences(data: Optional[str]) -> tuple[list[list[str]], str]:
 def _glue_text_columns() -> list[tuple[str, Optional[str]]]:
   """The (text_a, text_b) header names of every GLUE TSV layout in the task registry (one source of truth
   for which columns hold text), pairs first so a QNLI file is read as a pair, not by its 'sentence'."""
-  from rome_flax import tasks
+  from rome_flax.kinds import tasks
   out: list[tuple[str, Optional[str]]] = []
   for name in tasks.GLUE_TASKS:
     for _, layout in tasks.get_task(name).tsv:
@@ -112,7 +112,7 @@ def read_texts(path: Path) -> tuple[list[str], Optional[list[str]]]:
   """Texts (and a pair task's second texts) of a data file: a GLUE-style TSV with a header naming its
   text column(s) ('sentence'; 'sentence1' + 'sentence2', 'question' + 'sentence', ...), or a .txt file
   of one text per line. Labels and other columns are ignored; blank lines are skipped."""
-  from rome_flax.data import text_lines
+  from rome_flax.kinds.data import text_lines
   lines = [line.rstrip("\r\n") for line in text_lines(path)]
   if path.suffix.lower() in (".txt", ".text"):
     texts = [line.strip() for line in lines if line.strip()]
@@ -148,7 +148,7 @@ def read_texts(path: Path) -> tuple[list[str], Optional[list[str]]]:
 
 def load_texts(data: Optional[str], task: Optional[str]) -> tuple[list[str], Optional[list[str]], str]:
   """--data's texts, else the synthetic task's dev split (what the default run is evaluated on, produced
-  by rome_flax.data itself); returns (texts_a, texts_b, a description for the header)."""
+  by rome_flax.kinds.data itself); returns (texts_a, texts_b, a description for the header)."""
   if data is not None:
     a, b = read_texts(Path(data))
     return a, b, f"{data} ({len(a)} {'pairs' if b is not None else 'texts'})"
@@ -156,8 +156,8 @@ def load_texts(data: Optional[str], task: Optional[str]) -> tuple[list[str], Opt
     said = f"its task is {task}" if task else "it does not name its task"
     raise RomeFlaxError(f"the export's inputs are not built in ({said}): pass --data FILE (a GLUE-style TSV such "
                         "as ../shared/glue/SST-2/dev.tsv, or a text file of one text per line)")
-  from rome_flax import data as data_lib
-  from rome_flax import tasks
+  from rome_flax.kinds import data as data_lib
+  from rome_flax.kinds import tasks
   split = data_lib.load_split(tasks.get_task("synthetic"), "dev")
   return list(split.texts_a), None, f"synthetic dev split ({len(split)} texts)"
 

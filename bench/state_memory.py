@@ -23,10 +23,10 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
 
-  from rome_flax import model as model_lib
-  from rome_flax import sharding
-  from rome_flax import train_step as ts
-  from rome_flax.config import ModelConfig
+  from rome_flax.io import sharding
+  from rome_flax.model import encoder as model_lib
+  from rome_flax.model.config import ModelConfig
+  from rome_flax.train import train_step as ts
 
   mesh = sharding.data_mesh()
   print(f"{mesh.size} devices; train state = parameters + Adam moments ({args.method}), float32")

@@ -12,7 +12,7 @@ and printed, never compared).
 
 Measures (a) TOKEE at batch 64 (the throughput path: active pieces of the whole batch gathered into
 fixed-size buffers) and (b) at batch 1 (the latency path), each against the full model on the same
-sentences, batch size and machine, through `rome_flax.speed.token_exit_speed` (what infer.py
+sentences, batch size and machine, through `rome_flax.engine.speed.token_exit_speed` (what infer.py
 reports); compile and warm-up excluded, best of --repeats alternating passes. Sentences: the first
 CoNLL-2003 dev sentences from ../shared/conll2003 (else synthetic word lists), MiniLM's tokenizer.
 Next to last line: `TOKEE speed-up: batch 64 = X batch 1 = Y` (targets X >= 1.6, Y >= 1.3); last line:
@@ -56,7 +56,7 @@ def known_halting_params(params, cfg, exit_to_use: int, scale: float, seed: int 
 def sentences(n: int, seed: int = 0) -> list[list[str]]:
   dev = Path(__file__).resolve().parents[2] / "shared" / "conll2003" / "dev.txt"
   if dev.is_file():
-    from rome_flax import token_data
+    from rome_flax.kinds import token_data
     return token_data.read_conll(dev, "dev").words[:n]
   rng = np.random.default_rng(seed)
   vocab = "the market said on Tuesday that shares in London rose by percent after a report".split()
@@ -88,12 +88,14 @@ def main():
   args = ap.parse_args()
   apply_malloc_option(args)
 
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.engine import inference
+  from rome_flax.engine import token_exit as te
+  from rome_flax.engine.speed import token_exit_speed
+  from rome_flax.kinds import data
+  from rome_flax.model import encoder as model_lib
+  from rome_flax.model import pretrained
   import rome_flax
-  from rome_flax import data, inference, pretrained
-  from rome_flax import exit_policy as ep
-  from rome_flax import model as model_lib
-  from rome_flax import token_exit as te
-  from rome_flax.speed import token_exit_speed
 
   ckpt = minilm_dir()
   model = rome_flax.MultiExitBert.from_pretrained(ckpt, num_labels=len(CONLL_TAGS), head="token",

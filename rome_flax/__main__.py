@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rome_flax import cli, files
-from rome_flax.runlock import RunLock
+from rome_flax import cli
+from rome_flax.io import files
+from rome_flax.io.runlock import RunLock
 
 USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exit_pooling cls|mean] "
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
@@ -43,7 +44,7 @@ def convert_parser() -> cli.ArgumentParser:
 
 
 def convert(args) -> None:
-  from rome_flax.pretrained import convert_checkpoint
+  from rome_flax.model.pretrained import convert_checkpoint
   out, model = convert_checkpoint(args.src, args.out_dir, num_labels=args.num_labels,
                                   exit_pooling=args.exit_pooling, dtype=args.dtype, seed=args.seed,
                                   overwrite=args.overwrite)
@@ -63,7 +64,7 @@ def export_hf_parser() -> cli.ArgumentParser:
 
 
 def export_hf(args) -> None:
-  from rome_flax.export_hf import export_hf as run_export
+  from rome_flax.model.export_hf import export_hf as run_export
   run_export(args.checkpoint, args.out, overwrite=args.overwrite, say=print)
 
 
@@ -85,7 +86,7 @@ def export_parser() -> cli.ArgumentParser:
 
 
 def export(args) -> None:
-  from rome_flax import artefact
+  from rome_flax.engine import artefact
   sizes = artefact.parse_ints(args.sizes, "--sizes") if args.sizes is not None else None
   criteria = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria is not None else None
   artefact.export_artefact(args.checkpoint, args.out, slots=args.slots, batch=args.batch, sizes=sizes,
@@ -110,8 +111,8 @@ def study_parser() -> cli.ArgumentParser:
 
 def study(args) -> None:
   from rome_flax import study as study_lib
-  from rome_flax import train_config
   from rome_flax.errors import RomeFlaxError
+  from rome_flax.train import train_config
   overrides = {}
   for item in args.set:
     key, sep, raw = item.partition("=")

@@ -14,9 +14,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from rome_flax import calibration, cli, data, evaluation, infer_cli, token_data
-from rome_flax import exit_policy as ep
+from rome_flax import cli, infer_cli
+from rome_flax.engine import calibration, evaluation
+from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import data, token_data
 
 
 def build_parser() -> cli.ArgumentParser:

@@ -17,7 +17,7 @@ import traceback
 from typing import Callable, Optional, Sequence
 
 from rome_flax.errors import RomeFlaxError, io_error_in, os_error_text
-from rome_flax.preemption import EXIT_PREEMPTED, Interrupted, Preempted, interrupt_on_signals
+from rome_flax.io.preemption import EXIT_PREEMPTED, Interrupted, Preempted, interrupt_on_signals
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # the shell's code for SIGINT

@@ -21,11 +21,13 @@ from typing import Optional
 
 import numpy as np
 
-from rome_flax import cli, evaluation, files, preemption, report, sweep
-from rome_flax import exit_policy as ep
+from rome_flax import cli, report
 from rome_flax import progress as progress_lib
+from rome_flax.engine import evaluation, sweep
+from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
-from rome_flax.runlock import RunLock
+from rome_flax.io import files, preemption
+from rome_flax.io.runlock import RunLock
 
 log = logging.getLogger("rome_flax.infer")
 
@@ -105,7 +107,7 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def load_model(path: str, num_labels: Optional[int] = None):
-  from rome_flax.pretrained import EXPORT_CONFIG, MultiExitBert
+  from rome_flax.model.pretrained import EXPORT_CONFIG, MultiExitBert
   p = Path(os.path.expanduser(path))
   if p.exists() and not p.is_dir():
     raise RomeFlaxError(f"checkpoint {path} is a file; pass the directory")
@@ -124,14 +126,14 @@ def load_model(path: str, num_labels: Optional[int] = None):
 
 def _named_task(args):
   """The --task's spec when it fixes the label count (a Hugging Face checkpoint then gets that many)."""
-  from rome_flax import tasks
+  from rome_flax.kinds import tasks
   if args.task is None or args.task.strip().lower() == "custom" or tasks.is_token_task_name(args.task):
     return None
   return tasks.get_task(args.task)
 
 
 def resolve_task(args, model):
-  from rome_flax import tasks
+  from rome_flax.kinds import tasks
   info = model.export_info
   name = args.task or info.task
   if name is None:
@@ -157,7 +159,7 @@ def resolve_task(args, model):
 
 
 def load_examples(args, task):
-  from rome_flax import data, token_data
+  from rome_flax.kinds import data, token_data
   if task.is_token_task:
     files = {args.split: args.data_file} if args.data_file else None
     hub = task.hf_name if files is None and args.data_dir is None else None
@@ -221,7 +223,7 @@ def build_policies(args, cfg) -> list[ep.ExitPolicy]:
 
 def build_token_policies(args, cfg) -> list:
   """TOKEE settings: --tokee_windows x --tokee_thresholds (none without --tokee_windows)."""
-  from rome_flax import token_exit
+  from rome_flax.engine import token_exit
   if args.tokee_windows is None:
     return []
   if not cfg.is_token_task:
@@ -242,7 +244,7 @@ def build_token_policies(args, cfg) -> list:
 def calibrated_policies(args, cfg) -> tuple[list, list]:
   """--thresholds_file: the one setting `python -m rome_flax calibrate` chose for this export (a TOKEE
   setting runs beside the full model's, entropy<0, which every sweep needs)."""
-  from rome_flax import calibration
+  from rome_flax.engine import calibration
   if args.thresholds is not None or args.tokee_windows is not None:
     raise RomeFlaxError("--thresholds_file names the setting to run: drop --thresholds / --tokee_windows")
   record = calibration.read_thresholds(args.thresholds_file, calibration.export_identity(args.checkpoint))
@@ -305,7 +307,7 @@ def run(args):
     token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
   if args.truncate and task.is_token_task:
-    from rome_flax import token_data
+    from rome_flax.kinds import token_data
     examples, warning = token_data.fit_to_length(examples, model.tokenizer, length)
     if warning:
       print(f"warning: {warning}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rome_flax import files
+from rome_flax.io import files
 
 # GLUE leaderboard file names per task and split.
 SUBMISSION_NAMES = {"cola": "CoLA", "sst-2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts-b": "STS-B",

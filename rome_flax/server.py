@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Optional
 
-from rome_flax import serving
+from rome_flax.engine import serving
 from rome_flax.errors import RomeFlaxError
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks its client (0.05: ~10% of a core at 128 in flight)
@@ -154,7 +154,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
   import uvicorn
 
   sock = _listen(host, port)   # first: a port in use is one error line, before minutes of loading and compiling
-  from rome_flax import token_policy as tp
+  from rome_flax.engine import token_policy as tp
   named, calibrated = {}, None
   if artefact:
     import importlib.util
@@ -178,8 +178,8 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
       identity = str(steps.manifest.get("export", {}).get("identity", ""))
       calibrated = _calibrated_policy(thresholds_file, identity, cfg)
   else:
-    from rome_flax import calibration
-    from rome_flax.pretrained import MultiExitBert
+    from rome_flax.engine import calibration
+    from rome_flax.model.pretrained import MultiExitBert
     model = MultiExitBert.from_pretrained(checkpoint)
     if thresholds_file:
       calibrated = _calibrated_policy(thresholds_file, calibration.export_identity(checkpoint), model.config)
@@ -259,7 +259,7 @@ def _listen(host: str, port: int):
 
 
 def _artefact_tokenizer(artefact: str):
-  from rome_flax.pretrained import load_tokenizer
+  from rome_flax.model.pretrained import load_tokenizer
   from pathlib import Path
   return load_tokenizer(Path(artefact))
 
@@ -268,6 +268,6 @@ def _calibrated_policy(path: str, identity: str, cfg):
   """A thresholds.json written by `calibrate` for this export (or the export an artefact was made from,
   by the identity in its manifest), as the named policy 'calibrated' (read and checked by calibration.py,
   as infer.py --thresholds_file does): an ExitPolicy, or a TokenPolicy for a TOKEE setting."""
-  from rome_flax import calibration
+  from rome_flax.engine import calibration
   record = calibration.read_thresholds(path, identity)
   return calibration.policy_from_setting(record["setting"], cfg)[1]

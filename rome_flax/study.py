@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from rome_flax import files
 from rome_flax.errors import RomeFlaxError
+from rome_flax.io import files
 
 RESULT_FILE = "result.json"
 TIMING_FILE = "train_seconds.json"
@@ -160,7 +160,7 @@ def with_overrides(study: StudyConfig, train: Optional[dict] = None, seeds: Opti
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-  from rome_flax import train_config as tc
+  from rome_flax.train import train_config as tc
   return from_dict(tc.read_config_dict(path, "study settings"))
 
 
@@ -172,7 +172,7 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
 
 
 def train_config(study: StudyConfig, cell: Cell, seed: int, out: Path):
-  from rome_flax import train_config as tc
+  from rome_flax.train import train_config as tc
   try:
     return tc.TrainConfig().replace(**study.train_overrides(cell, seed, run_dir(out, cell, seed) / "train"))
   except RomeFlaxError as e:
@@ -181,7 +181,7 @@ def train_config(study: StudyConfig, cell: Cell, seed: int, out: Path):
 
 def policies(study: StudyConfig, model_cfg) -> list:
   """The sweep's settings: each threshold (crossed with each delta for regression patience)."""
-  from rome_flax import exit_policy as ep
+  from rome_flax.engine import exit_policy as ep
   deltas = study.deltas or (None,)
   return [ep.make_policy(study.criterion, float(t), model_cfg.num_exits, num_labels=model_cfg.num_labels, delta=d)
           for d in deltas for t in study.thresholds]
@@ -195,7 +195,7 @@ def _read_timing(path: Path) -> dict:
 def _train(cfg, timing_path: Path, say) -> None:
   """Trains (or resumes) one run, adding its wall-clock seconds to timing_path (also when stopped by an
   exception or SIGTERM / Ctrl-C; a SIGKILLed attempt's seconds are lost)."""
-  from rome_flax import trainer
+  from rome_flax.train import trainer
   out = Path(cfg.run.output_dir)
   resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
   overwrite = out.is_dir() and any(out.iterdir()) and not resume   # killed before its first checkpoint
@@ -210,8 +210,8 @@ def _train(cfg, timing_path: Path, say) -> None:
 
 
 def _examples(task, cfg, split: str, rows: Optional[tuple] = None):
-  from rome_flax import data
-  from rome_flax.trainer import split_sources
+  from rome_flax.kinds import data
+  from rome_flax.train.trainer import split_sources
   examples = data.load_split(task, split, cfg.data.data_dir, **split_sources(cfg.data, task))
   if rows is not None:
     if rows[1] > len(examples):
@@ -229,7 +229,7 @@ def _sweep_record(ev) -> dict:
 
 def _last_step(run_out: Path) -> Optional[int]:
   """The run's last logged step (its metrics file), None without one."""
-  from rome_flax.trainer import METRICS_FILE, record_step
+  from rome_flax.train.trainer import METRICS_FILE, record_step
   path = run_out / METRICS_FILE
   steps = [record_step(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
   return max((int(s) for s in steps if s != float("inf")), default=None)
@@ -251,7 +251,7 @@ def eval_spec(study: StudyConfig, cell: Cell) -> dict:
 
 def check_run(study: StudyConfig, cell: Cell, seed: int, out: Path) -> None:
   """A run trained with another config than the study's now is an error: never mixed into the tables."""
-  from rome_flax import trainer
+  from rome_flax.train import trainer
   where = run_dir(out, cell, seed)
   saved = where / "train" / "config.json"
   if saved.is_file():
@@ -271,9 +271,10 @@ def finished(study: StudyConfig, cell: Cell, seed: int, out: Path) -> bool:
 
 def run_cell_seed(study: StudyConfig, cell: Cell, seed: int, out: Path, *, time_speed: bool, say) -> dict:
   """Trains one (cell, seed), evaluates it and writes its result.json (returned)."""
-  from rome_flax import evaluation, report
-  from rome_flax.pretrained import MultiExitBert
-  from rome_flax.trainer import resolve_task
+  from rome_flax import report
+  from rome_flax.engine import evaluation
+  from rome_flax.model.pretrained import MultiExitBert
+  from rome_flax.train.trainer import resolve_task
 
   where = run_dir(out, cell, seed)
   cfg = train_config(study, cell, seed, out)
@@ -339,8 +340,8 @@ def run_study(study: StudyConfig, out: str | Path, *, cells: Optional[Sequence[s
 def check_before_training(study: StudyConfig, cells: Sequence[Cell], out: Path) -> None:
   """Every mistake that would otherwise surface after hours of earlier cells: each cell's TrainConfig and
   task, the sweep's criterion and values for that task's labels."""
-  from rome_flax import exit_policy as ep
-  from rome_flax.trainer import resolve_task
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.train.trainer import resolve_task
   for cell in cells:
     cfg = train_config(study, cell, study.seeds[0], out)
     task = resolve_task(cfg.data)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rome_flax import files
+from rome_flax.io import files
 from rome_flax.report import new_axes, save_plot
 
 RATIO_GRID = np.round(np.arange(1.0, 6.0001, 0.05), 2)

@@ -1,4 +1,4 @@
-"""Do calibrated thresholds keep their guarantees on held-out data? (rome_flax.calibration)
+"""Do calibrated thresholds keep their guarantees on held-out data? (rome_flax.engine.calibration)
 
 One all-exits pass over a labelled slice (e.g. SST-2 train rows 20000-29999, past the rows an export trained
 on), every candidate setting of a criterion replayed on it once; then, over many random calibration / test
@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import cpu_model  # noqa: E402
-from rome_flax import calibrate_cli, calibration, cli, evaluation, infer_cli  # noqa: E402
+from rome_flax import calibrate_cli, cli, infer_cli  # noqa: E402
+from rome_flax.engine import calibration, evaluation
 from rome_flax.errors import RomeFlaxError  # noqa: E402
-from rome_flax.files import write_json  # noqa: E402
+from rome_flax.io.files import write_json  # noqa: E402
 
 
 def build_parser() -> cli.ArgumentParser:

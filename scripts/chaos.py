@@ -77,7 +77,7 @@ def check_exit(code: int, err: str, problems: list[str], what: str) -> None:
 
 
 def check_run_dir(run: Path, problems: list[str]) -> None:
-  from rome_flax import files, integrity
+  from rome_flax.io import files, integrity
   if not run.exists() or not files.entries(run):
     return
   if files.output_kind(run) != "train" and not (run / files.REPLACED).is_dir():
@@ -95,8 +95,9 @@ def check_run_dir(run: Path, problems: list[str]) -> None:
 
 
 def check_results_dir(results: Path, problems: list[str]) -> None:
-  from rome_flax import files, report
-  from rome_flax.runlock import RunLock
+  from rome_flax import report
+  from rome_flax.io import files
+  from rome_flax.io.runlock import RunLock
   if not results.exists():
     return
   with RunLock(results):
@@ -123,14 +124,14 @@ def check_results_dir(results: Path, problems: list[str]) -> None:
 
 def export_leaves(export: Path) -> list:
   import jax
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.model.pretrained import MultiExitBert
   return jax.tree.leaves(jax.device_get(MultiExitBert.from_pretrained(export).params))
 
 
 def finished(run: Path) -> bool:
   steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()
            if line.strip().endswith("}")] if (run / "metrics.jsonl").is_file() else []
-  from rome_flax import integrity
+  from rome_flax.io import integrity
   return bool(steps) and max(steps) >= 12 and integrity.verify(run / "export").intact
 
 

@@ -45,8 +45,8 @@ def probe(x_tr, y_tr, x_te, y_te, seed: int) -> float:
 
 def main() -> None:
   from bench._common import cpu_model
-  from rome_flax import data, tasks
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.kinds import data, tasks
+  from rome_flax.model.pretrained import MultiExitBert
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", required=True)
   ap.add_argument("--data_dir", required=True)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
   from bench._common import cpu_model
-  from rome_flax import trainer, train_config
+  from rome_flax.train import trainer, train_config
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--seeds", default="0,1,2,3,4")
   ap.add_argument("--out", default="/tmp/default_seeds")

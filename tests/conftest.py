@@ -66,6 +66,6 @@ def minilm_dir() -> Path:
 
 @pytest.fixture
 def tiny_config():
-  from rome_flax.config import ModelConfig
+  from rome_flax.model.config import ModelConfig
   return ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=37, max_position_embeddings=64, num_labels=3)

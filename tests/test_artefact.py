@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import artefact, engine, serving
-from rome_flax import early_exit as ee
-from rome_flax import exit_policy as ep
 from rome_flax.__main__ import main
-from rome_flax.config import ModelConfig
-from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.engine import artefact, scheduler as engine, serving
+from rome_flax.engine import early_exit as ee
+from rome_flax.engine import exit_policy as ep
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import ExportInfo, MultiExitBert
 
 SLOTS, BATCH, LENGTH = 8, 4, 24
 CLS = ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -219,7 +219,7 @@ def test_attributes_tokenizer_and_manifest(runs):
   enc = tok(["the movie was good", "not bad at all"], ["bad", "the the the the the"], truncation=True, max_length=6,
             return_token_type_ids=True)
   assert json.loads(str(got["cls/tokenize"])) == [enc["input_ids"], enc["token_type_ids"]]
-  from rome_flax import calibration
+  from rome_flax.engine import calibration
   _, src, out = models["cls"]
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["export"]["identity"] == calibration.export_identity(src)
@@ -232,7 +232,7 @@ def test_attributes_tokenizer_and_manifest(runs):
 
 def test_a_damaged_artefact_is_refused(runs, tmp_path):
   import shutil
-  from rome_flax import artefact_runtime
+  from rome_flax.engine import artefact_runtime
   out = tmp_path / "copy"
   shutil.copytree(runs[2]["reg"][2], out)
   params = out / "params.npz"

@@ -20,8 +20,8 @@ import pytest
 
 import infer
 import train
-from rome_flax import integrity
 from rome_flax.__main__ import main as rome_main
+from rome_flax.io import integrity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--random_model_layers", "2", "--random_model_hidden", "16", "--random_model_heads", "2",

@@ -1,4 +1,4 @@
-"""Calibrated thresholds (rome_flax.calibration): the conformal and Learn-then-Test maths on synthetic
+"""Calibrated thresholds (rome_flax.engine.calibration): the conformal and Learn-then-Test maths on synthetic
 scores (their guarantees hold empirically over many random splits, the uncorrected choice breaks them),
 the replay of criteria on cached logits, and `python -m rome_flax calibrate` -> thresholds.json ->
 `infer.py --thresholds_file` end to end on a tiny random export."""
@@ -12,13 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from rome_flax import calibration as cal
-from rome_flax import infer_cli, sweep, synthetic, tasks, token_exit
-from rome_flax import model as model_lib
+from rome_flax import infer_cli
 from rome_flax.__main__ import main as rome_main
-from rome_flax.config import ModelConfig
+from rome_flax.engine import calibration as cal
+from rome_flax.engine import sweep, token_exit
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.kinds import synthetic, tasks
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import ExportInfo, MultiExitBert
 
 ROOT = Path(__file__).resolve().parents[1]
 

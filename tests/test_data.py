@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from rome_flax import data, synthetic, tasks
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import data, synthetic, tasks
 
 
 def write(path, lines):

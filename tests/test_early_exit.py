@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import data
-from rome_flax import early_exit as ee
-from rome_flax import inference
-from rome_flax import exit_policy as ep
-from rome_flax import model as model_lib
-from rome_flax.config import ModelConfig
+from rome_flax.engine import early_exit as ee
+from rome_flax.engine import exit_policy as ep
+from rome_flax.engine import inference
+from rome_flax.kinds import data
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                   intermediate_size=64, max_position_embeddings=64, num_labels=3)
@@ -169,9 +169,9 @@ def test_throughput_trims_batches_of_short_examples_exactly(params, wide):
 
 
 def test_predict_texts_with_both_paths():
-  from rome_flax import synthetic
   from rome_flax.errors import RomeFlaxError
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.kinds import synthetic
+  from rome_flax.model.pretrained import MultiExitBert
   cfg = CFG.replace(vocab_size=len(synthetic.VOCAB), num_labels=2, num_hidden_layers=2)
   model = MultiExitBert.from_config(cfg, tokenizer=synthetic.build_tokenizer())
   model.params["exits"]["classifier"]["kernel"] = model.params["exits"]["classifier"]["kernel"] * 150.0
@@ -188,7 +188,7 @@ def test_predict_texts_with_both_paths():
 
 
 def test_speed_compare_interleaves_after_warm_up():
-  from rome_flax import speed
+  from rome_flax.engine import speed
   calls = []
 
   class WithWarmUp:
@@ -206,7 +206,7 @@ def test_speed_compare_interleaves_after_warm_up():
 
 
 def test_early_exit_speed_measures_both_paths(params, encoded, exit_logits):
-  from rome_flax import speed
+  from rome_flax.engine import speed
   policy = policies(exit_logits)[0]
   got = speed.early_exit_speed(ee.prepare_params(params), CFG, policy, encoded, 8, latency_examples=5, repeats=1)
   want = np.asarray(ep.decide(policy, jnp.asarray(exit_logits)).exit_index_N)

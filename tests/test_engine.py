@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import data, engine, inference
-from rome_flax import early_exit as ee
-from rome_flax import exit_policy as ep
-from rome_flax import model as model_lib
+from rome_flax.engine import early_exit as ee
+from rome_flax.engine import exit_policy as ep
+from rome_flax.engine import scheduler as engine, inference
+from rome_flax.kinds import data
+from rome_flax.model import encoder as model_lib
 from tests.test_early_exit import CFG, padded_arrays
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import exit_policy as ep
+from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
 
 CONFIDENT = [8.0, 0.0]    # class 0, entropy ~ 0.003
@@ -128,7 +128,7 @@ def test_threshold_in_gap_keeps_away_from_values_and_near_ties_count_them():
 def test_every_criterion_implements_the_one_policy_protocol():
   """Entropy, maxprob, patience, SENTEE and TOKEE are all `ep.Policy`; one step and `record_exit`
   drive each, on examples or on words, and give the criterion's own decisions."""
-  from rome_flax import token_policy as tp
+  from rome_flax.engine import token_policy as tp
   z_ExNxC = logits([UNSURE, CONFIDENT], [CONFIDENT, CONFIDENT], [UNSURE, UNSURE])
   words_NxS = jnp.asarray([[1, 1, 0], [1, 0, 0]], jnp.int32)
   z_ExNxSxC = jnp.repeat(z_ExNxC[:, :, None], 3, axis=2)

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import exit_policy, files
 from rome_flax.__main__ import main
-from rome_flax.config import ModelConfig
-from rome_flax.export_hf import ENTRIES, KIND, export_hf
-from rome_flax.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
+from rome_flax.engine import exit_policy
+from rome_flax.io import files
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.export_hf import ENTRIES, KIND, export_hf
+from rome_flax.model.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -11,13 +11,33 @@ PACKAGE = "rome_flax"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 
+# The layers, lowest first (issue 19: a layout that shows the architecture). A module imports only from
+# its own layer and the ones below; the top (the package itself: entry programs, cli, report, study, server)
+# may import anything. `base` is errors / runtime / progress, which import nothing of rome_flax's.
+LAYERS = ("base", "io", "model", "kinds", "engine", "train", "top")
+BASE = {"errors", "runtime", "progress"}
+
+
+def module_name(p: Path) -> str:
+  parts = p.relative_to(ROOT).with_suffix("").parts
+  parts = parts[:-1] if parts[-1] == "__init__" else parts
+  return ".".join((PACKAGE,) + parts)
+
+
 def module_names() -> dict[str, Path]:
-  return {(PACKAGE if p.stem == "__init__" else f"{PACKAGE}.{p.stem}"): p for p in sorted(ROOT.glob("*.py"))}
+  return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def layer_of(module: str) -> str:
+  parts = module.split(".")[1:]
+  if len(parts) >= 2 or (parts and parts[0] in LAYERS):
+    return parts[0]
+  return "base" if parts and parts[0] in BASE else "top"
 
 
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
   """The package modules that a file imports anywhere (top level, functions, classes)."""
-  this = PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+  this = module_name(path)
   found = set()
   for node in ast.walk(ast.parse(path.read_text(), str(path))):
     if isinstance(node, ast.Import):
@@ -25,7 +45,8 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:   # relative: `from . import x`, `from .x import y`
-        base = ".".join(filter(None, [PACKAGE, base]))
+        here = this.split(".") if path.stem == "__init__" else this.split(".")[:-1]
+        base = ".".join(filter(None, [*here[:len(here) - node.level + 1], base]))
       # `from pkg import name` imports pkg.name when that is a module, else pkg itself.
       found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
   return {m for m in found if m in modules and m != this}
@@ -64,7 +85,7 @@ def find_cycle(graph: dict[str, set[str]]):
 
 def test_the_package_has_no_import_cycle():
   graph = import_graph()
-  assert f"{PACKAGE}.trainer" in graph and graph[f"{PACKAGE}.trainer"], "the graph was not read"
+  assert f"{PACKAGE}.train.trainer" in graph and graph[f"{PACKAGE}.train.trainer"], "the graph was not read"
   cycle = find_cycle(graph)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -77,12 +98,21 @@ def test_the_cycle_finder_finds_cycles():
 def test_method_hooks_resolve_and_the_trainer_names_no_method():
   """A method's own checks and batch inputs are its registry row's hooks (methods.Method), so trainer.py
   never compares a method's name (issue 19: a thin trainer)."""
-  from rome_flax import methods, self_sampling
+  from rome_flax.train import methods, self_sampling
   for method in methods.METHODS.values():
     for which in ("validate", "prepare"):
       fn = method.hook(which)
       assert fn is None or callable(fn), (method.name, which)
   ss = methods.get_method("self_sampling")
   assert (ss.hook("validate"), ss.hook("prepare")) == (self_sampling.validate, self_sampling.prepare)
-  source = (ROOT / "trainer.py").read_text()
+  source = (ROOT / "train" / "trainer.py").read_text()
   assert not [name for name in methods.METHOD_NAMES if f'"{name}"' in source or f"'{name}'" in source]
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+  """io < model < kinds < engine < train < the entry programs (docs/design.md draws it)."""
+  graph = import_graph()
+  assert {layer_of(m) for m in graph} == set(LAYERS), sorted({layer_of(m) for m in graph})
+  upward = [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+            if LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))]
+  assert not upward, "imports from a higher layer: " + "; ".join(upward)

@@ -9,11 +9,11 @@ import jax
 import pytest
 
 from rome_flax import infer_cli
-from rome_flax import model as model_lib
-from rome_flax import synthetic
-from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.kinds import synthetic
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import ExportInfo, MultiExitBert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,8 +153,10 @@ def test_entry_point_exit_code(tmp_path):
 
 def test_evaluate_exits_is_a_library_program(export, tmp_path, monkeypatch):
   """The evaluation writes nothing; the reporting step writes what infer.py writes."""
-  from rome_flax import data, evaluation, report, tasks
-  from rome_flax import exit_policy as ep
+  from rome_flax import report
+  from rome_flax.engine import evaluation
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.kinds import data, tasks
   monkeypatch.chdir(tmp_path)
   model = MultiExitBert.from_pretrained(export)
   task = tasks.get_task("synthetic")

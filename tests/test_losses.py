@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import losses, methods
 from rome_flax.errors import RomeFlaxError
+from rome_flax.train import losses, methods
 
 E, B, C = 4, 5, 3
 

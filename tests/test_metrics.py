@@ -5,8 +5,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from rome_flax import metrics, tasks
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import metrics, tasks
 
 
 def test_classification_metrics():

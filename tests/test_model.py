@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import layers
-from rome_flax import model as M
-from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import ExportInfo, MultiExitBert
+from rome_flax.model import encoder as M
+from rome_flax.model import layers
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import ExportInfo, MultiExitBert
 
 
 def _batch(cfg, B=3, S=10, seed=0):
@@ -152,7 +152,8 @@ def test_export_info_reads_older_and_newer_exports(tiny_config, tmp_path):
   """The "metadata" record keeps today's keys; unknown keys are ignored, missing ones default."""
   import json
 
-  from rome_flax import integrity, pretrained
+  from rome_flax.io import integrity
+  from rome_flax.model import pretrained
   path = MultiExitBert.from_config(tiny_config).save_pretrained(
       tmp_path / "export", ExportInfo(task="sst-2", max_length=64, dev_metrics={"dev": [{"accuracy": 50.0}]}))
   saved = json.loads((path / pretrained.EXPORT_CONFIG).read_text())
@@ -172,7 +173,7 @@ def test_export_format_1_with_in_out_kernels_still_loads(tiny_config, tmp_path):
   """Exports written before weight matrices moved to [out, in] (format rome_flax/1) load transposed."""
   import json
 
-  from rome_flax import pretrained
+  from rome_flax.model import pretrained
   model = MultiExitBert.from_config(tiny_config, seed=3)
   path = model.save_pretrained(tmp_path / "export")
   assert json.loads((path / pretrained.EXPORT_CONFIG).read_text())["format"] == "rome_flax/2"

@@ -57,7 +57,7 @@ def _train(out: Path, *extra: str, processes: int = 1):
 
 
 def _export_params(out: Path) -> np.ndarray:
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.model.pretrained import MultiExitBert
   import jax
   params = MultiExitBert.from_pretrained(out / "export").params
   return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(params)])

@@ -11,9 +11,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rome_flax import data
 from rome_flax.errors import RomeFlaxError
-from rome_flax.tasks import get_task
+from rome_flax.kinds import data
+from rome_flax.kinds.tasks import get_task
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DIR = Path(tempfile.mkdtemp(prefix="rome_flax_fuzz_"))

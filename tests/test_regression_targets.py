@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import methods, targets, trainer
-from rome_flax import model as model_lib
-from rome_flax.config import ModelConfig
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import MultiExitBert
-from rome_flax.train_config import TrainConfig
+from rome_flax.model import encoder as model_lib
+from rome_flax.model import targets
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import MultiExitBert
+from rome_flax.train import methods, trainer
+from rome_flax.train.train_config import TrainConfig
 
 CFG = ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                   max_position_embeddings=32, num_labels=1, exit_pooling="mean")
@@ -66,7 +67,7 @@ def test_prepare_modes_start_from_the_same_function():
   again = targets.prepare(standard, labels * 10, "standardize")
   assert again.config.regression_std == pytest.approx(std)
   # A head trained without statistics (an older rome_flax export) keeps its function under standardize.
-  from rome_flax.pretrained import ExportInfo
+  from rome_flax.model.pretrained import ExportInfo
   old = MultiExitBert(CFG, model_lib.init_params(CFG, jax.random.PRNGKey(3)), export_info=ExportInfo(method="romebert"))
   before = exit_logits(CFG, old.params)
   old = targets.prepare(old, labels, "standardize")
@@ -146,7 +147,8 @@ def test_runs_saved_before_the_field_ran_raw_targets():
 def test_predictions_and_patience_deltas_speak_the_labels_units():
   """The Python API on a standardised export: values are std * plain + mean, and patience with delta
   std * d takes exactly the decisions the plain model takes with d (the deltas are in the labels' units)."""
-  from rome_flax import exit_policy, inference, synthetic
+  from rome_flax.engine import exit_policy, inference
+  from rome_flax.kinds import synthetic
   cfg = CFG.replace(vocab_size=len(synthetic.VOCAB), max_position_embeddings=64)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
   params["exits"]["classifier"]["kernel"] = params["exits"]["classifier"]["kernel"] * 50.0

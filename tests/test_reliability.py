@@ -24,11 +24,13 @@ import pytest
 
 import infer
 import train
-from rome_flax import cli, files, integrity, report, trainer
+from rome_flax import cli, report
 from rome_flax.__main__ import main as package_main
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import MultiExitBert
-from rome_flax.runlock import LOCK_FILE, RunLock
+from rome_flax.io import files, integrity
+from rome_flax.io.runlock import LOCK_FILE, RunLock
+from rome_flax.model.pretrained import MultiExitBert
+from rome_flax.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = ["--method", "joint", "--gr", "none", "--eval_batch_size", "1000", "--no_progress"]   # quick to compile
@@ -250,7 +252,7 @@ def test_a_killed_export_leaves_nothing_behind(straight_short, tmp_path):
 
 def test_run_lock(tmp_path, caplog):
   holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                             "from rome_flax.runlock import RunLock; RunLock(sys.argv[2]).acquire(); "
+                             "from rome_flax.io.runlock import RunLock; RunLock(sys.argv[2]).acquire(); "
                              "print('held', flush=True); time.sleep(120)", str(ROOT), str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
   try:
@@ -294,7 +296,7 @@ def test_signals_first_requests_a_stop_second_acts_at_once(capsys):
 
 
 def _first_requests_second_interrupts():
-  from rome_flax import preemption
+  from rome_flax.io import preemption
   with preemption.StopSignals() as signals:
     assert not signals.requested(1)
     signal.raise_signal(signal.SIGINT)

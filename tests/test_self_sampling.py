@@ -8,10 +8,11 @@ import pytest
 
 import infer
 import train
-from rome_flax import data, losses, methods, self_sampling, synthetic
-from rome_flax import model as model_lib
-from rome_flax import token_exit as te
-from rome_flax.config import ModelConfig
+from rome_flax.engine import token_exit as te
+from rome_flax.kinds import data, synthetic
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
+from rome_flax.train import losses, methods, self_sampling
 from tests.test_token_cli import TINY, make_dir, ner_sentences, run_cli
 
 CFG = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -133,8 +134,8 @@ def test_stage_two_runs_and_needs_a_stage_one(tmp_path):
 
 def test_predict_tags_api(tmp_path):
   """Production use: word lists in, tags and exit layers out, with a TOKEE or a SENTEE policy."""
-  from rome_flax import exit_policy as ep
-  from rome_flax.pretrained import MultiExitBert
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.model.pretrained import MultiExitBert
   data_dir, _ = make_dir(tmp_path / "data", ner_sentences)
   assert run_cli(train.main, [*TINY, "--task", "ner", "--data_dir", data_dir, "--output_dir", tmp_path / "r"]) == 0
   model = MultiExitBert.from_pretrained(tmp_path / "r" / "export")

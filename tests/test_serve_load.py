@@ -190,7 +190,7 @@ def test_read_texts(tmp_path):
 
 
 def test_inputs_of_an_export(tmp_path):
-  from rome_flax import synthetic
+  from rome_flax.kinds import synthetic
   with pytest.raises(RomeFlaxError, match=r"python train.py.*--checkpoint"):
     sl.export_task(tmp_path / "export")
   (tmp_path / sl.EXPORT_CONFIG).write_text(json.dumps({"model": {}, "metadata": {"task": "synthetic"}}))

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import exit_policy as ep
-from rome_flax import inference, serving
-from rome_flax.config import ModelConfig
-from rome_flax.pretrained import ExportInfo, MultiExitBert, load_tokenizer
+from rome_flax.engine import exit_policy as ep
+from rome_flax.engine import inference, serving
+from rome_flax.model.config import ModelConfig
+from rome_flax.model.pretrained import ExportInfo, MultiExitBert, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a charming and moving film", "dull , plodding and far too long", "it is what it is",
@@ -193,7 +193,7 @@ def test_server_process_drains_on_sigterm(model, tmp_path):
 def test_engine_serves_from_an_exported_artefact(model, engine, tmp_path):
   """`serve --artefact`: the same engine driven by the jax.export'ed steps answers as the in-process one."""
   import importlib.util
-  from rome_flax import artefact
+  from rome_flax.engine import artefact
   export = tmp_path / "export"
   model.save_pretrained(export)
   out = tmp_path / "artefact"
@@ -256,7 +256,7 @@ def test_token_task_engine_refills_and_equals_offline_tokee_and_sentee(token_mod
   """A token task served with TOKEE (each word its own exit; a sentence's slot refilled once all its
   words halted) and with a sentence criterion (SENTEE): the offline `predict_tags` answers, for one call
   and for one sentence per request arriving while others run."""
-  from rome_flax import token_exit as te
+  from rome_flax.engine import token_exit as te
   L = token_model.config.num_layers
   tokee = te.make_token_policy(0.02, 3, L)
   sentee = ep.make_policy("entropy", 0.02, L, num_labels=len(TAGS), token_task=True)
@@ -286,7 +286,7 @@ def test_token_task_requests_full_model_and_http(token_model):
     got = full.predict(tokens=SENTENCES[:3])
   finally:
     full.close(5)
-  from rome_flax import token_exit as te
+  from rome_flax.engine import token_exit as te
   ref = te.predict_tags(token_model, SENTENCES[:3], te.make_token_policy(0.0, 3, L), batch_size=4, max_length=64)
   assert [p.tags for p in got] == ref.tags and all(set(p.exit_layers) == {L} for p in got)
 

@@ -11,10 +11,11 @@ from conftest import xla_flags
 SCRIPT = textwrap.dedent("""
   import jax, numpy as np
   assert jax.device_count() == 8, jax.devices()
-  from rome_flax.config import ModelConfig
-  from rome_flax.methods import LossConfig
-  from rome_flax.model import init_params
-  from rome_flax import sharding, train_step as steps
+  from rome_flax.io import sharding
+  from rome_flax.model.config import ModelConfig
+  from rome_flax.model.encoder import init_params
+  from rome_flax.train import train_step as steps
+  from rome_flax.train.methods import LossConfig
 
   cfg = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=40, max_position_embeddings=32, num_labels=2)
@@ -85,9 +86,10 @@ def test_data_parallel_step_matches_single_device():
 INFER_SCRIPT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np
   assert jax.device_count() == 8, jax.devices()
-  from rome_flax import data, early_exit as ee, exit_policy as ep, inference
-  from rome_flax.config import ModelConfig
-  from rome_flax.model import init_params
+  from rome_flax.engine import early_exit as ee, exit_policy as ep, inference
+  from rome_flax.kinds import data
+  from rome_flax.model.config import ModelConfig
+  from rome_flax.model.encoder import init_params
 
   cfg = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                     intermediate_size=48, max_position_embeddings=64, num_labels=3)

@@ -77,7 +77,7 @@ def test_another_config_is_refused_and_another_sweep_reevaluates(smoke, capsys):
 
 
 def test_a_killed_run_resumes(tmp_path):
-  from rome_flax import trainer
+  from rome_flax.train import trainer
   cfg = study_lib.from_dict(dict(name="r", train=TINY, cells=[dict(name="joint", overrides=dict(method="joint"))],
                                  seeds=[3], thresholds=[0.0]))
   cell = cfg.cells[0]
@@ -165,7 +165,7 @@ def test_recipe_is_chosen_on_heldout_rows_never_on_dev():
 
 def test_highway_weight_scales_the_highway_term_only():
   import jax.numpy as jnp
-  from rome_flax import methods
+  from rome_flax.train import methods
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
   labels, weights = jnp.asarray([0, 1, 2, 1, 0]), jnp.ones(5)

@@ -9,9 +9,12 @@ import pytest
 
 from rome_flax.errors import RomeFlaxError
 
-from rome_flax import exit_policy as ep
-from rome_flax import files, metrics, report, sweep, tasks
-from rome_flax.config import ModelConfig
+from rome_flax import report
+from rome_flax.engine import exit_policy as ep
+from rome_flax.engine import sweep
+from rome_flax.io import files
+from rome_flax.kinds import metrics, tasks
+from rome_flax.model.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
@@ -128,7 +131,7 @@ def test_settings_with_the_same_decisions_are_shown_once_with_the_reason(cached)
 def test_data_grid_spans_from_little_to_nearly_all_early_exit():
   """The default sweep adds thresholds read off the first exit's scores, so it reaches high layer ratios on any
   task's uncertainty scale (issue 25: 17-tag POS topped out at 1.04x with the fixed tau list)."""
-  from rome_flax import evaluation
+  from rome_flax.engine import evaluation
   rng = np.random.default_rng(0)
   E, N, C = 3, 400, 17
   logits = rng.normal(size=(E, N, C)).astype(np.float32) * 0.3   # every exit unsure: entropy near log(17)

@@ -15,8 +15,8 @@ import pytest
 
 import infer
 import train
-from rome_flax import synthetic, token_data
-from rome_flax.pretrained import MultiExitBert
+from rome_flax.kinds import synthetic, token_data
+from rome_flax.model.pretrained import MultiExitBert
 
 LAYERS = 2
 TINY = ["--random_model_layers", str(LAYERS), "--random_model_hidden", "32", "--random_model_heads", "2",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import MultiExitBert
+from rome_flax.model.pretrained import MultiExitBert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

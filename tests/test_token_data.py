@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from rome_flax import token_data as td
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import token_data as td
 
 TWO_COL = """\
 EU B-ORG

@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import data
-from rome_flax import exit_policy as ep
-from rome_flax import inference, methods, synthetic
-from rome_flax import model as model_lib
-from rome_flax import train_step as steps
-from rome_flax.config import ModelConfig
+from rome_flax.engine import exit_policy as ep
+from rome_flax.engine import inference
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import data
+from rome_flax.kinds import synthetic
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
+from rome_flax.train import methods
+from rome_flax.train import train_step as steps
 
 TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 CFG = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -74,7 +76,7 @@ def test_word_pieces_of_a_split_word():
 
 
 def test_truncate_keeps_the_words_that_fit_and_says_how_many_were_cut(tokenizer):
-  from rome_flax import token_data
+  from rome_flax.kinds import token_data
   split = token_data.TokenSplit("ner", "dev", [["the"] * 20, ["a", "b"], ["the"] * 30], [["O"] * 20, ["O", "O"], ["O"] * 30],
                                 np.arange(3), np.array([1, 22, 25]), "dev.txt", True)
   cut, warning = token_data.fit_to_length(split, tokenizer, 16)
@@ -201,7 +203,7 @@ def test_patience_is_refused_for_token_tasks():
 def test_collect_reads_per_device_groups():
   """A multi-device throughput piece stacks word masks [D, N, S] while its outputs and example ids
   are flat (D*N rows): words are still taken from the right rows."""
-  from rome_flax.early_exit import ExitResult
+  from rome_flax.engine.early_exit import ExitResult
   mask_DxNxS = np.array([[[0, 1, 1, 0], [0, 1, 0, 0]], [[0, 0, 0, 0], [0, 1, 1, 1]]])
   piece = {"example_ids": np.array([0, 1, -1, 2]), "word_mask": mask_DxNxS}
   logits = np.random.default_rng(0).normal(size=(4, 4, len(TAGS))).astype(np.float32)

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import data, synthetic
-from rome_flax import model as model_lib
-from rome_flax import token_exit as te
-from rome_flax.config import ModelConfig
+from rome_flax.engine import token_exit as te
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import data, synthetic
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
 
 TAGS = 5
 CFG = ModelConfig(vocab_size=len(synthetic.VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -100,7 +100,7 @@ def test_tokee_is_for_token_tasks(params, encoded):
 
 
 def _full_model_words(params, encoded):
-  from rome_flax import inference
+  from rome_flax.engine import inference
   return inference.run_all_exits(params, CFG15, encoded, 8)[-1]   # [N, W, C] word-level, final exit
 
 
@@ -201,7 +201,7 @@ def test_simulate_equals_the_device_decision_on_given_logits():
 def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded):
   """TOKEE in the open engine (the server's path): sentences admitted into free slots while others run,
   each with its own thresholds, give the closed loop's word exits and logits for the same thresholds."""
-  from rome_flax import engine
+  from rome_flax.engine import scheduler as engine
   policy = te.make_token_policy(0.6, 3, 4)
   plain = te.token_pass(params, CFG15, policy, encoded, 8, gather=False).run()
   full = te.token_pass(params, CFG15, te.make_token_policy(0.0, 3, 4), encoded, 8, gather=False).run()

@@ -7,8 +7,8 @@ import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 
-from rome_flax import metrics
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds import metrics
 
 
 def seqeval_scores(gold, pred):

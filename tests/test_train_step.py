@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rome_flax import methods
-from rome_flax import model as model_lib
-from rome_flax import train_step as ts
-from rome_flax.config import ModelConfig
-from rome_flax.methods import LossConfig, loss_terms
+from rome_flax.model import encoder as model_lib
+from rome_flax.model.config import ModelConfig
+from rome_flax.train import methods
+from rome_flax.train import train_step as ts
+from rome_flax.train.methods import LossConfig, loss_terms
 
 L = 3
 

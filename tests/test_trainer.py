@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from rome_flax import train_config, trainer
 from rome_flax.errors import RomeFlaxError
-from rome_flax.pretrained import MultiExitBert
-from rome_flax.train_config import TrainConfig, load_config_file, parse_value
+from rome_flax.model.pretrained import MultiExitBert
+from rome_flax.train import train_config, trainer
+from rome_flax.train.train_config import TrainConfig, load_config_file, parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,10 +175,10 @@ def test_mnli_reports_matched_and_mismatched_and_stsb_regresses(tmp_path):
 
 def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
   """E.g. a checkpoint written with [in, out] kernels: named array, both shapes; nothing restored."""
-  from rome_flax import train_step as ts
-  from rome_flax.checkpoint import RunCheckpoints
-  from rome_flax.config import ModelConfig
-  from rome_flax.model import init_params
+  from rome_flax.model.config import ModelConfig
+  from rome_flax.model.encoder import init_params
+  from rome_flax.train import train_step as ts
+  from rome_flax.train.checkpoint import RunCheckpoints
   cfg = ModelConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=24, max_position_embeddings=16, num_labels=2)
   params = init_params(cfg, jax.random.PRNGKey(0))
@@ -196,7 +196,7 @@ def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
 
 
 def test_schedule_positions():
-  from rome_flax.schedule import Schedule
+  from rome_flax.train.schedule import Schedule
   sched = Schedule(steps_per_epoch=4, epochs=2, num_stages=2)
   assert (sched.stage_steps, sched.total_steps) == (8, 16)
   pos = sched.at(13)
@@ -246,7 +246,7 @@ def test_every_option_has_help_and_its_default():
 
 
 def test_metrics_writer_and_exit_lines_ignore_the_exit_number(tmp_path):
-  from rome_flax.tasks import get_task
+  from rome_flax.kinds.tasks import get_task
   task = get_task("synthetic")
   per_exit = [{"exit": 1, "accuracy": 50.0}, {"exit": 2, "accuracy": 80.0}]
   assert trainer.format_exits(task, per_exit) == "accuracy per exit: 50.0 80.0"

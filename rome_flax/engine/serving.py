@@ -1,0 +1,590 @@
+"""Answering requests with early exit: continuous batching at layer granularity, without HTTP.
+
+`Engine(model, policy, slots=...)` owns one device worker thread that drives the open engine
+(engine.py): between two layer batches it admits queued examples into free slots, and as soon as an
+example exits its slot is free for the next one, so batches stay full while easy examples leave after
+a layer or two. `submit(texts) -> concurrent.futures.Future` is the whole API; `server.py` puts HTTP
+on top of it.
+
+What a production queue needs (the trackers of TEI, Triton and vLLM ask for each):
+  * a bounded queue: `submit` raises `Overloaded` at once when `max_queue` examples wait;
+  * deadlines: a request whose deadline passes is never admitted, and one that is running when it
+    passes is evicted from its slots mid-batch; its future fails with `DeadlineExceeded`;
+  * cancellation: `future.cancel()` (a client that went away) frees its slots at the next step;
+  * one bad request never disturbs the others: inputs are checked (`RequestError`) before queueing;
+  * `close(grace_s)` stops taking work, finishes what is queued and running within the grace period,
+    then fails the rest.
+`full_model=True` is the baseline the load test compares against: the same queue and worker, but
+each batch runs the plain full model (all layers, final exit), padded to the smallest of a few batch
+sizes and length buckets: dynamic batching as TEI and Triton do it.
+
+The worker drives "steps": `LocalSteps` binds the engine's jitted functions to a model in this process;
+`artefact_runtime.ArtefactSteps` offers the same methods from an exported artefact (no rome_flax).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import math
+import threading
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from rome_flax.errors import RomeFlaxError
+
+
+NEVER = 2 ** 30   # run(min_free=NEVER): no free-slot target (engine.NEVER)
+
+
+class Overloaded(RomeFlaxError):
+  """The queue is full (HTTP 429)."""
+
+
+class DeadlineExceeded(RomeFlaxError):
+  """The request's deadline passed before it was answered (HTTP 504)."""
+
+
+class RequestError(RomeFlaxError):
+  """The request itself is wrong (HTTP 400): empty text, over-long input, unknown policy."""
+
+
+class ShuttingDown(RomeFlaxError):
+  """The engine no longer takes work (HTTP 503)."""
+
+
+def default_sizes(batch: int) -> tuple[int, ...]:
+  """Batch sizes a step may cut its batch to: B/16, B/4, B (at low load a step runs 4 rows, not 64)."""
+  return tuple(sorted({max(1, batch // 16), max(1, batch // 4), batch}))
+
+
+class LocalSteps:
+  """The open engine's jitted functions bound to a model in this process (what `Engine` drives)."""
+
+  def __init__(self, model, *, slots: int = 256, batch: int = 64, max_length: int = 128,
+               sizes: Optional[Sequence[int]] = None, window: int = 3):
+    from rome_flax.engine import early_exit, scheduler as engine
+    cfg = model.config
+    if not 1 <= batch <= slots:
+      raise RomeFlaxError(f"need 1 <= batch ({batch}) <= slots ({slots})")
+    if not 8 <= max_length <= cfg.max_position_embeddings:
+      raise RomeFlaxError(f"max_length must be in 8..{cfg.max_position_embeddings}, got {max_length}")
+    self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
+    self.params = early_exit.prepare_params(model.params)
+    self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels
+    self.is_regression, self.is_token_task = cfg.is_regression, cfg.is_token_task
+    self.window = window if cfg.is_token_task else None   # TOKEE's window (static: one per server)
+    if self.window is not None:
+      from rome_flax.engine import token_policy as tp
+      tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
+    self.slots, self.seq, self.batch = slots, max_length, batch
+    self.sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
+    self.lengths = engine.trim_lengths(max_length)
+    self._policies: dict = {}
+
+  def policy(self, criterion: str, delta: float = 0.0):
+    """The engine's policy for a criterion: thresholds live in the slots, so only these two matter
+    (and, for TOKEE, the server's window)."""
+    key = (criterion, delta)
+    if key not in self._policies:
+      from rome_flax.engine import exit_policy as ep
+      from rome_flax.engine import token_policy as tp
+      if criterion == "tokee":
+        self._policies[key] = tp.make_token_policy(1.0, self.window, self.num_layers)
+      else:
+        self._policies[key] = ep.make_policy(criterion, 1.0, self.num_exits, num_labels=self.num_labels,
+                                             delta=delta if criterion == "patience" and self.is_regression else None,
+                                             token_task=self.is_token_task)
+    return self._policies[key]
+
+  def init(self, tokee: bool = False):
+    return self._engine.init(self.cfg, self.slots, self.seq, tokee)
+
+  def admit(self, state, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B, threshold_BxE,
+            word_mask_BxS=None):
+    return self._engine.admit(self.params, self.cfg, state, slot_B, input_ids_BxS, attention_mask_BxS,
+                              token_type_ids_BxS, priority_B, threshold_BxE, word_mask_BxS)
+
+  def run(self, state, criterion: str, min_free: int, max_steps: int, delta: float = 0.0):
+    return self._engine.run(self.params, self.cfg, self.policy(criterion, delta), state, self.batch, self.lengths,
+                            min_free, max_steps, self.sizes, "oldest")
+
+  def evict(self, state, slot_mask_N):
+    return self._engine.evict(state, slot_mask_N)
+
+  def read(self, state):
+    """(running_N, exits, out): exits per slot [N] and its exit's logits ([N, C]; a token task's [N, S, C]
+    per piece), or with TOKEE each word's exit [N, W] and logits [N, W, C], words first."""
+    import jax
+    exits = state.exit_N if state.tokee is None else state.tokee.word_exit_NxW
+    running, exits, out = jax.device_get((state.running_N, exits, state.out_NxC))
+    return np.asarray(running), np.asarray(exits), np.asarray(out)
+
+  def full_model(self, input_ids_bxs, attention_mask_bxs, token_type_ids_bxs):
+    return np.asarray(self._early_exit.full_model(self.params, self.cfg, input_ids_bxs, attention_mask_bxs,
+                                                  token_type_ids_bxs))
+
+
+class Policy(NamedTuple):
+  """A request's exit rule: the criterion (one per engine) and one threshold per exit (TOKEE: tau_l of
+  each layer, the window is the server's)."""
+  criterion: str
+  threshold_E: np.ndarray
+  delta: float = 0.0
+
+  def describe(self) -> str:
+    t = self.threshold_E[:-1] if len(self.threshold_E) > 1 else self.threshold_E
+    if self.criterion == "tokee":   # tau in the lower half of the layers (the upper half: doubled by default)
+      t = self.threshold_E[:max(1, len(self.threshold_E) // 2)]
+    shown = f"{float(t[0]):.4g}" if np.all(t == t[0]) else "/".join(f"{float(v):.4g}" for v in t)
+    return f"{self.criterion}:{shown}"
+
+
+def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
+                named: Optional[dict] = None, window: Optional[int] = None) -> Policy:
+  """A Policy from 'entropy:0.3', {'criterion': 'entropy', 'threshold': 0.3, 'min_layer': 2}, a name of
+  `named` (calibrated settings), an `exit_policy.ExitPolicy` or a `token_policy.TokenPolicy`. min_layer
+  folds into the thresholds: exits before it get a threshold no score meets. window: the server's TOKEE
+  window (a token task's server; None: sentence tasks, no TOKEE)."""
+  from rome_flax.engine import exit_policy as ep
+  from rome_flax.engine import token_policy as tp
+  token_task = window is not None
+  if isinstance(spec, Policy):
+    return spec
+  if isinstance(spec, tp.TokenPolicy):
+    spec = {"criterion": "tokee", "threshold": np.asarray(spec.threshold_L).tolist(), "window": spec.window}
+  if isinstance(spec, ep.ExitPolicy):
+    if token_task and spec.pool != "max":
+      raise RomeFlaxError(f"the server pools a sentence's words by max (SENTEE); this setting pools by {spec.pool}")
+    spec = {"criterion": spec.criterion, "threshold": np.asarray(spec.threshold_E).tolist(),
+            "min_layer": spec.min_exit_layer, "delta": float(spec.delta) if spec.is_regression else None}
+  if isinstance(spec, str):
+    if named and spec in named:
+      return named[spec]
+    criterion, _, value = spec.partition(":")
+    if not value:
+      known = f"; named settings: {', '.join(sorted(named))}" if named else ""
+      raise RequestError(f"policy {spec!r}: write CRITERION:THRESHOLD, e.g. entropy:0.3{known}")
+    try:
+      spec = {"criterion": criterion, "threshold": [float(v) for v in value.split("/")]}
+    except ValueError:
+      raise RequestError(f"policy {spec!r}: the threshold is not a number") from None
+  if not isinstance(spec, dict) or "criterion" not in spec or "threshold" not in spec:
+    raise RequestError("policy must be 'CRITERION:THRESHOLD', a calibrated setting's name, or "
+                       "{\"criterion\": ..., \"threshold\": ...}")
+  if spec["criterion"] == "tokee":
+    return _token_policy(spec, num_exits, window)
+  unknown = set(spec) - {"criterion", "threshold", "min_layer", "delta"}
+  if unknown:
+    raise RequestError(f"policy has unknown fields: {', '.join(sorted(unknown))}")
+  try:
+    p = ep.make_policy(str(spec["criterion"]), spec["threshold"], num_exits, num_labels=num_labels,
+                       min_exit_layer=int(spec.get("min_layer") or 1), delta=spec.get("delta"),
+                       token_task=token_task)
+  except (RomeFlaxError, TypeError, ValueError) as e:
+    raise RequestError(f"policy: {e}") from None
+  threshold_E = np.asarray(p.threshold_E, np.float32).copy()
+  never = {"entropy": -1.0, "maxprob": 2.0, "patience": float(2 ** 30)}[p.criterion]
+  threshold_E[:p.min_exit_layer - 1] = never
+  return Policy(p.criterion, threshold_E, float(p.delta))
+
+
+def _token_policy(spec: dict, num_layers: int, window: Optional[int]) -> Policy:
+  """TOKEE's Policy: one tau (doubled in the upper half of the layers) or one per layer; the window is
+  the server's (it shapes the compiled step), so a request may restate it, not change it."""
+  from rome_flax.engine import token_policy as tp
+  if window is None:
+    raise RequestError("policy: tokee (token-level early exit) is for token tasks; this server labels sentences")
+  unknown = set(spec) - {"criterion", "threshold", "window"}
+  if unknown:
+    raise RequestError(f"policy has unknown fields for tokee: {', '.join(sorted(unknown))}")
+  if spec.get("window", window) != window:
+    raise RequestError(f"policy: this server's TOKEE window is {window}; a request may change tau, not the window")
+  try:
+    p = tp.make_token_policy(spec["threshold"], window, num_layers)
+  except (RomeFlaxError, TypeError, ValueError) as e:
+    raise RequestError(f"policy: {e}") from None
+  return Policy("tokee", np.asarray(p.threshold_L, np.float32).copy(), 0.0)
+
+
+class _Request:
+  __slots__ = ("rows", "policy", "deadline", "future", "submitted", "started", "results", "left", "seq")
+
+  def __init__(self, rows, policy, deadline, seq):
+    self.rows, self.policy, self.deadline, self.seq = rows, policy, deadline, seq
+    self.future: concurrent.futures.Future = concurrent.futures.Future()
+    self.submitted, self.started = time.monotonic(), None
+    self.results: list = [None] * len(rows)
+    self.left = len(rows)
+
+
+def _pad_rows(rows, num_rows: int, seq: int):
+  """Queued (request, row) pairs as right-padded [num_rows, seq] ids, mask, token types and word mask
+  (a token task's rows carry their words' first pieces; rows past len(rows): all zeros)."""
+  ids = np.zeros((num_rows, seq), np.int32)
+  mask, types, words = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids)
+  for r, (request, i) in enumerate(rows):
+    tokens, token_types, *starts = request.rows[i]
+    ids[r, :len(tokens)], types[r, :len(tokens)], mask[r, :len(tokens)] = tokens, token_types, 1
+    if starts:
+      words[r, starts[0]] = 1
+  return ids, mask, types, words
+
+
+def _softmax(logits_xC: np.ndarray) -> np.ndarray:
+  """Probabilities over the last axis, in float64 (what a response carries)."""
+  z = logits_xC.astype(np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+class Prediction(NamedTuple):
+  label: Any                    # class id or name; the value for regression
+  probabilities: Optional[list]
+  exit_layer: int               # 1-based
+
+
+class WordPredictions(NamedTuple):
+  """A token task's answer for one sentence: per word, its tag, tag probabilities and exit layer."""
+  tags: list
+  probabilities: list
+  exit_layers: list             # 1-based
+
+
+class Engine:
+  """Early-exit serving without HTTP: `submit(texts) -> Future[list[Prediction]]`.
+
+  model: a `MultiExitBert` (with its tokenizer), or prepared steps (`LocalSteps`, an artefact's
+  `ArtefactSteps`) with `tokenizer` given. policy: see `make_policy` (default entropy:0.3).
+  slots: examples on the device at once; batch: rows per layer batch; max_queue: examples waiting.
+  """
+
+  def __init__(self, model=None, policy="entropy:0.3", *, slots: int = 256, batch: int = 64,
+               max_length: int = 128, max_queue: int = 1024, timeout_ms: Optional[float] = None,
+               full_model: bool = False, steps=None, tokenizer=None, label_names: Sequence[str] = (),
+               named_policies: Optional[dict] = None, metrics=None, warm_up: bool = True):
+    if steps is None:
+      if model is None:
+        raise RomeFlaxError("give a model or steps")
+      steps = LocalSteps(model, slots=slots, batch=batch, max_length=max_length)
+      tokenizer = tokenizer or model.tokenizer
+      label_names = label_names or model.export_info.label_names
+    if tokenizer is None:
+      raise RomeFlaxError("serving needs the model's tokenizer: use an export directory with tokenizer files")
+    if max_queue < 1:
+      raise RomeFlaxError(f"max_queue must be >= 1, got {max_queue}")
+    if timeout_ms is not None and not (math.isfinite(timeout_ms) and timeout_ms > 0):
+      raise RomeFlaxError(f"timeout_ms must be a positive number, got {timeout_ms}")
+    self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
+    self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
+    self.is_token_task = bool(getattr(steps, "is_token_task", False))
+    self.window = getattr(steps, "window", None) if self.is_token_task else None
+    self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
+    self.policy = self._make_policy(policy, named=self.named_policies)
+    for name, p in self.named_policies.items():
+      if p.criterion != self.policy.criterion:
+        raise RomeFlaxError(f"named policy {name!r} uses {p.criterion}; this engine runs {self.policy.criterion}")
+    self.metrics = metrics
+    self._pending: collections.deque = collections.deque()   # (request, row index)
+    self._cond = threading.Condition()
+    self._closing = False
+    self._counter = itertools.count()
+    self._worker_error: Optional[BaseException] = None
+    if warm_up:
+      self.warm_up()
+    self._thread = threading.Thread(target=self._loop, name="rome_flax-engine", daemon=True)
+    self._thread.start()
+
+  # ------------------------------------------------------------------ requests
+
+  def _make_policy(self, spec, named: Optional[dict] = None) -> Policy:
+    s = self.steps
+    return make_policy(spec, s.num_exits, s.num_labels, s.is_regression, named=named, window=self.window)
+
+  def encode_words(self, sentences) -> list:
+    """Token rows (input ids, token types, each word's first piece) for sentences given as word lists."""
+    from rome_flax.kinds import data
+    if isinstance(sentences, str) or not isinstance(sentences, (list, tuple)) or not sentences:
+      raise RequestError("tokens must be a non-empty list of sentences, each a list of words")
+    if len(sentences) > self.steps.slots:
+      raise RequestError(f"at most {self.steps.slots} sentences per request, got {len(sentences)}")
+    for i, words in enumerate(sentences):
+      if isinstance(words, str) or not isinstance(words, (list, tuple)) or not words or any(
+          not isinstance(w, str) or not w.strip() for w in words):
+        raise RequestError(f"sentence {i + 1}: give a non-empty list of non-empty words (strings)")
+    try:
+      enc = data.encode_token_split(self.tokenizer, [list(w) for w in sentences], None, self.steps.seq)
+    except RomeFlaxError as e:
+      raise RequestError(str(e).replace("raise --max_length", "the server's --max_length is the limit")) from None
+    return [(ids, types, starts) for ids, types, starts in zip(enc.input_ids, enc.token_type_ids, enc.word_starts)]
+
+  def encode(self, texts, text_pairs=None) -> list:
+    """Token rows (input ids, token types) for texts; RequestError for what cannot be served."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+      raise RequestError("texts must be a non-empty list of strings")
+    if len(texts) > self.steps.slots:
+      raise RequestError(f"at most {self.steps.slots} texts per request, got {len(texts)}")
+    if any(not isinstance(t, str) or not t.strip() for t in texts):
+      raise RequestError("every text must be a non-empty string")
+    if text_pairs is not None:
+      if not isinstance(text_pairs, (list, tuple)) or len(text_pairs) != len(texts) or any(
+          not isinstance(t, str) or not t.strip() for t in text_pairs):
+        raise RequestError("text_pairs must be a list of non-empty strings, one per text")
+    enc = self.tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, truncation=False,
+                         return_token_type_ids=True, return_attention_mask=False)
+    rows = []
+    for i, (ids, types) in enumerate(zip(enc["input_ids"], enc["token_type_ids"])):
+      if len(ids) > self.steps.seq:
+        raise RequestError(f"text {i + 1} is {len(ids)} tokens; this server takes at most {self.steps.seq}")
+      rows.append((np.asarray(ids, np.int32), np.asarray(types, np.int32)))
+    return rows
+
+  def submit(self, texts=None, text_pairs=None, *, tokens=None, policy=None, timeout_ms: Optional[float] = None
+             ) -> concurrent.futures.Future:
+    """Queues texts (or pairs), or for a token task `tokens` (sentences as word lists); the future's result
+    is a list with one `Prediction` per text, or one `WordPredictions` per sentence.
+    Raises RequestError (bad input), Overloaded (queue full) or ShuttingDown at once."""
+    if self.is_token_task:
+      if texts is not None or text_pairs is not None:
+        raise RequestError("this server labels words (a token task): send 'tokens', a list of word lists")
+      rows = self.encode_words(tokens)
+    else:
+      if tokens is not None:
+        raise RequestError("'tokens' is for token tasks (sequence labelling); this server labels sentences: "
+                           "send 'texts'")
+      rows = self.encode(texts, text_pairs)
+    p = self.policy if policy is None else self._make_policy(policy, named=self.named_policies)
+    if p.criterion != self.policy.criterion:
+      raise RequestError(f"this server exits by {self.policy.criterion}; a request may change its thresholds, "
+                         f"not the criterion ({p.criterion})")
+    timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
+    if timeout_ms is not None and not (isinstance(timeout_ms, (int, float)) and math.isfinite(timeout_ms)
+                                       and timeout_ms > 0):
+      raise RequestError(f"timeout_ms must be a positive number, got {timeout_ms!r}")
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
+    with self._cond:
+      if self._closing:
+        raise ShuttingDown("the server is shutting down")
+      if self._worker_error is not None:
+        raise RomeFlaxError(f"the engine's worker stopped: {self._worker_error}")
+      if len(self._pending) + len(rows) > self.max_queue:
+        self._count("rejected", "queue_full")
+        raise Overloaded(f"the queue is full ({self.max_queue} examples waiting)")
+      request = _Request(rows, p, deadline, next(self._counter))
+      self._pending.extend((request, i) for i in range(len(rows)))
+      self._cond.notify()
+    return request.future
+
+  def predict(self, texts=None, text_pairs=None, **kw) -> list:
+    """submit(...).result(): blocking."""
+    return self.submit(texts, text_pairs, **kw).result()
+
+  def queue_size(self) -> int:
+    return len(self._pending)
+
+  # ------------------------------------------------------------------ lifecycle
+
+  def warm_up(self) -> None:
+    """Compiles every shape the worker will run (before the first request, not during it)."""
+    s = self.steps
+    if self.full_model:
+      for b in s.sizes:
+        for length in s.lengths:
+          ones = np.ones((b, length), np.int32)
+          s.full_model(ones, ones, np.zeros_like(ones))
+      return
+    state = self._init_state()
+    B = s.batch
+    ids = np.ones((B, s.seq), np.int32)
+    words = (ids,) if self.is_token_task else ()
+    state = s.admit(state, np.full(B, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(B, np.int32),
+                    np.zeros((B, s.num_exits), np.float32), *words)
+    s.read(s.run(state, self.policy.criterion, NEVER, 1, self.policy.delta))
+
+  def _init_state(self):
+    return self.steps.init(True) if self.policy.criterion == "tokee" else self.steps.init()
+
+  def close(self, grace_s: float = 30.0) -> None:
+    """Stops taking work, lets queued and running requests finish within grace_s, fails the rest."""
+    with self._cond:
+      self._closing = True
+      self._grace_deadline = time.monotonic() + grace_s
+      self._cond.notify()
+    self._thread.join(grace_s + 30.0)
+
+  @property
+  def closing(self) -> bool:
+    return self._closing
+
+  # ------------------------------------------------------------------ the worker
+
+  def _count(self, what: str, label: str = "") -> None:
+    if self.metrics is not None:
+      self.metrics.count(what, label)
+
+  def _take(self, limit: int, now: float) -> list:
+    """Up to `limit` queued rows whose requests still want an answer (expired ones fail with 504)."""
+    taken = []
+    with self._cond:
+      while self._pending and len(taken) < limit:
+        request, i = self._pending.popleft()
+        if request.future.done():
+          continue
+        if request.deadline is not None and now > request.deadline:
+          self._fail(request, DeadlineExceeded("the request's deadline passed while it was queued"), "deadline")
+          continue
+        if request.started is None:
+          request.started = now
+          if self.metrics is not None:
+            self.metrics.observe_queue(now - request.submitted)
+        taken.append((request, i))
+    return taken
+
+  def _fail(self, request: _Request, error: Exception, label: str) -> None:
+    if not request.future.done():
+      request.future.set_exception(error)
+      self._count("rejected", label)
+
+  def _deliver(self, request: _Request, i: int, exit_index, logits_C: np.ndarray) -> None:
+    """Answers row i of a request from its slot: exit_index and logits_C as `LocalSteps.read` gives one
+    slot's (a token task's per piece, or TOKEE's per word, words first)."""
+    if request.future.done():
+      return
+    if self.is_token_task:
+      result, layers = self._words(request.rows[i][2], np.asarray(exit_index), logits_C)
+    elif self.steps.is_regression:
+      result, layers = Prediction(float(logits_C[0]), None, int(exit_index) + 1), [int(exit_index) + 1]
+    else:
+      k = int(np.argmax(logits_C))
+      result = Prediction(self._label(k), _softmax(logits_C).tolist(), int(exit_index) + 1)
+      layers = [result.exit_layer]
+    request.results[i] = result
+    if self.metrics is not None:
+      for v in layers:
+        self.metrics.observe_exit(v)
+    request.left -= 1
+    if request.left == 0:
+      request.future.set_result(request.results)
+
+  def _label(self, k: int):
+    return self.label_names[k] if k < len(self.label_names) else int(k)
+
+  def _words(self, starts: np.ndarray, exit_index: np.ndarray, logits: np.ndarray) -> tuple:
+    """A sentence's WordPredictions and its words' exit layers."""
+    W = len(starts)
+    if exit_index.ndim:   # TOKEE: each word its own exit, logits words first
+      word_logits_WxC, layers = logits[:W], exit_index[:W] + 1
+    else:                 # the sentence's exit (or the full model's last): its pieces' logits
+      word_logits_WxC, layers = logits[starts], np.full(W, int(exit_index) + 1)
+    layers = [int(v) for v in layers]
+    tags = [self._label(int(k)) for k in word_logits_WxC.argmax(-1)]
+    return WordPredictions(tags, _softmax(word_logits_WxC).tolist(), layers), layers
+
+  def _loop(self) -> None:
+    try:
+      self._run_full() if self.full_model else self._run_early()
+    except BaseException as e:   # the worker must never die silently: fail everything queued
+      self._worker_error = e
+      with self._cond:
+        for request, _ in list(self._pending):
+          self._fail(request, RomeFlaxError(f"the engine's worker stopped: {e}"), "error")
+        self._pending.clear()
+      raise
+
+  def _wait_for_work(self, busy: bool) -> bool:
+    """Blocks while there is nothing to do; False once closing and drained (or past the grace)."""
+    with self._cond:
+      while not self._pending and not busy:
+        if self._closing:
+          return False
+        self._cond.wait(0.05)
+      if self._closing and time.monotonic() > self._grace_deadline:
+        for request, _ in list(self._pending):
+          self._fail(request, ShuttingDown("the server shut down before this request ran"), "shutdown")
+        self._pending.clear()
+        return busy
+    return True
+
+  def _run_early(self) -> None:
+    s, N, B, E = self.steps, self.steps.slots, self.steps.batch, self.steps.num_exits
+    state = self._init_state()
+    slot_of: list = [None] * N      # (request, row) per busy slot
+    free = collections.deque(range(N))
+    while True:
+      busy = len(free) < N
+      if not self._wait_for_work(busy):
+        return
+      if self._closing and time.monotonic() > self._grace_deadline:
+        for slot, held in enumerate(slot_of):
+          if held is not None:
+            self._fail(held[0], ShuttingDown("the server shut down before this request finished"), "shutdown")
+        return
+      now = time.monotonic()
+      while free:
+        rows = self._take(min(B, len(free)), now)
+        if not rows:
+          break
+        slot_B = np.full(B, N, np.int32)
+        ids, mask, types, words = _pad_rows(rows, B, s.seq)
+        priority_B, threshold_BxE = np.zeros(B, np.int32), np.zeros((B, E), np.float32)
+        for r, (request, i) in enumerate(rows):
+          slot = free.popleft()
+          slot_B[r], slot_of[slot] = slot, (request, i)
+          priority_B[r] = -(request.seq % (2 ** 31 - 1))
+          threshold_BxE[r] = request.policy.threshold_E
+        state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE,
+                        *((words,) if self.is_token_task else ()))
+      if len(free) == N:
+        continue
+      # Until one more slot is free (an example finished), at most L layer batches: one host round trip per
+      # finished example rather than per layer batch (the default run's model at 70 % load: p50 14.1 -> 12.1 ms).
+      state = s.run(state, self.policy.criterion, len(free) + 1, s.num_layers, self.policy.delta)
+      running_N, exit_N, out_N = s.read(state)
+      if self.metrics is not None:
+        self.metrics.set_state(len(self._pending), int(running_N.sum()), N)
+      now = time.monotonic()
+      evict = np.zeros(N, bool)
+      for slot, held in enumerate(slot_of):
+        if held is None:
+          continue
+        request, i = held
+        if not running_N[slot]:
+          self._deliver(request, i, exit_N[slot], out_N[slot])
+        elif request.future.done() or (request.deadline is not None and now > request.deadline):
+          if not request.future.done():
+            self._fail(request, DeadlineExceeded("the request's deadline passed while it ran"), "deadline")
+          evict[slot] = True
+        else:
+          continue
+        slot_of[slot] = None
+        free.append(slot)
+      if evict.any():
+        state = s.evict(state, evict)
+
+  def _run_full(self) -> None:
+    s, B = self.steps, self.steps.batch
+    while True:
+      if not self._wait_for_work(False):
+        return
+      if self._closing and time.monotonic() > self._grace_deadline:
+        return
+      rows = self._take(B, time.monotonic())
+      if not rows:
+        continue
+      b = next(size for size in s.sizes if size >= len(rows))
+      longest = max(len(request.rows[i][0]) for request, i in rows)
+      length = next((x for x in s.lengths if x >= longest), s.lengths[-1])
+      ids, mask, types, _ = _pad_rows(rows, b, length)
+      mask[len(rows):, 0] = 1   # padding rows attend to one token (no all-padding softmax)
+      if self.metrics is not None:
+        self.metrics.set_state(len(self._pending), len(rows), b)
+      logits = s.full_model(ids, mask, types)
+      now = time.monotonic()
+      for r, (request, i) in enumerate(rows):
+        if request.deadline is not None and now > request.deadline:
+          self._fail(request, DeadlineExceeded("the request's deadline passed while it ran"), "deadline")
+        else:
+          self._deliver(request, i, s.num_layers - 1, logits[r])
