@@ -308,7 +308,7 @@ def test_a_second_signal_forces_the_stop():
   """Ctrl-C twice: the default action at once (the process dies by the signal), whatever handler a
   library put in place. In a subprocess: in this one it would end the test session."""
   code = ("import signal, sys\n"
-          "from rome_flax import preemption\n"
+          "from rome_flax.io import preemption\n"
           "with preemption.StopSignals() as signals:\n"
           "  signal.raise_signal(signal.SIGINT)\n"
           "  assert signals.requested(1)\n"
