@@ -51,6 +51,38 @@ def _suite_xla_flags() -> None:
 _share_compiled_programs()
 _suite_xla_flags()
 
+# The few multi-process tests (two processes, or eight devices in a subprocess) take a fifth of the suite's
+# time on 2 cores; `python -m pytest tests` skips them and says so, `--slow` (or `-m slow`) runs them, and
+# .ci/run runs them after the rest (issue 19: the suite under 10 minutes with the same coverage).
+SLOW_REASON = "slow multi-process test: `python -m pytest tests --slow` runs it (.ci/run does)"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", help="also run the tests marked slow (multi-process, 8 devices)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a multi-process test; skipped unless --slow or -m slow")
+
+
+def _runs_slow(config) -> bool:
+  return config.getoption("--slow") or "slow" in (config.getoption("-m") or "")
+
+
+def pytest_collection_modifyitems(config, items):
+  if _runs_slow(config):
+    return
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(pytest.mark.skip(reason=SLOW_REASON))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  skipped = [r for r in terminalreporter.stats.get("skipped", []) if SLOW_REASON in str(r.longrepr)]
+  if skipped:
+    terminalreporter.write_line(f"skipped {len(skipped)} slow multi-process test(s) (tests marked slow): "
+                                "`python -m pytest tests --slow` runs everything; .ci/run runs them too")
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+
 from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,7 @@ def _export_params(out: Path) -> np.ndarray:
   return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(params)])
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_eight_devices(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   out_one = _train(one)

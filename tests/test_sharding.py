@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import xla_flags
 
 SCRIPT = textwrap.dedent("""
@@ -75,6 +77,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_step_matches_single_device():
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -124,6 +127,7 @@ INFER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_inference_equals_one_device():
   """The all-exits pass and the full model split each batch over 8 devices; the throughput path runs
   one chunk per device: the same logits and exits as one device."""
