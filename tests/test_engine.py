@@ -1,4 +1,4 @@
-"""The open engine (engine.py): work admitted while it runs, per-slot thresholds, eviction, and the
+"""The open engine (scheduler.py): work admitted while it runs, per-slot thresholds, eviction, and the
 admission pass over a dataset taking the offline decisions."""
 
 import jax

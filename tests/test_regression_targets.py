@@ -1,4 +1,4 @@
-"""Regression targets (targets.py): the exits learn standardised labels and speak the labels' units."""
+"""Regression targets (model/targets.py): the exits learn standardised labels and speak the labels' units."""
 
 import json
 from pathlib import Path

@@ -1,6 +1,6 @@
 """A rome_flax export -> an artefact that serves without rome_flax (`python -m rome_flax export`).
 
-The artefact is the open engine (engine.py) and the plain forwards compiled-ready for fixed shapes:
+The artefact is the open engine (scheduler.py) and the plain forwards compiled-ready for fixed shapes:
 each function is `jax.export`ed (StableHLO, serialised) with the parameters as its first argument, so
 the weights are stored once and any process with jax loads it through `artefact_runtime.py` (copied in):
 

@@ -6,7 +6,7 @@ has exited; each example keeps the first exit it took. At batch size 1 this is c
 with no host round trip per layer and no re-tracing per input (the layer index is traced).
 
 Throughput path (`throughput_chunk` = `engine.chunk`): at batch size > 1 the latency path waits for
-the slowest example. The open engine (engine.py) keeps N examples on the device in slots and runs one
+the slowest example. The open engine (scheduler.py) keeps N examples on the device in slots and runs one
 layer at a time on B waiting ones, retiring those that exit; a closed chunk admits N examples and runs
 until all have exited, the admission pass (`inference.throughput_pass(admission=True)`) and the
 server refill slots as they free up.
@@ -58,7 +58,7 @@ def prepare_params(params: dict, dispatch: str = "switch") -> dict:
 example_logits_shape = engine.logits_shape
 
 
-# The throughput path is the open engine's closed chunk (engine.py), re-exported under its old names.
+# The throughput path is the open engine's closed chunk (scheduler.py), re-exported under its old names.
 ExitResult = engine.ExitResult
 throughput_chunk = engine.chunk
 trim_lengths = engine.trim_lengths

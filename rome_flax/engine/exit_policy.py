@@ -70,8 +70,9 @@ class Policy(Protocol):
   A *unit* is what takes an exit: an example (sentence tasks, SENTEE) or a word (TOKEE).
   `init_state(units)`: the state before the first exit, for a bool mask of the units (shape [B] or
   [B, W]; False: padding). `step(state, logits, i, units)`: exit i (0-based, traced) produced
-  `logits`; returns (new state, exit_now) with exit_now one bool per unit, True for every unit at the
-  last exit. Thresholds are array leaves (a new threshold never re-traces); `describe()` names the
+  `logits`; returns (new state, exit_now) with exit_now one bool per unit: True where the unit exits
+  at exit i (at the last exit, every unit that has not exited yet). Drivers then apply the one
+  first-exit bookkeeping, `record_exit`. Thresholds are array leaves (a new threshold never re-traces); `describe()` names the
   setting in tables and prediction files."""
   num_exits: int
 

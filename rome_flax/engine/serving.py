@@ -1,7 +1,7 @@
 """Answering requests with early exit: continuous batching at layer granularity, without HTTP.
 
 `Engine(model, policy, slots=...)` owns one device worker thread that drives the open engine
-(engine.py): between two layer batches it admits queued examples into free slots, and as soon as an
+(scheduler.py): between two layer batches it admits queued examples into free slots, and as soon as an
 example exits its slot is free for the next one, so batches stay full while easy examples leave after
 a layer or two. `submit(texts) -> concurrent.futures.Future` is the whole API; `server.py` puts HTTP
 on top of it.

@@ -1,6 +1,6 @@
 """Exit heads: what an exit computes from its layer's hidden states, chosen by the task's kind.
 
-The seam between the encoder and the task. `model.py` runs an exit through `head_kind(cfg)`
+The seam between the encoder and the task. `encoder.py` runs an exit through `head_kind(cfg)`
 without knowing what the head does; a head kind says
   - `module`: the Flax module of one exit, `(h_BxSxD, mask_BxS, deterministic) -> logits`,
   - `reads_first_token_only`: whether it reads token 0 alone (then the last layer may compute

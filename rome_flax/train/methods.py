@@ -83,11 +83,16 @@ class Method:
   prepare: str = ""              # 'module:function' hook (see above), or "" for none
 
   def hook(self, which: str) -> Optional[Callable]:
-    """The function a hook names (None when the method has none)."""
+    """The function a hook names (None when the method has none). A hook is 'module:function' with the module
+    relative to rome_flax (e.g. 'train.self_sampling:validate'), imported only when a run uses the method."""
+    if which not in ("validate", "prepare"):
+      raise ValueError(f"a method has the hooks validate and prepare, not {which!r}")
     target = getattr(self, which)
     if not target:
       return None
-    module, _, function = target.partition(":")
+    module, sep, function = target.partition(":")
+    if not sep or not module or not function:
+      raise ValueError(f"method {self.name}: hook {which} = {target!r} is not 'module:function'")
     return getattr(importlib.import_module(f"rome_flax.{module}"), function)
 
   @property
