@@ -19,6 +19,7 @@ from rome_flax.engine import calibration, evaluation
 from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data, token_data
+from rome_flax.kinds.kind import kind_of
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -121,7 +122,7 @@ def run(args) -> dict:
                                upper_scale=args.upper_scale)
   loader = argparse.Namespace(**{**vars(args), "limit": None})
   chunks = calibration_slice(infer_cli.load_examples(loader, task), args.skip_rows, args.rows)
-  labelled = all((c.tags if task.is_token_task else c.labels) is not None for c in chunks)
+  labelled = all(kind_of(task).labelled(c) for c in chunks)
   if args.target == "risk" and args.loss == "accuracy" and not labelled:
     raise RomeFlaxError(f"split {args.split!r} has no labels: risk control with the accuracy loss needs labels "
                         "(pass a labelled --split, or --loss disagreement)")

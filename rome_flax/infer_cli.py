@@ -28,6 +28,7 @@ from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
 from rome_flax.io.runlock import RunLock
+from rome_flax.kinds.kind import kind_of
 
 log = logging.getLogger("rome_flax.infer")
 
@@ -196,28 +197,20 @@ def _first(chunks, limit: int):
 
 
 def build_policies(args, cfg) -> list[ep.ExitPolicy]:
-  every = ep.TOKEN_CRITERIA if cfg.is_token_task else ep.CRITERIA
+  """--criterion x --thresholds ('all': the criteria of the model's task kind, each with its default sweep)."""
+  every = kind_of(cfg).criteria
   criteria = list(every) if args.criterion.strip() == "all" else [c.strip() for c in args.criterion.split(",")]
   for c in criteria:
     if c not in ep.CRITERIA:
       raise RomeFlaxError(f"unknown criterion {c!r}; choose from {', '.join(ep.CRITERIA)} or 'all'")
-  if cfg.is_regression:
-    dropped = [c for c in criteria if c != "patience"]
-    if dropped and args.criterion.strip() == "all":
-      criteria = ["patience"]
-    elif dropped:
-      raise RomeFlaxError(f"criterion {dropped[0]!r} needs class probabilities; a regression task can only use "
-                          "'patience' (with --delta)")
   if args.thresholds is not None and len(criteria) > 1:
     raise RomeFlaxError("--thresholds applies to one criterion; name one with --criterion")
   policies = []
   for c in criteria:
-    settings = ep.parse_thresholds(args.thresholds) if args.thresholds is not None else \
-        ep.default_thresholds(c, cfg.num_exits, cfg.is_token_task)
+    settings = ep.parse_thresholds(args.thresholds) if args.thresholds is not None else ep.defaults_for(cfg, c)
     for values in settings:
-      policies.append(ep.make_policy(c, values if len(values) > 1 else values[0], cfg.num_exits,
-                                     num_labels=cfg.num_labels, min_exit_layer=args.min_exit_layer,
-                                     delta=args.delta, token_task=cfg.is_token_task, pool=args.pool))
+      policies.append(ep.policy_for(cfg, c, values if len(values) > 1 else values[0],
+                                    min_exit_layer=args.min_exit_layer, delta=args.delta, pool=args.pool))
   return policies
 
 
@@ -226,7 +219,7 @@ def build_token_policies(args, cfg) -> list:
   from rome_flax.engine import token_exit
   if args.tokee_windows is None:
     return []
-  if not cfg.is_token_task:
+  if not kind_of(cfg).token_level_exit:
     raise RomeFlaxError("--tokee_windows (token-level early exit) is for token tasks; this model has one prediction "
                         "per sentence")
   windows = token_exit.parse_windows(args.tokee_windows)
@@ -252,7 +245,7 @@ def calibrated_policies(args, cfg) -> tuple[list, list]:
   print(f"thresholds from {args.thresholds_file}: {policy.describe()} ({record.get('target')}; "
         f"{record.get('guarantee', 'no guarantee recorded')})")
   if kind == "token":
-    return [ep.make_policy("entropy", 0.0, cfg.num_exits, num_labels=cfg.num_labels, token_task=True)], [policy]
+    return [ep.policy_for(cfg, "entropy", 0.0)], [policy]
   return [policy], []
 
 
@@ -306,9 +299,8 @@ def run(args):
     policies = build_policies(args, model.config)
     token_policies = build_token_policies(args, model.config)
   examples = load_examples(args, task)
-  if args.truncate and task.is_token_task:
-    from rome_flax.kinds import token_data
-    examples, warning = token_data.fit_to_length(examples, model.tokenizer, length)
+  if args.truncate:
+    examples, warning = kind_of(task).fit_to_length(examples, model.tokenizer, length)
     if warning:
       print(f"warning: {warning}", file=sys.stderr)
   progress = lambda desc: (lambda it: _checked(progress_lib.iterate(it, desc, show=not args.no_progress)))

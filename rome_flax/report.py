@@ -10,16 +10,16 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from rome_flax.io import files
+from rome_flax.kinds import kind as task_kinds
+from rome_flax.kinds.writers import (MNLI_SUBMISSION, SUBMISSION_NAMES, predictions_conll,  # noqa: F401
+                                     predictions_tsv, submission_file, submission_tsv)   # (re-exported)
 
-# GLUE leaderboard file names per task and split.
-SUBMISSION_NAMES = {"cola": "CoLA", "sst-2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts-b": "STS-B",
-                    "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
-MNLI_SUBMISSION = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+# A trade-off plot per speed axis a task kind asks for (`TaskKind.plots`): file, axis name, label of the crosses.
+TRADEOFF_PLOTS = {"layer_ratio": ("tradeoff.png", "layer ratio", "measured, throughput b={b}"),
+                  "flops_ratio": ("tradeoff_flops.png", "FLOPs ratio", "measured speed-up, b={b}")}
 # What write_evaluation writes (glob patterns): all that infer.py --overwrite may replace.
 RESULT_ENTRIES = ("per_exit.*", "static.*", "sweep.*", "tokee.*", "speed.*", "tradeoff.png", "tradeoff_flops.png",
                   "summary.json", "predictions", "submission")
@@ -138,54 +138,10 @@ def plot_per_exit(path, per_exit: Sequence[dict], metric: str, title: str | None
   return save_plot(fig, ax, path, metric, title or f"{metric} per exit")
 
 
-def _label_cell(prediction, label_names: Sequence[str]) -> str:
-  """A prediction as files show it: its label name (classification) or its value (regression)."""
-  return label_names[int(prediction)] if label_names else f"{float(prediction):.6g}"
-
-
-def submission_tsv(example_ids, predictions, label_names: Sequence[str]) -> Iterator[str]:
-  """GLUE submission file's lines: `index<TAB>prediction`, label names for classification, values for
-  regression. A generator, so a large split's file is streamed (`files.atomic_write_lines`)."""
-  yield "index\tprediction\n"
-  for i, p in zip(example_ids, predictions):
-    yield f"{int(i)}\t{_label_cell(p, label_names)}\n"
-
-
-def predictions_tsv(example_ids, predictions, exit_index, label_names: Sequence[str]) -> Iterator[str]:
-  """Lines `index<TAB>prediction<TAB>exit_layer` per example (exit_layer 1-based), streamed."""
-  yield "index\tprediction\texit_layer\n"
-  for i, p, e in zip(example_ids, predictions, exit_index):
-    yield f"{int(i)}\t{_label_cell(p, label_names)}\t{int(e) + 1}\n"
-
-
-def predictions_conll(words, predictions_NxW, exit_index, label_names: Sequence[str], labels_NxW=None
-                      ) -> Iterator[str]:
-  """A token task's predictions in CoNLL format: a header line `# columns: word gold predicted
-  exit_layer`, then one line per word (no gold column for an unlabelled split), a blank line after each
-  sentence; streamed. For conlleval drop the header and the exit column:
-  `grep -v '^#' FILE | cut -d' ' -f1-3`. exit_index: 0-based, per sentence [N] (SENTEE) or per word
-  [N, W] (TOKEE)."""
-  exit_index = np.asarray(exit_index)
-  yield f"# columns: word{' gold' if labels_NxW is not None else ''} predicted exit_layer\n"
-  for i, sentence in enumerate(words):
-    for k, word in enumerate(sentence):
-      layer = int(exit_index[i] if exit_index.ndim == 1 else exit_index[i, k]) + 1
-      pred = label_names[int(predictions_NxW[i, k])]
-      gold = f" {label_names[int(labels_NxW[i, k])]}" if labels_NxW is not None else ""
-      yield f"{word}{gold} {pred} {layer}\n"
-    yield "\n"
-
-
 def safe_name(setting: str) -> str:
   """A setting (e.g. 'entropy<0.1') as a file name."""
   return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in setting.replace("<", "_lt_")
                  .replace(">=", "_ge_"))
-
-
-def submission_file(task: str, split: str) -> str:
-  """The GLUE leaderboard's file name for a task's test split."""
-  name = MNLI_SUBMISSION.get(split) if task == "mnli" else SUBMISSION_NAMES.get(task)
-  return f"{name or task}.tsv"
 
 
 def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
@@ -205,24 +161,14 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
                                  title=plot_title(f"{ev.metric} per exit", checkpoint, ev.task.name, ev.split)))
     written += write_table(out, "static", ev.static, ev.sweep_columns)
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
+  kind = task_kinds.kind_of(ev.task)
   for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
-    name = safe_name(policy.describe())
-    if ev.task.is_token_task:
-      written.append(files.atomic_write_lines(out / "predictions" / f"{name}.conll", predictions_conll(
-          ev.words, predictions, exits, ev.task.label_names, ev.labels)))
-      continue
-    written.append(files.atomic_write_lines(out / "predictions" / f"{name}.tsv", predictions_tsv(
-        ev.example_ids, predictions, exits, ev.task.label_names)))
-    if not ev.labelled:
-      written.append(files.atomic_write_lines(out / "submission" / name / submission_file(ev.task.name, ev.split),
-                                              submission_tsv(ev.example_ids, predictions, ev.task.label_names)))
+    written += kind.write_predictions(out, safe_name(policy.describe()), ev, predictions, exits)
   if ev.token_settings:
     written += write_table(out, "tokee", ev.token_settings, [c for c in ev.sweep_columns if c != "exit_shares"]
                            + ["window", "exit_shares"])
     for policy, predictions, exits in zip(ev.token_policies, ev.token_predictions, ev.token_exits):
-      written.append(files.atomic_write_lines(
-          out / "predictions" / f"{safe_name(policy.describe())}.conll",
-          predictions_conll(ev.words, predictions, exits, ev.task.label_names, ev.labels)))
+      written += kind.write_predictions(out, safe_name(policy.describe()), ev, predictions, exits)
   if ev.speed:
     written += write_table(out, "speed", ev.speed)
   if ev.labelled:
@@ -231,12 +177,9 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
     measured = [(r[ev.metric], s[speedup], s["setting"]) for s in ev.speed for r in rows
                 if r["setting"] == s["setting"]]
     title = lambda speed: plot_title(f"{ev.metric} vs {speed}", checkpoint, ev.task.name, ev.split)
-    written.append(plot_tradeoff(out / "tradeoff.png", rows, ev.metric, final_metric=ev.final_metric,
-                                 measured=measured, measured_label=f"measured, throughput b={ev.batch_size}",
-                                 title=title("layer ratio")))
-    if ev.task.is_token_task:   # SENTEE, TOKEE and the static exit on one currency: FLOPs
-      written.append(plot_tradeoff(out / "tradeoff_flops.png", rows, ev.metric, final_metric=ev.final_metric,
-                                   speed="flops_ratio", measured=measured,
-                                   measured_label=f"measured speed-up, b={ev.batch_size}", title=title("FLOPs ratio")))
+    for speed in kind.plots():   # token tasks add FLOPs: SENTEE, TOKEE and the static exit on one currency
+      file, axis, label = TRADEOFF_PLOTS[speed]
+      written.append(plot_tradeoff(out / file, rows, ev.metric, final_metric=ev.final_metric, speed=speed,
+                                   measured=measured, measured_label=label.format(b=ev.batch_size), title=title(axis)))
   written.append(files.write_json(out / "summary.json", {"checkpoint": checkpoint, **ev.summary}))
   return written

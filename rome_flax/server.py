@@ -174,7 +174,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
     if thresholds_file:
       cfg = types.SimpleNamespace(num_exits=steps.num_exits, num_labels=steps.num_labels,
-                                  num_layers=steps.num_layers, is_token_task=False)
+                                  num_layers=steps.num_layers, head="sequence")   # artefacts: sentence tasks
       identity = str(steps.manifest.get("export", {}).get("identity", ""))
       calibrated = _calibrated_policy(thresholds_file, identity, cfg)
   else:

@@ -208,7 +208,7 @@ def test_collect_reads_per_device_groups():
   piece = {"example_ids": np.array([0, 1, -1, 2]), "word_mask": mask_DxNxS}
   logits = np.random.default_rng(0).normal(size=(4, 4, len(TAGS))).astype(np.float32)
   out = ExitResult(logits, np.array([1, 2, 0, 3], np.int32), np.int32(0))
-  run = inference.Pass([piece], None, 3, CFG, num_words=3).collect([out])
+  run = inference.Pass([piece], None, 3, CFG, num_units=3).collect([out])
   np.testing.assert_array_equal(run.logits_NxC[0, :2], logits[0, [1, 2]])
   np.testing.assert_array_equal(run.logits_NxC[1, :1], logits[1, [1]])
   np.testing.assert_array_equal(run.logits_NxC[2], logits[3, [1, 2, 3]])

@@ -43,6 +43,7 @@ from rome_flax.engine.serving import default_sizes
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
 from rome_flax.io.runlock import RunLock
+from rome_flax.kinds.kind import kind_of
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.export_hf import TOKENIZER_FILES, export_and_target
 from rome_flax.model.pretrained import MultiExitBert
@@ -188,7 +189,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
       hf_hint="convert a Hugging Face checkpoint first (python -m rome_flax convert)")
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)
   cfg, info = model.config, model.export_info
-  if cfg.is_token_task:
+  if kind_of(cfg).unit != "example":
     raise RomeFlaxError(f"--checkpoint {checkpoint} has token exits (sequence labelling); the artefact serves "
                         "sentence tasks only for now")
   seq = evaluation.max_length_of(model, max_length)
@@ -221,7 +222,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
                 "pad_token_id": cfg.pad_token_id, "type_vocab_size": cfg.type_vocab_size,
                 "max_position_embeddings": cfg.max_position_embeddings, "head": cfg.head,
                 "exit_pooling": cfg.exit_pooling, "dtype": cfg.dtype, "is_regression": cfg.is_regression,
-                "is_token_task": cfg.is_token_task},
+                "is_token_task": kind_of(cfg).token_level_exit},
       "label_names": list(info.label_names) if len(info.label_names) == cfg.num_labels else None,
       "slots": slots, "seq": seq, "batch": batch, "sizes": list(sizes), "lengths": list(lengths),
       "criteria": list(criteria), "pick": PICK,

@@ -47,7 +47,7 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.io import integrity
 from rome_flax.io.files import write_json
 from rome_flax.kinds import metrics
-from rome_flax.model import heads
+from rome_flax.kinds.kind import TaskKind, kind_of
 
 TARGETS = ("consistency", "risk", "speed")
 CRITERIA = ("entropy", "maxprob", "patience", "tokee")
@@ -174,7 +174,7 @@ class Grid:
   values: list           # the threshold of each setting (index 0: the safest value)
   num_exits: int
   num_labels: int
-  token_task: bool
+  kind: TaskKind                       # the model's task kind (what the criterion reads)
   min_exit_layer: int = 1
   delta: Optional[float] = None        # regression patience tolerance
   pool: Optional[str] = None           # SENTEE pooling
@@ -191,7 +191,7 @@ class Grid:
                                           upper_scale=self.upper_scale)
     return ep.make_policy(self.criterion, float(self.values[j]), self.num_exits, num_labels=self.num_labels,
                           min_exit_layer=self.num_exits if j == 0 else self.min_exit_layer, delta=self.delta,
-                          token_task=self.token_task, pool=self.pool)
+                          token_task=self.kind.token_level_exit, pool=self.pool)
 
   def setting(self, j: int) -> dict:
     """What thresholds.json stores to rebuild setting j (`policy_from_setting`)."""
@@ -218,7 +218,8 @@ def make_grid(criterion: str, cfg, *, size: int = DEFAULT_GRID, min_exit_layer: 
     raise RomeFlaxError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
   if size < 2:
     raise RomeFlaxError(f"--grid must be >= 2, got {size}")
-  if criterion == "tokee" and not cfg.is_token_task:
+  kind = kind_of(cfg)
+  if criterion == "tokee" and not kind.token_level_exit:
     raise RomeFlaxError("criterion 'tokee' (token-level early exit) is for token tasks (sequence labelling); this "
                         "model has one prediction per sentence")
   if criterion == "tokee" and window is None:
@@ -227,13 +228,13 @@ def make_grid(criterion: str, cfg, *, size: int = DEFAULT_GRID, min_exit_layer: 
     raise RomeFlaxError("--window is TOKEE's (criterion tokee)")
   E, C = cfg.num_exits, cfg.num_labels
   if criterion in ("entropy", "tokee"):
-    top = 1.0 if (cfg.is_token_task) else math.log(max(C, 2))
+    top = kind.entropy_top(C)
     values = [0.0] + np.geomspace(top * 1e-6, top, size).tolist()
   elif criterion == "maxprob":
     values = [1.0] + (1.0 - np.geomspace(1e-6, 1.0 - 1.0 / max(C, 2), size)).tolist()
   else:
     values = [float(k) for k in range(max(E - 1, 1), 0, -1)]
-  grid = Grid(criterion, values, E, C, cfg.is_token_task, min_exit_layer, delta, pool, window, upper_scale)
+  grid = Grid(criterion, values, E, C, kind, min_exit_layer, delta, pool, window, upper_scale)
   grid.policy(len(values) - 1)   # validates the options (criterion for the task, delta, pool, window)
   return grid
 
@@ -259,8 +260,8 @@ def decision_table(grid: Grid, exit_logits, cfg, task, labels=None, word_mask=No
   word-level [E, N, W, C] with word_mask [N, W])."""
   import jax.numpy as jnp
   logits = np.asarray(exit_logits, np.float32)
-  reg = cfg.is_regression
-  final = heads.predictions(logits[-1], reg)
+  kind, reg = kind_of(cfg), cfg.is_regression
+  final = kind.predictions(logits[-1])
   labelled = labels is not None
   tolerance = 0.0 if tolerance is None else tolerance   # regression: agreement within it (0: exact)
   labelled_loss = labelled and not reg   # scores have no 0/1 correctness: only the disagreement loss
@@ -291,20 +292,12 @@ def decision_table(grid: Grid, exit_logits, cfg, task, labels=None, word_mask=No
       same = np.abs(pred - final) <= tolerance
     else:
       same = pred == final
-    if cfg.is_token_task:   # a sentence agrees when every word does; losses are shares of its words
-      agree[j] = np.all(same | ~wmask, axis=1)
-      words = np.maximum(wmask.sum(1), 1)
-      if loss == "disagreement" or not labelled_loss:
-        losses[j] = np.sum(~same & wmask, 1) / words
-      else:
-        gold = np.asarray(labels)
-        losses[j] = np.sum((pred != gold) & (final == gold) & wmask, 1) / words
+    agree[j] = kind.example_agrees(same, wmask)   # token tasks: a sentence agrees when every word does
+    if loss == "disagreement" or not labelled_loss:
+      losses[j] = kind.example_share(~same, wmask)
     else:
-      agree[j] = same
-      if loss == "disagreement" or not labelled_loss:
-        losses[j] = ~same
-      else:
-        losses[j] = (pred != labels) & (final == labels)
+      gold = np.asarray(labels)
+      losses[j] = kind.example_share((pred != gold) & (final == gold), wmask)
     score[j] = (metrics.compute_metrics(task, pred, labels)[metric_name] if labelled else 100.0 * agree[j].mean())
   use_loss = loss == "disagreement" or labelled_loss
   return DecisionTable(agree, losses if use_loss else None, layers, units, exits, score, metric_name)
@@ -330,7 +323,7 @@ def check_target(cfg, target: str, *, loss: str = "accuracy", tolerance: Optiona
     raise RomeFlaxError(REGRESSION_RISK)
   if cfg.is_regression and tolerance is None and target in ("consistency", "risk"):
     raise RomeFlaxError(REGRESSION_TOLERANCE)
-  if cfg.is_token_task and target == "risk" and p_value == "binomial":
+  if kind_of(cfg).unit != "example" and target == "risk" and p_value == "binomial":
     raise RomeFlaxError("a token task's loss is a share of a sentence's words, not 0/1: use --p_value hoeffding")
 
 
@@ -346,10 +339,8 @@ def choose(table: DecisionTable, grid: Grid, cfg, lengths, *, target: str, epsil
   n = table.agree.shape[1]
   L = cfg.num_layers
   tokee = grid.criterion == "tokee"
-  agreement = {True: "every word's tag equals the final exit's", False: "the early-exit prediction equals the "
-               "final exit's"}[cfg.is_token_task]
-  if cfg.is_regression:
-    agreement = f"the early-exit prediction is within {tolerance:g} of the final exit's"
+  kind = kind_of(cfg)
+  agreement = kind.agreement(tolerance)
   replay = (" (for TOKEE's replay on the all-exits pass: a real TOKEE run's later layers change after a halt, so "
             "there the guarantee is approximate)") if tokee else ""
   out = {"target": target, "n": n}
@@ -376,11 +367,10 @@ def choose(table: DecisionTable, grid: Grid, cfg, lengths, *, target: str, epsil
     p = p_values(table.loss, delta, p_value)
     j = fixed_sequence(p, epsilon)
     mean = float(table.loss[j].mean())
-    what = {"accuracy": "the share of examples the early exit gets wrong and the final exit right (so the accuracy "
-                        "drop vs the full model)", "disagreement": "the share of examples whose early-exit "
+    units = kind.loss_units()
+    what = {"accuracy": f"the share of {units} the early exit gets wrong and the final exit right (so the accuracy "
+                        "drop vs the full model)", "disagreement": f"the share of {units} whose early-exit "
                         "prediction differs from the final exit's"}[loss]
-    if cfg.is_token_task:
-      what = what.replace("examples", "words (averaged per sentence)")
     out.update(epsilon=epsilon, delta=delta, loss=loss, p_value_method=p_value,
                p_value=float(p[j]) if j > 0 else None, calibration_loss=mean,
                bound=hoeffding_bound(mean, n, epsilon) if p_value == "hoeffding" else None,
@@ -497,15 +487,14 @@ def policy_from_setting(setting: dict, cfg):
   try:
     if setting["criterion"] == "tokee":
       from rome_flax.engine import token_exit
-      if not cfg.is_token_task:
+      if not kind_of(cfg).token_level_exit:
         raise RomeFlaxError("the thresholds file's setting is TOKEE (token tasks); this model has one prediction "
                             "per sentence")
       return "token", token_exit.make_token_policy(float(setting["threshold"]), int(setting["window"]),
                                                    cfg.num_layers, upper_scale=float(setting.get("upper_scale", 2.0)))
     delta = setting.get("delta")
-    return "sentence", ep.make_policy(setting["criterion"], float(setting["threshold"]), cfg.num_exits,
-                                      num_labels=cfg.num_labels, min_exit_layer=int(setting.get("min_exit_layer", 1)),
-                                      delta=None if delta is None else float(delta), token_task=cfg.is_token_task,
-                                      pool=setting.get("pool"))
+    return "sentence", ep.policy_for(cfg, setting["criterion"], float(setting["threshold"]),
+                                     min_exit_layer=int(setting.get("min_exit_layer", 1)),
+                                     delta=None if delta is None else float(delta), pool=setting.get("pool"))
   except (KeyError, TypeError, ValueError) as e:
     raise RomeFlaxError(f"the thresholds file's setting is malformed ({type(e).__name__}: {e})") from None

@@ -22,6 +22,7 @@ from rome_flax.engine import inference, speed, sweep, token_exit
 from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data
 from rome_flax.kinds import metrics, token_data
+from rome_flax.kinds.kind import check_matches, kind_of
 from rome_flax.kinds.tasks import TaskSpec
 
 MEASURE_SPEED = ("best", "all", "none")
@@ -150,21 +151,18 @@ def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_leng
   """Every exit's logits for a split's examples (a `data.Split`, or an iterable of them read as a
   stream), tokenised and run `STREAM_EXAMPLES` at a time: the cache `evaluate_exits` sweeps and
   `calibration` calibrates from."""
-  cfg, bar = model.config, progress or _no_progress
+  cfg, bar, kind = model.config, progress or _no_progress, kind_of(task)
   max_length = max_length_of(model, max_length)
   prepared = ee.prepare_params(model.params) if prepared is None else prepared
   mesh = inference.local_mesh() if mesh is None else mesh
   t0 = time.perf_counter()
   logits, lengths, ids, labels, words, timed_set, split_name, encoded_chunks = [], [], [], [], [], None, None, []
   for chunk in _chunks(examples, STREAM_EXAMPLES):
-    if task.is_token_task:
-      encoded = token_data.encode(model.tokenizer, chunk, task.label_names, max_length)
+    encoded = kind.encode(model.tokenizer, chunk, task, max_length)
+    if kind.token_level_exit:   # TOKEE runs for real on every chunk; else only the first chunk is kept (timed)
       encoded_chunks.append(encoded)
-      words += chunk.words
-      labels.append(encoded.labels if chunk.tags is not None else None)
-    else:
-      encoded = data.encode_split(model.tokenizer, chunk, max_length, is_regression=task.is_regression)
-      labels.append(chunk.labels)
+    words += kind.chunk_words(chunk)
+    labels.append(kind.chunk_labels(chunk, encoded))
     logits.append(inference.run_all_exits(prepared, cfg, encoded, batch_size, progress=bar("all exits"), mesh=mesh))
     lengths.append(encoded.lengths)
     ids.append(chunk.ids)
@@ -172,15 +170,9 @@ def all_exits(model, task: TaskSpec, examples, *, batch_size: int = 64, max_leng
     split_name = chunk.split
   if timed_set is None:
     raise RomeFlaxError("no examples to evaluate")
-  labelled = all(y is not None for y in labels)
-  word_mask = None
-  if task.is_token_task:   # chunks hold different word counts: pad word slots to the widest
-    width = max(len(w) for w in words)
-    logits = [np.pad(z, ((0, 0), (0, 0), (0, width - z.shape[2]), (0, 0))) for z in logits]
-    labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-1) for y in labels] if labelled else labels
-    word_mask = np.arange(width)[None, :] < np.asarray([len(w) for w in words])[:, None]
-  return AllExits(exit_logits=np.concatenate(logits, axis=1), lengths=np.concatenate(lengths),
-                  example_ids=np.concatenate(ids), labels=np.concatenate(labels) if labelled else None,
+  exit_logits, labels, word_mask = kind.join(logits, labels, words)
+  return AllExits(exit_logits=exit_logits, lengths=np.concatenate(lengths),
+                  example_ids=np.concatenate(ids), labels=labels,
                   words=words, word_mask=word_mask, split=split_name, timed_set=timed_set,
                   encoded_chunks=encoded_chunks, seconds=time.perf_counter() - t0)
 
@@ -200,7 +192,7 @@ def with_data_grid(policies: Sequence[ep.ExitPolicy], exit_logits, word_mask=Non
     if criterion in ("entropy", "maxprob"):
       first = own[0]
       known = {np.asarray(p.threshold_E).tobytes() for p in own}
-      for t in ep.grid_from_scores(criterion, exit_logits[0], word_mask if first.token_task else None, first.pool):
+      for t in ep.grid_from_scores(criterion, exit_logits[0], word_mask, first.pool):
         new = first.replace(threshold_E=jnp.full_like(first.threshold_E, t))
         key = np.asarray(new.threshold_E).tobytes()
         if key not in known:
@@ -250,9 +242,9 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   prepared = ee.prepare_params(model.params)
   mesh = inference.local_mesh(devices)
 
-  if task.is_token_task != cfg.is_token_task:
-    raise RomeFlaxError(f"task {task.name} needs {task.kind} exits; the model has {cfg.head} exits")
-  if token_policies and not task.is_token_task:
+  check_matches(task, cfg)
+  kind = kind_of(task)
+  if token_policies and not kind.token_level_exit:
     raise RomeFlaxError("token-level early exit (TOKEE) is for token tasks (sequence labelling); this task has one "
                         "prediction per sentence")
   cache = all_exits(model, task, examples, batch_size=batch_size, max_length=max_length, progress=bar, mesh=mesh,
@@ -268,10 +260,7 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
   per_exit = metrics.per_exit_metrics(task, exit_logits, labels_N) if labelled else []
   settings = sweep.evaluate(policies, exit_logits, cfg, lengths_N, labels_N, task, word_mask)
   decided = [sweep.decisions(policy, exit_logits, cfg.is_regression, word_mask) for policy in policies]
-  per_type = None
-  if labelled and task.is_token_task and "f1" in task.metric_names:
-    gold, pred = metrics.word_sequences(exit_logits[-1], labels_N)
-    per_type = metrics.span_scores(*(metrics.tag_strings(list(task.label_names), s) for s in (gold, pred)))["per_type"]
+  per_type = kind.per_type_scores(task, exit_logits[-1], labels_N) if labelled else None
   best = sweep.best_tradeoff(settings, metric, per_exit[-1][metric]) if labelled else None
 
   timed = {"all": range(len(policies)), "none": [],
@@ -313,8 +302,7 @@ def evaluate_exits(model, task: TaskSpec, examples, policies: Sequence[ep.ExitPo
       static=sweep.static_exits(cfg, per_exit, lengths_N) if labelled else [],
       settings=settings, policies=list(policies), predictions=[p for p, _ in decided],
       exits=[e for _, e in decided], best=best, speed=speed_rows, latency_examples=n_lat,
-      words=words if task.is_token_task else None, labels=labels_N if task.is_token_task else None,
-      per_type=per_type, token_policies=list(token_policies), token_settings=token_rows, token_predictions=token_preds, token_exits=token_exits_)
+      **kind.evaluation_extras(words, labels_N), per_type=per_type, token_policies=list(token_policies), token_settings=token_rows, token_predictions=token_preds, token_exits=token_exits_)
 
 
 def _widen(x: np.ndarray, width: int, fill) -> np.ndarray:

@@ -39,10 +39,11 @@ import numpy as np
 from flax import struct
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds.kind import SENTENCE_CRITERIA, TOKEN, kind_of
 from rome_flax.model import heads
 
-CRITERIA = ("entropy", "maxprob", "patience")
-TOKEN_CRITERIA = ("entropy", "maxprob")   # sentence-level exit of token exits (SENTEE)
+CRITERIA = SENTENCE_CRITERIA
+TOKEN_CRITERIA = TOKEN.criteria   # sentence-level exit of token exits (SENTEE)
 POOLS = ("max", "avg")                    # how a sentence pools its words' uncertainties
 
 # The reference sweep of entropy thresholds (RomeBERT / DeeBERT scripts).
@@ -167,6 +168,18 @@ def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_lab
                     delta=jnp.asarray(delta if delta is not None else 0.0, jnp.float32),
                     criterion=criterion, num_exits=num_exits, is_regression=is_regression,
                     min_exit_layer=min_exit_layer, token_task=token_task, pool=pool)
+
+
+def policy_for(cfg, criterion: str, threshold: Threshold, **options) -> ExitPolicy:
+  """`make_policy` for a model config: its kind says what a criterion reads (one logit vector per example,
+  or words pooled into the sentence's decision: SENTEE) and its label count."""
+  return make_policy(criterion, threshold, cfg.num_exits, num_labels=cfg.num_labels,
+                     token_task=kind_of(cfg).token_level_exit, **options)
+
+
+def defaults_for(cfg, criterion: str) -> list[list[float]]:
+  """`default_thresholds` for a model config (SENTEE's normalised entropies for token exits)."""
+  return default_thresholds(criterion, cfg.num_exits, kind_of(cfg).token_level_exit)
 
 
 def parse_thresholds(text: str) -> list[list[float]]:

@@ -20,7 +20,7 @@ from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import scheduler as engine
 from rome_flax.io import sharding
 from rome_flax.kinds import data
-from rome_flax.model import heads
+from rome_flax.kinds.kind import kind_of, to_words  # noqa: F401 (to_words: public here too)
 from rome_flax.model.config import ModelConfig
 from rome_flax.engine.early_exit import (ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk,
                                   throughput_chunks)
@@ -49,20 +49,6 @@ def _word_mask(piece: dict):
   return jnp.asarray(piece["word_mask"]) if "word_mask" in piece else None
 
 
-def to_words(logits_xBxSxC, word_mask_BxS, num_words: int) -> np.ndarray:
-  """Token logits [..., B, S, C] at each word's first piece -> word-level [..., B, W, C] (W =
-  num_words; slots past an example's words are zeros): what metrics, sweeps and files read."""
-  mask_BxS = np.asarray(word_mask_BxS) > 0
-  order_BxS = np.argsort(~mask_BxS, axis=1, kind="stable")   # each row's word positions first, in order
-  S = mask_BxS.shape[1]
-  idx_BxW = order_BxS[:, :num_words] if num_words <= S else np.pad(order_BxS, ((0, 0), (0, num_words - S)))
-  logits = np.asarray(logits_xBxSxC)
-  words = np.take_along_axis(logits, np.broadcast_to(idx_BxW[..., None], logits.shape[:-3] + idx_BxW.shape + (1,)),
-                             axis=-2)
-  present_BxW = np.arange(num_words)[None, :] < mask_BxS.sum(1)[:, None]
-  return np.where(present_BxW[..., None], words, 0.0).astype(np.float32)
-
-
 class RunResult(NamedTuple):
   logits_NxC: np.ndarray      # [N, C], or word-level [N, W, C] for token exits
   exit_index_N: np.ndarray    # 0-based exit per example (final exit for the full model)
@@ -77,8 +63,14 @@ class Pass:
   apart and `collect` (outputs -> per-example arrays) after.
   """
 
-  def __init__(self, pieces: list[dict], fn, num_examples: int, cfg: ModelConfig, num_words: int = 0):
-    self.pieces, self.fn, self.num_examples, self.cfg, self.num_words = pieces, fn, num_examples, cfg, num_words
+  def __init__(self, pieces: list[dict], fn, num_examples: int, cfg: ModelConfig, num_units: int = 0):
+    self.pieces, self.fn, self.num_examples, self.cfg, self.num_units = pieces, fn, num_examples, cfg, num_units
+    self.kind = kind_of(cfg)
+
+  def _empty(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example logits (zeros) and exits (the final exit) to fill."""
+    shape = (self.num_examples,) + self.kind.unit_shape(self.num_units) + (self.cfg.num_labels,)
+    return np.zeros(shape, np.float32), np.full((self.num_examples,), self.cfg.num_layers - 1, np.int32)
 
   def warm_up(self) -> None:
     seen = set()
@@ -92,17 +84,12 @@ class Pass:
 
   def collect(self, outputs: list) -> RunResult:
     final_exit = self.cfg.num_layers - 1
-    per_example = (self.num_words,) if self.cfg.is_token_task else ()
-    logits = np.zeros((self.num_examples,) + per_example + (self.cfg.num_labels,), np.float32)
-    exits = np.full((self.num_examples,), final_exit, np.int32)
+    logits, exits = self._empty()
     runs = 0
     for piece, out in zip(self.pieces, outputs):
       rows = piece["example_ids"]
       keep = rows >= 0
-      out_logits = np.asarray(out.logits_BxC if isinstance(out, ExitResult) else out)
-      if self.cfg.is_token_task:   # (a per-device group's mask is [D, N, S]: rows as example_ids, D*N)
-        word_mask = piece["word_mask"].reshape(-1, piece["word_mask"].shape[-1])
-        out_logits = to_words(out_logits, word_mask, self.num_words)
+      out_logits = self.kind.to_units(out.logits_BxC if isinstance(out, ExitResult) else out, piece, self.num_units)
       logits[rows[keep]] = out_logits[keep]
       if isinstance(out, ExitResult):
         exits[rows[keep]] = np.asarray(out.exit_index_B)[keep]
@@ -139,11 +126,11 @@ def full_model_pass(prepared, cfg: ModelConfig, encoded: data.EncodedSplit, batc
   """The baseline at a batch size: all layers, final exit only (batches split over `mesh`)."""
   params, arrays = _batch_parallel(prepared, mesh, batch_size)
   return Pass(plan(encoded, batch_size), lambda p: full_model(params, cfg, *arrays(p)), len(encoded), cfg,
-              _num_words(encoded))
+              _num_units(encoded))
 
 
-def _num_words(encoded: data.EncodedSplit) -> int:
-  return encoded.max_words if encoded.is_token_task else 0
+def _num_units(encoded: data.EncodedSplit) -> int:
+  return kind_of(encoded).num_units(encoded)
 
 
 def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: data.EncodedSplit,
@@ -151,7 +138,7 @@ def latency_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: dat
   """Latency path over a dataset, batch by batch (batch_size 1: classic per-example early exit)."""
   return Pass(plan(encoded, batch_size),
               lambda p: latency_exit(prepared, cfg, policy, *_device_arrays(p), _word_mask(p)),
-              len(encoded), cfg, _num_words(encoded))
+              len(encoded), cfg, _num_units(encoded))
 
 
 class AdmissionPass(Pass):
@@ -168,7 +155,7 @@ class AdmissionPass(Pass):
     order = np.argsort(-encoded.lengths, kind="stable")
     pieces = [data.pad_batch(encoded, order[start:start + batch_size], batch_size, repeat_first=True, seq=seq)
               for start in range(0, len(encoded), batch_size)]
-    super().__init__(pieces, None, len(encoded), cfg, _num_words(encoded))
+    super().__init__(pieces, None, len(encoded), cfg, _num_units(encoded))
     self.prepared, self.policy, self.batch_size, self.slots, self.seq = prepared, policy, batch_size, slots, seq
     self.threshold_BxE = np.broadcast_to(np.asarray(policy.threshold_E), (batch_size, cfg.num_exits))
 
@@ -218,11 +205,9 @@ class AdmissionPass(Pass):
 
   def collect(self, outputs: list) -> RunResult:
     *finished, runs = outputs
-    per_example = (self.num_words,) if self.cfg.is_token_task else ()
-    logits = np.zeros((self.num_examples,) + per_example + (self.cfg.num_labels,), np.float32)
-    exits = np.full((self.num_examples,), self.cfg.num_layers - 1, np.int32)
+    logits, exits = self._empty()
     for rows, exit_rows, out_rows, words in finished:
-      logits[rows] = to_words(out_rows, words, self.num_words) if self.cfg.is_token_task else out_rows
+      logits[rows] = self.kind.to_units(out_rows, {"word_mask": words}, self.num_units)
       exits[rows] = exit_rows
     return RunResult(logits, exits, runs)
 
@@ -252,7 +237,7 @@ def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: 
     def fn(p):
       return throughput_chunk(prepared, cfg, policy, *_device_arrays(p), jnp.asarray(p["example_ids"] >= 0),
                               batch_size, word_mask_NxS=_word_mask(p))
-    return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg, _num_words(encoded))
+    return Pass(plan(encoded, chunk_size), fn, len(encoded), cfg, _num_units(encoded))
 
   params = jax.device_put(prepared, sharding.replicated(mesh))
   split = sharding.batch_sharding(mesh)
@@ -265,7 +250,7 @@ def throughput_pass(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, encoded: 
                              word_mask_DxNxS=words)
 
   return Pass(_per_device_groups(plan(encoded, chunk_size), devices), fn_devices, len(encoded), cfg,
-              _num_words(encoded))
+              _num_units(encoded))
 
 
 def _per_device_groups(pieces: list[dict], devices: int) -> list[dict]:
@@ -292,13 +277,12 @@ def exit_logits_of(run_piece, encoded: data.EncodedSplit, batch_size: int, progr
   pieces = plan(encoded, batch_size)
   outputs = [run_piece(piece) for piece in (progress(pieces) if progress else pieces)]
   outputs = jax.device_get(outputs)
-  per_example = (encoded.max_words,) if encoded.is_token_task else ()
-  out = np.zeros((outputs[0].shape[0], len(encoded)) + per_example + (outputs[0].shape[-1],), np.float32)
+  kind, units = kind_of(encoded), _num_units(encoded)
+  out = np.zeros((outputs[0].shape[0], len(encoded)) + kind.unit_shape(units) + (outputs[0].shape[-1],), np.float32)
   for piece, logits in zip(pieces, outputs):
     rows = piece["example_ids"]
     keep = rows >= 0
-    if encoded.is_token_task:
-      logits = to_words(logits, piece["word_mask"], encoded.max_words)
+    logits = kind.to_units(logits, piece, units)
     out[:, rows[keep]] = np.asarray(logits)[:, keep]
   return out
 
@@ -336,4 +320,4 @@ def predict(model, texts, policy: ep.ExitPolicy, text_pairs=None, *, batch_size:
   prepared = prepare_params(model.params, dispatch)
   make = throughput_pass if path == "throughput" else latency_pass
   res = make(prepared, model.config, policy, encoded, batch_size).run()
-  return Prediction(heads.predictions(res.logits_NxC, model.config.is_regression), res.exit_index_N + 1, res.logits_NxC)
+  return Prediction(kind_of(model.config).predictions(res.logits_NxC), res.exit_index_N + 1, res.logits_NxC)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import token_policy as tp
 from rome_flax.kinds.data import BUCKETS
+from rome_flax.kinds.kind import kind_of
 from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
 
@@ -69,7 +70,7 @@ class TokenSlots(NamedTuple):
 
 def logits_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple:
   """Shape of a batch's logits at one exit: [B, C], or [B, S, C] for token exits."""
-  return (batch, seq, cfg.num_labels) if cfg.is_token_task else (batch, cfg.num_labels)
+  return kind_of(cfg).logits_shape(batch, seq, cfg.num_labels)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -78,9 +79,10 @@ def init(cfg: ModelConfig, slots: int, seq: int, tokee: bool = False) -> EngineS
   (Jitted: every field its own buffer, which `admit` and `run` donate.)"""
   from rome_flax.model import layers
   zeros_N = jnp.zeros((slots,), jnp.int32)
+  unit_axis = kind_of(cfg).unit_shape(seq)   # words: a per-piece word mask per slot (SENTEE pools words by it)
   token_slots = None
   if tokee:
-    if not cfg.is_token_task:
+    if not kind_of(cfg).token_level_exit:
       raise ValueError("TOKEE slots need a model with token exits")
     zeros_NxL = jnp.zeros((slots, cfg.num_layers), jnp.int32)
     token_slots = TokenSlots(jnp.zeros((slots, seq, cfg.hidden_size), jnp.float32), jnp.ones((slots, seq), bool),
@@ -91,7 +93,7 @@ def init(cfg: ModelConfig, slots: int, seq: int, tokee: bool = False) -> EngineS
       running_N=jnp.zeros((slots,), bool), policy_state=ep.init_state((slots,)),
       threshold_NxE=jnp.zeros((slots, cfg.num_exits), jnp.float32), exit_N=zeros_N,
       out_NxC=jnp.zeros(logits_shape(cfg, slots, seq), jnp.float32), runs=jnp.int32(0),
-      words_NxS=jnp.zeros((slots, seq), jnp.int32) if cfg.is_token_task else None, tokee=token_slots)
+      words_NxS=jnp.zeros((slots,) + unit_axis, jnp.int32) if unit_axis else None, tokee=token_slots)
 
 
 def _admit(prepared, cfg: ModelConfig, state: EngineState, slot_A, input_ids_AxS, attention_mask_AxS,
@@ -180,8 +182,8 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
       m_bxs = mask_BxS[:b, :s]
       h_cut, logits_bxC, *carry_cut = layer_exit(h_BxSxD[:b, :s], m_bxs, model_lib.attention_bias(m_bxs),
                                                  *[c[:b, :s] for c in carry_BxS])
-      pad = ((0, B - b), (0, S - s), (0, 0)) if cfg.is_token_task else ((0, B - b), (0, 0))
-      if b < B or (cfg.is_token_task and s < S):   # logits back to the batch's shape (padding: zeros)
+      pad = kind_of(cfg).batch_pad(B, S, b, s)
+      if any(after for _, after in pad):   # logits back to the batch's shape (padding: zeros)
         logits_bxC = jnp.pad(logits_bxC, pad)
       restore = lambda full, part: full.at[:b, :s].set(part) if (s < S or b < B) else part
       return (restore(h_BxSxD, h_cut), logits_bxC, *[restore(c, x) for c, x in zip(carry_BxS, carry_cut)])

@@ -95,9 +95,8 @@ class LocalSteps:
       if criterion == "tokee":
         self._policies[key] = tp.make_token_policy(1.0, self.window, self.num_layers)
       else:
-        self._policies[key] = ep.make_policy(criterion, 1.0, self.num_exits, num_labels=self.num_labels,
-                                             delta=delta if criterion == "patience" and self.is_regression else None,
-                                             token_task=self.is_token_task)
+        self._policies[key] = ep.policy_for(self.cfg, criterion, 1.0,
+                                            delta=delta if criterion == "patience" and self.is_regression else None)
     return self._policies[key]
 
   def init(self, tokee: bool = False):

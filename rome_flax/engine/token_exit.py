@@ -24,6 +24,7 @@ from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import inference
 from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data
+from rome_flax.kinds.kind import kind_of
 from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
 from rome_flax.engine.token_policy import (COPY_WORDPIECE, TokenPolicy, active_pieces, halt_on, halt_step,  # noqa: F401
@@ -147,7 +148,7 @@ class TokenPass(inference.Pass):
   """TOKEE over a dataset in batches (`inference.Pass`: timed by `speed.compare`)."""
 
   def collect(self, outputs: list) -> TokenRun:
-    N, W, L, C = self.num_examples, self.num_words, self.cfg.num_layers, self.cfg.num_labels
+    N, W, L, C = self.num_examples, self.num_units, self.cfg.num_layers, self.cfg.num_labels
     logits, exits = np.zeros((N, W, C), np.float32), np.full((N, W), -1, np.int32)
     queries, keys = np.zeros((N, L), np.int64), np.zeros((N, L), np.int64)
     for piece, out in zip(self.pieces, outputs):
@@ -164,7 +165,7 @@ class TokenPass(inference.Pass):
 def token_pass(prepared, cfg: ModelConfig, policy: TokenPolicy, encoded: data.EncodedSplit, batch_size: int,
                gather: bool = True) -> TokenPass:
   """TOKEE over a dataset at a batch size (1: the latency path; 64: the throughput path)."""
-  if not encoded.is_token_task or not cfg.is_token_task:
+  if not (kind_of(encoded).token_level_exit and kind_of(cfg).token_level_exit):
     raise RomeFlaxError("token-level early exit (TOKEE) is for token tasks (sequence labelling)")
   if policy.num_layers != cfg.num_layers:
     raise RomeFlaxError(f"the TOKEE policy is for {policy.num_layers} layers, the model has {cfg.num_layers}")
@@ -187,7 +188,7 @@ def predict_tags(model, sentences: Sequence[Sequence[str]], policy, *, batch_siz
   tokenizer and tag set) and either a TOKEE `TokenPolicy` (each word its own layer) or a SENTEE
   `exit_policy.ExitPolicy` (each sentence one layer; the throughput path)."""
   cfg, names = model.config, model.export_info.label_names
-  if not cfg.is_token_task:
+  if not kind_of(cfg).token_level_exit:
     raise RomeFlaxError("predict_tags needs a model with token exits (sequence labelling)")
   if not names:
     raise RomeFlaxError("the model does not list its tag set: use a train.py export of a token task")

@@ -24,16 +24,17 @@ from rome_flax.engine import inference
 from rome_flax.engine import token_exit as te
 from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data
+from rome_flax.kinds.kind import kind_of
 from rome_flax.train import losses
 from rome_flax.train.methods import LossConfig
 
 
 def validate(task, model) -> None:
   """The method's `validate` hook: self-sampling fine-tunes a finished stage-1 token model (its export)."""
-  if not task.is_token_task:
+  if not kind_of(task).token_level_exit:
     raise RomeFlaxError("self_sampling is token-level early exit's fine-tuning: it needs a token task (conll2003, "
                         "ner, pos)")
-  if not model.export_info.method or not model.config.is_token_task:
+  if not model.export_info.method or not kind_of(model.config).token_level_exit:
     raise RomeFlaxError("self_sampling fine-tunes a finished stage-1 run: pass --model runs/<stage 1>/export (a "
                         "token task trained with e.g. --method joint_weighted)")
 
@@ -56,7 +57,7 @@ class StageOneTargets:
 def stage_one_targets(run_piece, encoded: data.EncodedSplit, batch_size: int, progress=None) -> StageOneTargets:
   """Every exit's word logits for the training set (`run_piece(batch) -> [E,B,S,C]`, dropout off),
   reduced to uncertainties and losses (the logits themselves are not kept)."""
-  if not encoded.is_token_task or encoded.labels is None:
+  if not kind_of(encoded).token_level_exit or encoded.labels is None:
     raise RomeFlaxError("self-sampling needs a labelled token-task training split")
   logits_ExNxWxC = inference.exit_logits_of(run_piece, encoded, batch_size, progress)
   C = logits_ExNxWxC.shape[-1]

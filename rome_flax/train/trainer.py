@@ -35,6 +35,7 @@ from rome_flax.kinds import data as data_lib
 from rome_flax.kinds import metrics as metrics_lib
 from rome_flax.kinds import synthetic
 from rome_flax.kinds import token_data
+from rome_flax.kinds.kind import kind_of
 from rome_flax.kinds.tasks import TaskSpec, get_task, is_token_task_name
 from rome_flax.model import encoder as model_lib
 from rome_flax.model import targets as targets_lib
@@ -121,9 +122,7 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
   if model.config.head != task.kind:
     raise RomeFlaxError(f"{net.model} is a model with {model.config.head} exits; task {task.name} needs "
                         f"{task.kind} exits")
-  if task.is_token_task and tuple(model.export_info.label_names or task.label_names) != task.label_names:
-    raise RomeFlaxError(f"{net.model} was trained on tags {list(model.export_info.label_names)}, the training "
-                        f"split has {list(task.label_names)}")
+  kind_of(task).check_model_labels(task, model.export_info.label_names, net.model)
   if model.config.num_layers < 2:
     raise RomeFlaxError("a multi-exit model needs at least 2 layers")
   if max_length > model.config.max_position_embeddings:
