@@ -13,7 +13,6 @@ This module only reads options, loads the model and data and prints: the evaluat
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
 from rome_flax.io.runlock import RunLock
 from rome_flax.kinds.kind import kind_of
+from rome_flax.kinds.sources import DataSources
 
-log = logging.getLogger("rome_flax.infer")
 
 
 def add_data_arguments(ap, split_default: str = "dev", split_help: str = "") -> None:
@@ -159,31 +158,21 @@ def resolve_task(args, model):
   return task
 
 
+def data_sources(args) -> DataSources:
+  """Where --split's examples come from (the options of `add_data_arguments`)."""
+  return DataSources.of({args.split: args.data_file}, data_dir=args.data_dir, text_a_column=args.text_a_column,
+                        text_b_column=args.text_b_column, label_column=args.label_column,
+                        tag_column=args.tag_column, tokens_column=args.tokens_column, tags_column=args.tags_column)
+
+
 def load_examples(args, task):
-  from rome_flax.kinds import data, token_data
-  if task.is_token_task:
-    files = {args.split: args.data_file} if args.data_file else None
-    hub = task.hf_name if files is None and args.data_dir is None else None
-    if files is None and args.data_dir is None and hub is None:
-      raise RomeFlaxError(f"task {task.name} reads your files: pass --data_dir or --data_file")
-    examples = token_data.load_token_split(args.split, data_dir=args.data_dir, files=files, task=task.name,
-                                           tag_column=args.tag_column, tokens_column=args.tokens_column,
-                                           tags_column=args.tags_column, hub_name=hub)
+  """--split of the task (its first --limit examples); a user's file comes as a stream of chunks, so peak
+  memory does not grow with the file (evaluation.STREAM_EXAMPLES)."""
+  examples = kind_of(task).read(task, args.split, data_sources(args), stream=True)
+  if hasattr(examples, "head"):
     return examples.head(args.limit) if args.limit is not None else examples
-  if task.name == "custom" or args.data_file:
-    if not args.data_file:
-      raise RomeFlaxError("a custom task needs --data_file")
-    # Read as a stream of chunks: peak memory does not grow with the file (evaluation.STREAM_EXAMPLES).
-    stream = data.stream_split(task, args.split, files={args.split: args.data_file},
-                               text_a_column=args.text_a_column, text_b_column=args.text_b_column,
-                               label_column=args.label_column)
-    stream = itertools.chain([next(stream)], stream)   # the file's first chunk read now: its errors come first
-    return stream if args.limit is None else _first(stream, args.limit)
-  else:
-    if task.name != "synthetic" and args.data_dir is None:
-      log.info("no --data_dir: loading glue/%s from the hub", task.hf_name)
-    examples = data.load_split(task, args.split, data_dir=args.data_dir)
-  return examples.head(args.limit) if args.limit is not None else examples
+  stream = itertools.chain([next(examples)], examples)   # the file's first chunk read now: its errors come first
+  return stream if args.limit is None else _first(stream, args.limit)
 
 
 def _first(chunks, limit: int):

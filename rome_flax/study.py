@@ -210,9 +210,8 @@ def _train(cfg, timing_path: Path, say) -> None:
 
 
 def _examples(task, cfg, split: str, rows: Optional[tuple] = None):
-  from rome_flax.kinds import data
-  from rome_flax.train.trainer import split_sources
-  examples = data.load_split(task, split, cfg.data.data_dir, **split_sources(cfg.data, task))
+  from rome_flax.kinds.kind import kind_of
+  examples = kind_of(task).read(task, split, cfg.data.sources())
   if rows is not None:
     if rows[1] > len(examples):
       raise RomeFlaxError(f"heldout_rows {tuple(rows)} go past the {len(examples)} rows of the train split")

@@ -279,7 +279,7 @@ def test_synthetic_runs_saved_before_the_short_sentences_keep_their_data(tmp_pat
   assert trainer.config_differences(saved_without_field(sst2), sst2) == []
   (tmp_path / trainer.CONFIG_FILE).write_text(json.dumps(saved_without_field(now)))
   assert trainer.resume_config(tmp_path, {}).data.synthetic_fillers == (5, 19)
-  assert trainer.split_sources(now.data, trainer.get_task("synthetic"))["filler_words"] == (2, 7)
+  assert now.data.sources().synthetic_fillers == (2, 7)
   for bad in ((1, 5), (6, 3), (2,), "2,7"):
     with pytest.raises(RomeFlaxError, match="synthetic_fillers must be"):
       now.replace(synthetic_fillers=bad)

@@ -1,3 +1,4 @@
-"""Layer 3 of rome_flax: what a task is. `tasks` (TaskSpec: sentence classification, regression, token
-labelling), reading and encoding its data (`data`, `token_data`, `synthetic`) and scoring it (`metrics`).
-Imports `io` and `model`."""
+"""Layer 3 of rome_flax: what a task is. `kind` (the TaskKind seam: classification, regression, token
+labelling; everything above asks it instead of branching), `tasks` (TaskSpec per task), `sources` (where a
+split comes from), reading and encoding data (`data`, `token_data`, `synthetic`), scoring it (`metrics`) and
+its prediction files (`writers`). Imports `io` and `model`."""

@@ -17,6 +17,7 @@ its head in model/heads.py (`HEAD_KINDS`), a line in `KINDS`, and its `TaskSpec`
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +26,10 @@ import numpy as np
 
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files
-from rome_flax.kinds import data, metrics, token_data, writers
+from rome_flax.kinds import data, metrics, synthetic, token_data, writers
+from rome_flax.kinds.sources import DataSources
+
+log = logging.getLogger(__name__)
 
 # Sentence-level exit criteria (engine/exit_policy.py implements them); each kind lists those that apply to it.
 SENTENCE_CRITERIA = ("entropy", "maxprob", "patience")
@@ -66,6 +70,28 @@ class TaskKind:
     return 0
 
   # ------------------------------------------------------------------ data
+  def read(self, task, split: str, sources: DataSources, *, first_rows: int = 0, stream: bool = False):
+    """A split of the task from its sources: a data.Split, or with stream=True and a user's file an
+    iterator of Splits (the file read as a stream: memory holds one chunk). first_rows: only the first N
+    examples (the synthetic task then generates no more)."""
+    if sources.files or task.name == "custom":
+      if not sources.files:
+        raise RomeFlaxError(f"a custom task needs {sources.file_options}")
+      custom = sources.custom_columns()
+    elif task.name == "synthetic":
+      custom = {"seed": 0} if sources.synthetic_fillers is None else \
+          {"seed": 0, "filler_words": sources.synthetic_fillers}
+      if first_rows:
+        custom["size"] = min(first_rows, synthetic.SPLIT_SIZES.get(split, first_rows))
+    else:
+      custom = {}
+      if sources.data_dir is None:
+        log.info("no data_dir: loading glue/%s %s from the hub", task.hf_name, split)
+    if stream and sources.files:   # a user's file: read as a stream (memory holds one chunk)
+      return data.stream_split(task, split, sources.data_dir, **custom)
+    out = data.load_split(task, split, sources.data_dir, **custom)
+    return out.head(first_rows) if first_rows else out
+
   def encode(self, tokenizer, chunk, task, max_length: int) -> data.EncodedSplit:
     """A chunk of a split (data.Split) tokenised for the model."""
     return data.encode_split(tokenizer, chunk, max_length, is_regression=task.is_regression)
@@ -183,6 +209,23 @@ class TokenKind(TaskKind):
 
   def num_units(self, encoded: data.EncodedSplit) -> int:
     return encoded.max_words
+
+  def read(self, task, split: str, sources: DataSources, *, first_rows: int = 0, stream: bool = False):
+    """A split of CoNLL / JSON Lines sentences from the user's files, a directory or (CoNLL-2003) the hub,
+    read whole (stream is accepted and ignored)."""
+    files = sources.file_map
+    if sources.data_dir is not None and files:
+      raise RomeFlaxError(f"give --data_dir or {sources.file_options}, not both")
+    if sources.data_dir is None and not files and task.hf_name is None:
+      raise RomeFlaxError(f"task {task.name} reads your files: pass --data_dir (train.txt, dev.txt, test.txt) or "
+                          f"{sources.file_options}")
+    if files and split not in files:
+      raise RomeFlaxError(f"no file given for the {split} split ({sources.file_options})")
+    out = token_data.load_token_split(split, data_dir=sources.data_dir, files=files or None, task=task.name,
+                                      tag_column=sources.tag_column, tokens_column=sources.tokens_column,
+                                      tags_column=sources.tags_column,
+                                      hub_name=task.hf_name if sources.data_dir is None and not files else None)
+    return out.head(first_rows) if first_rows else out
 
   def encode(self, tokenizer, chunk, task, max_length: int) -> data.EncodedSplit:
     return token_data.encode(tokenizer, chunk, task.label_names, max_length)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds.sources import DataSources
 from rome_flax.kinds.tasks import TASK_NAMES
 from rome_flax.model.targets import MODES as TARGET_MODES
 from rome_flax.train.methods import GR_MODES, KL_REDUCTIONS, METHOD_NAMES, PROTECT, LossConfig
@@ -92,6 +93,15 @@ class DataOptions:
     _check([(self.train_rows >= 0, "train_rows must be >= 0"),
             (self.regression_targets in TARGET_MODES,
              f"regression_targets must be one of {', '.join(TARGET_MODES)}, got {self.regression_targets!r}")])
+
+  def sources(self) -> DataSources:
+    """Where the run's examples come from (kinds/sources.py): the files, the directory and their columns."""
+    return DataSources.of({"train": self.train_file, "dev": self.dev_file, "test": self.test_file},
+                          data_dir=self.data_dir, text_a_column=self.text_a_column,
+                          text_b_column=self.text_b_column, label_column=self.label_column,
+                          tag_column=self.tag_column, tokens_column=self.tokens_column,
+                          tags_column=self.tags_column, synthetic_fillers=self.synthetic_fillers,
+                          file_options="--train_file / --dev_file")
 
 
 @dataclasses.dataclass(frozen=True)

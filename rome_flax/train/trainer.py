@@ -36,6 +36,7 @@ from rome_flax.kinds import metrics as metrics_lib
 from rome_flax.kinds import synthetic
 from rome_flax.kinds import token_data
 from rome_flax.kinds.kind import kind_of
+from rome_flax.kinds.sources import eval_splits
 from rome_flax.kinds.tasks import TaskSpec, get_task, is_token_task_name
 from rome_flax.model import encoder as model_lib
 from rome_flax.model import targets as targets_lib
@@ -68,28 +69,10 @@ class RunData:
 # ----------------------------------------------------------------------------- setup
 
 
-def token_split(cfg: DataOptions, task_name: str, split: str) -> token_data.TokenSplit:
-  """A split of a sequence-labelling task from the run's data options (data_dir, files or the hub)."""
-  files = {k: v for k, v in (("train", cfg.train_file), ("dev", cfg.dev_file), ("test", cfg.test_file)) if v}
-  if cfg.data_dir is not None and files:
-    raise RomeFlaxError("give data_dir or train_file / dev_file / test_file, not both")
-  hub = None
-  if cfg.data_dir is None and not files:
-    if task_name != "conll2003":
-      raise RomeFlaxError(f"task {task_name} reads your files: pass --data_dir (train.txt, dev.txt, test.txt) or "
-                          "--train_file / --dev_file")
-    hub = "conll2003"
-  if files and split not in files:
-    raise RomeFlaxError(f"no file given for the {split} split (--{split}_file)")
-  return token_data.load_token_split(split, data_dir=cfg.data_dir, files=files or None, task=task_name,
-                                     tag_column=cfg.tag_column, tokens_column=cfg.tokens_column,
-                                     tags_column=cfg.tags_column, hub_name=hub)
-
-
 def resolve_task(cfg: DataOptions) -> TaskSpec:
-  if is_token_task_name(cfg.task):
-    name = get_task(cfg.task, tag_names=("O", "B-X")).name   # the canonical name; the tag set comes next
-    return get_task(name, tag_names=token_data.tag_set(token_split(cfg, name, "train")))
+  if is_token_task_name(cfg.task):   # the tag set comes from the training split
+    named = get_task(cfg.task, tag_names=("O", "B-X"))
+    return get_task(named.name, tag_names=token_data.tag_set(kind_of(named).read(named, "train", cfg.sources())))
   if cfg.task.lower() != "custom":
     return get_task(cfg.task)
   if cfg.train_file is None:
@@ -131,47 +114,19 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
   return model
 
 
-def _load_token_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
-  train = token_split(cfg, task.name, "train")
-  if cfg.train_rows:
-    train = train.head(cfg.train_rows)
-  evals = {}
-  if cfg.data_dir is not None or cfg.dev_file is not None or task.name == "conll2003":
-    evals["dev"] = token_data.encode(tokenizer, token_split(cfg, task.name, "dev"), task.label_names, cfg.max_length)
-  return RunData(task, token_data.encode(tokenizer, train, task.label_names, cfg.max_length), evals)
-
-
-def split_sources(cfg: DataOptions, task: TaskSpec) -> dict:
-  """`data.load_split`'s keyword arguments for a run's task besides data_dir (a custom task's files and
-  columns; the synthetic task's seed and sentence length)."""
-  if task.name == "custom":
-    return {"files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
-            "text_a_column": cfg.text_a_column, "text_b_column": cfg.text_b_column, "label_column": cfg.label_column}
-  return {"seed": 0, "filler_words": cfg.synthetic_fillers} if task.name == "synthetic" else {}
-
-
 def load_data(cfg: DataOptions, task: TaskSpec, tokenizer) -> RunData:
-  if task.is_token_task:
-    return _load_token_data(cfg, task, tokenizer)
-  custom = split_sources(cfg, task)
-  # The synthetic task's first train_rows rows, without generating the rest.
-  synthetic_rows = task.name == "synthetic" and cfg.train_rows
-  size = {"size": min(cfg.train_rows, synthetic.SPLIT_SIZES["train"])} if synthetic_rows else {}
-  train = data_lib.load_split(task, "train", cfg.data_dir, **custom, **size)
-  if cfg.train_rows:
-    train = train.head(cfg.train_rows)
-  if train.labels is None:
+  """The run's training split (its first train_rows) and the dev split(s) its sources hold, encoded."""
+  kind, sources = kind_of(task), cfg.sources()
+  train = kind.read(task, "train", sources, first_rows=cfg.train_rows)
+  if not kind.labelled(train):
     raise RomeFlaxError("the training split has no labels")
-  eval_splits = ("dev",) if task.name == "custom" else task.eval_splits
   evals = {}
-  for split in eval_splits:
-    if task.name == "custom" and cfg.dev_file is None:
-      break
-    s = data_lib.load_split(task, split, cfg.data_dir, **custom)
-    if s.labels is None:
+  for split in eval_splits(task, sources):
+    examples = kind.read(task, split, sources)
+    if not kind.labelled(examples):
       raise RomeFlaxError(f"the {split} split has no labels")
-    evals[split] = data_lib.encode_split(tokenizer, s, cfg.max_length, task.is_regression)
-  return RunData(task, data_lib.encode_split(tokenizer, train, cfg.max_length, task.is_regression), evals)
+    evals[split] = kind.encode(tokenizer, examples, task, cfg.max_length)
+  return RunData(task, kind.encode(tokenizer, train, task, cfg.max_length), evals)
 
 
 def check_method(cfg: TrainConfig, task: TaskSpec, model: MultiExitBert) -> None:
