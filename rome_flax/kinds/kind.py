@@ -5,7 +5,7 @@ A `TaskKind` owns everything that differs between them outside the exit head (mo
   - the logits shape of a padded batch at one exit, and per example (`unit_shape`),
   - encoding a chunk of a split and the padding extras of a batch (the word mask),
   - pieces to units: a batch's exit logits -> per-example logits (`to_units`: a word's first piece),
-  - joining chunks of different widths, turning logits into predictions, scoring them (metrics.py),
+  - joining chunks of different widths, turning logits into predictions, per-type scores (metrics.py),
   - the prediction / submission files of a setting (writers.py),
   - whether token-level criteria (TOKEE) apply and which trade-off plots mean something.
 Evaluation, inference, the scheduler, the report and the trainer ask the kind (`kind_of(cfg or task)`)
@@ -43,7 +43,6 @@ class TaskKind:
   token_level_exit = False     # TOKEE (a word halts on its own) applies
   is_regression = False
   criteria = SENTENCE_CRITERIA   # the sentence-level criteria a sweep's 'all' runs
-  units_noun = "examples"       # what guarantees and messages count
 
   def entropy_top(self, num_labels: int) -> float:
     """The largest uncertainty its entropy criterion scores (log C here; a calibration grid's top)."""
@@ -130,9 +129,6 @@ class TaskKind:
     """Class ids (argmax over the last axis); NumPy or JAX arrays."""
     return logits.argmax(-1)
 
-  def metrics(self, task, predictions, labels) -> dict[str, float]:
-    return metrics.compute_metrics(task, predictions, labels)
-
   def per_type_scores(self, task, final_logits, labels) -> Optional[dict]:
     """Per entity type scores of the final exit where the tag set has entities; None otherwise."""
     return None
@@ -193,7 +189,6 @@ class TokenKind(TaskKind):
   unit = "word"
   token_level_exit = True
   criteria = ("entropy", "maxprob")   # SENTEE: a sentence exits when its words' pooled uncertainty is low
-  units_noun = "words"
 
   def entropy_top(self, num_labels: int) -> float:
     return 1.0   # SENTEE and TOKEE score normalised entropy, H / log C
