@@ -58,9 +58,10 @@ class DataOptions:
   task: str = option("synthetic", f"{', '.join(TASK_NAMES)} (custom: your CSV/TSV/JSONL files; "
                      "conll2003, ner, pos: sequence labelling)")
   data_dir: Optional[str] = option(None, "the task's directory (GLUE TSVs, or CoNLL train.txt/dev.txt/test.txt)")
-  train_file: Optional[str] = option(None, "custom or token task: the training file (CSV, TSV, JSON Lines, CoNLL)")
-  dev_file: Optional[str] = option(None, "custom or token task: the dev file")
-  test_file: Optional[str] = option(None, "custom or token task: the test file")
+  train_file: Optional[str] = option(None, "the training file (CSV, TSV, JSON Lines, CoNLL); given, "
+                                    "the task's files are read instead of data_dir or the hub")
+  dev_file: Optional[str] = option(None, "the dev file (evaluated when given with train_file)")
+  test_file: Optional[str] = option(None, "the test file")
   text_a_column: str = option("text", "custom task: the column of the (first) text")
   text_b_column: Optional[str] = option(None, "custom task: the column of the second text of a pair")
   label_column: str = option("label", "custom task: the column of the label")
