@@ -31,7 +31,6 @@ from rome_flax.kinds.kind import kind_of
 from rome_flax.kinds.sources import DataSources
 
 
-
 def add_data_arguments(ap, split_default: str = "dev", split_help: str = "") -> None:
   """The options that name a split's data (`load_examples` reads them): one definition for infer.py and
   `python -m rome_flax calibrate`."""

@@ -162,13 +162,12 @@ def write_evaluation(out_dir, evaluation, *, checkpoint=None) -> list[Path]:
     written += write_table(out, "static", ev.static, ev.sweep_columns)
   written += write_table(out, "sweep", ev.settings, ev.sweep_columns)
   kind = task_kinds.kind_of(ev.task)
-  for policy, predictions, exits in zip(ev.policies, ev.predictions, ev.exits):
-    written += kind.write_predictions(out, safe_name(policy.describe()), ev, predictions, exits)
   if ev.token_settings:
     written += write_table(out, "tokee", ev.token_settings, [c for c in ev.sweep_columns if c != "exit_shares"]
                            + ["window", "exit_shares"])
-    for policy, predictions, exits in zip(ev.token_policies, ev.token_predictions, ev.token_exits):
-      written += kind.write_predictions(out, safe_name(policy.describe()), ev, predictions, exits)
+  for policy, predictions, exits in zip(ev.policies + ev.token_policies, ev.predictions + ev.token_predictions,
+                                        ev.exits + ev.token_exits):   # every setting, TOKEE's too
+    written += kind.write_predictions(out, safe_name(policy.describe()), ev, predictions, exits)
   if ev.speed:
     written += write_table(out, "speed", ev.speed)
   if ev.labelled:

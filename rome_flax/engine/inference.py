@@ -20,7 +20,7 @@ from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import scheduler as engine
 from rome_flax.io import sharding
 from rome_flax.kinds import data
-from rome_flax.kinds.kind import kind_of, to_words  # noqa: F401 (to_words: public here too)
+from rome_flax.kinds.kind import kind_of
 from rome_flax.model.config import ModelConfig
 from rome_flax.engine.early_exit import (ExitResult, all_exits, full_model, latency_exit, prepare_params, throughput_chunk,
                                   throughput_chunks)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -329,5 +329,5 @@ def check_matches(task, cfg) -> None:
     raise RomeFlaxError(f"task {task.name} needs {kind_of(task).head} exits; the model has {cfg.head} exits")
 
 
-__all__: Sequence[str] = ("SENTENCE_CRITERIA", "TaskKind", "RegressionKind", "TokenKind", "CLASSIFICATION", "REGRESSION", "TOKEN",
-                          "KINDS", "kind_of", "to_words", "check_matches")
+__all__ = ("SENTENCE_CRITERIA", "TaskKind", "RegressionKind", "TokenKind", "CLASSIFICATION", "REGRESSION", "TOKEN",
+           "KINDS", "kind_of", "to_words", "check_matches")
