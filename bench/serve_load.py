@@ -17,7 +17,8 @@ seconds, none awaited longer than --request_timeout. Inputs: the texts of --data
 task's two columns, or a text file of one text per line), by default the dev split of the embedded synthetic
 task that the README's default run (`python train.py` -> runs/default/export) trains on; for a token-task
 export (sequence labelling), the sentences of a CoNLL file sent as `tokens` (mean exit: over words). The client is one
-asyncio loop (httpx) in this process: it shares the 2 cores with the server, alike for both servers.
+asyncio loop in this process (`bench/loopback_http.py`: keep-alive HTTP/1.1 on uvloop, a small fraction of a
+server's cost per request); it shares the 2 cores with the server, alike for both servers.
 
 Prints the CPU model, export and data, a table per server (P50/P95/P99 latency, throughput, rejected,
 mean exit layer) and as its LAST line
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -52,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
+from bench import loopback_http
 from bench._common import cpu_model
 from rome_flax.errors import RomeFlaxError
 
@@ -62,7 +65,6 @@ RATES = ((0.3, "30%"), (0.7, "70%"), (1.2, "120%"))   # fractions of the full mo
 RATIO_RATE = "70%"                         # the rate the latency ratios are read at
 REJECTED = (429, 504)                      # queue full, deadline passed
 FAILED = 0                                 # status of a request that got no usable answer
-JSON_HEADERS = {"content-type": "application/json"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -270,31 +272,34 @@ def url_of(port: int, path: str) -> str:
   return f"http://{HOST}:{port}{path}"
 
 
-def _client(max_connections: int):
-  """An httpx client that ignores proxy settings (trust_env=False: loopback must stay loopback) and may
-  open enough connections for an overloaded server to see its whole backlog (and answer 429)."""
-  import httpx
-  limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-  return httpx.AsyncClient(limits=limits, timeout=None, trust_env=False)
+def _client(url: str, max_connections: int):
+  """The load client for url's host (loopback only) and its path: `loopback_http.LoopbackClient`, whose cost
+  per request is a small fraction of the server's (httpx's was not: see loopback_http's docstring)."""
+  parts = urllib.parse.urlsplit(url)
+  return loopback_http.LoopbackClient(parts.hostname, parts.port, max_connections), parts.path or "/"
 
 
-async def _post(client, url: str, body: bytes, timeout: float) -> tuple[int, tuple]:
-  """(status, exit layers) of one request; FAILED for a timeout, a broken connection or a 200 whose body
-  is not the contract's."""
-  import httpx
+def read_outcome(status: int, body: bytes) -> tuple[int, tuple]:
+  """(status, exit layers) of an answer; FAILED for a 200 whose body is not the contract's."""
+  if status != 200:
+    return status, ()
   try:
-    r = await asyncio.wait_for(client.post(url, content=body, headers=JSON_HEADERS), timeout)
-  except (asyncio.TimeoutError, httpx.HTTPError, OSError):
-    return FAILED, ()
-  if r.status_code != 200:
-    return r.status_code, ()
-  try:
-    predictions = r.json()["predictions"]
+    predictions = json.loads(body)["predictions"]
     if predictions and "exit_layers" in predictions[0]:   # a token task: each word's exit layer
       return 200, tuple(int(v) for p in predictions for v in p["exit_layers"])
     return 200, tuple(int(p["exit_layer"]) for p in predictions if p.get("exit_layer") is not None)
-  except (ValueError, KeyError, TypeError, AttributeError):
+  except (ValueError, KeyError, TypeError, AttributeError, IndexError):
     return FAILED, ()
+
+
+async def _post(client, path: str, body: bytes, timeout: float) -> tuple[int, tuple]:
+  """(status, exit layers) of one request; FAILED for a timeout, a broken connection or a 200 whose body
+  is not the contract's."""
+  try:
+    status, data = await asyncio.wait_for(client.request("POST", path, body), timeout)
+  except (asyncio.TimeoutError, OSError, EOFError):
+    return FAILED, ()
+  return read_outcome(status, data)
 
 
 async def open_loop(url: str, bodies: Sequence[bytes], schedule: np.ndarray, *, request_timeout: float,
@@ -303,12 +308,13 @@ async def open_loop(url: str, bodies: Sequence[bytes], schedule: np.ndarray, *, 
   loop: arrivals do not slow down when the server does); latency from the scheduled time. Returns the
   outcomes and the phase's duration (start to the last answer)."""
   outcomes: list[Outcome] = []
-  async with _client(max_connections) as client:
+  client, path = _client(url, max_connections)
+  async with client:
     loop = asyncio.get_running_loop()
     start = loop.time()
 
     async def one(i: int, due: float) -> None:
-      status, exits = await _post(client, url, bodies[i % len(bodies)], request_timeout)
+      status, exits = await _post(client, path, bodies[i % len(bodies)], request_timeout)
       outcomes.append(Outcome(status, loop.time() - due, exits))
 
     tasks = []
@@ -326,7 +332,8 @@ async def closed_loop(url: str, bodies: Sequence[bytes], *, concurrency: int, co
   """`concurrency` requests in flight until `count` are sent or `time_limit` seconds pass: the rate at
   which the server answers when it is never idle (saturation). Returns the outcomes and the duration."""
   outcomes: list[Outcome] = []
-  async with _client(concurrency) as client:
+  client, path = _client(url, concurrency)
+  async with client:
     loop = asyncio.get_running_loop()
     start = loop.time()
     deadline = start + time_limit
@@ -337,7 +344,7 @@ async def closed_loop(url: str, bodies: Sequence[bytes], *, concurrency: int, co
       while sent < count and loop.time() < deadline:
         i, sent = sent, sent + 1
         t = loop.time()
-        status, exits = await _post(client, url, bodies[i % len(bodies)], request_timeout)
+        status, exits = await _post(client, path, bodies[i % len(bodies)], request_timeout)
         outcomes.append(Outcome(status, loop.time() - t, exits))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -392,23 +399,21 @@ def stop_server(proc: subprocess.Popen, timeout: float) -> Optional[int]:
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float, log: Path) -> None:
   """Polls GET /health until it answers 200 {"status": "ok"}; a server that exits or is not ready within
   `timeout` seconds is an error carrying the end of its log (the caller stops it)."""
-  import httpx
   deadline = time.monotonic() + timeout
-  with httpx.Client(timeout=2.0, trust_env=False) as client:
-    while True:
-      if proc.poll() is not None:
-        raise RomeFlaxError(f"the server exited with code {proc.returncode} before it was ready; the end of its "
-                            f"log ({log}):\n{_tail(log)}")
-      try:
-        r = client.get(url_of(port, "/health"))
-        if r.status_code == 200 and r.json().get("status") == "ok":
-          return
-      except (httpx.HTTPError, ValueError, AttributeError):
-        pass
-      if time.monotonic() > deadline:
-        raise RomeFlaxError(f"the server did not answer GET /health with status ok within {timeout:g} s; the "
-                            f"end of its log ({log}):\n{_tail(log)}")
-      time.sleep(0.25)
+  while True:
+    if proc.poll() is not None:
+      raise RomeFlaxError(f"the server exited with code {proc.returncode} before it was ready; the end of its "
+                          f"log ({log}):\n{_tail(log)}")
+    try:
+      status, body = loopback_http.get(HOST, port, "/health")
+      if status == 200 and json.loads(body).get("status") == "ok":
+        return
+    except (OSError, EOFError, asyncio.TimeoutError, ValueError, AttributeError):
+      pass
+    if time.monotonic() > deadline:
+      raise RomeFlaxError(f"the server did not answer GET /health with status ok within {timeout:g} s; the "
+                          f"end of its log ({log}):\n{_tail(log)}")
+    time.sleep(0.25)
 
 
 @contextlib.contextmanager
@@ -452,10 +457,10 @@ def measure_server(args, bodies: list[bytes], port: int, full_model: bool, rates
     warmup = args.warmup if args.warmup is not None else 2 * concurrency
     if warmup > 0:
       _say(f"{name}: warm-up, {warmup} requests")
-      asyncio.run(closed_loop(url, bodies, concurrency=concurrency, count=warmup, time_limit=args.time_limit,
+      loopback_http.run(closed_loop(url, bodies, concurrency=concurrency, count=warmup, time_limit=args.time_limit,
                               **common))
     _say(f"{name}: saturation, {concurrency} in flight, up to {args.saturation_requests} requests")
-    out["saturation"] = summarize(*asyncio.run(closed_loop(
+    out["saturation"] = summarize(*loopback_http.run(closed_loop(
         url, bodies, concurrency=concurrency, count=args.saturation_requests, time_limit=args.time_limit, **common)))
     if rates is None:
       if not out["saturation"].ok:
@@ -465,7 +470,7 @@ def measure_server(args, bodies: list[bytes], port: int, full_model: bool, rates
     for k, ((_, label), rate) in enumerate(zip(RATES, rates)):
       schedule = poisson_schedule(rate, args.requests, [args.seed, k], args.time_limit)
       _say(f"{name}: open loop at {label} ({rate:.1f} requests/s), {len(schedule)} requests")
-      out[label] = summarize(*asyncio.run(open_loop(url, bodies, schedule, max_connections=args.max_connections,
+      out[label] = summarize(*loopback_http.run(open_loop(url, bodies, schedule, max_connections=args.max_connections,
                                                     **common)))
   return out, rates
 
