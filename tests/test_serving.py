@@ -66,6 +66,20 @@ def test_engine_answers_equal_the_offline_decisions(model, engine):
     np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
 
 
+def test_engine_tokenizes_as_the_transformers_tokenizer(model, engine):
+  """The engine encodes with the Rust tokenizer directly (serving.rust_tokenizer): same ids and token types
+  as the wrapper's __call__, for texts, pairs and odd Unicode; a slow tokenizer falls back to the wrapper."""
+  assert engine._rust_tokenizer is not None
+  texts = TEXTS + ["  héllo   Wörld ", "naïve café\u00a0x", "emoji 🙂 ok", "中文字符", "tab\tand\nnewline"]
+  pairs = list(reversed(texts))
+  for a, b in ((texts[:8], None), (texts[8:], None), (texts[:8], pairs[:8])):   # the engine takes <= 8 per request
+    enc = model.tokenizer(a, b, truncation=False, return_token_type_ids=True, return_attention_mask=False)
+    rows = engine.encode(a, b)
+    assert [r[0].tolist() for r in rows] == [list(x) for x in enc["input_ids"]]
+    assert [r[1].tolist() for r in rows] == [list(x) for x in enc["token_type_ids"]]
+  assert serving.rust_tokenizer(object()) is None
+
+
 def test_per_request_thresholds(model, engine):
   never = engine.predict(TEXTS, policy={"criterion": "entropy", "threshold": 0.0})
   always = engine.predict(TEXTS, policy="entropy:9")

@@ -220,6 +220,22 @@ class _Request:
     self.left = len(rows)
 
 
+def rust_tokenizer(tokenizer):
+  """The Rust `tokenizers.Tokenizer` behind a fast transformers tokenizer (a copy, truncation and padding
+  off), or None for a slow one. The server calls its `encode` per text: the wrapper's __call__ ends in
+  `encode_batch`, which hands even one text to a thread pool, and on 2 busy cores waiting for that pool was
+  40 % of the event loop's busy time at saturation (py-spy, the default run's export, ~900 requests/s, AMD
+  EPYC). Same ids and token types (tests/test_serving.py compares them)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    return None
+  from tokenizers import Tokenizer
+  copy = Tokenizer.from_str(backend.to_str())
+  copy.no_truncation()
+  copy.no_padding()
+  return copy
+
+
 def _pad_rows(rows, num_rows: int, seq: int):
   """Queued (request, row) pairs as right-padded [num_rows, seq] ids, mask, token types and word mask
   (a token task's rows carry their words' first pieces; rows past len(rows): all zeros)."""
@@ -278,6 +294,7 @@ class Engine:
     if timeout_ms is not None and not (math.isfinite(timeout_ms) and timeout_ms > 0):
       raise RomeFlaxError(f"timeout_ms must be a positive number, got {timeout_ms}")
     self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
+    self._rust_tokenizer = rust_tokenizer(tokenizer)
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
     self.is_token_task = bool(getattr(steps, "is_token_task", False))
     self.window = getattr(steps, "window", None) if self.is_token_task else None
@@ -332,10 +349,16 @@ class Engine:
       if not isinstance(text_pairs, (list, tuple)) or len(text_pairs) != len(texts) or any(
           not isinstance(t, str) or not t.strip() for t in text_pairs):
         raise RequestError("text_pairs must be a list of non-empty strings, one per text")
-    enc = self.tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, truncation=False,
-                         return_token_type_ids=True, return_attention_mask=False)
+    if self._rust_tokenizer is not None:
+      encode = self._rust_tokenizer.encode
+      pairs = [None] * len(texts) if text_pairs is None else text_pairs
+      encoded = [(e.ids, e.type_ids) for e in (encode(a, b, add_special_tokens=True) for a, b in zip(texts, pairs))]
+    else:
+      enc = self.tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, truncation=False,
+                           return_token_type_ids=True, return_attention_mask=False)
+      encoded = zip(enc["input_ids"], enc["token_type_ids"])
     rows = []
-    for i, (ids, types) in enumerate(zip(enc["input_ids"], enc["token_type_ids"])):
+    for i, (ids, types) in enumerate(encoded):
       if len(ids) > self.steps.seq:
         raise RequestError(f"text {i + 1} is {len(ids)} tokens; this server takes at most {self.steps.seq}")
       rows.append((np.asarray(ids, np.int32), np.asarray(types, np.int32)))
@@ -369,6 +392,8 @@ class Engine:
         raise ShuttingDown("the server is shutting down")
       if self._worker_error is not None:
         raise RomeFlaxError(f"the engine's worker stopped: {self._worker_error}")
+      if len(self._pending) + len(rows) > self.max_queue:   # cancelled requests' rows do not hold places
+        self._pending = collections.deque(item for item in self._pending if not item[0].future.done())
       if len(self._pending) + len(rows) > self.max_queue:
         self._count("rejected", "queue_full")
         raise Overloaded(f"the queue is full ({self.max_queue} examples waiting)")
