@@ -5,6 +5,7 @@ runs) count as much as the ones at the top of a module.
 """
 
 import ast
+import dataclasses
 from pathlib import Path
 
 PACKAGE = "rome_flax"
@@ -107,6 +108,28 @@ def test_method_hooks_resolve_and_the_trainer_names_no_method():
   assert (ss.hook("validate"), ss.hook("prepare")) == (self_sampling.validate, self_sampling.prepare)
   source = (ROOT / "train" / "trainer.py").read_text()
   assert not [name for name in methods.METHOD_NAMES if f'"{name}"' in source or f"'{name}'" in source]
+  # Its options are a dataclass of its own, not LossConfig fields; the train step reads its batch input
+  # through the row's unit_inputs, never by the key's name.
+  assert ss.options is methods.SelfSamplingOptions
+  assert not {f.name for f in dataclasses.fields(methods.LossConfig)} & {f.name for f in dataclasses.fields(ss.options)}
+  for key, _ in ss.unit_inputs:
+    assert key not in (ROOT / "train" / "train_step.py").read_text()
+
+
+def test_a_methods_options_are_a_config_group_with_flat_names():
+  """--ss_windows sets the self_sampling group; the flat names of config.json are those of before the group
+  (a run saved then resumes), and the trainer hands the group to the method's prepare hook."""
+  from rome_flax.train import methods, train_config
+  cfg = train_config.TrainConfig().replace(method="self_sampling", ss_windows=["3", 5.0], gamma=0.5)
+  assert cfg.self_sampling.ss_windows == (3, 5) and cfg.objective.gamma == 0.5
+  assert cfg.method_options(methods.get_method("self_sampling")) is cfg.self_sampling
+  assert cfg.method_options(methods.get_method("romebert")) is None
+  flat = cfg.to_dict()
+  assert {"ss_windows", "ss_thresholds", "ss_sandwich_small", "ss_sandwich_full", "ss_upper_cap", "gamma"} <= set(flat)
+  assert train_config.TrainConfig.from_dict(flat) == cfg
+  loss = cfg.loss_config(regression=True, regression_scale=2.0)
+  assert isinstance(loss, methods.Objective) and (loss.gamma, loss.regression_scale) == (0.5, 2.0)
+  assert train_config.dotted_name("ss_upper_cap") == "self_sampling.ss_upper_cap"
 
 
 def test_each_layer_imports_only_the_layers_below_it():

@@ -35,7 +35,7 @@ def params():
 
 
 def test_sampling_rules():
-  cfg = methods.LossConfig("self_sampling")
+  cfg = methods.SelfSamplingOptions()
   windows, thr, small, full = self_sampling.sample_thresholds(np.random.default_rng(0), 10, 6, cfg,
                                                               eligible=np.arange(8))   # rows 8, 9: padding
   assert set(windows) <= set(cfg.ss_windows)
@@ -95,8 +95,7 @@ def test_batch_extras_follow_the_simulation(params, encoded):
       lambda b: model_lib.forward(params, CFG, b["input_ids"], b["attention_mask"], b["token_type_ids"]).exit_logits,
       encoded, 8)
   assert targets.uncertainty_NxWxL.shape == (len(encoded), encoded.max_words, 4)
-  cfg = methods.LossConfig("self_sampling", ss_windows=(1,), ss_thresholds=(2.0,), ss_sandwich_small=0,
-                           ss_sandwich_full=1)
+  cfg = methods.SelfSamplingOptions(ss_windows=(1,), ss_thresholds=(2.0,), ss_sandwich_small=0, ss_sandwich_full=1)
   batch = data.pad_batch(encoded, np.arange(5), 6)
   extras = self_sampling.batch_extras(targets, batch, cfg, 4, np.random.default_rng(0))
   active = extras["active_BxLxS"]

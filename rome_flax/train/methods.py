@@ -30,6 +30,12 @@ EXIT_SETS = ("all", "final", "highways")
 TermsFn = Callable[..., losses.LossTerms]   # (logits_ExBxC, labels_B, weights_B, LossConfig) -> LossTerms
 
 
+def option(default, help: str):
+  """A config field and its one-line help: `train.py --help` prints it with the default, so the field's
+  documentation has one definition (the option groups here and in train_config.py use it)."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
   """A stage resolved for a model depth: which layers and exits a step runs and what it updates."""
@@ -69,10 +75,18 @@ class Method:
 
   validate(task, model) -> None: refuses what the method cannot train (raise `RomeFlaxError`), before
     any data is read or the output directory is touched;
-  prepare(run_piece, train, loss_cfg, model_cfg, seed, batch_size) -> (batch, step) -> batch: called
+  prepare(run_piece, train, options, model_cfg, seed, batch_size) -> (batch, step) -> batch: called
     once before the loop with the frozen starting model (`run_piece(batch) -> every exit's logits`,
     dropout off) and the encoded training split; the function it returns adds the method's inputs to
     each training batch (self-sampling: its frozen stage-1 targets, drawn per (seed, step)).
+
+  options: the method's own options, a frozen dataclass with a group of its own in `TrainConfig` (flat
+    field names, so `--ss_windows 5,7` and config files set them); the trainer hands the run's instance
+    to `prepare` as `options`.
+  unit_inputs: batch entries the `prepare` function adds that the stage's loss terms read, as
+    (batch key, terms keyword) pairs; an entry is [B, E, S] (token units) or [B, E] per row, and the
+    train step hands it over as [E, U] in the loss's unit order (`train_step.flat_units`). Rows first,
+    so micro-batching splits them like every other batch entry.
 
   The trainer runs these and never checks a method's name."""
   name: str
@@ -81,6 +95,8 @@ class Method:
   summary: str = ""
   validate: str = ""             # 'module:function' hook (see above), or "" for none
   prepare: str = ""              # 'module:function' hook (see above), or "" for none
+  options: Optional[type] = None                 # the method's options dataclass (see above)
+  unit_inputs: tuple[tuple[str, str], ...] = ()  # (batch key, terms keyword) pairs (see above)
 
   def hook(self, which: str) -> Optional[Callable]:
     """The function a hook names (None when the method has none). A hook is 'module:function' with the module
@@ -109,6 +125,34 @@ class Method:
     return self.supports_gr and gr != "none"
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfSamplingOptions:
+  """Self-sampling's options (method self_sampling, method-seqlab.md section 4): per sentence a TOKEE
+  window and threshold drawn from these lists; the sandwich rules (the first `small` sentences of a batch
+  get the smallest window or the largest threshold, the last `full` never halt); the cap on the doubled
+  upper-half threshold."""
+  ss_windows: tuple = option((5, 7, 9, 11, 13, 15), "self-sampling: TOKEE windows drawn per sentence (odd)")
+  ss_thresholds: tuple = option((0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.25),
+                                "self-sampling: TOKEE thresholds drawn per sentence")
+  ss_sandwich_small: int = option(2, "self-sampling: sentences per batch given the smallest window / largest "
+                                  "threshold")
+  ss_sandwich_full: int = option(4, "self-sampling: sentences per batch that never halt")
+  ss_upper_cap: float = option(0.5, "self-sampling: the cap on the doubled upper-half threshold")
+
+  def __post_init__(self):
+    for name, kind in (("ss_windows", int), ("ss_thresholds", float)):   # config.json lists, CLI strings
+      try:
+        object.__setattr__(self, name, tuple(kind(float(v)) if kind is int else kind(v) for v in getattr(self, name)))
+      except (TypeError, ValueError):
+        raise RomeFlaxError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
+    if not self.ss_windows or any(int(w) != w or w < 1 or w % 2 == 0 for w in self.ss_windows):
+      raise RomeFlaxError(f"ss_windows must be odd whole numbers >= 1, got {list(self.ss_windows)}")
+    if not self.ss_thresholds or any(not 0 <= t < float("inf") for t in self.ss_thresholds):
+      raise RomeFlaxError(f"ss_thresholds must be a non-empty list of numbers >= 0, got {list(self.ss_thresholds)}")
+    if self.ss_sandwich_small < 0 or self.ss_sandwich_full < 0:
+      raise RomeFlaxError("ss_sandwich_small and ss_sandwich_full must be >= 0")
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("romebert", (Stage("all", True, losses.romebert_terms),), supports_gr=True,
            summary="one stage: CE on the final exit, (1-g) CE + g T^2 KL(final || exit) on every highway, GR"),
@@ -124,7 +168,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="TOKEE's stage 2 on a finished stage-1 token model: halting sampled per sentence from the "
                    "frozen stage-1 predictions, the mixed forward, flooding against stage 1's losses; the "
                    "encoder frozen in the first stage",
-           validate="train.self_sampling:validate", prepare="train.self_sampling:prepare"),
+           validate="train.self_sampling:validate", prepare="train.self_sampling:prepare",
+           options=SelfSamplingOptions, unit_inputs=(("flood_bias_BxLxS", "flood_bias_ExB"),)),
     Method("final_only", (Stage("final", True, losses.final_terms),),
            summary="ordinary fine-tuning: the final exit alone"),
 )}
@@ -138,47 +183,33 @@ def get_method(name: str) -> Method:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """What a train step optimises (hashable: the step closes over it).
+class Objective:
+  """The method and its loss as a run configures them (`TrainConfig.objective`; method.md).
 
   kl_reduction: 'reference' divides the KL by batch x labels, as the published code's PyTorch
   KLDivLoss('mean') does; it is the default because the published gamma / T were tuned with it.
   'batchmean' divides by the batch only (the textbook KL, C times larger).
   protect: which gradient group GR keeps intact; 'auto' = method.md's rule (final exit for MNLI and
   QQP, the highways for every other task).
+  highway_weight: the highway term's weight against the final exit's (1.0: the published sum over L-1
+  highways, which outweighs the single final term L-1 to 1; 1/(L-1) weighs the two groups equally). GR
+  sees the weighted term: projection is unchanged by it (a direction), the penalty's highway gradient
+  scales with it.
   """
-  method: str = "romebert"
-  gamma: float = 0.9
-  temperature: float = 3.0
-  kl_reduction: str = "reference"
-  gr: str = "projection"
-  gr_lambda: float = 0.01
-  protect: str = "auto"
-  # The highway term's weight against the final exit's (1.0: the published sum over L-1 highways, which
-  # outweighs the single final term L-1 to 1; 1/(L-1) weighs the two groups equally). GR sees the weighted
-  # term: projection is unchanged by it (a direction), the penalty's highway gradient scales with it.
-  highway_weight: float = 1.0
-  regression: bool = False
-  # Regression losses are measured in units of this (the train labels' std when the run standardises its
-  # targets, data.regression_targets; 1.0: the labels' own units, as published).
-  regression_scale: float = 1.0
-  # Self-sampling (method self_sampling): sampled TOKEE windows and thresholds per sentence, the
-  # sandwich rules (the first `small` sentences of a batch get the smallest window or the largest
-  # threshold, the last `full` never halt) and the cap on the doubled upper-half threshold.
-  ss_windows: tuple = (5, 7, 9, 11, 13, 15)
-  ss_thresholds: tuple = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.25)
-  ss_sandwich_small: int = 2
-  ss_sandwich_full: int = 4
-  ss_upper_cap: float = 0.5
+  method: str = option("romebert", f"{', '.join(METHOD_NAMES)} (docs/method.md)")
+  gamma: float = option(0.9, "RomeBERT: the weight of the label loss against self-distillation (1: no "
+                        "distillation)")
+  temperature: float = option(3.0, "self-distillation temperature")
+  kl_reduction: str = option("reference", f"KL scaling: {' or '.join(KL_REDUCTIONS)} (reference: the published "
+                             "code's, divided by the labels)")
+  gr: str = option("projection", f"gradient regularisation: {', '.join(GR_MODES)} (projection: as published)")
+  gr_lambda: float = option(0.01, "gr penalty: its weight")
+  protect: str = option("auto", f"GR keeps this gradient group intact: {', '.join(PROTECT)} (auto: the final exit "
+                        "for MNLI and QQP, the highways otherwise)")
+  highway_weight: float = option(1.0, "the highway (exits 1..L-1) term's weight against the final exit's")
 
   def __post_init__(self):
     get_method(self.method)
-    if not self.ss_windows or any(int(w) != w or w < 1 or w % 2 == 0 for w in self.ss_windows):
-      raise RomeFlaxError(f"ss_windows must be odd whole numbers >= 1, got {list(self.ss_windows)}")
-    if not self.ss_thresholds or any(not 0 <= t < float("inf") for t in self.ss_thresholds):
-      raise RomeFlaxError(f"ss_thresholds must be a non-empty list of numbers >= 0, got {list(self.ss_thresholds)}")
-    if self.ss_sandwich_small < 0 or self.ss_sandwich_full < 0:
-      raise RomeFlaxError("ss_sandwich_small and ss_sandwich_full must be >= 0")
     for field, allowed in (("gr", GR_MODES), ("kl_reduction", KL_REDUCTIONS), ("protect", PROTECT)):
       if getattr(self, field) not in allowed:
         raise RomeFlaxError(f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
@@ -186,10 +217,27 @@ class LossConfig:
       raise RomeFlaxError(f"gamma must be in [0, 1], got {self.gamma}")
     if self.temperature <= 0:
       raise RomeFlaxError(f"temperature must be positive, got {self.temperature}")
-    if not 0.0 < self.regression_scale < float("inf"):
-      raise RomeFlaxError(f"regression_scale must be a positive number, got {self.regression_scale}")
     if not 0.0 < self.highway_weight < float("inf"):
       raise RomeFlaxError(f"highway_weight must be a positive number, got {self.highway_weight}")
+
+  def loss_config(self, regression: bool, regression_scale: float = 1.0) -> "LossConfig":
+    """What the train step optimises for a task: this objective and the task's target kind."""
+    return LossConfig(**dataclasses.asdict(self), regression=regression, regression_scale=regression_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(Objective):
+  """What a train step optimises (hashable: the step closes over it): the run's `Objective` and the
+  task's targets. regression_scale: regression losses are measured in units of this (the train labels'
+  std when the run standardises its targets, data.regression_targets; 1.0: the labels' own units, as
+  published)."""
+  regression: bool = False
+  regression_scale: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 < self.regression_scale < float("inf"):
+      raise RomeFlaxError(f"regression_scale must be a positive number, got {self.regression_scale}")
 
   @property
   def method_spec(self) -> Method:
@@ -202,7 +250,7 @@ class LossConfig:
 
 def loss_terms(logits_ExBxC, labels_B, weights_B, cfg: LossConfig, stage: int = 1, **aux) -> losses.LossTerms:
   """The method's loss in `stage` on the exits that stage computes (its `StagePlan.exits`, in order).
-  aux: per-unit inputs a method's terms read besides the labels (self-sampling's flood_bias_ExB).
+  aux: per-unit inputs a method's terms read besides the labels (`Method.unit_inputs`).
   The highway term is scaled by `cfg.highway_weight` (1.0, the default, leaves every method as published)."""
   terms = cfg.method_spec.stage(stage).terms(logits_ExBxC, labels_B, weights_B, cfg, **aux)
   return terms if cfg.highway_weight == 1.0 else terms._replace(highway=cfg.highway_weight * terms.highway)

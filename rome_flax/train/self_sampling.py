@@ -3,7 +3,7 @@
 Stage 1 (a finished token model, e.g. `joint_weighted`) is run once over the training set, dropout
 off: every word's normalised entropy and cross-entropy at every exit stay fixed for the whole
 stage (`stage_one_targets`). Each batch, every sentence draws a TOKEE window and threshold from the
-configured lists (`LossConfig.ss_*`); the sandwich rules force the smallest window or the largest
+configured lists (`methods.SelfSamplingOptions`); the sandwich rules force the smallest window or the largest
 threshold on some sentences and no halting on others (drawn among the batch's real sentences; the
 reference takes the first and last rows of its batch); the halting those settings would
 give on the frozen stage-1 uncertainties (`token_exit.simulate`, the inference criterion, with the
@@ -26,7 +26,7 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data
 from rome_flax.kinds.kind import kind_of
 from rome_flax.train import losses
-from rome_flax.train.methods import LossConfig
+from rome_flax.train.methods import SelfSamplingOptions
 
 
 def validate(task, model) -> None:
@@ -39,11 +39,12 @@ def validate(task, model) -> None:
                         "token task trained with e.g. --method joint_weighted)")
 
 
-def prepare(run_piece, train: data.EncodedSplit, loss_cfg: LossConfig, model_cfg, seed: int, batch_size: int):
+def prepare(run_piece, train: data.EncodedSplit, options: SelfSamplingOptions, model_cfg, seed: int,
+            batch_size: int):
   """The method's `prepare` hook: stage 1's frozen view of the training set, once; then each batch gets
   its sampled halting and flooding targets (`batch_extras`), drawn from (seed, step)."""
   targets = stage_one_targets(run_piece, train, batch_size)
-  return lambda batch, step: {**batch, **batch_extras(targets, batch, loss_cfg, model_cfg.num_layers,
+  return lambda batch, step: {**batch, **batch_extras(targets, batch, options, model_cfg.num_layers,
                                                       np.random.default_rng([seed, step]))}
 
 
@@ -68,7 +69,8 @@ def stage_one_targets(run_piece, encoded: data.EncodedSplit, batch_size: int, pr
   return StageOneTargets(u.transpose(1, 2, 0).astype(np.float32), ce.transpose(1, 2, 0).astype(np.float32))
 
 
-def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: LossConfig, eligible=None):
+def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: SelfSamplingOptions,
+                      eligible=None):
   """Per sentence a window and per-layer thresholds [n, L]: tau in the lower half, min(2 tau, cap)
   above; sandwich rules (method-seqlab.md section 4, step 2) on sentences drawn at random among
   `eligible` (default all; the batch's real rows), so neither a batch's length order nor its
@@ -87,9 +89,11 @@ def sample_thresholds(rng: np.random.Generator, n: int, num_layers: int, cfg: Lo
   return windows, thresholds.astype(np.float32), small, full
 
 
-def batch_extras(targets: StageOneTargets, batch: dict, cfg: LossConfig, num_layers: int,
+def batch_extras(targets: StageOneTargets, batch: dict, cfg: SelfSamplingOptions, num_layers: int,
                  rng: np.random.Generator) -> dict:
-  """{active_BxLxS, flood_bias_BxLxS} for one padded token batch (`data.pad_batch`)."""
+  """{active_BxLxS, flood_bias_BxLxS} for one padded token batch (`data.pad_batch`): which pieces each
+  layer updates (the model's mixed forward) and, per word and exit, stage 1's loss (the method's
+  `unit_inputs`: the flooding terms read it as flood_bias_ExB)."""
   rows = batch["example_ids"]
   B, S = batch["input_ids"].shape
   L = num_layers

@@ -1,7 +1,8 @@
 """The training run's configuration, grouped by concern, from a config file and CLI overrides.
 
-`TrainConfig` holds five frozen groups: `network` (which model), `data`, `objective` (the method
-and its loss), `optim` (optimisation) and `run` (logs, evaluation, checkpoints, export). Every
+`TrainConfig` holds frozen groups: `network` (which model), `data`, `objective` (the method and its
+loss, `methods.Objective`), `optim` (optimisation), `run` (logs, evaluation, checkpoints, export) and
+one per method with options of its own (`self_sampling`, `methods.Method.options`). Every
 field name is unique across the groups, so a flat `{"learning_rate": 5e-5}` names one field: that
 is what config files (`configs/*.py`, `get_config()` returning a dict) return, what the command
 line sets (`--learning_rate 5e-5`; `--optim.learning_rate` also works) and what a run's
@@ -20,13 +21,7 @@ from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds.sources import DataSources
 from rome_flax.kinds.tasks import TASK_NAMES
 from rome_flax.model.targets import MODES as TARGET_MODES
-from rome_flax.train.methods import GR_MODES, KL_REDUCTIONS, METHOD_NAMES, PROTECT, LossConfig
-
-
-def option(default, help: str):
-  """A config field and its one-line help: `train.py --help` prints it with the default, so the field's
-  documentation has one definition."""
-  return dataclasses.field(default=default, metadata={"help": help})
+from rome_flax.train.methods import LossConfig, Method, Objective, SelfSamplingOptions, option
 
 
 def _check(checks) -> None:
@@ -105,42 +100,7 @@ class DataOptions:
                           file_options="--train_file / --dev_file")
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveOptions:
-  """The method and its loss (method.md): `methods.LossConfig` without the task's `regression`;
-  the defaults and the checks are LossConfig's."""
-  method: str = option(LossConfig.method, f"{', '.join(METHOD_NAMES)} (docs/method.md)")
-  gamma: float = option(LossConfig.gamma, "RomeBERT: the weight of the label loss against self-distillation (1: "
-                        "no distillation)")
-  temperature: float = option(LossConfig.temperature, "self-distillation temperature")
-  kl_reduction: str = option(LossConfig.kl_reduction, f"KL scaling: {' or '.join(KL_REDUCTIONS)} (reference: the "
-                             "published code's, divided by the labels)")
-  gr: str = option(LossConfig.gr, f"gradient regularisation: {', '.join(GR_MODES)} (projection: "
-                     "as published)")
-  gr_lambda: float = option(LossConfig.gr_lambda, "gr penalty: its weight")
-  protect: str = option(LossConfig.protect, f"GR keeps this gradient group intact: {', '.join(PROTECT)} (auto: "
-                        "the final exit for MNLI and QQP, the highways otherwise)")
-  highway_weight: float = option(LossConfig.highway_weight, "the highway (exits 1..L-1) term's weight against the "
-                                 "final exit's")
-  # Self-sampling (method self_sampling, method-seqlab.md section 4): per sentence a TOKEE window and
-  # threshold drawn from these lists; sandwich rules; the upper-half threshold cap.
-  ss_windows: tuple = option(LossConfig.ss_windows, "self-sampling: TOKEE windows drawn per sentence (odd)")
-  ss_thresholds: tuple = option(LossConfig.ss_thresholds, "self-sampling: TOKEE thresholds drawn per sentence")
-  ss_sandwich_small: int = option(LossConfig.ss_sandwich_small, "self-sampling: sentences per batch given the "
-                                  "smallest window / largest threshold")
-  ss_sandwich_full: int = option(LossConfig.ss_sandwich_full, "self-sampling: sentences per batch that never halt")
-  ss_upper_cap: float = option(LossConfig.ss_upper_cap, "self-sampling: the cap on the doubled upper-half threshold")
-
-  def __post_init__(self):
-    for name, kind in (("ss_windows", int), ("ss_thresholds", float)):
-      try:
-        object.__setattr__(self, name, tuple(kind(float(v)) if kind is int else kind(v) for v in getattr(self, name)))
-      except (TypeError, ValueError):
-        raise RomeFlaxError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
-    self.loss_config(regression=False)
-
-  def loss_config(self, regression: bool, regression_scale: float = 1.0) -> LossConfig:
-    return LossConfig(**dataclasses.asdict(self), regression=regression, regression_scale=regression_scale)
+ObjectiveOptions = Objective   # the method and its loss: defined, checked and documented in train/methods.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +155,16 @@ class TrainConfig:
   objective: ObjectiveOptions = ObjectiveOptions()
   optim: OptimOptions = OptimOptions()
   run: RunOptions = RunOptions()
+  self_sampling: SelfSamplingOptions = SelfSamplingOptions()   # a method's options (`Method.options`)
 
   def loss_config(self, regression: bool, regression_scale: float = 1.0) -> LossConfig:
     return self.objective.loss_config(regression, regression_scale)
+
+  def method_options(self, method: Method):
+    """The run's instance of the method's options dataclass (`Method.options`), or None when it has none."""
+    if method.options is None:
+      return None
+    return next(getattr(self, g) for g in GROUPS if type(getattr(self, g)) is method.options)
 
   def to_dict(self) -> dict[str, Any]:
     """The flat form: field name -> value (config.json, the --resume check)."""

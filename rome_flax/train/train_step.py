@@ -201,10 +201,9 @@ def make_grads_fn(cfg: ModelConfig, loss_cfg: LossConfig, *, stage: int = 1, pro
   mode = loss_cfg.gr if loss_cfg.uses_gr else "none"
 
   def loss_of_logits(logits, batch, scale) -> LossTerms:
-    aux = {}
-    if "flood_bias_BxLxS" in batch:   # self-sampling: the stage-1 model's per-word losses, [E, B*S] units
-      bias_BxLxS = batch["flood_bias_BxLxS"]
-      aux["flood_bias_ExB"] = bias_BxLxS.transpose(1, 0, 2).reshape(bias_BxLxS.shape[1], -1)
+    # The method's own per-unit inputs ([B, E, (S)] rows first -> [E, U], the units' order of flat_units).
+    aux = {keyword: jnp.swapaxes(batch[key], 0, 1).reshape(batch[key].shape[1], -1)
+           for key, keyword in loss_cfg.method_spec.unit_inputs}
     terms = loss_terms(*flat_units(logits, batch["labels"], example_weights(batch)), loss_cfg, stage, **aux)
     return terms if scale is None else LossTerms(terms.final * scale, terms.highway * scale)
 

@@ -494,8 +494,9 @@ def _train_in(out: Path, cfg: TrainConfig, task: TaskSpec, model: MultiExitBert,
   programs = stage_programs(cfg, mcfg, model.params, method, loss_cfg, protect, sched, mesh)
   eval_step = steps.make_eval_step(mcfg, out_sharding=sharding_lib.replicated(mesh))
   prepare = method.hook("prepare")   # the method's inputs per batch (methods.Method), from the starting model
-  batch_extras = None if prepare is None else prepare(lambda b: eval_step(model.params, b), run_data.train, loss_cfg,
-                                                      mcfg, cfg.optim.seed, cfg.run.eval_batch_size)
+  batch_extras = None if prepare is None else prepare(lambda b: eval_step(model.params, b), run_data.train,
+                                                      cfg.method_options(method), mcfg, cfg.optim.seed,
+                                                      cfg.run.eval_batch_size)
 
   # A checkpoint holds the optimiser state of the stage of its last step: build that stage's state to restore into.
   ckpts = RunCheckpoints(out / "checkpoints", cfg.run.keep_checkpoints)
