@@ -123,34 +123,40 @@ def load_model(path: str, num_labels: Optional[int] = None):
   return MultiExitBert.from_pretrained(path, num_labels=None if (p / EXPORT_CONFIG).is_file() else num_labels)
 
 
+class _LabelsFromTheModel(Exception):
+  pass
+
+
 def _named_task(args):
-  """The --task's spec when it fixes the label count (a Hugging Face checkpoint then gets that many)."""
+  """The --task's spec when the registry fixes its label count (a Hugging Face checkpoint then gets that
+  many); None when only the model can say (a token task's tags, a custom task's classes) or no --task."""
   from rome_flax.kinds import tasks
-  if args.task is None or args.task.strip().lower() == "custom" or tasks.is_token_task_name(args.task):
+
+  def labels():
+    raise _LabelsFromTheModel
+  try:
+    return None if args.task is None else tasks.resolve_task(args.task, labels)
+  except _LabelsFromTheModel:
     return None
-  return tasks.get_task(args.task)
 
 
 def resolve_task(args, model):
+  """--task (else the export's task) as `tasks.resolve_task` completes it from the export (its label names,
+  whether it regresses), then checked against the model: the same kind of exits, as many labels."""
   from rome_flax.kinds import tasks
   info = model.export_info
   name = args.task or info.task
   if name is None:
     raise RomeFlaxError("the checkpoint does not say its task: pass --task")
-  if str(name).lower() == "custom":
-    return tasks.get_task("custom", label_names=tuple(info.label_names) or None,
-                          regression=model.config.is_regression)
-  if tasks.is_token_task_name(name):
-    if not model.config.is_token_task:
-      raise RomeFlaxError(f"task {name} (sequence labelling) needs a model with token exits; {args.checkpoint} has "
-                          "one prediction per sentence")
+
+  def labels():   # a token task's tag set, a custom task's classes: only an export knows them
     if not info.label_names:
-      raise RomeFlaxError(f"{args.checkpoint} does not list its tag set: pass a train.py export of a token task")
-    return tasks.get_task(name, tag_names=tuple(info.label_names))
-  if model.config.is_token_task:
-    raise RomeFlaxError(f"{args.checkpoint} has token exits (sequence labelling); task {name} needs one prediction "
-                        "per sentence")
-  task = tasks.get_task(name)
+      raise RomeFlaxError(f"{args.checkpoint} does not list its labels: pass a train.py export of task {name}")
+    return info.label_names
+  task = tasks.resolve_task(name, labels, model.config.is_regression)
+  if task.kind != model.config.head:
+    raise RomeFlaxError(f"task {name} needs a model with {kind_of(task).exits}; {args.checkpoint} has "
+                        f"{kind_of(model.config).exits}")
   if task.num_labels != model.config.num_labels:
     raise RomeFlaxError(f"task {task.name} has {task.num_labels} label(s) but the checkpoint's exits have "
                         f"{model.config.num_labels}")

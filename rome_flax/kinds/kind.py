@@ -40,6 +40,7 @@ class TaskKind:
   name = "classification"
   head = "sequence"            # model/heads.py HEAD_KINDS key
   unit = "example"             # what takes an exit and a prediction
+  exits = "one prediction per sentence"   # what its model's exits give (messages: a task and a model that differ)
   token_level_exit = False     # TOKEE (a word halts on its own) applies
   is_regression = False
   criteria = SENTENCE_CRITERIA   # the sentence-level criteria a sweep's 'all' runs
@@ -187,6 +188,7 @@ class TokenKind(TaskKind):
   name = "token"
   head = "token"
   unit = "word"
+  exits = "token exits (sequence labelling)"
   token_level_exit = True
   criteria = ("entropy", "maxprob")   # SENTEE: a sentence exits when its words' pooled uncertainty is low
 

@@ -9,7 +9,7 @@ is read from their training split (`token_task`). The GLUE column layouts are th
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from rome_flax.errors import RomeFlaxError
 
@@ -169,6 +169,20 @@ def custom_task(label_names: Optional[tuple[str, ...]] = None, regression: bool 
     raise RomeFlaxError(f"custom label names repeat: {list(label_names)}")
   metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")
   return TaskSpec(name, len(label_names), tuple(str(x) for x in label_names), metrics, "accuracy")
+
+
+def resolve_task(name: str, labels: Callable[[], Sequence[str]], regression: bool = False) -> TaskSpec:
+  """A task by name, completed by what only its data or its model can say: the label names of a task whose
+  registry entry has none (a token task's tag set, a custom task's classes: `labels()`, called only then)
+  and whether a custom task is a regression. train.py reads them from the training data, infer.py from the
+  export; both resolve here."""
+  key = str(name).strip().lower()
+  key = _ALIASES.get(key, key)
+  if key in TOKEN_TASKS:
+    return token_task(key, labels())
+  if key == "custom":
+    return custom_task(regression=True) if regression else custom_task(tuple(labels() or ()) or None)
+  return get_task(name)
 
 
 def get_task(name: str, **custom) -> TaskSpec:

@@ -33,7 +33,7 @@ from rome_flax.io.files import atomic_write_text, write_json
 from rome_flax.io.runlock import RunLock
 from rome_flax.kinds import data as data_lib
 from rome_flax.kinds import metrics as metrics_lib
-from rome_flax.kinds import synthetic
+from rome_flax.kinds import synthetic, tasks
 from rome_flax.kinds import token_data
 from rome_flax.kinds.kind import kind_of
 from rome_flax.kinds.sources import eval_splits
@@ -70,17 +70,18 @@ class RunData:
 
 
 def resolve_task(cfg: DataOptions) -> TaskSpec:
-  if is_token_task_name(cfg.task):   # the tag set comes from the training split
-    named = get_task(cfg.task, tag_names=("O", "B-X"))
-    return get_task(named.name, tag_names=token_data.tag_set(kind_of(named).read(named, "train", cfg.sources())))
-  if cfg.task.lower() != "custom":
-    return get_task(cfg.task)
-  if cfg.train_file is None:
+  """The run's task (`tasks.resolve_task`): label names its registry entry lacks come from the training
+  data: a token task's tag set from the train split, a custom task's classes from custom_labels or the train
+  file's label column."""
+  if cfg.task.strip().lower() == "custom" and cfg.train_file is None:
     raise RomeFlaxError("the custom task needs train_file (and dev_file)")
-  if cfg.custom_regression:
-    return get_task("custom", regression=True)
-  labels = cfg.custom_labels or data_lib.custom_label_names(cfg.train_file, cfg.label_column)
-  return get_task("custom", label_names=tuple(labels))
+
+  def labels():
+    if is_token_task_name(cfg.task):   # before a kind exists: read the train split with a stand-in tag set
+      named = get_task(cfg.task, tag_names=("O", "B-X"))
+      return token_data.tag_set(kind_of(named).read(named, "train", cfg.sources()))
+    return cfg.custom_labels or data_lib.custom_label_names(cfg.train_file, cfg.label_column)
+  return tasks.resolve_task(cfg.task, labels, cfg.custom_regression)
 
 
 def load_model(cfg: TrainConfig, task: TaskSpec) -> MultiExitBert:
@@ -165,11 +166,9 @@ FORMER_DEFAULTS = {"regression_targets": ("raw", lambda cfg: _is_regression_conf
 def _is_regression_config(cfg: TrainConfig) -> bool:
   if cfg.data.custom_regression:
     return True
-  if is_token_task_name(cfg.data.task):
-    return False
-  try:
-    return get_task(cfg.data.task).is_regression
-  except RomeFlaxError:   # a token task or a custom one: classification
+  try:   # no data is read: a stand-in label set where the data would give one
+    return tasks.resolve_task(cfg.data.task, lambda: ("a", "b"), cfg.data.custom_regression).is_regression
+  except RomeFlaxError:
     return False
 
 
