@@ -7,10 +7,12 @@ share the CPU. Against a Starlette app that answers a fixed JSON body (uvicorn, 
 saturation phase measured the client: the early-exit server sat mostly idle.
 
 What it speaks: a request line, Host, Content-Type and Content-Length; answers with Content-Length, chunked
-transfer encoding, or a body up to the connection's close; `Connection: close` is honoured. A connection
-that was idle in the pool and turns out closed by the server (keep-alive timeout) before any answer byte is
-retried once on a fresh one, as httpx does. A cancelled or failed exchange closes its connection (its state
-is unknown), so the pool only ever holds connections between two complete exchanges.
+transfer encoding, or a body up to the connection's close (none for 1xx, 204, 304); `Connection: close` (and
+HTTP/1.0 without keep-alive) is honoured. A connection that was idle in the pool and turns out closed by the
+server (keep-alive timeout) before an answer began is retried once on a fresh one, as httpx does; a
+malformed answer (bad status line, negative or unreadable lengths, a head over 64 KiB) is a ProtocolError.
+A cancelled or failed exchange closes its connection (its state is unknown), so the pool only ever holds
+connections between two complete exchanges.
 
 Only loopback addresses are accepted: the bench must never reach another host.
 """
@@ -40,17 +42,26 @@ def check_loopback(host: str) -> None:
   raise ValueError(f"{host!r} is not a loopback address: the load client only talks to 127.0.0.1 / ::1")
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict) -> tuple[bytes, bool]:
+def _length(raw: bytes, what: str, base: int = 10) -> int:
+  try:
+    value = int(raw.split(b";", 1)[0].strip(), base)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise ProtocolError(f"bad {what} {raw[:40]!r}")
+  return value
+
+
+async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict, http10: bool) -> tuple[bytes, bool]:
   """The body of an answer and whether the connection may be reused."""
-  keep = headers.get(b"connection", b"").lower() != b"close"
+  tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
+  keep = b"keep-alive" in tokens if http10 else b"close" not in tokens
+  if status < 200 or status in (204, 304):   # no body, whatever the headers say
+    return b"", keep
   if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
     parts = []
     while True:
-      size_line = await reader.readuntil(b"\r\n")
-      try:
-        size = int(size_line.split(b";", 1)[0].strip(), 16)
-      except ValueError:
-        raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
+      size = _length(await reader.readuntil(b"\r\n"), "chunk size line", 16)
       if size == 0:
         while (await reader.readuntil(b"\r\n")) != b"\r\n":   # trailers, then the blank line
           pass
@@ -58,19 +69,19 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict) -> tuple[bytes
       parts.append(await reader.readexactly(size))
       await reader.readexactly(2)
   if b"content-length" in headers:
-    try:
-      length = int(headers[b"content-length"])
-    except ValueError:
-      raise ProtocolError(f"bad Content-Length {headers[b'content-length'][:40]!r}") from None
-    return await reader.readexactly(length), keep
+    return await reader.readexactly(_length(headers[b"content-length"], "Content-Length")), keep
   return await reader.read(), False   # delimited by the close
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, started: list
                     ) -> tuple[int, bytes, bool]:
-  """Writes one request, reads its answer: (status, body, reusable)."""
+  """Writes one request, reads its answer: (status, body, reusable). Sets started[0] once the head came."""
   writer.write(request)
-  head = await reader.readuntil(b"\r\n\r\n")
+  try:
+    head = await reader.readuntil(b"\r\n\r\n")
+  except asyncio.LimitOverrunError:
+    raise ProtocolError("the answer's head is longer than 64 KiB") from None
+  started[0] = True
   lines = head[:-4].split(b"\r\n")
   parts = lines[0].split(b" ", 2)
   if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -79,8 +90,12 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
   for line in lines[1:]:
     name, _, value = line.partition(b":")
     headers[name.strip().lower()] = value.strip()
-  body, keep = await _read_body(reader, headers)
-  return int(parts[1]), body, keep
+  status = int(parts[1])
+  try:
+    body, keep = await _read_body(reader, status, headers, parts[0] == b"HTTP/1.0")
+  except asyncio.LimitOverrunError:
+    raise ProtocolError("a chunk line is longer than 64 KiB") from None
+  return status, body, keep
 
 
 class LoopbackClient:
@@ -98,6 +113,7 @@ class LoopbackClient:
     self._idle: list = []   # (reader, writer) between two complete exchanges
     self._slots = asyncio.Semaphore(max_connections)
     self.opened = 0         # connections opened (tests: keep-alive reuses them)
+    self._closed = False
 
   async def __aenter__(self) -> "LoopbackClient":
     return self
@@ -106,6 +122,7 @@ class LoopbackClient:
     await self.aclose()
 
   async def aclose(self) -> None:
+    self._closed = True     # an exchange still running closes its connection instead of pooling it
     idle, self._idle = self._idle, []
     for _, writer in idle:
       writer.close()
@@ -116,7 +133,8 @@ class LoopbackClient:
         pass
 
   def _request_bytes(self, method: str, path: str, body: bytes, content_type: Optional[str]) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+    host = f"[{self.host}]" if ":" in self.host else self.host
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
     if body or method in ("POST", "PUT"):
       head += f"Content-Type: {content_type or 'application/json'}\r\nContent-Length: {len(body)}\r\n"
     return (head + "\r\n").encode("latin-1") + body
@@ -127,20 +145,22 @@ class LoopbackClient:
     asyncio.IncompleteReadError (an EOFError) when no complete answer came; cancellation is safe."""
     request = self._request_bytes(method, path, body, content_type)
     async with self._slots:
+      fresh = False
       while True:
-        reused = bool(self._idle)
+        reused = bool(self._idle) and not fresh
         reader, writer = self._idle.pop() if reused else await self._open()
-        keep = False
+        keep, started = False, [False]
         try:
-          status, data, keep = await _exchange(reader, writer, request)
+          status, data, keep = await _exchange(reader, writer, request, started)
           return status, data
-        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
-          # A pooled connection the server closed while it was idle: no byte of an answer came, so the
-          # request was not taken; once more on a fresh connection. Anything else is the caller's failure.
-          if not (reused and (not isinstance(e, asyncio.IncompleteReadError) or not e.partial)):
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+          # A pooled connection the server closed while it was idle: no answer began, so the request was
+          # not taken; once more, on a fresh connection. Anything else is the caller's failure.
+          if not reused or started[0]:
             raise
+          fresh = True
         finally:
-          if keep:
+          if keep and not self._closed:
             self._idle.append((reader, writer))
           else:
             writer.close()
@@ -161,8 +181,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def run(coroutine):
   """asyncio.run on `new_event_loop()`'s loop."""
-  with asyncio.Runner(loop_factory=new_event_loop) as runner:
-    return runner.run(coroutine)
+  loop = new_event_loop()
+  try:
+    return loop.run_until_complete(coroutine)
+  finally:
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
 
 
 def get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

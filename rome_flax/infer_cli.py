@@ -148,15 +148,17 @@ def resolve_task(args, model):
   name = args.task or info.task
   if name is None:
     raise RomeFlaxError("the checkpoint does not say its task: pass --task")
+  # First the kind of exits (stand-in labels: the export's may not fit another kind's task), then the labels.
+  stand_in = tasks.resolve_task(name, lambda: ("O", "B-X"), model.config.is_regression)
+  if stand_in.kind != model.config.head:
+    raise RomeFlaxError(f"task {name} needs a model with {kind_of(stand_in).exits}; {args.checkpoint} has "
+                        f"{kind_of(model.config).exits}")
 
   def labels():   # a token task's tag set, a custom task's classes: only an export knows them
     if not info.label_names:
       raise RomeFlaxError(f"{args.checkpoint} does not list its labels: pass a train.py export of task {name}")
     return info.label_names
   task = tasks.resolve_task(name, labels, model.config.is_regression)
-  if task.kind != model.config.head:
-    raise RomeFlaxError(f"task {name} needs a model with {kind_of(task).exits}; {args.checkpoint} has "
-                        f"{kind_of(model.config).exits}")
   if task.num_labels != model.config.num_labels:
     raise RomeFlaxError(f"task {task.name} has {task.num_labels} label(s) but the checkpoint's exits have "
                         f"{model.config.num_labels}")

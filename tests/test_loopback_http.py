@@ -105,6 +105,35 @@ def test_a_pooled_connection_closed_by_the_server_is_retried_once_on_a_fresh_one
   thread.join(5)
 
 
+def test_bodiless_statuses_http10_and_an_answer_cut_after_its_head():
+  answers = [b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",      # no body, whatever it says
+             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",           # HTTP/1.0: not reused
+             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]       # then the server closes
+  port, seen, thread = scripted_server(answers, close_after={1, 2})
+
+  async def go():
+    async with lh.LoopbackClient("127.0.0.1", port, 1) as client:
+      out = [await client.request("GET", "/a"), await client.request("GET", "/b")]
+      with pytest.raises(asyncio.IncompleteReadError):   # an answer had begun: never sent again
+        await client.request("POST", "/c", b"x")
+      return out, client.opened
+
+  out, opened = lh.run(go())
+  assert out == [(204, b""), (200, b"ok")] and opened == 2 and len(seen) == 3
+  thread.join(5)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", "longer than 64 KiB")])
+def test_malformed_answers_are_protocol_errors(answer, message):
+  port, _, thread = scripted_server([answer], close_after={0})
+  with pytest.raises(lh.ProtocolError, match=message):
+    lh.run(lh.LoopbackClient("127.0.0.1", port).request("GET", "/"))
+  thread.join(5)
+
+
 def test_garbage_refused_and_cancelled_exchanges_fail_without_poisoning_the_pool():
   port, _, thread = scripted_server([b"SSH-2.0-OpenSSH\r\n\r\n"])
   with pytest.raises(lh.ProtocolError, match="not an HTTP/1.x status line"):
@@ -138,6 +167,8 @@ def test_garbage_refused_and_cancelled_exchanges_fail_without_poisoning_the_pool
 def test_only_loopback_addresses():
   for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
     lh.check_loopback(host)
+  assert lh.LoopbackClient("::1", 8080)._request_bytes("GET", "/", b"", None).startswith(
+      b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n")
   for host in ("10.0.0.1", "0.0.0.0", "example.com", "192.168.1.2"):
     with pytest.raises(ValueError, match="not a loopback address"):
       lh.LoopbackClient(host, 80)

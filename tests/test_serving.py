@@ -121,6 +121,20 @@ def test_queue_full_deadline_and_cancel(model):
     eng.submit(TEXTS[:1])
 
 
+def test_a_cancelled_request_gives_its_queue_places_back(model):
+  eng = serving.Engine(model, "entropy:0.0", slots=4, batch=2, max_length=64, max_queue=3)
+  try:
+    with eng._cond:   # the worker cannot take rows meanwhile: the queue stays full until the cancellation
+      gone = eng.submit(TEXTS[:3])
+      with pytest.raises(serving.Overloaded):
+        eng.submit(TEXTS[:1])
+      gone.cancel()
+      kept = eng.submit(TEXTS[3:6])
+    assert [p.exit_layer for p in kept.result(30)] == [model.config.num_layers] * 3
+  finally:
+    eng.close(5)
+
+
 def test_full_model_baseline_answers_with_the_final_exit(model):
   eng = serving.Engine(model, slots=8, batch=4, max_length=64, full_model=True)
   try:

@@ -305,6 +305,7 @@ class Engine:
         raise RomeFlaxError(f"named policy {name!r} uses {p.criterion}; this engine runs {self.policy.criterion}")
     self.metrics = metrics
     self._pending: collections.deque = collections.deque()   # (request, row index)
+    self._cancelled = 0    # requests cancelled since the queue was last compacted
     self._cond = threading.Condition()
     self._closing = False
     self._counter = itertools.count()
@@ -392,15 +393,23 @@ class Engine:
         raise ShuttingDown("the server is shutting down")
       if self._worker_error is not None:
         raise RomeFlaxError(f"the engine's worker stopped: {self._worker_error}")
-      if len(self._pending) + len(rows) > self.max_queue:   # cancelled requests' rows do not hold places
+      if len(self._pending) + len(rows) > self.max_queue and self._cancelled:
+        # Cancelled requests' rows do not hold places: dropped here, once per batch of cancellations.
         self._pending = collections.deque(item for item in self._pending if not item[0].future.done())
+        self._cancelled = 0
       if len(self._pending) + len(rows) > self.max_queue:
         self._count("rejected", "queue_full")
         raise Overloaded(f"the queue is full ({self.max_queue} examples waiting)")
       request = _Request(rows, p, deadline, next(self._counter))
+      request.future.add_done_callback(self._note_cancelled)
       self._pending.extend((request, i) for i in range(len(rows)))
       self._cond.notify()
     return request.future
+
+  def _note_cancelled(self, future: concurrent.futures.Future) -> None:
+    if future.cancelled():
+      with self._cond:
+        self._cancelled += 1
 
   def predict(self, texts=None, text_pairs=None, **kw) -> list:
     """submit(...).result(): blocking."""

@@ -140,13 +140,16 @@ class SelfSamplingOptions:
   ss_upper_cap: float = option(0.5, "self-sampling: the cap on the doubled upper-half threshold")
 
   def __post_init__(self):
-    for name, kind in (("ss_windows", int), ("ss_thresholds", float)):   # config.json lists, CLI strings
-      try:
-        object.__setattr__(self, name, tuple(kind(float(v)) if kind is int else kind(v) for v in getattr(self, name)))
-      except (TypeError, ValueError):
-        raise RomeFlaxError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
-    if not self.ss_windows or any(int(w) != w or w < 1 or w % 2 == 0 for w in self.ss_windows):
-      raise RomeFlaxError(f"ss_windows must be odd whole numbers >= 1, got {list(self.ss_windows)}")
+    try:   # config.json lists, CLI strings
+      windows = tuple(float(v) for v in self.ss_windows)
+      object.__setattr__(self, "ss_thresholds", tuple(float(v) for v in self.ss_thresholds))
+    except (TypeError, ValueError):
+      raise RomeFlaxError(f"ss_windows and ss_thresholds must be lists of numbers, got {self.ss_windows!r} and "
+                          f"{self.ss_thresholds!r}") from None
+    if not windows or any(not w.is_integer() or w < 1 or w % 2 == 0 for w in windows):
+      shown = ",".join(f"{w:g}" for w in windows) or "none"
+      raise RomeFlaxError(f"ss_windows must be odd whole numbers >= 1, got {shown}")
+    object.__setattr__(self, "ss_windows", tuple(int(w) for w in windows))
     if not self.ss_thresholds or any(not 0 <= t < float("inf") for t in self.ss_thresholds):
       raise RomeFlaxError(f"ss_thresholds must be a non-empty list of numbers >= 0, got {list(self.ss_thresholds)}")
     if self.ss_sandwich_small < 0 or self.ss_sandwich_full < 0:
@@ -222,7 +225,8 @@ class Objective:
 
   def loss_config(self, regression: bool, regression_scale: float = 1.0) -> "LossConfig":
     """What the train step optimises for a task: this objective and the task's target kind."""
-    return LossConfig(**dataclasses.asdict(self), regression=regression, regression_scale=regression_scale)
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Objective)}
+    return LossConfig(**fields, regression=regression, regression_scale=regression_scale)
 
 
 @dataclasses.dataclass(frozen=True)

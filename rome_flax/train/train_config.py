@@ -164,7 +164,10 @@ class TrainConfig:
     """The run's instance of the method's options dataclass (`Method.options`), or None when it has none."""
     if method.options is None:
       return None
-    return next(getattr(self, g) for g in GROUPS if type(getattr(self, g)) is method.options)
+    group = next((g for g in GROUPS if type(getattr(self, g)) is method.options), None)
+    if group is None:
+      raise RomeFlaxError(f"method {method.name}: its options ({method.options.__name__}) have no TrainConfig group")
+    return getattr(self, group)
 
   def to_dict(self) -> dict[str, Any]:
     """The flat form: field name -> value (config.json, the --resume check)."""
