@@ -123,21 +123,11 @@ def load_model(path: str, num_labels: Optional[int] = None):
   return MultiExitBert.from_pretrained(path, num_labels=None if (p / EXPORT_CONFIG).is_file() else num_labels)
 
 
-class _LabelsFromTheModel(Exception):
-  pass
-
-
 def _named_task(args):
   """The --task's spec when the registry fixes its label count (a Hugging Face checkpoint then gets that
   many); None when only the model can say (a token task's tags, a custom task's classes) or no --task."""
   from rome_flax.kinds import tasks
-
-  def labels():
-    raise _LabelsFromTheModel
-  try:
-    return None if args.task is None else tasks.resolve_task(args.task, labels)
-  except _LabelsFromTheModel:
-    return None
+  return None if args.task is None or tasks.labels_from_data(args.task) else tasks.get_task(args.task)
 
 
 def resolve_task(args, model):
@@ -149,7 +139,7 @@ def resolve_task(args, model):
   if name is None:
     raise RomeFlaxError("the checkpoint does not say its task: pass --task")
   # First the kind of exits (stand-in labels: the export's may not fit another kind's task), then the labels.
-  stand_in = tasks.resolve_task(name, lambda: ("O", "B-X"), model.config.is_regression)
+  stand_in = tasks.stand_in(name, model.config.is_regression)
   if stand_in.kind != model.config.head:
     raise RomeFlaxError(f"task {name} needs a model with {kind_of(stand_in).exits}; {args.checkpoint} has "
                         f"{kind_of(model.config).exits}")

@@ -171,18 +171,31 @@ def custom_task(label_names: Optional[tuple[str, ...]] = None, regression: bool 
   return TaskSpec(name, len(label_names), tuple(str(x) for x in label_names), metrics, "accuracy")
 
 
-def resolve_task(name: str, labels: Callable[[], Sequence[str]], regression: bool = False) -> TaskSpec:
-  """A task by name, completed by what only its data or its model can say: the label names of a task whose
-  registry entry has none (a token task's tag set, a custom task's classes: `labels()`, called only then)
-  and whether a custom task is a regression. train.py reads them from the training data, infer.py from the
-  export; both resolve here."""
+def labels_from_data(name: str) -> bool:
+  """True when the registry does not fix a task's label names: a token task's tag set and a custom
+  task's classes come from its data (train.py) or its export (infer.py)."""
   key = str(name).strip().lower()
-  key = _ALIASES.get(key, key)
-  if key in TOKEN_TASKS:
-    return token_task(key, labels())
-  if key == "custom":
-    return custom_task(regression=True) if regression else custom_task(tuple(labels() or ()) or None)
-  return get_task(name)
+  return _ALIASES.get(key, key) in TOKEN_TASKS or key == "custom"
+
+
+def resolve_task(name: str, labels: Callable[[], Sequence[str]], regression: bool = False) -> TaskSpec:
+  """A task by name, completed by what only its data or its model can say: the label names when the
+  registry has none (`labels_from_data`; `labels()` is called only then) and whether a custom task is a
+  regression. train.py reads them from the training data, infer.py from the export; both resolve here."""
+  if not labels_from_data(name):
+    return get_task(name)
+  if is_token_task_name(name):
+    return get_task(name, tag_names=labels())
+  return custom_task(regression=True) if regression else custom_task(tuple(labels() or ()) or None)
+
+
+STAND_IN_LABELS = ("O", "B-X")
+
+
+def stand_in(name: str, regression: bool = False) -> TaskSpec:
+  """The task with placeholder labels where its data would give them: its kind, metric family and whether
+  it regresses, before (or without) reading any data."""
+  return resolve_task(name, lambda: STAND_IN_LABELS, regression)
 
 
 def get_task(name: str, **custom) -> TaskSpec:

@@ -37,7 +37,7 @@ from rome_flax.kinds import synthetic, tasks
 from rome_flax.kinds import token_data
 from rome_flax.kinds.kind import kind_of
 from rome_flax.kinds.sources import eval_splits
-from rome_flax.kinds.tasks import TaskSpec, get_task, is_token_task_name
+from rome_flax.kinds.tasks import TaskSpec, is_token_task_name
 from rome_flax.model import encoder as model_lib
 from rome_flax.model import targets as targets_lib
 from rome_flax.model.config import ModelConfig
@@ -78,7 +78,7 @@ def resolve_task(cfg: DataOptions) -> TaskSpec:
 
   def labels():
     if is_token_task_name(cfg.task):   # before a kind exists: read the train split with a stand-in tag set
-      named = get_task(cfg.task, tag_names=("O", "B-X"))
+      named = tasks.stand_in(cfg.task)
       return token_data.tag_set(kind_of(named).read(named, "train", cfg.sources()))
     return cfg.custom_labels or data_lib.custom_label_names(cfg.train_file, cfg.label_column)
   return tasks.resolve_task(cfg.task, labels, cfg.custom_regression)
@@ -166,8 +166,8 @@ FORMER_DEFAULTS = {"regression_targets": ("raw", lambda cfg: _is_regression_conf
 def _is_regression_config(cfg: TrainConfig) -> bool:
   if cfg.data.custom_regression:
     return True
-  try:   # no data is read: a stand-in label set where the data would give one
-    return tasks.resolve_task(cfg.data.task, lambda: ("a", "b"), cfg.data.custom_regression).is_regression
+  try:   # no data is read
+    return tasks.stand_in(cfg.data.task, cfg.data.custom_regression).is_regression
   except RomeFlaxError:
     return False
 
