@@ -307,8 +307,7 @@ class MetricsWriter:
       kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
               if record_step(line) <= start_step]
       atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
+    self.tb = _summary_writer_class()(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
 
   def write(self, records: list[dict]) -> None:
     if not self.enabled:
@@ -323,6 +322,24 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self.tb.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch. Its writer module imports torch whenever torch is
+  installed, only to accept torch tensors; we log Python floats. That import was 2.7 s of every train.py
+  start on a machine with torch (cProfile of the chaos script's 12-step run: 13 s in all, AMD EPYC); a torch
+  this process already imported is left alone."""
+  import sys
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None   # `import torch` raises ImportError inside tensorboardX: its no-torch path
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 def record_step(line: str) -> float:
