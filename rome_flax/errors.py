@@ -1,4 +1,5 @@
-"""One exception type for user-facing errors, and the words for a failed file operation.
+"""One exception type for user-facing errors (and its serving request's case), and the words for a failed
+file operation.
 
 Entry points catch `RomeFlaxError`, print its message as one line and exit non-zero; anything
 else is a bug and keeps its traceback. A full disk, a file size limit, a read-only or failing
@@ -12,6 +13,11 @@ import os
 
 class RomeFlaxError(Exception):
   """A problem with the user's input (path, file, option, checkpoint), not a bug."""
+
+
+class RequestError(RomeFlaxError):
+  """A serving request itself is wrong (HTTP 400): empty text, over-long input, unknown policy, a payload
+  its model's kind does not take. Here, not in engine/serving.py: the task kind checks the payload."""
 
 
 IO_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EROFS,

@@ -172,9 +172,10 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     except ValueError as e:   # artefact_runtime.ArtefactError: a missing, altered or foreign file
       raise RomeFlaxError(f"--artefact {artefact}: {e}") from None
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
+    kind = serving.steps_kind(steps)   # from the manifest (artefacts: sentence tasks)
     if thresholds_file:
       cfg = types.SimpleNamespace(num_exits=steps.num_exits, num_labels=steps.num_labels,
-                                  num_layers=steps.num_layers, head="sequence")   # artefacts: sentence tasks
+                                  num_layers=steps.num_layers, head=kind.head)
       identity = str(steps.manifest.get("export", {}).get("identity", ""))
       calibrated = _calibrated_policy(thresholds_file, identity, cfg)
   else:
@@ -190,13 +191,13 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     length = max_length or model.export_info.max_length or 128
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
                                window=3 if window is None else window)
-    tokenizer, label_names, source = model.tokenizer, model.export_info.label_names, checkpoint
-  if window is not None and not steps.is_token_task:
+    tokenizer, label_names, source, kind = model.tokenizer, model.export_info.label_names, checkpoint, steps.kind
+  if window is not None and not kind.token_level_exit:
     raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")
   if calibrated is not None:
     named["calibrated"] = calibrated
     policy = policy or "calibrated"
-  policy = policy or ("tokee:0.1" if steps.is_token_task else "entropy:0.3")
+  policy = policy or kind.serving_policy
   metrics = Metrics(steps.num_layers)
   t0 = time.perf_counter()
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,

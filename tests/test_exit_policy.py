@@ -6,6 +6,7 @@ import pytest
 
 from rome_flax.engine import exit_policy as ep
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds.kind import TOKEN
 
 CONFIDENT = [8.0, 0.0]    # class 0, entropy ~ 0.003
 UNSURE = [0.1, 0.0]       # class 0, entropy ~ 0.69
@@ -135,7 +136,7 @@ def test_every_criterion_implements_the_one_policy_protocol():
   policies = [(ep.make_policy("entropy", 0.1, 3, num_labels=2), z_ExNxC, None),
               (ep.make_policy("maxprob", 0.9, 3, num_labels=2), z_ExNxC, None),
               (ep.make_policy("patience", 1, 3, num_labels=2), z_ExNxC, None),
-              (ep.make_policy("entropy", 0.1, 3, num_labels=2, token_task=True), z_ExNxSxC, words_NxS),
+              (ep.make_policy("entropy", 0.1, 3, num_labels=2, kind=TOKEN), z_ExNxSxC, words_NxS),
               (tp.make_token_policy(0.1, 1, 3), z_ExNxSxC, words_NxS > 0)]
   for policy, z, units in policies:
     assert isinstance(policy, ep.Policy), policy.describe()

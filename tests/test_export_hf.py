@@ -25,6 +25,7 @@ import pytest
 from rome_flax.__main__ import main
 from rome_flax.engine import exit_policy
 from rome_flax.io import files
+from rome_flax.kinds.kind import TOKEN
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.export_hf import ENTRIES, KIND, export_hf
 from rome_flax.model.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
@@ -207,7 +208,8 @@ def test_early_exit_decides_as_rome_flax(exported, name):
   token = name == "token"
   early = 0
   for k, tau in enumerate(case["taus"]):
-    policy = exit_policy.make_policy("entropy", tau, E, num_labels=logits.shape[-1], token_task=token)
+    policy = exit_policy.make_policy("entropy", tau, E, num_labels=logits.shape[-1],
+                                         kind=TOKEN if token else None)
     decision = exit_policy.decide(policy, jnp.asarray(logits), jnp.asarray(case["word_mask"]) if token else None)
     layers = np.asarray(decision.exit_index_N) + 1
     np.testing.assert_array_equal(torch_out[f"{name}/exit_layer/{k}"], layers, err_msg=f"tau={tau}")

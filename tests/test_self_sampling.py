@@ -10,6 +10,7 @@ import infer
 import train
 from rome_flax.engine import token_exit as te
 from rome_flax.kinds import data, synthetic
+from rome_flax.kinds.kind import TOKEN
 from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
 from rome_flax.train import losses, methods, self_sampling
@@ -141,7 +142,7 @@ def test_predict_tags_api(tmp_path):
   sentences = [["the", "good", "film"], ["bad"]]
   for policy in (te.make_token_policy(0.2, 3, model.config.num_layers),
                  ep.make_policy("entropy", 0.2, model.config.num_layers, num_labels=model.config.num_labels,
-                                token_task=True)):
+                                kind=TOKEN)):
     out = te.predict_tags(model, sentences, policy, batch_size=4)
     assert [len(t) for t in out.tags] == [3, 1] and all(t in model.export_info.label_names for t in out.tags[0])
     assert all(1 <= layer <= model.config.num_layers for s in out.exit_layers for layer in s)

@@ -19,6 +19,7 @@ import pytest
 
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import inference, serving
+from rome_flax.kinds.kind import TOKEN
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.pretrained import ExportInfo, MultiExitBert, load_tokenizer
 
@@ -287,7 +288,7 @@ def test_token_task_engine_refills_and_equals_offline_tokee_and_sentee(token_mod
   from rome_flax.engine import token_exit as te
   L = token_model.config.num_layers
   tokee = te.make_token_policy(0.02, 3, L)
-  sentee = ep.make_policy("entropy", 0.02, L, num_labels=len(TAGS), token_task=True)
+  sentee = ep.make_policy("entropy", 0.02, L, num_labels=len(TAGS), kind=TOKEN)
   for policy in (tokee, sentee):
     ref = te.predict_tags(token_model, SENTENCES, policy, batch_size=4, max_length=64)
     eng = serving.Engine(token_model, policy, slots=4, batch=2, max_length=64)

@@ -11,6 +11,7 @@ from rome_flax.engine import inference
 from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds import data
 from rome_flax.kinds import synthetic
+from rome_flax.kinds.kind import TOKEN
 from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
 from rome_flax.train import methods
@@ -146,10 +147,10 @@ def _policies(exit_logits_words, mask):
   u = np.asarray(ep.entropy(jnp.asarray(exit_logits_words))) / np.log(len(TAGS))
   pooled = np.where(mask[None], u, -np.inf).max(-1)   # [E, N]
   tau = ep.threshold_in_gap(pooled[:-1])   # no sentence within rounding of it (issue 23)
-  return [ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), token_task=True),
-          ep.make_policy("entropy", [tau * 0.5, tau, tau * 1.5], 4, num_labels=len(TAGS), token_task=True),
-          ep.make_policy("maxprob", 0.6, 4, num_labels=len(TAGS), token_task=True),
-          ep.make_policy("entropy", 0.0, 4, num_labels=len(TAGS), token_task=True)]
+  return [ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), kind=TOKEN),
+          ep.make_policy("entropy", [tau * 0.5, tau, tau * 1.5], 4, num_labels=len(TAGS), kind=TOKEN),
+          ep.make_policy("maxprob", 0.6, 4, num_labels=len(TAGS), kind=TOKEN),
+          ep.make_policy("entropy", 0.0, 4, num_labels=len(TAGS), kind=TOKEN)]
 
 
 def test_sentee_offline_pooling_matches_definition(params, encoded):
@@ -158,13 +159,13 @@ def test_sentee_offline_pooling_matches_definition(params, encoded):
   mask = encoded.word_mask
   assert logits.shape == (4, len(encoded), encoded.max_words, len(TAGS))
   tau = 0.5
-  d = ep.decide(ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), token_task=True), jnp.asarray(logits),
+  d = ep.decide(ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), kind=TOKEN), jnp.asarray(logits),
                 jnp.asarray(mask))
   u = np.asarray(ep.entropy(jnp.asarray(logits))) / np.log(len(TAGS))
   below = np.where(mask[None], u, -np.inf).max(-1) < tau
   below[-1] = True
   np.testing.assert_array_equal(np.asarray(d.exit_index_N), below.argmax(0))
-  avg = ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), token_task=True, pool="avg")
+  avg = ep.make_policy("entropy", tau, 4, num_labels=len(TAGS), kind=TOKEN, pool="avg")
   below_avg = (np.where(mask[None], u, 0).sum(-1) / mask.sum(-1)) < tau
   below_avg[-1] = True
   np.testing.assert_array_equal(np.asarray(ep.decide(avg, jnp.asarray(logits), jnp.asarray(mask)).exit_index_N),
@@ -195,7 +196,7 @@ def test_sentee_paths_equal_offline(params, encoded, dispatch):
 
 def test_patience_is_refused_for_token_tasks():
   with pytest.raises(RomeFlaxError, match="is for sentence tasks"):
-    ep.make_policy("patience", 2, 4, num_labels=5, token_task=True)
+    ep.make_policy("patience", 2, 4, num_labels=5, kind=TOKEN)
   with pytest.raises(RomeFlaxError, match="is for token tasks"):
     ep.make_policy("entropy", 0.1, 4, num_labels=2, pool="avg")
 

@@ -191,7 +191,7 @@ class Grid:
                                           upper_scale=self.upper_scale)
     return ep.make_policy(self.criterion, float(self.values[j]), self.num_exits, num_labels=self.num_labels,
                           min_exit_layer=self.num_exits if j == 0 else self.min_exit_layer, delta=self.delta,
-                          token_task=self.kind.token_level_exit, pool=self.pool)
+                          kind=self.kind, pool=self.pool)
 
   def setting(self, j: int) -> dict:
     """What thresholds.json stores to rebuild setting j (`policy_from_setting`)."""

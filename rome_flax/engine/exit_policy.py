@@ -19,7 +19,8 @@ Exits before `min_exit_layer` are never taken, and an example that never exits t
 Token exits (sequence labelling, logits [B,S,C] with a word mask [B,S]): a sentence exits as a
 whole (SENTEE, method-seqlab.md section 3) when its uncertainty, the max (or, `pool='avg'`, the
 mean) over its words of the NORMALISED entropy H / log C, is below tau_i; maxprob pools the words'
-max probabilities by min (or mean). Patience is a sentence-task criterion.
+max probabilities by min (or mean). Patience is a sentence-task criterion. The task kind (kinds/kind.py)
+says which criteria apply, whether a sentence pools its words (`ExitPolicy.pool`) and the default thresholds.
 
 `Policy` is the one protocol of every criterion: `ExitPolicy` (entropy, maxprob, patience, SENTEE)
 and `token_policy.TokenPolicy` (TOKEE, each word its own exit) both implement it, and every driver
@@ -31,7 +32,7 @@ and `token_policy.TokenPolicy` (TOKEE, each word its own exit) both implement it
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -39,21 +40,14 @@ import numpy as np
 from flax import struct
 
 from rome_flax.errors import RomeFlaxError
-from rome_flax.kinds.kind import SENTENCE_CRITERIA, TOKEN, kind_of
+from rome_flax.kinds import kind as kinds
+from rome_flax.kinds.kind import CLASSIFICATION, REGRESSION, SENTENCE_CRITERIA, TaskKind, kind_of
 from rome_flax.model import heads
 
 CRITERIA = SENTENCE_CRITERIA
-TOKEN_CRITERIA = TOKEN.criteria   # sentence-level exit of token exits (SENTEE)
-POOLS = ("max", "avg")                    # how a sentence pools its words' uncertainties
-
-# The reference sweep of entropy thresholds (RomeBERT / DeeBERT scripts).
-REFERENCE_ENTROPIES = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+POOLS = kinds.POOLS   # how SENTEE pools a sentence's words (the CLIs' --pool)
 DEFAULT_MAXPROBS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
-# SENTEE's sweep of normalised-entropy thresholds (H / log C lies in [0, 1]): the reference's
-# sampled tau list (.01 .. .25, method-seqlab.md section 4) widened at both ends; a sentence's
-# uncertainty is its most uncertain word's, so 2x-3x speed-ups need tau up to ~0.9 on CoNLL-2003.
-SENTEE_ENTROPIES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
-                    0.8, 0.9)
+# Entropies: each kind's `default_entropies` (kinds/kind.py: RomeBERT's nats, SENTEE's normalised entropies).
 
 Threshold = Union[float, Sequence[float]]
 
@@ -90,8 +84,8 @@ class ExitPolicy:
   num_exits: int = struct.field(pytree_node=False)
   is_regression: bool = struct.field(pytree_node=False)
   min_exit_layer: int = struct.field(pytree_node=False, default=1)
-  token_task: bool = struct.field(pytree_node=False, default=False)   # token exits: SENTEE over words
-  pool: str = struct.field(pytree_node=False, default="max")
+  # how a sentence pools its words into its one decision (SENTEE: max / avg); None: one logit vector per example
+  pool: Optional[str] = struct.field(pytree_node=False, default=None)
 
   def init_state(self, units) -> "PolicyState":
     """`Policy.init_state`: units is the [B] mask (or any array of that shape) of the examples."""
@@ -112,7 +106,7 @@ class ExitPolicy:
       text += f",delta={_fmt(float(self.delta))}"
     if self.min_exit_layer > 1:
       text += f",min_layer={self.min_exit_layer}"
-    if self.token_task and self.pool != "max":
+    if self.pool not in (None, "max"):
       text += f",pool={self.pool}"
     return text
 
@@ -122,27 +116,19 @@ def _fmt(v) -> str:
 
 
 def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_labels: int,
-                min_exit_layer: int = 1, delta: float | None = None, token_task: bool = False,
+                kind: Optional[TaskKind] = None, min_exit_layer: int = 1, delta: float | None = None,
                 pool: str | None = None) -> ExitPolicy:
   """Validated policy. `threshold` is one value for every exit, or one per exit (E values, or E-1
   values for the highways: the last exit always exits, so its threshold does not matter).
-  token_task: the model has token exits (a sentence exits as a whole; `pool` its words: max / avg).
+  kind: the model's task kind (default: classification, regression for one label); it says which criteria
+  apply and whether a sentence pools its units (token exits: a sentence exits as a whole, `pool` its words).
   """
   if criterion not in CRITERIA:
     raise RomeFlaxError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-  if token_task and criterion not in TOKEN_CRITERIA:
-    raise RomeFlaxError(f"criterion {criterion!r} is for sentence tasks; a token task (sequence labelling) exits "
-                        f"sentences by {' or '.join(TOKEN_CRITERIA)}")
-  if pool is not None and not token_task:
-    raise RomeFlaxError("pool (how a sentence pools its words' uncertainties) is for token tasks; this model has "
-                        "one prediction per sentence")
-  pool = pool or "max"
-  if pool not in POOLS:
-    raise RomeFlaxError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-  is_regression = num_labels == 1 and not token_task
-  if is_regression and criterion in ("entropy", "maxprob"):
-    raise RomeFlaxError(f"criterion {criterion!r} needs class probabilities; a regression task can only use "
-                        "'patience' (with --delta)")
+  kind = kind or (REGRESSION if num_labels == 1 else CLASSIFICATION)
+  kind.check_criterion(criterion)
+  pool = kind.sentence_pool(pool)
+  is_regression = kind.is_regression
   if criterion == "patience" and is_regression and delta is None:
     raise RomeFlaxError("patience on a regression task needs a tolerance: pass delta (--delta)")
   if delta is not None and not (math.isfinite(delta) and delta > 0):
@@ -167,19 +153,18 @@ def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_lab
   return ExitPolicy(threshold_E=jnp.asarray(values, jnp.float32),
                     delta=jnp.asarray(delta if delta is not None else 0.0, jnp.float32),
                     criterion=criterion, num_exits=num_exits, is_regression=is_regression,
-                    min_exit_layer=min_exit_layer, token_task=token_task, pool=pool)
+                    min_exit_layer=min_exit_layer, pool=pool)
 
 
 def policy_for(cfg, criterion: str, threshold: Threshold, **options) -> ExitPolicy:
   """`make_policy` for a model config: its kind says what a criterion reads (one logit vector per example,
   or words pooled into the sentence's decision: SENTEE) and its label count."""
-  return make_policy(criterion, threshold, cfg.num_exits, num_labels=cfg.num_labels,
-                     token_task=kind_of(cfg).token_level_exit, **options)
+  return make_policy(criterion, threshold, cfg.num_exits, num_labels=cfg.num_labels, kind=kind_of(cfg), **options)
 
 
 def defaults_for(cfg, criterion: str) -> list[list[float]]:
   """`default_thresholds` for a model config (SENTEE's normalised entropies for token exits)."""
-  return default_thresholds(criterion, cfg.num_exits, kind_of(cfg).token_level_exit)
+  return default_thresholds(criterion, cfg.num_exits, kind=kind_of(cfg))
 
 
 def parse_thresholds(text: str) -> list[list[float]]:
@@ -200,12 +185,10 @@ def parse_thresholds(text: str) -> list[list[float]]:
   return settings
 
 
-def default_thresholds(criterion: str, num_exits: int, token_task: bool = False) -> list[list[float]]:
-  """The thresholds a sweep uses when the user names none."""
-  if criterion == "entropy" and token_task:
-    return [[v] for v in SENTEE_ENTROPIES]
+def default_thresholds(criterion: str, num_exits: int, *, kind: TaskKind = CLASSIFICATION) -> list[list[float]]:
+  """The thresholds a sweep uses when the user names none (entropies: the kind's scale)."""
   if criterion == "entropy":
-    return [[v] for v in REFERENCE_ENTROPIES]
+    return [[v] for v in kind.default_entropies]
   if criterion == "maxprob":
     return [[v] for v in DEFAULT_MAXPROBS]
   return [[float(k)] for k in range(1, max(num_exits - 1, 1) + 1)]
@@ -328,10 +311,10 @@ def step(policy: ExitPolicy, state: PolicyState, logits_BxC, i, word_mask_BxS=No
   per-request thresholds)."""
   threshold = policy.threshold_E[..., i]
   logits_BxC = logits_BxC.astype(jnp.float32)
-  if policy.token_task and (word_mask_BxS is None or logits_BxC.ndim != 3):
+  if policy.pool is not None and (word_mask_BxS is None or logits_BxC.ndim != 3):
     raise RomeFlaxError("a token-task policy needs token logits [B,S,C] and the word mask")
   if policy.criterion in ("entropy", "maxprob"):
-    words = word_mask_BxS if policy.token_task else None
+    words = word_mask_BxS if policy.pool is not None else None
     confident_B = confident(policy.criterion, score(policy.criterion, logits_BxC, words, policy.pool), threshold)
   else:
     pred_B = heads.predictions(logits_BxC, policy.is_regression).astype(jnp.float32)

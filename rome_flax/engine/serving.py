@@ -20,6 +20,9 @@ sizes and length buckets: dynamic batching as TEI and Triton do it.
 
 The worker drives "steps": `LocalSteps` binds the engine's jitted functions to a model in this process;
 `artefact_runtime.ArtefactSteps` offers the same methods from an exported artefact (no rome_flax).
+What differs between task kinds (kinds/kind.py) the engine asks the model's kind (`steps_kind`): the request's
+payload (texts or word lists), what the slots take besides the pieces (the word mask), each row's answer
+(`Prediction`, `WordPredictions`), and the server's default policy.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ import itertools
 import math
 import threading
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from rome_flax.errors import RomeFlaxError
+from rome_flax.errors import RequestError, RomeFlaxError
+from rome_flax.kinds.kind import Prediction, TaskKind, WordPredictions, kind_of, kind_of_manifest
+
+# Prediction, WordPredictions (the kinds' answers) and RequestError (errors.py: the kinds raise it) are re-exported.
+__all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "make_policy", "steps_kind", "NEVER",
+           "Overloaded", "DeadlineExceeded", "RequestError", "ShuttingDown", "default_sizes", "rust_tokenizer")
 
 
 NEVER = 2 ** 30   # run(min_free=NEVER): no free-slot target (engine.NEVER)
@@ -46,10 +54,6 @@ class Overloaded(RomeFlaxError):
 
 class DeadlineExceeded(RomeFlaxError):
   """The request's deadline passed before it was answered (HTTP 504)."""
-
-
-class RequestError(RomeFlaxError):
-  """The request itself is wrong (HTTP 400): empty text, over-long input, unknown policy."""
 
 
 class ShuttingDown(RomeFlaxError):
@@ -75,8 +79,9 @@ class LocalSteps:
     self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
     self.params = early_exit.prepare_params(model.params)
     self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels
-    self.is_regression, self.is_token_task = cfg.is_regression, cfg.is_token_task
-    self.window = window if cfg.is_token_task else None   # TOKEE's window (static: one per server)
+    self.kind = kind_of(cfg)
+    self.is_regression = self.kind.is_regression
+    self.window = window if self.kind.token_level_exit else None   # TOKEE's window (static: one per server)
     if self.window is not None:
       from rome_flax.engine import token_policy as tp
       tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
@@ -142,21 +147,20 @@ class Policy(NamedTuple):
     return f"{self.criterion}:{shown}"
 
 
-def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
+def make_policy(spec, num_exits: int, num_labels: int, *, kind: Optional[TaskKind] = None,
                 named: Optional[dict] = None, window: Optional[int] = None) -> Policy:
   """A Policy from 'entropy:0.3', {'criterion': 'entropy', 'threshold': 0.3, 'min_layer': 2}, a name of
   `named` (calibrated settings), an `exit_policy.ExitPolicy` or a `token_policy.TokenPolicy`. min_layer
-  folds into the thresholds: exits before it get a threshold no score meets. window: the server's TOKEE
-  window (a token task's server; None: sentence tasks, no TOKEE)."""
+  folds into the thresholds: exits before it get a threshold no score meets. kind: the model's task kind
+  (as `exit_policy.make_policy`). window: the server's TOKEE window (a token task's server; None: no TOKEE)."""
   from rome_flax.engine import exit_policy as ep
   from rome_flax.engine import token_policy as tp
-  token_task = window is not None
   if isinstance(spec, Policy):
     return spec
   if isinstance(spec, tp.TokenPolicy):
     spec = {"criterion": "tokee", "threshold": np.asarray(spec.threshold_L).tolist(), "window": spec.window}
   if isinstance(spec, ep.ExitPolicy):
-    if token_task and spec.pool != "max":
+    if spec.pool not in (None, "max"):   # the engine's SENTEE pools by max
       raise RomeFlaxError(f"the server pools a sentence's words by max (SENTEE); this setting pools by {spec.pool}")
     spec = {"criterion": spec.criterion, "threshold": np.asarray(spec.threshold_E).tolist(),
             "min_layer": spec.min_exit_layer, "delta": float(spec.delta) if spec.is_regression else None}
@@ -180,9 +184,8 @@ def make_policy(spec, num_exits: int, num_labels: int, is_regression: bool, *,
   if unknown:
     raise RequestError(f"policy has unknown fields: {', '.join(sorted(unknown))}")
   try:
-    p = ep.make_policy(str(spec["criterion"]), spec["threshold"], num_exits, num_labels=num_labels,
-                       min_exit_layer=int(spec.get("min_layer") or 1), delta=spec.get("delta"),
-                       token_task=token_task)
+    p = ep.make_policy(str(spec["criterion"]), spec["threshold"], num_exits, num_labels=num_labels, kind=kind,
+                       min_exit_layer=int(spec.get("min_layer") or 1), delta=spec.get("delta"))
   except (RomeFlaxError, TypeError, ValueError) as e:
     raise RequestError(f"policy: {e}") from None
   threshold_E = np.asarray(p.threshold_E, np.float32).copy()
@@ -249,24 +252,11 @@ def _pad_rows(rows, num_rows: int, seq: int):
   return ids, mask, types, words
 
 
-def _softmax(logits_xC: np.ndarray) -> np.ndarray:
-  """Probabilities over the last axis, in float64 (what a response carries)."""
-  z = logits_xC.astype(np.float64)
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-class Prediction(NamedTuple):
-  label: Any                    # class id or name; the value for regression
-  probabilities: Optional[list]
-  exit_layer: int               # 1-based
-
-
-class WordPredictions(NamedTuple):
-  """A token task's answer for one sentence: per word, its tag, tag probabilities and exit layer."""
-  tags: list
-  probabilities: list
-  exit_layers: list             # 1-based
+def steps_kind(steps) -> TaskKind:
+  """The task kind of the model behind steps: `LocalSteps.kind`, or an artefact's from its manifest
+  (artefact_runtime.py imports nothing of rome_flax)."""
+  kind = getattr(steps, "kind", None)
+  return kind if kind is not None else kind_of_manifest(steps.manifest["model"])
 
 
 class Engine:
@@ -296,8 +286,8 @@ class Engine:
     self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
     self._rust_tokenizer = rust_tokenizer(tokenizer)
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
-    self.is_token_task = bool(getattr(steps, "is_token_task", False))
-    self.window = getattr(steps, "window", None) if self.is_token_task else None
+    self.kind = steps_kind(steps)
+    self.window = getattr(steps, "window", None)   # TOKEE's (LocalSteps: None unless the kind has token exits)
     self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
     self.policy = self._make_policy(policy, named=self.named_policies)
     for name, p in self.named_policies.items():
@@ -319,7 +309,7 @@ class Engine:
 
   def _make_policy(self, spec, named: Optional[dict] = None) -> Policy:
     s = self.steps
-    return make_policy(spec, s.num_exits, s.num_labels, s.is_regression, named=named, window=self.window)
+    return make_policy(spec, s.num_exits, s.num_labels, kind=self.kind, named=named, window=self.window)
 
   def encode_words(self, sentences) -> list:
     """Token rows (input ids, token types, each word's first piece) for sentences given as word lists."""
@@ -368,17 +358,9 @@ class Engine:
   def submit(self, texts=None, text_pairs=None, *, tokens=None, policy=None, timeout_ms: Optional[float] = None
              ) -> concurrent.futures.Future:
     """Queues texts (or pairs), or for a token task `tokens` (sentences as word lists); the future's result
-    is a list with one `Prediction` per text, or one `WordPredictions` per sentence.
+    is a list with one `Prediction` per text, or one `WordPredictions` per sentence (the kind's answer).
     Raises RequestError (bad input), Overloaded (queue full) or ShuttingDown at once."""
-    if self.is_token_task:
-      if texts is not None or text_pairs is not None:
-        raise RequestError("this server labels words (a token task): send 'tokens', a list of word lists")
-      rows = self.encode_words(tokens)
-    else:
-      if tokens is not None:
-        raise RequestError("'tokens' is for token tasks (sequence labelling); this server labels sentences: "
-                           "send 'texts'")
-      rows = self.encode(texts, text_pairs)
+    rows = self.kind.request_rows(self, texts, text_pairs, tokens)
     p = self.policy if policy is None else self._make_policy(policy, named=self.named_policies)
     if p.criterion != self.policy.criterion:
       raise RequestError(f"this server exits by {self.policy.criterion}; a request may change its thresholds, "
@@ -432,9 +414,8 @@ class Engine:
     state = self._init_state()
     B = s.batch
     ids = np.ones((B, s.seq), np.int32)
-    words = (ids,) if self.is_token_task else ()
     state = s.admit(state, np.full(B, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(B, np.int32),
-                    np.zeros((B, s.num_exits), np.float32), *words)
+                    np.zeros((B, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
     s.read(s.run(state, self.policy.criterion, NEVER, 1, self.policy.delta))
 
   def _init_state(self):
@@ -483,17 +464,10 @@ class Engine:
 
   def _deliver(self, request: _Request, i: int, exit_index, logits_C: np.ndarray) -> None:
     """Answers row i of a request from its slot: exit_index and logits_C as `LocalSteps.read` gives one
-    slot's (a token task's per piece, or TOKEE's per word, words first)."""
+    slot's (a token task's per piece, or TOKEE's per word, words first); the kind builds the answer."""
     if request.future.done():
       return
-    if self.is_token_task:
-      result, layers = self._words(request.rows[i][2], np.asarray(exit_index), logits_C)
-    elif self.steps.is_regression:
-      result, layers = Prediction(float(logits_C[0]), None, int(exit_index) + 1), [int(exit_index) + 1]
-    else:
-      k = int(np.argmax(logits_C))
-      result = Prediction(self._label(k), _softmax(logits_C).tolist(), int(exit_index) + 1)
-      layers = [result.exit_layer]
+    result, layers = self.kind.answer(request.rows[i], exit_index, logits_C, self._label)
     request.results[i] = result
     if self.metrics is not None:
       for v in layers:
@@ -504,17 +478,6 @@ class Engine:
 
   def _label(self, k: int):
     return self.label_names[k] if k < len(self.label_names) else int(k)
-
-  def _words(self, starts: np.ndarray, exit_index: np.ndarray, logits: np.ndarray) -> tuple:
-    """A sentence's WordPredictions and its words' exit layers."""
-    W = len(starts)
-    if exit_index.ndim:   # TOKEE: each word its own exit, logits words first
-      word_logits_WxC, layers = logits[:W], exit_index[:W] + 1
-    else:                 # the sentence's exit (or the full model's last): its pieces' logits
-      word_logits_WxC, layers = logits[starts], np.full(W, int(exit_index) + 1)
-    layers = [int(v) for v in layers]
-    tags = [self._label(int(k)) for k in word_logits_WxC.argmax(-1)]
-    return WordPredictions(tags, _softmax(word_logits_WxC).tolist(), layers), layers
 
   def _loop(self) -> None:
     try:
@@ -568,8 +531,7 @@ class Engine:
           slot_B[r], slot_of[slot] = slot, (request, i)
           priority_B[r] = -(request.seq % (2 ** 31 - 1))
           threshold_BxE[r] = request.policy.threshold_E
-        state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE,
-                        *((words,) if self.is_token_task else ()))
+        state = s.admit(state, slot_B, ids, mask, types, priority_B, threshold_BxE, *self.kind.slot_inputs(words))
       if len(free) == N:
         continue
       # Until one more slot is free (an example finished), at most L layer batches: one host round trip per

@@ -7,9 +7,12 @@ A `TaskKind` owns everything that differs between them outside the exit head (mo
   - pieces to units: a batch's exit logits -> per-example logits (`to_units`: a word's first piece),
   - joining chunks of different widths, turning logits into predictions, per-type scores (metrics.py),
   - the prediction / submission files of a setting (writers.py),
-  - whether token-level criteria (TOKEE) apply and which trade-off plots mean something.
-Evaluation, inference, the scheduler, the report and the trainer ask the kind (`kind_of(cfg or task)`)
-and do not branch on token vs sentence themselves.
+  - the exit criteria that apply, how a sentence-level criterion reads its units (SENTEE pools words) and
+    its default thresholds, whether token-level criteria (TOKEE) apply and which trade-off plots mean something,
+  - serving: a request's payload (texts or word lists), what the slots take besides the pieces (the word
+    mask), one row's answer (`Prediction`, `WordPredictions`) and the server's default policy.
+Evaluation, inference, the scheduler, the exit policy, serving, the report and the trainer ask the kind
+(`kind_of(cfg or task)`) and do not branch on token vs sentence themselves.
 
 Adding a kind (e.g. extractive QA spans, multi-label classification): a `TaskKind` subclass here,
 its head in model/heads.py (`HEAD_KINDS`), a line in `KINDS`, and its `TaskSpec`s in tasks.py.
@@ -20,11 +23,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
-from rome_flax.errors import RomeFlaxError
+from rome_flax.errors import RequestError, RomeFlaxError
 from rome_flax.io import files
 from rome_flax.kinds import data, metrics, synthetic, token_data, writers
 from rome_flax.kinds.sources import DataSources
@@ -33,6 +36,36 @@ log = logging.getLogger(__name__)
 
 # Sentence-level exit criteria (engine/exit_policy.py implements them); each kind lists those that apply to it.
 SENTENCE_CRITERIA = ("entropy", "maxprob", "patience")
+POOLS = ("max", "avg")   # how a sentence pools its words' uncertainties (SENTEE)
+
+# The reference sweep of entropy thresholds (RomeBERT / DeeBERT scripts).
+REFERENCE_ENTROPIES = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+# SENTEE's sweep of normalised-entropy thresholds (H / log C lies in [0, 1]): the reference's
+# sampled tau list (.01 .. .25, method-seqlab.md section 4) widened at both ends; a sentence's
+# uncertainty is its most uncertain word's, so 2x-3x speed-ups need tau up to ~0.9 on CoNLL-2003.
+SENTEE_ENTROPIES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
+                    0.8, 0.9)
+
+
+class Prediction(NamedTuple):
+  """A served example's answer (engine/serving.py)."""
+  label: Any                    # class id or name; the value for regression
+  probabilities: Optional[list]
+  exit_layer: int               # 1-based
+
+
+class WordPredictions(NamedTuple):
+  """A token task's answer for one sentence: per word, its tag, tag probabilities and exit layer."""
+  tags: list
+  probabilities: list
+  exit_layers: list             # 1-based
+
+
+def softmax(logits_xC: np.ndarray) -> np.ndarray:
+  """Probabilities over the last axis, in float64 (what a served answer carries)."""
+  z = np.asarray(logits_xC).astype(np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 class TaskKind:
@@ -44,6 +77,22 @@ class TaskKind:
   token_level_exit = False     # TOKEE (a word halts on its own) applies
   is_regression = False
   criteria = SENTENCE_CRITERIA   # the sentence-level criteria a sweep's 'all' runs
+  default_entropies = REFERENCE_ENTROPIES   # a sweep's entropy thresholds when the user names none
+  serving_policy = "entropy:0.3"            # a server's policy when none is given
+
+  def check_criterion(self, criterion: str) -> None:
+    """Refuses a sentence-level criterion (one of SENTENCE_CRITERIA) that does not apply to this kind."""
+    if criterion not in self.criteria:
+      raise RomeFlaxError(f"criterion {criterion!r} does not apply to {self.name} tasks; use "
+                          f"{' or '.join(self.criteria)}")
+
+  def sentence_pool(self, pool: Optional[str]) -> Optional[str]:
+    """How a sentence-level criterion pools a sentence's units into its one decision: None here (one logit
+    vector per example, nothing to pool)."""
+    if pool is not None:
+      raise RomeFlaxError("pool (how a sentence pools its words' uncertainties) is for token tasks; this model has "
+                          "one prediction per sentence")
+    return None
 
   def entropy_top(self, num_labels: int) -> float:
     """The largest uncertainty its entropy criterion scores (log C here; a calibration grid's top)."""
@@ -152,6 +201,26 @@ class TaskKind:
     """The speed axes of its trade-off plots (layer ratio always; FLOPs where units exit apart)."""
     return ("layer_ratio",)
 
+  # ------------------------------------------------------------------ serving (engine/serving.py)
+  def request_rows(self, encoder, texts, text_pairs, tokens) -> list:
+    """A request's rows (input ids, token types[, each word's first piece]) from its payload; `encoder` is
+    the engine (`encode(texts, text_pairs)`, `encode_words(sentences)`: the tokenizer's fast path)."""
+    if tokens is not None:
+      raise RequestError("'tokens' is for token tasks (sequence labelling); this server labels sentences: "
+                         "send 'texts'")
+    return encoder.encode(texts, text_pairs)
+
+  def slot_inputs(self, word_mask_BxS) -> tuple:
+    """What the engine's slots take besides ids, mask and token types: nothing where units are examples."""
+    return ()
+
+  def answer(self, row: tuple, exit_index, logits_xC: np.ndarray, label: Callable[[int], Any]) -> tuple:
+    """One row's answer and its units' exit layers, from its slot's exit (0-based) and that exit's logits;
+    `label`: class id -> what the answer names it by."""
+    k = int(np.argmax(logits_xC))
+    result = Prediction(label(k), softmax(logits_xC).tolist(), int(exit_index) + 1)
+    return result, [result.exit_layer]
+
   # ------------------------------------------------------------------ calibration
   def example_agrees(self, same, unit_mask):
     """Per example: does the early exit agree with the final exit (`same` per unit)?"""
@@ -176,8 +245,18 @@ class RegressionKind(TaskKind):
   is_regression = True
   criteria = ("patience",)       # entropy and max-probability need class probabilities
 
+  def check_criterion(self, criterion: str) -> None:
+    if criterion not in self.criteria:
+      raise RomeFlaxError(f"criterion {criterion!r} needs class probabilities; a regression task can only use "
+                          "'patience' (with --delta)")
+
   def predictions(self, logits):
     return logits[..., 0]
+
+  def answer(self, row: tuple, exit_index, logits_xC: np.ndarray, label: Callable[[int], Any]) -> tuple:
+    """The value (the head's one output); no probabilities."""
+    layer = int(exit_index) + 1
+    return Prediction(float(logits_xC[0]), None, layer), [layer]
 
   def agreement(self, tolerance: Optional[float] = None) -> str:
     return f"the early-exit prediction is within {tolerance:g} of the final exit's"
@@ -191,6 +270,20 @@ class TokenKind(TaskKind):
   exits = "token exits (sequence labelling)"
   token_level_exit = True
   criteria = ("entropy", "maxprob")   # SENTEE: a sentence exits when its words' pooled uncertainty is low
+  default_entropies = SENTEE_ENTROPIES   # normalised entropies (H / log C)
+  serving_policy = "tokee:0.1"
+
+  def check_criterion(self, criterion: str) -> None:
+    if criterion not in self.criteria:
+      raise RomeFlaxError(f"criterion {criterion!r} is for sentence tasks; a token task (sequence labelling) exits "
+                          f"sentences by {' or '.join(self.criteria)}")
+
+  def sentence_pool(self, pool: Optional[str]) -> Optional[str]:
+    """SENTEE: a sentence's uncertainty is its words' pooled by max (default) or mean."""
+    pool = pool or "max"
+    if pool not in POOLS:
+      raise RomeFlaxError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    return pool
 
   def entropy_top(self, num_labels: int) -> float:
     return 1.0   # SENTEE and TOKEE score normalised entropy, H / log C
@@ -277,6 +370,29 @@ class TokenKind(TaskKind):
   def plots(self) -> tuple[str, ...]:
     return ("layer_ratio", "flops_ratio")   # SENTEE, TOKEE and the static exit on one currency: FLOPs
 
+  def request_rows(self, encoder, texts, text_pairs, tokens) -> list:
+    """Sentences given as word lists (each row also carries its words' first pieces)."""
+    if texts is not None or text_pairs is not None:
+      raise RequestError("this server labels words (a token task): send 'tokens', a list of word lists")
+    return encoder.encode_words(tokens)
+
+  def slot_inputs(self, word_mask_BxS) -> tuple:
+    """The word mask (each word's first piece): SENTEE pools words by it, TOKEE halts words by it."""
+    return (word_mask_BxS,)
+
+  def answer(self, row: tuple, exit_index, logits_xC: np.ndarray, label: Callable[[int], Any]) -> tuple:
+    """A sentence's WordPredictions: logits_xC is per piece (the sentence's exit, or the full model's last),
+    or with TOKEE per word, words first, with exit_index one exit per word."""
+    starts, exit_index = row[2], np.asarray(exit_index)
+    W = len(starts)
+    if exit_index.ndim:   # TOKEE: each word its own exit
+      word_logits_WxC, layers = logits_xC[:W], exit_index[:W] + 1
+    else:
+      word_logits_WxC, layers = logits_xC[starts], np.full(W, int(exit_index) + 1)
+    layers = [int(v) for v in layers]
+    tags = [label(int(k)) for k in word_logits_WxC.argmax(-1)]
+    return WordPredictions(tags, softmax(word_logits_WxC).tolist(), layers), layers
+
   def example_agrees(self, same, unit_mask):
     """A sentence agrees when every word does."""
     return np.all(same | ~unit_mask, axis=1)
@@ -300,15 +416,22 @@ _BY_HEAD = {"sequence": CLASSIFICATION, "token": TOKEN}
 def kind_of(x) -> TaskKind:
   """The kind of a TaskSpec, a ModelConfig (its head and number of labels) or an EncodedSplit."""
   if isinstance(x, data.EncodedSplit):
-    head = "token" if x.word_starts is not None else "sequence"
-    regression = x.is_regression
-  else:
-    head = getattr(x, "head", None) or getattr(x, "kind", None)
-    regression = getattr(x, "num_labels", 2) == 1
+    return kind_named("token" if x.word_starts is not None else "sequence", x.is_regression)
+  return kind_named(getattr(x, "head", None) or getattr(x, "kind", None), getattr(x, "num_labels", 2) == 1)
+
+
+def kind_named(head: str, regression: bool) -> TaskKind:
+  """The kind of a head (model/heads.py HEAD_KINDS key) that is, or is not, a regression's."""
   if head not in _BY_HEAD:
     raise RomeFlaxError(f"unknown task kind {head!r}; kinds: {', '.join(_BY_HEAD)}")
   kind = _BY_HEAD[head]
   return REGRESSION if kind is CLASSIFICATION and regression else kind
+
+
+def kind_of_manifest(model: dict) -> TaskKind:
+  """The kind of an exported artefact from its manifest's "model" entry (artefact_runtime.py imports
+  nothing of rome_flax, so the manifest records the kind as two flags)."""
+  return kind_named(TOKEN.head if model["is_token_task"] else CLASSIFICATION.head, bool(model["is_regression"]))
 
 
 def to_words(logits_xBxSxC, word_mask_BxS, num_words: int) -> np.ndarray:
@@ -331,5 +454,6 @@ def check_matches(task, cfg) -> None:
     raise RomeFlaxError(f"task {task.name} needs {kind_of(task).head} exits; the model has {cfg.head} exits")
 
 
-__all__ = ("SENTENCE_CRITERIA", "TaskKind", "RegressionKind", "TokenKind", "CLASSIFICATION", "REGRESSION", "TOKEN",
-           "KINDS", "kind_of", "to_words", "check_matches")
+__all__ = ("SENTENCE_CRITERIA", "POOLS", "REFERENCE_ENTROPIES", "SENTEE_ENTROPIES", "Prediction", "WordPredictions",
+           "softmax", "TaskKind", "RegressionKind", "TokenKind", "CLASSIFICATION", "REGRESSION", "TOKEN", "KINDS",
+           "kind_of", "kind_named", "kind_of_manifest", "to_words", "check_matches")
