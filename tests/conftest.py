@@ -31,11 +31,14 @@ def _share_compiled_programs() -> None:
   atexit.register(shutil.rmtree, cache, ignore_errors=True)
 
 
-# XLA:CPU's LLVM optimisation level for the suite (this process and, through the environment, every
-# subprocess). The suite's time is mostly compiling tiny programs, not running them; level 0 halved
-# tests/test_train_step.py's accumulation tests (88.9 -> 46.8 s, AMD EPYC, 2 cores, cold cache). It
-# changes code generation only, not the HLO a test checks. A caller's own XLA_FLAGS are kept.
-SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# XLA:CPU code generation for the suite (this process and, through the environment, every subprocess).
+# The suite's time is mostly compiling tiny programs, not running them (jax.monitoring: 980 s of the
+# 1,500 s summed test time is tracing, lowering and compiling). LLVM level 0 halved
+# tests/test_train_step.py's accumulation tests (88.9 -> 46.8 s, AMD EPYC, 2 cores, cold cache); XLA:CPU's
+# older elemental emitters instead of its MLIR fusion emitters halve a train step's compile again (a GR
+# penalty step with 4 micro-batches: 5.7 -> 2.3 s, AMD EPYC). Both change code generation only, not the
+# HLO a test checks. A caller's own XLA_FLAGS are kept.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(*extra: str) -> str:

@@ -93,7 +93,7 @@ def test_sd_only_gradient_is_the_plain_sum(setup):
   cfg, params, batch = setup
   loss_cfg = LossConfig(method="romebert", gr="none")
   g_final, g_highway = group_grads(cfg, params, batch, loss_cfg)
-  grads, _ = ts.make_grads_fn(cfg, loss_cfg)(params, batch, jax.random.PRNGKey(0))
+  grads, _ = jax.jit(ts.make_grads_fn(cfg, loss_cfg))(params, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(flat(grads), flat(g_final) + flat(g_highway), rtol=2e-4, atol=1e-7)
 
 
@@ -122,8 +122,8 @@ def test_penalty_is_the_squared_hidden_state_gradient(setup):
     pen = w.sum() * jnp.sum(d ** 2)
     return t.total + lam * pen, pen
 
-  want_grads, want_pen = jax.grad(total, has_aux=True)(params)
-  grads, (_, stats) = ts.make_grads_fn(cfg, loss_cfg)(params, batch, jax.random.PRNGKey(0))
+  want_grads, want_pen = jax.jit(jax.grad(total, has_aux=True))(params)
+  grads, (_, stats) = jax.jit(ts.make_grads_fn(cfg, loss_cfg))(params, batch, jax.random.PRNGKey(0))
   assert float(want_pen) > 0
   np.testing.assert_allclose(stats["gr_penalty"], want_pen, rtol=1e-4)
   np.testing.assert_allclose(flat(grads), flat(want_grads), rtol=2e-4, atol=1e-7)
@@ -178,12 +178,12 @@ def test_dropout_differs_per_step_but_is_reproducible():
   batch = {"input_ids": np.full((2, 4), 5, np.int32), "attention_mask": np.ones((2, 4), np.int32),
            "token_type_ids": np.zeros((2, 4), np.int32)}
   plan = methods.get_method("romebert").stage(1).plan(cfg.num_layers)
-  a = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
-  b = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(1), plan)
-  c = ts.stage_forward(params, cfg, batch, jax.random.PRNGKey(2), plan)
-  ref = model_lib.forward(params, cfg, batch["input_ids"], deterministic=False, rng=jax.random.PRNGKey(1))
+  forward = jax.jit(lambda rng: ts.stage_forward(params, cfg, batch, rng, plan))   # jitted: one compile, not one per op
+  a, b, c = forward(jax.random.PRNGKey(1)), forward(jax.random.PRNGKey(1)), forward(jax.random.PRNGKey(2))
+  ref = jax.jit(lambda rng: model_lib.forward(params, cfg, batch["input_ids"], deterministic=False,
+                                              rng=rng).exit_logits)(jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(a, ref.exit_logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 0
 
 
