@@ -104,3 +104,22 @@ def tiny_config():
   from rome_flax.model.config import ModelConfig
   return ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=37, max_position_embeddings=64, num_labels=3)
+
+
+def _plain_exit_logits_impl(params, cfg, arrays, options):
+  from rome_flax.model import encoder
+  return encoder.forward(params, cfg, *arrays, **options).exit_logits
+
+
+_plain_exit_logits_jit = None
+
+
+def plain_exit_logits(params, cfg, *arrays, **options):
+  """`encoder.forward(params, cfg, *arrays, **options).exit_logits`, jitted whole (cfg static; the options
+  are arrays, e.g. active_BxLxS): the plain forward the tests compare paths against. Run op by op it compiled
+  every primitive on its own for each shape (100-400 compilations in some tests)."""
+  global _plain_exit_logits_jit
+  if _plain_exit_logits_jit is None:
+    import jax
+    _plain_exit_logits_jit = jax.jit(_plain_exit_logits_impl, static_argnums=1)
+  return _plain_exit_logits_jit(params, cfg, arrays, options)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import plain_exit_logits
+
 from rome_flax.engine import early_exit as ee
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import inference
@@ -47,7 +49,7 @@ def encoded(arrays):
 
 @pytest.fixture(scope="module")
 def exit_logits(params, arrays):
-  return np.asarray(model_lib.forward(params, CFG, *arrays).exit_logits)
+  return np.asarray(plain_exit_logits(params, CFG, *arrays))
 
 
 def gap_median(values):
@@ -146,7 +148,7 @@ def wide(params):
   rng = np.random.default_rng(1)
   lengths = np.concatenate([rng.integers(3, 16, 12), rng.integers(17, 41, 12)])
   ids, mask, types = padded_arrays(1, 24, 40, lengths)
-  logits = np.asarray(model_lib.forward(params, CFG, ids, mask, types).exit_logits)
+  logits = np.asarray(plain_exit_logits(params, CFG, ids, mask, types))
   return data.EncodedSplit.from_padded(ids, mask, types), logits
 
 

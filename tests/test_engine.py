@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import plain_exit_logits
+
 from rome_flax.engine import early_exit as ee
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import scheduler as engine, inference
@@ -22,7 +24,7 @@ def prepared():
 
 
 def offline(prepared, policy, arrays):
-  logits = np.asarray(model_lib.forward(prepared, CFG, *arrays).exit_logits)
+  logits = np.asarray(plain_exit_logits(prepared, CFG, *arrays))
   return logits, np.asarray(ep.decide(policy, jnp.asarray(logits)).exit_index_N)
 
 
@@ -65,7 +67,7 @@ def test_open_engine_admits_while_running_with_per_slot_thresholds(prepared):
   assert not running.any()
   assert exits[[0, 2, 4]].tolist() == [CFG.num_layers - 1] * 3 and exits[[1, 3, 5]].tolist() == [0, 0, 0]
   # The slots' logits are those of the exits they took, as the plain forward computes them.
-  full = np.asarray(model_lib.forward(prepared, CFG, ids, mask, types).exit_logits)
+  full = np.asarray(plain_exit_logits(prepared, CFG, ids, mask, types))
   for slot in (0, 1, 4, 5):
     np.testing.assert_allclose(np.asarray(state.out_NxC)[slot], full[exits[slot], slot], atol=1e-4)
   # Slot 6 was evicted before its first layer, slot 7 never admitted: 3 + 2 + 1 + ... layer batches ran.

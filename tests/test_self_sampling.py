@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import plain_exit_logits
+
 import infer
 import train
 from rome_flax.engine import token_exit as te
@@ -53,9 +55,9 @@ def test_sampling_rules():
 def test_all_active_is_the_plain_forward(params, encoded):
   batch = data.pad_batch(encoded, np.arange(6), 6)
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-  plain = model_lib.forward(params, CFG, *args).exit_logits
+  plain = plain_exit_logits(params, CFG, *args)
   active = np.ones((6, 4, batch["input_ids"].shape[1]), np.int32)
-  mixed = model_lib.forward(params, CFG, *args, active_BxLxS=active).exit_logits
+  mixed = plain_exit_logits(params, CFG, *args, active_BxLxS=active)
   np.testing.assert_allclose(mixed, plain, atol=2e-5)
 
 
@@ -70,7 +72,7 @@ def test_mixed_forward_equals_tokee_inference(params, encoded):
   word_of = np.asarray(te.piece_words(arrays[3], arrays[1]))
   piece_exit = np.where(word_of >= 0, np.take_along_axis(exits_BxW, np.maximum(word_of, 0), 1), 3)
   active = (piece_exit[:, None, :] >= np.arange(4)[None, :, None]).astype(np.int32)
-  logits = np.asarray(model_lib.forward(params, CFG, *arrays[:3], active_BxLxS=active).exit_logits)
+  logits = np.asarray(plain_exit_logits(params, CFG, *arrays[:3], active_BxLxS=active))
   pos = np.asarray(te.word_positions(arrays[3]))
   for b in range(len(encoded)):
     for k in range(len(encoded.word_starts[b])):
@@ -93,7 +95,7 @@ def test_flooding_loss_matches_numpy():
 
 def test_batch_extras_follow_the_simulation(params, encoded):
   targets = self_sampling.stage_one_targets(
-      lambda b: model_lib.forward(params, CFG, b["input_ids"], b["attention_mask"], b["token_type_ids"]).exit_logits,
+      lambda b: plain_exit_logits(params, CFG, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
       encoded, 8)
   assert targets.uncertainty_NxWxL.shape == (len(encoded), encoded.max_words, 4)
   cfg = methods.SelfSamplingOptions(ss_windows=(1,), ss_thresholds=(2.0,), ss_sandwich_small=0, ss_sandwich_full=1)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import plain_exit_logits
+
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import inference
 from rome_flax.errors import RomeFlaxError
@@ -98,7 +100,8 @@ def test_long_sentence_is_refused_not_cut(tokenizer):
 
 def test_token_head_shapes(params, encoded):
   batch = data.pad_batch(encoded, np.arange(8), 8)
-  out = model_lib.forward(params, CFG, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  out = jax.eval_shape(lambda *a: model_lib.forward(params, CFG, *a), batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"])
   assert out.exit_logits.shape == (4, 8, batch["input_ids"].shape[1], len(TAGS))
 
 
@@ -110,8 +113,8 @@ def _np_log_softmax(z):
 def test_token_losses_match_numpy(params, encoded):
   """romebert and joint_weighted on token exits: per-word CE / KL, averaged over the batch's words."""
   batch = data.pad_batch(encoded, np.arange(5), 6)   # one padding row
-  logits = np.asarray(model_lib.forward(params, CFG, batch["input_ids"], batch["attention_mask"],
-                                        batch["token_type_ids"]).exit_logits)
+  logits = np.asarray(plain_exit_logits(params, CFG, batch["input_ids"], batch["attention_mask"],
+                                        batch["token_type_ids"]))
   w = np.asarray(steps.example_weights(batch))
   assert w[5].sum() == 0 and w.sum() == sum(len(encoded.word_starts[i]) for i in range(5))
   z, y, m = logits.reshape(4, -1, len(TAGS)), batch["labels"].reshape(-1), w.reshape(-1)
