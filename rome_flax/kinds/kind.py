@@ -164,6 +164,11 @@ class TaskKind:
   def check_model_labels(self, task, model_labels, source: str) -> None:
     """A model's own label names must fit the task where the task reads them from its data (a tag set)."""
 
+  def labels_in_data(self, task, sources: DataSources) -> Optional[tuple]:
+    """The label names the task's training split defines (a token task's tag set); None where a task names
+    its classes otherwise (a custom task: its --custom_labels or its label column)."""
+    return None
+
   def to_units(self, logits_xBxSxC, piece: dict, num_units: int) -> np.ndarray:
     """A piece's exit logits [..., B, C] as per-example logits (the identity here)."""
     return np.asarray(logits_xBxSxC)
@@ -332,6 +337,10 @@ class TokenKind(TaskKind):
   def fit_to_length(self, examples, tokenizer, max_length: int):
     """Sentences longer than max_length pieces keep the words that fit (token_data.fit_to_length)."""
     return token_data.fit_to_length(examples, tokenizer, max_length)
+
+  def labels_in_data(self, task, sources: DataSources) -> Optional[tuple]:
+    """The tag set of the training split (`task` may carry stand-in tags: they are what is being read)."""
+    return token_data.tag_set(self.read(task, "train", sources))
 
   def check_model_labels(self, task, model_labels, source: str) -> None:
     if tuple(model_labels or task.label_names) != task.label_names:

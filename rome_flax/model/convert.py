@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from rome_flax.errors import RomeFlaxError
+from rome_flax.model import heads
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.encoder import init_params, stack_layers
 
@@ -262,13 +263,14 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
   # Final exit classifier: kept when the checkpoint has one with the same label count.
   cls_name = "classifier.out_proj" if "classifier.out_proj.weight" in sd else CLASSIFIER
   classifier_from_checkpoint = False
+  tags = heads.head_kind(cfg).classifier_rows_are_tags   # a token head's rows: the task's tag set
   if f"{cls_name}.weight" in sd:
     cw, cb = sd[f"{cls_name}.weight"], sd[f"{cls_name}.bias"]
-    if cfg.is_token_task and cw.shape[0] != cfg.num_labels:
+    if tags and cw.shape[0] != cfg.num_labels:
       raise RomeFlaxError(f"the checkpoint's token classifier has {cw.shape[0]} labels, the task has "
                           f"{cfg.num_labels}: use the checkpoint's encoder alone (a copy without "
                           f"{cls_name}.*) or a task with its tag set")
-    if cfg.is_token_task and classifier_rows is not None:
+    if tags and classifier_rows is not None:
       cw, cb = cw[classifier_rows], cb[classifier_rows]
     if cw.shape == (cfg.num_labels, D):
       ex["classifier"]["kernel"][L - 1] = cw
@@ -283,10 +285,10 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: ModelConfig, rng=
       if f"{name}.weight" not in sd:
         continue
       tree = ex["pooler"] if part == POOLER else ex["classifier"]
-      if part == CLASSIFIER and sd[f"{name}.weight"].shape[0] != cfg.num_labels and not cfg.is_token_task:
+      if part == CLASSIFIER and sd[f"{name}.weight"].shape[0] != cfg.num_labels and not tags:
         continue   # another label count: a new classifier, as for the final exit (the checkpoint's stays unused)
       w, b = take(name + ".weight", tree["kernel"].shape[1:]), take(name + ".bias", tree["bias"].shape[1:])
-      if part == CLASSIFIER and cfg.is_token_task and classifier_rows is not None:
+      if part == CLASSIFIER and tags and classifier_rows is not None:
         w, b = w[classifier_rows], b[classifier_rows]
       tree["kernel"][i], tree["bias"][i] = w, b
   params = jax.tree.map(np.asarray, params)

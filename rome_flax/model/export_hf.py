@@ -24,6 +24,7 @@ from pathlib import Path
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
 from rome_flax.io.runlock import RunLock
+from rome_flax.model import heads
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.convert import HF_EXPORT_KEY, hf_state_dict
 from rome_flax.model.pretrained import EXPORT_CONFIG, ExportInfo, MultiExitBert
@@ -54,15 +55,14 @@ def hf_config(cfg: ModelConfig, info: ExportInfo) -> dict:
   names = list(info.label_names) if len(info.label_names) == cfg.num_labels else [
       f"LABEL_{i}" for i in range(cfg.num_labels)]
   auto_map = class_names(cfg.model_type)
-  task = "AutoModelForTokenClassification" if cfg.is_token_task else "AutoModelForSequenceClassification"
-  out = {"architectures": [auto_map[task].split(".")[-1]], "model_type": cfg.model_type,
+  head = heads.head_kind(cfg)
+  out = {"architectures": [auto_map[head.hf_auto_class].split(".")[-1]], "model_type": cfg.model_type,
          "position_embedding_type": "absolute"}
   out.update({k: getattr(cfg, k) for k in _ARCH_KEYS})
   if cfg.model_type == "roberta":
     out.update(bos_token_id=0, eos_token_id=2)
   out.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
-             problem_type=None if cfg.is_token_task else (
-                 "regression" if cfg.is_regression else "single_label_classification"),
+             problem_type=head.hf_problem_type(cfg),
              exit_head=cfg.head, exit_pooling=cfg.exit_pooling, regression_mean=cfg.regression_mean,
              regression_std=cfg.regression_std, auto_map=auto_map,
              **{HF_EXPORT_KEY: {"format": FORMAT, "metadata": info.to_dict()}})

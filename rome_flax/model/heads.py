@@ -16,7 +16,7 @@ and a `head` value in `ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -87,11 +87,23 @@ class HeadKind:
   module: type[nn.Module]
   reads_first_token_only: Callable[[object], bool]
   flops: Callable[[object, object], np.ndarray]
+  # Hugging Face: the Auto class of an export-hf directory and its config's problem_type (model/export_hf.py)
+  hf_auto_class: str
+  hf_problem_type: Callable[[object], Optional[str]]
+  # A checkpoint's classifier rows are a tag set (model/convert.py): a classifier of another size is an error,
+  # not a new classifier, and its rows are reordered to the task's tags.
+  classifier_rows_are_tags: bool
+
+
+def _sequence_problem_type(cfg) -> str:
+  return "regression" if cfg.is_regression else "single_label_classification"
 
 
 HEAD_KINDS: dict[str, HeadKind] = {k.name: k for k in (
-    HeadKind("sequence", SequenceHead, lambda cfg: cfg.exit_pooling == "cls", _sequence_flops),
-    HeadKind("token", TokenHead, lambda cfg: False, _token_flops),
+    HeadKind("sequence", SequenceHead, lambda cfg: cfg.exit_pooling == "cls", _sequence_flops,
+             "AutoModelForSequenceClassification", _sequence_problem_type, classifier_rows_are_tags=False),
+    HeadKind("token", TokenHead, lambda cfg: False, _token_flops,
+             "AutoModelForTokenClassification", lambda cfg: None, classifier_rows_are_tags=True),
 )}
 
 

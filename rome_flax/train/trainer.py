@@ -34,10 +34,9 @@ from rome_flax.io.runlock import RunLock
 from rome_flax.kinds import data as data_lib
 from rome_flax.kinds import metrics as metrics_lib
 from rome_flax.kinds import synthetic, tasks
-from rome_flax.kinds import token_data
 from rome_flax.kinds.kind import kind_of
 from rome_flax.kinds.sources import eval_splits
-from rome_flax.kinds.tasks import TaskSpec, is_token_task_name
+from rome_flax.kinds.tasks import TaskSpec
 from rome_flax.model import encoder as model_lib
 from rome_flax.model import targets as targets_lib
 from rome_flax.model.config import ModelConfig
@@ -76,11 +75,10 @@ def resolve_task(cfg: DataOptions) -> TaskSpec:
   if cfg.task.strip().lower() == "custom" and cfg.train_file is None:
     raise RomeFlaxError("the custom task needs train_file (and dev_file)")
 
-  def labels():
-    if is_token_task_name(cfg.task):   # before a kind exists: read the train split with a stand-in tag set
-      named = tasks.stand_in(cfg.task)
-      return token_data.tag_set(kind_of(named).read(named, "train", cfg.sources()))
-    return cfg.custom_labels or data_lib.custom_label_names(cfg.train_file, cfg.label_column)
+  def labels():   # the task's kind from a stand-in (its labels are what is being read)
+    named = tasks.stand_in(cfg.task)
+    return (kind_of(named).labels_in_data(named, cfg.sources()) or cfg.custom_labels
+            or data_lib.custom_label_names(cfg.train_file, cfg.label_column))
   return tasks.resolve_task(cfg.task, labels, cfg.custom_regression)
 
 
