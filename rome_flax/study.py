@@ -183,8 +183,7 @@ def policies(study: StudyConfig, model_cfg) -> list:
   """The sweep's settings: each threshold (crossed with each delta for regression patience)."""
   from rome_flax.engine import exit_policy as ep
   deltas = study.deltas or (None,)
-  return [ep.make_policy(study.criterion, float(t), model_cfg.num_exits, num_labels=model_cfg.num_labels, delta=d)
-          for d in deltas for t in study.thresholds]
+  return [ep.policy_for(model_cfg, study.criterion, float(t), delta=d) for d in deltas for t in study.thresholds]
 
 
 def _read_timing(path: Path) -> dict:
@@ -340,13 +339,14 @@ def check_before_training(study: StudyConfig, cells: Sequence[Cell], out: Path) 
   """Every mistake that would otherwise surface after hours of earlier cells: each cell's TrainConfig and
   task, the sweep's criterion and values for that task's labels."""
   from rome_flax.engine import exit_policy as ep
+  from rome_flax.kinds.kind import kind_of
   from rome_flax.train.trainer import resolve_task
   for cell in cells:
     cfg = train_config(study, cell, study.seeds[0], out)
     task = resolve_task(cfg.data)
     for delta in study.deltas or (None,):
       for t in study.thresholds:
-        ep.make_policy(study.criterion, float(t), 2, num_labels=task.num_labels, delta=delta)
+        ep.make_policy(study.criterion, float(t), 2, num_labels=task.num_labels, kind=kind_of(task), delta=delta)
 
 
 def collect(study: StudyConfig, out: Path) -> dict:

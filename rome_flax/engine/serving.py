@@ -147,12 +147,13 @@ class Policy(NamedTuple):
     return f"{self.criterion}:{shown}"
 
 
-def make_policy(spec, num_exits: int, num_labels: int, *, kind: Optional[TaskKind] = None,
-                named: Optional[dict] = None, window: Optional[int] = None) -> Policy:
+def make_policy(spec, num_exits: int, num_labels: int, is_regression: Optional[bool] = None, *,
+                kind: Optional[TaskKind] = None, named: Optional[dict] = None, window: Optional[int] = None) -> Policy:
   """A Policy from 'entropy:0.3', {'criterion': 'entropy', 'threshold': 0.3, 'min_layer': 2}, a name of
   `named` (calibrated settings), an `exit_policy.ExitPolicy` or a `token_policy.TokenPolicy`. min_layer
   folds into the thresholds: exits before it get a threshold no score meets. kind: the model's task kind
-  (as `exit_policy.make_policy`). window: the server's TOKEE window (a token task's server; None: no TOKEE)."""
+  (as `exit_policy.make_policy`). window: the server's TOKEE window (a token task's server; None: no TOKEE).
+  is_regression: how callers named a regression before `kind` (kept so that they work; one label already says it)."""
   from rome_flax.engine import exit_policy as ep
   from rome_flax.engine import token_policy as tp
   if isinstance(spec, Policy):
@@ -256,7 +257,12 @@ def steps_kind(steps) -> TaskKind:
   """The task kind of the model behind steps: `LocalSteps.kind`, or an artefact's from its manifest
   (artefact_runtime.py imports nothing of rome_flax)."""
   kind = getattr(steps, "kind", None)
-  return kind if kind is not None else kind_of_manifest(steps.manifest["model"])
+  if kind is not None:
+    return kind
+  manifest = getattr(steps, "manifest", None)
+  model = manifest["model"] if manifest else {"is_token_task": bool(getattr(steps, "is_token_task", False)),
+                                              "is_regression": bool(getattr(steps, "is_regression", False))}
+  return kind_of_manifest(model)
 
 
 class Engine:

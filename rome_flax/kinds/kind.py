@@ -15,7 +15,8 @@ Evaluation, inference, the scheduler, the exit policy, serving, the report and t
 (`kind_of(cfg or task)`) and do not branch on token vs sentence themselves.
 
 Adding a kind (e.g. extractive QA spans, multi-label classification): a `TaskKind` subclass here,
-its head in model/heads.py (`HEAD_KINDS`), a line in `KINDS`, and its `TaskSpec`s in tasks.py.
+its head in model/heads.py (a `HEAD_KINDS` row, with its HF Auto class, problem type and whether its classifier
+rows are a tag set), a line in `KINDS` and in `_BY_HEAD`, and its `TaskSpec`s in tasks.py.
 """
 
 from __future__ import annotations
