@@ -3,7 +3,9 @@ for the CLI), never any other exception. A few hundred generated files in all, a
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from rome_flax.kinds import data
 from rome_flax.kinds.tasks import get_task
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-DIR = Path(tempfile.mkdtemp(prefix="rome_flax_fuzz_"))
+DIR = Path(tempfile.mkdtemp(prefix="rome_flax_fuzz_"))   # made at import (each xdist worker collects the module)
+atexit.register(shutil.rmtree, DIR, ignore_errors=True)
 
 # Text that hits the readers' seams: separators, quotes, newlines, BOMs, NULs, bad UTF-8 once encoded.
 SEAMS = list(',\t"\'\n\r{}[]:;\\ 01.5e-') + ["\x00", "\ufeff", "é", "label", "text", "pos", "neg", "NaN", "null"]
