@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from rome_flax.errors import RequestError, RomeFlaxError
-from rome_flax.kinds.kind import Prediction, TaskKind, WordPredictions, kind_of, kind_of_manifest
+from rome_flax.kinds.kind import Prediction, TaskKind, WordPredictions, kind_of, kind_of_steps
 
 # Prediction, WordPredictions (the kinds' answers) and RequestError (errors.py: the kinds raise it) are re-exported.
 __all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "make_policy", "steps_kind", "NEVER",
@@ -254,15 +254,8 @@ def _pad_rows(rows, num_rows: int, seq: int):
 
 
 def steps_kind(steps) -> TaskKind:
-  """The task kind of the model behind steps: `LocalSteps.kind`, or an artefact's from its manifest
-  (artefact_runtime.py imports nothing of rome_flax)."""
-  kind = getattr(steps, "kind", None)
-  if kind is not None:
-    return kind
-  manifest = getattr(steps, "manifest", None)
-  model = manifest["model"] if manifest else {"is_token_task": bool(getattr(steps, "is_token_task", False)),
-                                              "is_regression": bool(getattr(steps, "is_regression", False))}
-  return kind_of_manifest(model)
+  """The task kind of the model behind steps (`kinds.kind_of_steps`: LocalSteps.kind, an artefact's manifest)."""
+  return kind_of_steps(steps)
 
 
 class Engine:

@@ -440,8 +440,20 @@ def kind_named(head: str, regression: bool) -> TaskKind:
 
 def kind_of_manifest(model: dict) -> TaskKind:
   """The kind of an exported artefact from its manifest's "model" entry (artefact_runtime.py imports
-  nothing of rome_flax, so the manifest records the kind as two flags)."""
-  return kind_named(TOKEN.head if model["is_token_task"] else CLASSIFICATION.head, bool(model["is_regression"]))
+  nothing of rome_flax, so the manifest records the kind as two flags; a flag that is absent is False)."""
+  return kind_named(TOKEN.head if model.get("is_token_task") else CLASSIFICATION.head,
+                    bool(model.get("is_regression")))
+
+
+def kind_of_steps(steps) -> TaskKind:
+  """The kind of the model behind a serving engine's steps (engine/serving.py): their `kind` (LocalSteps), an
+  artefact's manifest flags (ArtefactSteps), or the same flags as attributes of a steps object of one's own."""
+  kind = getattr(steps, "kind", None)
+  if kind is not None:
+    return kind
+  manifest = getattr(steps, "manifest", None)
+  return kind_of_manifest(manifest["model"] if manifest else {
+      "is_token_task": getattr(steps, "is_token_task", False), "is_regression": getattr(steps, "is_regression", False)})
 
 
 def to_words(logits_xBxSxC, word_mask_BxS, num_words: int) -> np.ndarray:
@@ -466,4 +478,4 @@ def check_matches(task, cfg) -> None:
 
 __all__ = ("SENTENCE_CRITERIA", "POOLS", "REFERENCE_ENTROPIES", "SENTEE_ENTROPIES", "Prediction", "WordPredictions",
            "softmax", "TaskKind", "RegressionKind", "TokenKind", "CLASSIFICATION", "REGRESSION", "TOKEN", "KINDS",
-           "kind_of", "kind_named", "kind_of_manifest", "to_words", "check_matches")
+           "kind_of", "kind_named", "kind_of_manifest", "kind_of_steps", "to_words", "check_matches")
