@@ -170,8 +170,10 @@ def serve_parser() -> cli.ArgumentParser:
   ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
   ap.add_argument("--port", type=int, default=8080, help="port (0: any free port; the line 'serving on' names it)")
   ap.add_argument("--policy", help="CRITERION:THRESHOLD, e.g. entropy:0.3 or maxprob:0.9, or for a token task "
-                  "tokee:0.1 (token-level early exit) or a sentence criterion (SENTEE) (default: entropy:0.3, tokee:0.1 "
-                  "for a token task, or the --thresholds_file setting); requests may change the thresholds")
+                  "tokee:0.1 (token-level early exit) or a sentence criterion (SENTEE), or a request's JSON object, e.g. "
+                  "'{\"criterion\": \"patience\", \"threshold\": 2, \"delta\": 0.1}' for a regression export "
+                  "(default: entropy:0.3, tokee:0.1 for a token task, or the --thresholds_file setting; a regression "
+                  "export needs one); requests may change the thresholds")
   ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default: 3, or "
                   "the --thresholds_file setting's)")
   ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")

@@ -198,6 +198,10 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     named["calibrated"] = calibrated
     policy = policy or "calibrated"
   policy = policy or kind.serving_policy
+  if policy is None:
+    raise RomeFlaxError(f"this export is a {kind.name} model: it exits by patience with a tolerance in the label's "
+                        "units; pass --policy '{\"criterion\": \"patience\", \"threshold\": 2, \"delta\": 0.1}' "
+                        "or a calibrated --thresholds_file")
   metrics = Metrics(steps.num_layers)
   t0 = time.perf_counter()
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,

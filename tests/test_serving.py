@@ -387,3 +387,37 @@ def test_a_client_that_disconnects_frees_its_slots(model):
   finally:
     gate.set()
     eng.close(5)
+
+
+def test_a_regression_export_serves_patience_given_as_a_json_policy(minilm_dir, tmp_path):
+  """A regression model answers its value at the exit regression patience picks (the policy as the request
+  body's JSON object, the form --policy takes for it); a server of a regression export without a policy is
+  one error line before compiling (patience needs a tolerance in the label's units: no default fits)."""
+  from rome_flax import server
+  from rome_flax.errors import RomeFlaxError
+  cfg = ModelConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=48, max_position_embeddings=64, num_labels=1)
+  model = MultiExitBert.from_config(cfg, seed=5, tokenizer=load_tokenizer(minilm_dir))
+  model.params["exits"]["classifier"]["kernel"] = model.params["exits"]["classifier"]["kernel"] * 50.0
+  model.export_info = ExportInfo(task="stsb", is_regression=True, max_length=64)
+  enc = model.encode(TEXTS, max_length=64)
+  z = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).exit_logits)   # [E, N, 1]
+  # a tolerance in a gap of the first two exits' changes: some examples agree early, some not, none within rounding
+  delta = float(ep.threshold_in_gap(np.abs(z[1, :, 0] - z[0, :, 0])))
+  want = np.asarray(ep.decide(ep.make_policy("patience", 1, cfg.num_exits, num_labels=1, delta=delta),
+                              jnp.asarray(z)).exit_index_N)
+  assert 1 < len(set(want.tolist()))
+  spec = json.dumps({"criterion": "patience", "threshold": 1, "delta": delta})
+  eng = serving.Engine(model, spec, slots=8, batch=4, max_length=64)
+  try:
+    got = eng.predict(TEXTS)
+  finally:
+    eng.close(5)
+  assert [p.exit_layer for p in got] == (want + 1).tolist()
+  assert all(p.probabilities is None for p in got)
+  np.testing.assert_allclose([p.label for p in got], z[want, np.arange(len(TEXTS)), 0], atol=1e-5)
+  with pytest.raises(serving.RequestError, match="not a JSON object"):
+    serving.make_policy("{criterion: patience}", cfg.num_exits, 1)
+  model.save_pretrained(tmp_path / "reg")
+  with pytest.raises(RomeFlaxError, match="regression model: it exits by patience"):
+    server.serve(str(tmp_path / "reg"), port=0, say=lambda *a, **k: None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import json
 import math
 import threading
 import time
@@ -165,6 +166,11 @@ def make_policy(spec, num_exits: int, num_labels: int, is_regression: Optional[b
       raise RomeFlaxError(f"the server pools a sentence's words by max (SENTEE); this setting pools by {spec.pool}")
     spec = {"criterion": spec.criterion, "threshold": np.asarray(spec.threshold_E).tolist(),
             "min_layer": spec.min_exit_layer, "delta": float(spec.delta) if spec.is_regression else None}
+  if isinstance(spec, str) and spec.lstrip().startswith("{"):   # the request body's object form, e.g. from --policy
+    try:
+      spec = json.loads(spec)
+    except ValueError as e:
+      raise RequestError(f"policy {spec!r} is not a JSON object: {e}") from None
   if isinstance(spec, str):
     if named and spec in named:
       return named[spec]

@@ -79,7 +79,7 @@ class TaskKind:
   is_regression = False
   criteria = SENTENCE_CRITERIA   # the sentence-level criteria a sweep's 'all' runs
   default_entropies = REFERENCE_ENTROPIES   # a sweep's entropy thresholds when the user names none
-  serving_policy = "entropy:0.3"            # a server's policy when none is given
+  serving_policy: Optional[str] = "entropy:0.3"   # a server's policy when none is given (None: it must be given)
 
   def check_criterion(self, criterion: str) -> None:
     """Refuses a sentence-level criterion (one of SENTENCE_CRITERIA) that does not apply to this kind."""
@@ -250,6 +250,7 @@ class RegressionKind(TaskKind):
   name = "regression"
   is_regression = True
   criteria = ("patience",)       # entropy and max-probability need class probabilities
+  serving_policy = None          # patience needs a tolerance in the label's units: no default fits every task
 
   def check_criterion(self, criterion: str) -> None:
     if criterion not in self.criteria:
