@@ -31,6 +31,7 @@ from typing import Optional
 
 from rome_flax.engine import serving
 from rome_flax.errors import RomeFlaxError
+from rome_flax.kinds.kind import kind_of_steps
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks its client (0.05: ~10% of a core at 128 in flight)
 
@@ -172,7 +173,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     except ValueError as e:   # artefact_runtime.ArtefactError: a missing, altered or foreign file
       raise RomeFlaxError(f"--artefact {artefact}: {e}") from None
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
-    kind = serving.steps_kind(steps)   # from the manifest (artefacts: sentence tasks)
+    kind = kind_of_steps(steps)   # from the manifest (artefacts: sentence tasks)
     if thresholds_file:
       cfg = types.SimpleNamespace(num_exits=steps.num_exits, num_labels=steps.num_labels,
                                   num_layers=steps.num_layers, head=kind.head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -137,15 +138,14 @@ def _plain_exit_logits_impl(params, cfg, arrays, options):
   return encoder.forward(params, cfg, *arrays, **options).exit_logits
 
 
-_plain_exit_logits_jit = None
+@functools.cache
+def _plain_exit_logits_jitted():
+  import jax   # not at this module's import: the environment above must be set before jax reads it
+  return jax.jit(_plain_exit_logits_impl, static_argnums=1)
 
 
 def plain_exit_logits(params, cfg, *arrays, **options):
   """`encoder.forward(params, cfg, *arrays, **options).exit_logits`, jitted whole (cfg static; the options
   are arrays, e.g. active_BxLxS): the plain forward the tests compare paths against. Run op by op it compiled
   every primitive on its own for each shape (100-400 compilations in some tests)."""
-  global _plain_exit_logits_jit
-  if _plain_exit_logits_jit is None:
-    import jax
-    _plain_exit_logits_jit = jax.jit(_plain_exit_logits_impl, static_argnums=1)
-  return _plain_exit_logits_jit(params, cfg, arrays, options)
+  return _plain_exit_logits_jitted()(params, cfg, arrays, options)

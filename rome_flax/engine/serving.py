@@ -20,7 +20,7 @@ sizes and length buckets: dynamic batching as TEI and Triton do it.
 
 The worker drives "steps": `LocalSteps` binds the engine's jitted functions to a model in this process;
 `artefact_runtime.ArtefactSteps` offers the same methods from an exported artefact (no rome_flax).
-What differs between task kinds (kinds/kind.py) the engine asks the model's kind (`steps_kind`): the request's
+What differs between task kinds (kinds/kind.py) the engine asks the model's kind (`kinds.kind_of_steps`): the request's
 payload (texts or word lists), what the slots take besides the pieces (the word mask), each row's answer
 (`Prediction`, `WordPredictions`), and the server's default policy.
 """
@@ -42,7 +42,7 @@ from rome_flax.errors import RequestError, RomeFlaxError
 from rome_flax.kinds.kind import Prediction, TaskKind, WordPredictions, kind_of, kind_of_steps
 
 # Prediction, WordPredictions (the kinds' answers) and RequestError (errors.py: the kinds raise it) are re-exported.
-__all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "make_policy", "steps_kind", "NEVER",
+__all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "make_policy", "NEVER",
            "Overloaded", "DeadlineExceeded", "RequestError", "ShuttingDown", "default_sizes", "rust_tokenizer")
 
 
@@ -259,11 +259,6 @@ def _pad_rows(rows, num_rows: int, seq: int):
   return ids, mask, types, words
 
 
-def steps_kind(steps) -> TaskKind:
-  """The task kind of the model behind steps (`kinds.kind_of_steps`: LocalSteps.kind, an artefact's manifest)."""
-  return kind_of_steps(steps)
-
-
 class Engine:
   """Early-exit serving without HTTP: `submit(texts) -> Future[list[Prediction]]`.
 
@@ -291,7 +286,7 @@ class Engine:
     self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
     self._rust_tokenizer = rust_tokenizer(tokenizer)
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
-    self.kind = steps_kind(steps)
+    self.kind = kind_of_steps(steps)
     self.window = getattr(steps, "window", None)   # TOKEE's (LocalSteps: None unless the kind has token exits)
     self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
     self.policy = self._make_policy(policy, named=self.named_policies)

@@ -79,13 +79,15 @@ class TaskKind:
   is_regression = False
   criteria = SENTENCE_CRITERIA   # the sentence-level criteria a sweep's 'all' runs
   default_entropies = REFERENCE_ENTROPIES   # a sweep's entropy thresholds when the user names none
+  # why a criterion outside `criteria` is refused (str.format: criterion, name, criteria)
+  criterion_refusal = "criterion {criterion!r} does not apply to {name} tasks; use {criteria}"
   serving_policy: Optional[str] = "entropy:0.3"   # a server's policy when none is given (None: it must be given)
 
   def check_criterion(self, criterion: str) -> None:
     """Refuses a sentence-level criterion (one of SENTENCE_CRITERIA) that does not apply to this kind."""
     if criterion not in self.criteria:
-      raise RomeFlaxError(f"criterion {criterion!r} does not apply to {self.name} tasks; use "
-                          f"{' or '.join(self.criteria)}")
+      raise RomeFlaxError(self.criterion_refusal.format(criterion=criterion, name=self.name,
+                                                        criteria=" or ".join(self.criteria)))
 
   def sentence_pool(self, pool: Optional[str]) -> Optional[str]:
     """How a sentence-level criterion pools a sentence's units into its one decision: None here (one logit
@@ -250,12 +252,9 @@ class RegressionKind(TaskKind):
   name = "regression"
   is_regression = True
   criteria = ("patience",)       # entropy and max-probability need class probabilities
+  criterion_refusal = "criterion {criterion!r} needs class probabilities; a regression task can only use 'patience' " \
+                      "(with --delta)"
   serving_policy = None          # patience needs a tolerance in the label's units: no default fits every task
-
-  def check_criterion(self, criterion: str) -> None:
-    if criterion not in self.criteria:
-      raise RomeFlaxError(f"criterion {criterion!r} needs class probabilities; a regression task can only use "
-                          "'patience' (with --delta)")
 
   def predictions(self, logits):
     return logits[..., 0]
@@ -277,13 +276,10 @@ class TokenKind(TaskKind):
   exits = "token exits (sequence labelling)"
   token_level_exit = True
   criteria = ("entropy", "maxprob")   # SENTEE: a sentence exits when its words' pooled uncertainty is low
+  criterion_refusal = "criterion {criterion!r} is for sentence tasks; a token task (sequence labelling) exits " \
+                      "sentences by {criteria}"
   default_entropies = SENTEE_ENTROPIES   # normalised entropies (H / log C)
   serving_policy = "tokee:0.1"
-
-  def check_criterion(self, criterion: str) -> None:
-    if criterion not in self.criteria:
-      raise RomeFlaxError(f"criterion {criterion!r} is for sentence tasks; a token task (sequence labelling) exits "
-                          f"sentences by {' or '.join(self.criteria)}")
 
   def sentence_pool(self, pool: Optional[str]) -> Optional[str]:
     """SENTEE: a sentence's uncertainty is its words' pooled by max (default) or mean."""
