@@ -10,10 +10,16 @@ torch runs under inference_mode. Calls alternate (jax, torch, ...) for --rounds 
 and the fastest of each is kept. Columns: ms per call, ratio torch/jax (> 1: JAX faster), and the
 largest absolute difference between the two outputs (a check that both computed the same thing).
 
-  python bench/profile_ops.py [--batch 32] [--seq 128] [--rounds 7] [--threads N]
+--backward times what a train step does with each op instead: its forward and its backward together,
+the gradients of every float input but the mask (weights and activations alike) against a fixed random
+cotangent (`jax.vjp` under one jax.jit; torch.autograd.grad), checked the same way. A GR step runs one
+forward and two backward passes, so this is where it spends its time.
+
+  python bench/profile_ops.py [--batch 32] [--seq 128] [--rounds 7] [--threads N] [--backward]
   python bench/profile_ops.py --xla_flags=--xla_cpu_use_onednn=true     # XLA_FLAGS set before jax loads
 
-Last line: `profile: layer ratio torch/jax = X.XX`, the whole layer's row (>= 1.0: JAX level or ahead).
+Last line: `profile: layer ratio torch/jax = X.XX` (`profile backward: ...` with --backward), the whole
+layer's row (>= 1.0: JAX level or ahead).
 """
 
 from __future__ import annotations
@@ -118,6 +124,38 @@ def bind(j_fn, j_args, t_body, t_args):
   return lambda: j_fn(*j_args).block_until_ready(), t_run
 
 
+def bind_backward(j_body, j_args, t_body, t_args, grad_of: list, seed: int = 1):
+  """Zero-argument calls of one op's forward + backward: the gradients of the inputs flagged in
+  `grad_of` against one random cotangent, in both frameworks; each call returns them concatenated
+  flat (one array to compare)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  j_args, t_args = list(j_args), list(t_args)
+  out_shape = jax.eval_shape(j_body, *j_args).shape
+  cotangent = np.random.default_rng(seed).standard_normal(out_shape).astype(np.float32)
+  picked = [i for i, g in enumerate(grad_of) if g]
+
+  @jax.jit
+  def j_grads(args, ct):
+    def of_picked(*free):
+      full = list(args)
+      for i, a in zip(picked, free):
+        full[i] = a
+      return j_body(*full)
+    _, pullback = jax.vjp(of_picked, *(args[i] for i in picked))
+    return jnp.concatenate([g.ravel() for g in pullback(ct)])
+
+  j_ct = jax.device_put(cotangent)
+  t_ct = torch.from_numpy(cotangent)
+  leaves = [t.clone().requires_grad_(g) for t, g in zip(t_args, grad_of)]
+
+  def t_run():
+    grads = torch.autograd.grad(t_body(*leaves), [leaves[i] for i in picked], t_ct)
+    return torch.cat([g.reshape(-1) for g in grads]).detach()
+  return lambda: j_grads(j_args, j_ct).block_until_ready(), t_run
+
+
 def fastest_pair(run_jax, run_torch, rounds: int) -> tuple[float, float]:
   """Seconds per call, fastest of `rounds` alternated calls each, after two warm-up calls each."""
   for f in (run_jax, run_torch, run_jax, run_torch):
@@ -137,6 +175,8 @@ def main():
     ap.add_argument(f"--{name}", type=int, default=default)
   ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
   ap.add_argument("--xla_flags", default=None, help="set as XLA_FLAGS before jax is imported")
+  ap.add_argument("--backward", action="store_true",
+                  help="time each op's forward + backward (the gradients of its float inputs but the mask)")
   add_malloc_option(ap)
   args = ap.parse_args()
   if args.xla_flags is not None:
@@ -152,18 +192,23 @@ def main():
         f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"host memory retained: {retained}")
   print(f"batch {args.batch}, seq {args.seq}, hidden {args.hidden}, heads {args.heads}, ffn {args.ffn}, "
-        f"float32, fastest of {args.rounds} alternated rounds")
+        f"float32, {'forward + backward' if args.backward else 'forward'}, fastest of {args.rounds} alternated rounds")
   x = make_inputs(args)
   print(f"{'op':<22}| {'jax ms':>9} | {'torch ms':>9} | {'torch/jax':>9} | max|diff|")
   ratio = math.nan
   for name, inputs, j_body, t_body in op_table(x, args.heads):
     arrays = [x[i] if isinstance(i, str) else i for i in inputs]
-    j_run, t_run = bind(jax.jit(j_body), map(jax.device_put, arrays), t_body, map(torch.from_numpy, arrays))
+    if args.backward:
+      grad_of = [not (isinstance(i, str) and i.startswith("bias_")) for i in inputs]   # not the mask
+      j_run, t_run = bind_backward(j_body, map(jax.device_put, arrays), t_body, map(torch.from_numpy, arrays),
+                                   grad_of)
+    else:
+      j_run, t_run = bind(jax.jit(j_body), map(jax.device_put, arrays), t_body, map(torch.from_numpy, arrays))
     j_s, t_s = fastest_pair(j_run, t_run, args.rounds)
     diff = float(np.max(np.abs(np.asarray(j_run()) - t_run().numpy())))
     ratio = t_s / j_s
     print(f"{name:<22}| {j_s * 1e3:9.3f} | {t_s * 1e3:9.3f} | {ratio:9.2f} | {diff:.1e}")
-  print(f"profile: layer ratio torch/jax = {ratio:.2f}")
+  print(f"profile{' backward' if args.backward else ''}: layer ratio torch/jax = {ratio:.2f}")
 
 
 if __name__ == "__main__":

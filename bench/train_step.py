@@ -1,11 +1,21 @@
-"""Training throughput: rome_flax's RomeBERT GR step and final-only step vs a PyTorch fine-tuning step.
+"""Training throughput: rome_flax's RomeBERT GR step and final-only step vs PyTorch's steps.
 
   flock /tmp/rome_heavy.lock python bench/train_step.py [--model DIR] [--batch 16] [--seq 64]
 
-All three train the same checkpoint with dropout on, batch 16, sequence 64, on the CPU, in this one
-process, measured in interleaved rounds so that machine load affects them alike. (c) is what a user
-runs: transformers' BertForSequenceClassification, forward, backward, torch.optim.AdamW step.
-Prints examples/s of each, then `ratio romebert_gr/torch = X.XX final_only/torch = Y.YY`.
+All four train the same checkpoint with dropout on, batch 16, sequence 64, on the CPU, in this one
+process, measured in interleaved rounds so that machine load affects them alike:
+(a) rome_flax's RomeBERT step with GR (one forward, two cotangents pulled back, the projection),
+(b) rome_flax's final-only step (one forward, one backward),
+(c) what a user runs for plain fine-tuning: transformers' BertForSequenceClassification, forward,
+    backward, clipping, torch.optim.AdamW,
+(d) the published RomeBERT GR step in PyTorch (`torch_gr_grads`: the reference's algorithm on this
+    model's own exits, exported by `export-hf` into transformers' model class): one forward, the
+    protected group's backward with retain_graph, the other group's backward, the projection over the
+    flattened encoder matrices, clipping, AdamW.
+(a) against (d) is like for like; (a) against (c) prices GR against plain fine-tuning: GR runs one
+forward and two backward passes where (c) runs one of each (about 5/3 of the matrix-multiply work).
+Prints lscpu's model name, ms per step of each, then
+`ratio romebert_gr/torch = X.XX final_only/torch = Y.YY romebert_gr/torch_gr = Z.ZZ`.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +80,81 @@ def torch_step(model_dir: Path, batch, lr: float):
   return run
 
 
+def projected_parameter(name: str, num_layers: int) -> bool:
+  """method.md's GR vector, in transformers' names: the weight matrices of encoder layers 1..L-1 (query,
+  key, value, attention output, intermediate, output; not biases, not LayerNorm, not the last layer)."""
+  parts = name.split(".")
+  if "layer" not in parts or "encoder" not in parts or not name.endswith(".weight") or "LayerNorm" in name:
+    return False
+  return int(parts[parts.index("layer") + 1]) < num_layers - 1
+
+
+def torch_gr_grads(model, inputs: dict, labels, *, gamma: float = 0.9, temperature: float = 3.0,
+                   protect_final: bool = False) -> dict:
+  """The published RomeBERT GR step's gradients in PyTorch (rome_flax's defaults: gamma 0.9, T 3, the KL
+  divided by batch x labels as the reference's 'mean'), left in each parameter's .grad.
+
+  model: a `modeling_rome_flax` multi-exit model (its `exit_logits`). Loss: CE(z_L) + sum_{i<L}
+  [(1-g) CE(z_i) + g T^2 KL(softmax(stop(z_L)/T) || softmax(z_i/T))]. As the reference: the protected
+  group A (the highways, or the final exit with protect_final) backward with retain_graph, its projected
+  gradients copied, then B's backward accumulates; g_B = sum - g_A; if <g_A, g_B> < 0, g_B loses its
+  component along g_A. Returns the logged statistics (cos, norms) as floats."""
+  import torch
+  import torch.nn.functional as F
+  z_ExBxC = model(**inputs).exit_logits
+  final = F.cross_entropy(z_ExBxC[-1], labels)
+  log_teacher = F.log_softmax(z_ExBxC[-1].detach() / temperature, dim=-1)
+
+  def kl_reference(z_BxC):   # KL(teacher || student) summed, over batch x labels: F.kl_div's 'mean'
+    return (log_teacher.exp() * (log_teacher - F.log_softmax(z_BxC / temperature, dim=-1))).sum() / z_BxC.numel()
+  highway = sum((1.0 - gamma) * F.cross_entropy(z, labels) + gamma * temperature ** 2 * kl_reference(z)
+                for z in z_ExBxC[:-1])
+  group_a, group_b = (final, highway) if protect_final else (highway, final)
+  num_layers = model.config.num_hidden_layers
+  projected = [p for n, p in model.named_parameters() if projected_parameter(n, num_layers)]
+  group_a.backward(retain_graph=True)
+  g_a = torch.cat([p.grad.reshape(-1) for p in projected])          # a copy: B's backward adds in place
+  group_b.backward()
+  g_sum = torch.cat([p.grad.reshape(-1) for p in projected])
+  g_b = g_sum - g_a
+  dot, a_sq, b_sq = g_a @ g_b, g_a @ g_a, g_b @ g_b
+  coef = torch.clamp(dot, max=0.0) / torch.clamp(a_sq, min=1e-30)   # no host sync: the reference's torch.min
+  start = 0
+  for p in projected:                                                # g_A + projected g_B = sum - coef g_A
+    n = p.numel()
+    p.grad.sub_(coef * g_a[start:start + n].view_as(p))
+    start += n
+  return {"gr_cos": float(dot / torch.sqrt(torch.clamp(a_sq * b_sq, min=1e-30))),
+          "gr_norm_a": float(a_sq.sqrt()), "gr_norm_b": float(b_sq.sqrt())}
+
+
+def torch_multi_exit(model, work_dir: Path):
+  """rome_flax's model in transformers: saved as an export, `export-hf`'d, loaded as its PyTorch class."""
+  from rome_flax.model.pretrained import ExportInfo
+  from rome_flax.model.export_hf import export_hf
+  from rome_flax.model.modeling_rome_flax import RomeFlaxBertForSequenceClassification
+  model.save_pretrained(work_dir / "export", ExportInfo())
+  hf_dir, _ = export_hf(work_dir / "export", work_dir / "hf")
+  return RomeFlaxBertForSequenceClassification.from_pretrained(str(hf_dir))
+
+
+def torch_gr_step(model, batch, lr: float, work_dir: Path):
+  """(d): `torch_gr_grads` on the model's PyTorch twin, then clipping (1.0) and AdamW, as the reference."""
+  import torch
+  twin = torch_multi_exit(model, work_dir)
+  twin.train()
+  opt = torch.optim.AdamW(twin.parameters(), lr=lr, eps=1e-8, weight_decay=0.0)
+  tb = {k: torch.as_tensor(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
+  labels = torch.as_tensor(batch["labels"]).long()
+
+  def run():
+    torch_gr_grads(twin, tb, labels)
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+  return run
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default=None, help="MiniLM checkpoint directory (default: /tmp/minilm or fetched)")
@@ -88,21 +174,26 @@ def main() -> None:
   from rome_flax.model.pretrained import MultiExitBert
   model = MultiExitBert.from_pretrained(model_dir, num_labels=2, load_tokenizer_files=False)
   batch = random_batch(model.config, args.batch, args.seq)
-  candidates = {"romebert_gr": jax_step(model, "romebert", batch, 5e-5),
-                "final_only": jax_step(model, "final_only", batch, 5e-5),
-                "torch": torch_step(model_dir, batch, 5e-5)}
   from rome_flax.engine.speed import compare
-  timed = compare(candidates, rounds=args.rounds, calls_per_round=args.steps, warmup=2)   # 2 calls compile / warm up
+  with tempfile.TemporaryDirectory(prefix="rome_flax_bench_") as work_dir:
+    candidates = {"romebert_gr": jax_step(model, "romebert", batch, 5e-5),
+                  "final_only": jax_step(model, "final_only", batch, 5e-5),
+                  "torch": torch_step(model_dir, batch, 5e-5),
+                  "torch_gr": torch_gr_step(model, batch, 5e-5, Path(work_dir))}
+    timed = compare(candidates, rounds=args.rounds, calls_per_round=args.steps, warmup=2)   # 2 calls compile / warm up
   speed = {name: args.batch / t.median for name, t in timed.items()}
-  print(f"device: CPU, {os.cpu_count()} cores; batch {args.batch}, seq {args.seq}, dropout on; "
+  from bench._common import cpu_model
+  print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; batch {args.batch}, seq {args.seq}, dropout on; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
         f"host memory retained: {retained}")
   labels = {"romebert_gr": "(a) rome_flax romebert GR step", "final_only": "(b) rome_flax final_only step",
-            "torch": "(c) torch BertForSequenceClassification step"}
+            "torch": "(c) torch BertForSequenceClassification step",
+            "torch_gr": "(d) torch RomeBERT GR step (the reference's)"}
   for name, value in speed.items():
     print(f"{labels[name]:48s} {value:7.2f} examples/s  ({1000 * timed[name].median:.0f} ms/step)")
   print(f"ratio romebert_gr/torch = {speed['romebert_gr'] / speed['torch']:.2f} "
-        f"final_only/torch = {speed['final_only'] / speed['torch']:.2f}")
+        f"final_only/torch = {speed['final_only'] / speed['torch']:.2f} "
+        f"romebert_gr/torch_gr = {speed['romebert_gr'] / speed['torch_gr']:.2f}")
 
 
 if __name__ == "__main__":

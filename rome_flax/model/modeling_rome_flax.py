@@ -153,7 +153,7 @@ class _MultiExit:
     result = MultiExitOutput(loss=loss, logits=logits, exit_logits=exit_logits,
                              hidden_states=hidden if output_hidden_states else None,
                              attentions=getattr(out, "attentions", None))
-    use_dict = return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
+    use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
     return result if use_dict else result.to_tuple()
 
   def _loss(self, logits, labels):
