@@ -418,6 +418,8 @@ def test_a_regression_export_serves_patience_given_as_a_json_policy(minilm_dir, 
   np.testing.assert_allclose([p.label for p in got], z[want, np.arange(len(TEXTS)), 0], atol=1e-5)
   with pytest.raises(serving.RequestError, match="not a JSON object"):
     serving.make_policy("{criterion: patience}", cfg.num_exits, 1)
+  with pytest.raises(RomeFlaxError, match=r"needs a tolerance .* a served policy as JSON"):   # the request's own form
+    serving.make_policy("patience:2", cfg.num_exits, 1)
   model.save_pretrained(tmp_path / "reg")
   with pytest.raises(RomeFlaxError, match="regression model: it exits by patience"):
     server.serve(str(tmp_path / "reg"), port=0, say=lambda *a, **k: None)

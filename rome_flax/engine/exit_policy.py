@@ -130,7 +130,9 @@ def make_policy(criterion: str, threshold: Threshold, num_exits: int, *, num_lab
   pool = kind.sentence_pool(pool)
   is_regression = kind.is_regression
   if criterion == "patience" and is_regression and delta is None:
-    raise RomeFlaxError("patience on a regression task needs a tolerance: pass delta (--delta)")
+    raise RomeFlaxError("patience on a regression task needs a tolerance in the label's units: pass delta "
+                        "(infer.py --delta D; a served policy as JSON, {\"criterion\": \"patience\", \"threshold\": 2, "
+                        "\"delta\": D})")
   if delta is not None and not (math.isfinite(delta) and delta > 0):
     raise RomeFlaxError(f"delta must be a positive number, got {delta}")
   if not 1 <= min_exit_layer <= num_exits:
