@@ -168,6 +168,11 @@ class MultiExitBert:
                           f"{_LEGACY_IN_OUT_FORMAT!r}")
     cfg = cfg.replace(exit_pooling=exit_pooling or cfg.exit_pooling, dtype=dtype or cfg.dtype)
     params = restore_params(ckpt_dir / EXPORT_PARAMS, cfg, kernels_in_out=fmt == _LEGACY_IN_OUT_FORMAT)
+    # On the device once, as a Hugging Face checkpoint's: Orbax hands back host (NumPy) arrays, and a jitted
+    # call given host arrays copies every one in again on each call. MiniLM at batch 1 (AMD EPYC): the full
+    # model 19.7 -> 12.3 ms a call, the batch-1 early-exit loop 21.2 -> 13.5 ms; the README's 4-layer model
+    # 1.04 -> 0.58 ms and 1.28 -> 0.75 ms.
+    params = jax.tree.map(jnp.asarray, params)
     tokenizer = load_tokenizer(ckpt_dir) if load_tokenizer_files else None
     return cls(cfg, params, tokenizer, export_info=ExportInfo.from_dict(saved.get("metadata")))
 
