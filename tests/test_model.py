@@ -137,6 +137,8 @@ def test_wrapper_call_and_export_roundtrip(tiny_config, tmp_path):
   path = model.save_pretrained(tmp_path / "export", ExportInfo(task="unit", label_names=["a", "b", "c"]))
   again = MultiExitBert.from_pretrained(path)
   assert again.config == tiny_config
+  # On the device, not the host arrays Orbax restores (a jitted call would copy those in on every call).
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(again.params))
   assert again.export_info == ExportInfo(task="unit", label_names=("a", "b", "c"))
   # Same code path (output_hidden_states) on both sides: the parameters must round-trip bit for bit.
   np.testing.assert_array_equal(again(ids, mask, types, output_hidden_states=True).exit_logits, out.exit_logits)
