@@ -98,7 +98,8 @@ def torch_gr_grads(model, inputs: dict, labels, *, gamma: float = 0.9, temperatu
   [(1-g) CE(z_i) + g T^2 KL(softmax(stop(z_L)/T) || softmax(z_i/T))]. As the reference: the protected
   group A (the highways, or the final exit with protect_final) backward with retain_graph, its projected
   gradients copied, then B's backward accumulates; g_B = sum - g_A; if <g_A, g_B> < 0, g_B loses its
-  component along g_A. Returns the logged statistics (cos, norms) as floats."""
+  component along g_A. Every .grad must be None or zero on entry (`zero_grad`). Returns the logged
+  statistics (cos, norms) as floats."""
   import torch
   import torch.nn.functional as F
   z_ExBxC = model(**inputs).exit_logits
@@ -118,7 +119,7 @@ def torch_gr_grads(model, inputs: dict, labels, *, gamma: float = 0.9, temperatu
   g_sum = torch.cat([p.grad.reshape(-1) for p in projected])
   g_b = g_sum - g_a
   dot, a_sq, b_sq = g_a @ g_b, g_a @ g_a, g_b @ g_b
-  coef = torch.clamp(dot, max=0.0) / torch.clamp(a_sq, min=1e-30)   # no host sync: the reference's torch.min
+  coef = torch.clamp(dot, max=0.0) / torch.clamp(a_sq, min=1e-30)   # the reference's torch.min: no branch
   start = 0
   for p in projected:                                                # g_A + projected g_B = sum - coef g_A
     n = p.numel()
