@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -62,22 +63,28 @@ def random_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
           "example_ids": np.arange(batch, dtype=np.int32)}
 
 
-def torch_step(model_dir: Path, batch, lr: float):
+def torch_train_call(model, batch, lr: float, backward: Callable):
+  """A no-arg callable running one PyTorch train step on `batch`: `backward(model, inputs, labels)` leaves the
+  gradients in .grad, then clipping (1.0), torch.optim.AdamW (eps 1e-8, no weight decay) and zero_grad."""
   import torch
-  from transformers import BertForSequenceClassification
-  model = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8, weight_decay=0.0)
-  tb = {k: torch.as_tensor(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
+  inputs = {k: torch.as_tensor(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
   labels = torch.as_tensor(batch["labels"]).long()
 
   def run():
-    out = model(**tb, labels=labels)
-    out.loss.backward()
+    backward(model, inputs, labels)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
   return run
+
+
+def torch_step(model_dir: Path, batch, lr: float):
+  """(c): transformers' BertForSequenceClassification, plain fine-tuning."""
+  from transformers import BertForSequenceClassification
+  model = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
+  return torch_train_call(model, batch, lr, lambda m, inputs, labels: m(**inputs, labels=labels).loss.backward())
 
 
 def projected_parameter(name: str, num_layers: int) -> bool:
@@ -140,20 +147,8 @@ def torch_multi_exit(model, work_dir: Path):
 
 
 def torch_gr_step(model, batch, lr: float, work_dir: Path):
-  """(d): `torch_gr_grads` on the model's PyTorch twin, then clipping (1.0) and AdamW, as the reference."""
-  import torch
-  twin = torch_multi_exit(model, work_dir)
-  twin.train()
-  opt = torch.optim.AdamW(twin.parameters(), lr=lr, eps=1e-8, weight_decay=0.0)
-  tb = {k: torch.as_tensor(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
-  labels = torch.as_tensor(batch["labels"]).long()
-
-  def run():
-    torch_gr_grads(twin, tb, labels)
-    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-  return run
+  """(d): `torch_gr_grads` on the model's PyTorch twin, then clipping and AdamW, as the reference."""
+  return torch_train_call(torch_multi_exit(model, work_dir), batch, lr, torch_gr_grads)
 
 
 def main() -> None:
