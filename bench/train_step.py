@@ -20,7 +20,6 @@ Prints lscpu's model name, ms per step of each, then
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -151,16 +150,22 @@ def torch_gr_step(model, batch, lr: float, work_dir: Path):
   return torch_train_call(torch_multi_exit(model, work_dir), batch, lr, torch_gr_grads)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  """rome_flax's entry-point wrapper (`cli.run`): a missing or foreign --model is one `error:` line, exit 2."""
+  from rome_flax import cli
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default=None, help="MiniLM checkpoint directory (default: /tmp/minilm or fetched)")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=6, help="timed steps per candidate per round")
-  from bench._common import add_malloc_option, apply_malloc_option
+  from bench._common import add_malloc_option
   add_malloc_option(parser)
-  args = parser.parse_args()
+  return cli.run(run_bench, parser, argv)
+
+
+def run_bench(args) -> None:
+  from bench._common import apply_malloc_option
   retained = apply_malloc_option(args)
 
   model_dir = Path(args.model) if args.model else (DEFAULT_MINILM if DEFAULT_MINILM.is_dir() else None)
@@ -193,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
