@@ -85,3 +85,29 @@ def test_run_stops_when_enough_slots_are_free(prepared):
   # Among the waiting slots the highest priority (here the longest) goes first.
   first = np.flatnonzero(~np.asarray(state.running_N))
   assert set(first) == set(np.argsort(-mask.sum(1), kind="stable")[:2])
+
+
+def test_short_rows_in_long_slots_run_under_a_view_as_in_short_slots(prepared):
+  """The server's path (long slots, short requests): rows shorter than the slots are embedded at their own
+  length, and `run(view=...)` reads and writes only the view; decisions and logits are those of slots as
+  long as the rows, and the slots' positions past the rows stay zeros."""
+  ids, mask, types = padded_arrays(7, 8, 16)
+  E = CFG.num_exits
+  policy = ep.make_policy("entropy", 0.5, E, num_labels=3)
+  thresholds = np.array([[0.0] * E, [9.0] * E, [0.5] * E, [0.2] * E] * 2, np.float32)
+  states = []
+  for S, view in ((16, None), (48, 16)):
+    state = engine.init(CFG, 8, S)
+    state = engine.admit(prepared, CFG, state, np.arange(8, dtype=np.int32), ids, mask, types, mask.sum(1),
+                         thresholds)
+    states.append(engine.run(prepared, CFG, policy, state, 4, view=view))
+  short, long = states
+  exits = np.asarray(short.exit_N)
+  assert len(set(exits.tolist())) > 1 and not np.asarray(long.running_N).any()
+  np.testing.assert_array_equal(np.asarray(long.exit_N), exits)
+  np.testing.assert_allclose(np.asarray(long.out_NxC), np.asarray(short.out_NxC), atol=1e-5)
+  assert int(long.runs) == int(short.runs)
+  np.testing.assert_allclose(np.asarray(long.h_NxSxD)[:, :16], np.asarray(short.h_NxSxD), atol=1e-4)
+  assert not np.asarray(long.h_NxSxD)[:, 16:].any() and not np.asarray(long.mask_NxS)[:, 16:].any()
+  with pytest.raises(ValueError, match="view 20"):
+    engine.run(prepared, CFG, policy, engine.init(CFG, 8, 48), 4, view=20)

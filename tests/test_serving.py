@@ -25,7 +25,10 @@ from rome_flax.model.pretrained import ExportInfo, MultiExitBert, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a charming and moving film", "dull , plodding and far too long", "it is what it is",
-         "an utter triumph of style and wit", "the plot makes no sense at all", "i laughed , i cried",
+         "an utter triumph of style and wit", "the plot makes no sense at all",
+         # over 16 pieces: the engine's steps run under a wider view of the slots than for the others
+         "the first hour is slow and the second is slower , but the last twenty minutes , with their storm and "
+         "their quiet ending , almost make up for it",
          "not bad", "a mess from start to finish , with no redeeming features whatsoever"]
 
 
@@ -265,7 +268,9 @@ def test_a_taken_port_is_one_error_line_before_loading(tmp_path):
 SENTENCES = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."], ["Peter", "Blackburn"],
              ["BRUSSELS", "1996-08-22"], ["The", "European", "Commission", "said", "on", "Thursday", "it",
                                           "disagreed", "with", "German", "advice", "."],
-             ["Germany", "'s", "representative"], ["He", "said", "further", "scientific", "study", "was", "required"]]
+             ["Germany", "'s", "representative"], ["He", "said", "further", "scientific", "study", "was", "required"],
+             "It said consumers should shun British lamb until scientists determine whether mad cow disease can be "
+             "transmitted to sheep , the Commission 's spokesman told reporters .".split()]   # over 32 pieces
 TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG")
 
 

@@ -208,9 +208,11 @@ def test_simulate_equals_the_device_decision_on_given_logits():
   assert halted.all()
 
 
-def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded):
+@pytest.mark.parametrize("longer_slots", [0, 40])
+def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded, longer_slots):
   """TOKEE in the open engine (the server's path): sentences admitted into free slots while others run,
-  each with its own thresholds, give the closed loop's word exits and logits for the same thresholds."""
+  each with its own thresholds, give the closed loop's word exits and logits for the same thresholds;
+  also in slots longer than the sentences, run under a view of them (as the server does)."""
   from rome_flax.engine import scheduler as engine
   policy = te.make_token_policy(0.6, 3, 4)
   plain = te.token_pass(params, CFG15, policy, encoded, 8, gather=False).run()
@@ -219,7 +221,10 @@ def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded):
   padded = data.pad_batch(encoded, np.arange(N), N)
   S = padded["input_ids"].shape[1]
   slots, batch = 4, 2
-  state = engine.init(CFG15, slots, S, True)
+  lengths = engine.trim_lengths(S + longer_slots)
+  view = engine.view_for(lengths, S) if longer_slots else None
+  assert view is None or view < S + longer_slots
+  state = engine.init(CFG15, slots, S + longer_slots, True)
   queue, free, held, admitted_while_running = list(range(N)), list(range(slots)), {}, 0
   exits, logits, queries = np.full((N, S), -9), np.zeros((N, S, TAGS), np.float32), np.zeros((N, 4), int)
   W = plain.word_exits.shape[1]
@@ -236,11 +241,13 @@ def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded):
                            -np.array(take, np.int32), tau, padded["word_mask"][take])
       held.update(zip(slot_A.tolist(), take))
       queue = queue[len(take):]
-    state = engine.run(params, CFG15, policy, state, batch, None, slots - len(held) + 1, 10 ** 6)
+    state = engine.run(params, CFG15, policy, state, batch, lengths, slots - len(held) + 1, 10 ** 6, view=view)
     running = np.asarray(state.running_N)
     for slot, n in list(held.items()):
       if not running[slot]:
-        exits[n], logits[n] = np.asarray(state.tokee.word_exit_NxW)[slot], np.asarray(state.out_NxC)[slot]
+        word_exit, out = np.asarray(state.tokee.word_exit_NxW)[slot], np.asarray(state.out_NxC)[slot]
+        assert (word_exit[S:] == -1).all() and not out[S:].any()
+        exits[n], logits[n] = word_exit[:S], out[:S]
         queries[n] = np.asarray(state.tokee.queries_NxL)[slot]
         del held[slot]
         free.append(slot)

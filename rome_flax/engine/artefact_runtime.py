@@ -156,9 +156,11 @@ class ArtefactSteps:
     return state
 
   def run(self, state: dict, criterion: str, min_free: int = NEVER, max_steps: int = NEVER,
-          delta: float = 0.0) -> dict:
+          delta: float = 0.0, longest: Optional[int] = None) -> dict:
     """Layer batches while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps`
-    ran; each slot exits by `criterion` with its own thresholds (`delta`: regression patience's tolerance)."""
+    ran; each slot exits by `criterion` with its own thresholds (`delta`: regression patience's tolerance).
+    longest: the longest running example's pieces (the engine's hint; this artefact's run steps over the
+    slots' whole length whatever it is)."""
     if criterion not in self.criteria:
       raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
     if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
