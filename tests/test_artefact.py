@@ -62,6 +62,13 @@ SCRIPT = textwrap.dedent("""
             state = steps.run(state, c, delta=spec["delta"])
             for k, v in state.items():
                 out[f"{name}/{c}/state/{k}"] = np.asarray(v)
+            # rows that fit 16 positions, given 24 wide: admitted at that bucket, run under a view of it
+            r = [1, 3]
+            state = steps.admit(steps.init(), [0, 1], x["ids"][r], x["mask"][r], x["types"][r], x["priority"][r],
+                                th[r])
+            state = steps.run(state, c, delta=spec["delta"], longest=int(x["mask"][r].sum(1).max()))
+            for k, v in state.items():
+                out[f"{name}/{c}/view/{k}"] = np.asarray(v)
         for b, s in spec["buckets"]:
             args = (x["ids"][:b, :s], x["mask"][:b, :s], x["types"][:b, :s])
             out[f"{name}/full_model/{b}/{s}"] = steps.full_model(*args)
@@ -69,6 +76,7 @@ SCRIPT = textwrap.dedent("""
         if spec["texts"]:
             ids, types = steps.tokenize(spec["texts"], spec["pairs"], max_length=6)
             out[name + "/tokenize"] = json.dumps([ids, types])
+        out[name + "/called"] = json.dumps(sorted(steps._jitted))   # the exported functions the calls above took
         out[name + "/attributes"] = json.dumps([steps.num_layers, steps.num_exits, steps.num_labels,
                                                 steps.is_token_task, steps.is_regression, steps.label_names,
                                                 steps.slots, steps.seq, steps.batch, list(steps.sizes),
@@ -124,9 +132,9 @@ def _in_process(model, x, criteria, delta, buckets) -> dict:
     state = engine.init(cfg, SLOTS, LENGTH)
     state = engine.admit(prepared, cfg, state, np.arange(4, dtype=np.int32), x["ids"][:4], x["mask"][:4],
                          x["types"][:4], x["priority"][:4], th[:4])
-    def run(state, min_free=engine.NEVER, max_steps=engine.NEVER):   # both passed: one compilation
+    def run(state, min_free=engine.NEVER, max_steps=engine.NEVER, view=None):   # both passed: one compilation
       return engine.run(prepared, cfg, policy, state, BATCH, lengths=lengths, sizes=sizes, min_free=min_free,
-                        max_steps=max_steps, pick="oldest")
+                        max_steps=max_steps, pick="oldest", view=view)
 
     state = run(state, max_steps=2)
     state = engine.admit(prepared, cfg, state, np.array([5, 6, SLOTS, SLOTS], np.int32), pad(x["ids"][4:6], 2),
@@ -139,6 +147,11 @@ def _in_process(model, x, criteria, delta, buckets) -> dict:
     state = run(state)
     for k, v in artefact.state_dict(state).items():
       out[f"{c}/state/{k}"] = np.asarray(v)
+    r, cut = [1, 3], lambda a: pad(a[[1, 3], :16], 2)   # lengths 7 and 3: the 16 bucket, the view of 16
+    state = engine.admit(prepared, cfg, engine.init(cfg, SLOTS, LENGTH), np.array([0, 1, SLOTS, SLOTS], np.int32),
+                         cut(x["ids"]), cut(x["mask"]), cut(x["types"]), pad(x["priority"][r], 2), pad(th[r], 2))
+    for k, v in artefact.state_dict(run(state, view=16)).items():
+      out[f"{c}/view/{k}"] = np.asarray(v)
   for b, s in buckets:
     args = (x["ids"][:b, :s], x["mask"][:b, :s], x["types"][:b, :s])
     out[f"full_model/{b}/{s}"] = np.asarray(ee.full_model(prepared, cfg, *args))
@@ -224,6 +237,11 @@ def test_attributes_tokenizer_and_manifest(runs):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["export"]["identity"] == calibration.export_identity(src)
   assert manifest["jax_version"] == jax.__version__ and "cpu" in manifest["platforms"]
+  assert {f"admit_b{b}_s{s}" for b in (1, BATCH) for s in (16, LENGTH)} | {"run_entropy", "run_entropy_v16"} <= set(
+      manifest["functions"])
+  # the short rows took the 16 bucket and the run its view; the others the whole slots
+  called = set(json.loads(str(got["cls/called"])))
+  assert {"admit_b4_s16", "admit_b4_s24", "run_entropy_v16", "run_entropy", "run_patience_v16"} <= called
   assert (out / "artefact_runtime.py").read_bytes() == (artefact.Path(artefact.runtime.__file__)).read_bytes()
   assert sorted(manifest["files"]) == sorted(
       str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in (

@@ -5,11 +5,14 @@ each function is `jax.export`ed (StableHLO, serialised) with the parameters as i
 the weights are stored once and any process with jax loads it through `artefact_runtime.py` (copied in):
 
   functions/init.jax                      () -> state                     engine.init(cfg, N, S)
-  functions/admit.jax                     (params, state, slot_B, ids_BxS, mask_BxS, types_BxS,
-                                           priority_B, threshold_BxE) -> state        engine.admit
+  functions/admit_b{b}_s{s}.jax           (params, state, slot_b, ids_bxs, mask_bxs, types_bxs,
+                                           priority_b, threshold_bxE) -> state        engine.admit, every
+                                          b in `sizes`, s in `lengths` (rows at their own bucket)
   functions/run_{criterion}.jax           (params, state, min_free, max_steps, delta) -> state
                                           engine.run(batch_size=B, sizes, pick='oldest'), thresholds
-                                          per slot (serving.LocalSteps' run)
+                                          per slot (serving.LocalSteps' run); run_{criterion}_v{v}: the
+                                          same under a view of the slots' first v positions, each v < S
+                                          in `lengths` (the runtime picks it from `run(longest=...)`)
   functions/evict.jax                     (state, slot_mask_N) -> state               engine.evict
   functions/{full_model,all_exits}_b{b}_s{s}.jax   (params, ids, mask, types) -> logits, every b in
                                           `sizes`, s in `lengths` (early_exit.full_model / all_exits)
@@ -110,16 +113,20 @@ def exported_functions(prepared: dict, cfg: ModelConfig, *, slots: int, batch: i
     return state_dict(engine.admit(unflat(p), cfg, engine_state(st), slot_B, ids, mask, types, priority_B,
                                    threshold_BxE))
 
-  rows = sds((batch, S), i32)
-  out["admit"] = export(admit, P, state, sds((batch,), i32), rows, rows, rows, sds((batch,), i32),
-                        sds((batch, E), jnp.float32))
+  for b in sizes:   # admission at the rows' own bucket (engine.admit: zeros past them)
+    for s in lengths:
+      rows = sds((b, s), i32)
+      out[runtime.function_name("admit", b, s)] = export(admit, P, state, sds((b,), i32), rows, rows, rows,
+                                                         sds((b,), i32), sds((b, E), jnp.float32))
   out["evict"] = export(lambda st, m: state_dict(engine.evict(engine_state(st), m)), state, sds((slots,), bool))
   for criterion in criteria:
-    def run(p, st, min_free, max_steps, delta, criterion=criterion):
-      return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), batch,
-                                   lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
-                                   sizes=tuple(sizes), pick=PICK))
-    out[runtime.run_name(criterion)] = export(run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
+    for view in lengths:   # the whole slots (S), and each shorter view of them (engine.run's `view`)
+      def run(p, st, min_free, max_steps, delta, criterion=criterion, view=None if view == S else view):
+        return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), batch,
+                                     lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
+                                     sizes=tuple(sizes), pick=PICK, view=view))
+      out[runtime.run_name(criterion, None if view == S else view)] = export(
+          run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
   from rome_flax.engine import early_exit
   for kind, fn in (("full_model", early_exit.full_model), ("all_exits", early_exit.all_exits)):
     for b in sizes:

@@ -43,8 +43,14 @@ def function_name(kind: str, batch: int, length: int) -> str:
   return f"{kind}_b{batch}_s{length}"
 
 
-def run_name(criterion: str) -> str:
-  return f"run_{criterion}"
+def run_name(criterion: str, view: Optional[int] = None) -> str:
+  """The run of a criterion over the slots' whole length, or under a view of their first `view` positions."""
+  return f"run_{criterion}" if view is None else f"run_{criterion}_v{view}"
+
+
+def bucket(values: Sequence[int], n: int) -> Optional[int]:
+  """The smallest of the (sorted) bucket values holding n, None if none does."""
+  return next((v for v in values if v >= n), None)
 
 
 def sha256_of(path: Path) -> str:
@@ -124,8 +130,10 @@ class ArtefactSteps:
 
   def admit(self, state: dict, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B,
             threshold_BxE) -> dict:
-    """Rows into free slots (slot N: a padding row, dropped). Fewer than `batch` rows are padded, more are
-    admitted `batch` at a time; rows shorter than `seq` are padded (pad_token_id, mask 0)."""
+    """Rows into free slots (slot N: a padding row, dropped), right-padded. More than `batch` rows are
+    admitted `batch` at a time, each part at the smallest exported (batch size, length) bucket that holds
+    its rows and their longest mask (padding: pad_token_id, mask 0; the slots past it: zeros); an artefact
+    of before those buckets pads every part to (batch, seq)."""
     slot = np.asarray(slot_B, np.int32).reshape(-1)
     A = len(slot)
     ids = np.asarray(input_ids_BxS)
@@ -142,13 +150,19 @@ class ArtefactSteps:
     for start in range(0, max(A, 1), self.batch):
       part = slice(start, start + self.batch)
       n = len(slot[part])
-      pad_rows, pad_cols = self.batch - n, self.seq - ids.shape[1]
+      longest = int(np.asarray(rows[1][part]).sum(1).max(initial=1))
+      b, s = bucket(self.sizes, n), bucket(self.lengths, longest)
+      name = function_name("admit", b, s)
+      if name not in self._exported:
+        name, b, s = "admit", self.batch, self.seq
+      pad_rows = b - n
 
       def fit(x, fill, dtype):
-        return np.pad(np.asarray(x[part], dtype), ((0, pad_rows), (0, pad_cols)), constant_values=fill)
+        x = np.asarray(x[part], dtype)[:, :s]
+        return np.pad(x, ((0, pad_rows), (0, s - x.shape[1])), constant_values=fill)
 
       state = self._call(
-          "admit", self._params, state, self._put(np.pad(slot[part], (0, pad_rows), constant_values=self.slots), np.int32),
+          name, self._params, state, self._put(np.pad(slot[part], (0, pad_rows), constant_values=self.slots), np.int32),
           self._put(fit(rows[0], self.pad_token_id, np.int32), np.int32),
           self._put(fit(rows[1], 0, np.int32), np.int32), self._put(fit(rows[2], 0, np.int32), np.int32),
           self._put(np.pad(priority[part], (0, pad_rows)), np.int32),
@@ -159,14 +173,22 @@ class ArtefactSteps:
           delta: float = 0.0, longest: Optional[int] = None) -> dict:
     """Layer batches while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps`
     ran; each slot exits by `criterion` with its own thresholds (`delta`: regression patience's tolerance).
-    longest: the longest running example's pieces (the engine's hint; this artefact's run steps over the
-    slots' whole length whatever it is)."""
+    longest: no running example (and none admitted before the next call) has more pieces: the run then
+    reads and writes only the first `view` positions of each slot, the shortest exported length that
+    holds them (the serving engine's `longest`; None: the slots' whole length)."""
     if criterion not in self.criteria:
       raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
     if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
       raise ArtefactError(f"patience on a regression task needs a positive delta, got {delta}")
+    name = run_name(criterion)
+    if longest is not None:
+      view = bucket(self.lengths, int(longest))
+      if view is None:
+        raise ArtefactError(f"run: longest {longest} is past the slots' {self.seq} positions")
+      if run_name(criterion, view) in self._exported:   # (an artefact of before the views has none)
+        name = run_name(criterion, view)
     return self._call(
-        run_name(criterion), self._params, state, self._put(min(int(min_free), NEVER), np.int32),
+        name, self._params, state, self._put(min(int(min_free), NEVER), np.int32),
         self._put(min(int(max_steps), NEVER), np.int32), self._put(delta, np.float32))
 
   def evict(self, state: dict, slot_mask_N) -> dict:
