@@ -63,9 +63,9 @@ SCRIPT = textwrap.dedent("""
             for k, v in state.items():
                 out[f"{name}/{c}/state/{k}"] = np.asarray(v)
             # rows that fit 16 positions, given 24 wide: admitted at that bucket, run under a view of it
-            r = [1, 3]
-            state = steps.admit(steps.init(), [0, 1], x["ids"][r], x["mask"][r], x["types"][r], x["priority"][r],
-                                th[r])
+            r, fresh = [1, 3], steps.init()
+            state = steps.admit(fresh, [0, 1], x["ids"][r], x["mask"][r], x["types"][r], x["priority"][r], th[r])
+            out[f"{name}/{c}/admit_donated"] = np.array([v.is_deleted() for v in fresh.values()])
             state = steps.run(state, c, delta=spec["delta"], longest=int(x["mask"][r].sum(1).max()))
             for k, v in state.items():
                 out[f"{name}/{c}/view/{k}"] = np.asarray(v)
@@ -239,7 +239,9 @@ def test_attributes_tokenizer_and_manifest(runs):
   assert manifest["jax_version"] == jax.__version__ and "cpu" in manifest["platforms"]
   assert {f"admit_b{b}_s{s}" for b in (1, BATCH) for s in (16, LENGTH)} | {"run_entropy", "run_entropy_v16"} <= set(
       manifest["functions"])
-  # the short rows took the 16 bucket and the run its view; the others the whole slots
+  # the short rows took the 16 bucket and the run its view; the others the whole slots; admit updates the
+  # slots in place (the state it was given is donated)
+  assert got["cls/entropy/admit_donated"].all()
   called = set(json.loads(str(got["cls/called"])))
   assert {"admit_b4_s16", "admit_b4_s24", "run_entropy_v16", "run_entropy", "run_patience_v16"} <= called
   assert (out / "artefact_runtime.py").read_bytes() == (artefact.Path(artefact.runtime.__file__)).read_bytes()

@@ -70,6 +70,26 @@ def test_engine_answers_equal_the_offline_decisions(model, engine):
     np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
 
 
+def test_steps_whose_run_takes_no_longest_still_serve(model):
+  """An artefact exported before the views runs with its own runtime, whose `run` has no `longest`: the
+  engine then runs over the slots' whole length, with the same answers."""
+  class StepsOfBefore(serving.LocalSteps):
+    def run(self, state, criterion, min_free, max_steps, delta=0.0):
+      return super().run(state, criterion, min_free, max_steps, delta)
+
+  policy = entropy_gap_policy(model, TEXTS)
+  ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
+  eng = serving.Engine(policy=policy, steps=StepsOfBefore(model, slots=8, batch=4, max_length=64),
+                       tokenizer=model.tokenizer)
+  try:
+    assert not eng._views
+    got = eng.predict(TEXTS)
+  finally:
+    eng.close(5)
+  assert [p.exit_layer for p in got] == ref.exit_layers.tolist()
+  np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
+
+
 def test_engine_tokenizes_as_the_transformers_tokenizer(model, engine):
   """The engine encodes with the Rust tokenizer directly (serving.rust_tokenizer): same ids and token types
   as the wrapper's __call__, for texts, pairs and odd Unicode; a slow tokenizer falls back to the wrapper."""

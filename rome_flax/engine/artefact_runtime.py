@@ -10,8 +10,9 @@ server or another project loads the artefact without installing this package.
   state = steps.run(state, "entropy", min_free=1, max_steps=1 << 30)
   running, exit_layer, logits = steps.read(state)
 
-The artefact holds the early-exit engine's step functions (init / admit / run per criterion / evict) and
-the full-model and all-exits forwards for fixed batch and length buckets, each serialised by
+The artefact holds the early-exit engine's step functions (init / admit per batch and length bucket /
+run per criterion and view of the slots / evict) and the full-model and all-exits forwards for fixed batch
+and length buckets, each serialised by
 `jax.export` with the parameters as arguments; the parameters once (`params.npz`); `manifest.json`
 (shapes, buckets, labels, the export's identity, checksums); the tokenizer files. The engine state is a
 dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`).
@@ -49,8 +50,17 @@ def run_name(criterion: str, view: Optional[int] = None) -> str:
 
 
 def bucket(values: Sequence[int], n: int) -> Optional[int]:
-  """The smallest of the (sorted) bucket values holding n, None if none does."""
+  """The smallest of the (sorted) bucket values holding n, None if none does: THE rule by which a batch
+  of rows is padded to a batch size and a length (serving.Engine, scheduler.view_for, this runtime)."""
   return next((v for v in values if v >= n), None)
+
+
+def right_padded_length(mask_BxS) -> int:
+  """Positions a batch of rows uses: past its last unmasked position (1 for an all-padding batch)."""
+  mask = np.asarray(mask_BxS) > 0
+  if not mask.any():
+    return 1
+  return int(mask.shape[1] - np.argmax(mask[:, ::-1].any(0)))
 
 
 def sha256_of(path: Path) -> str:
@@ -110,7 +120,7 @@ class ArtefactSteps:
     if fn is None:
       if name not in self._exported:
         raise ArtefactError(f"{self.path} has no exported function {name!r}")
-      takes_state = name in ("admit", "evict") or name.startswith("run_")
+      takes_state = name in ("admit", "evict") or name.startswith(("admit_", "run_"))
       # the state (argument 1; 0 for evict) is donated: a step updates the slots in place, not a copy of them
       donate = ((0,) if name == "evict" else (1,)) if takes_state else ()
       fn = self._jitted[name] = jax.jit(self._exported[name].call, donate_argnums=donate)
@@ -150,8 +160,7 @@ class ArtefactSteps:
     for start in range(0, max(A, 1), self.batch):
       part = slice(start, start + self.batch)
       n = len(slot[part])
-      longest = int(np.asarray(rows[1][part]).sum(1).max(initial=1))
-      b, s = bucket(self.sizes, n), bucket(self.lengths, longest)
+      b, s = bucket(self.sizes, n), bucket(self.lengths, right_padded_length(rows[1][part]))
       name = function_name("admit", b, s)
       if name not in self._exported:
         name, b, s = "admit", self.batch, self.seq
@@ -206,8 +215,7 @@ class ArtefactSteps:
   # ------------------------------------------------------------------ bucketed forwards
   def bucket_shape(self, batch: int, length: int) -> tuple[int, int]:
     """The smallest exported (batch, length) holding a batch of this shape (pad up to it)."""
-    b = next((s for s in self.sizes if s >= batch), None)
-    s = next((t for t in self.lengths if t >= length), None)
+    b, s = bucket(self.sizes, batch), bucket(self.lengths, length)
     if b is None or s is None:
       raise ArtefactError(f"no exported bucket holds [{batch}, {length}]: batches up to {self.sizes[-1]}, "
                           f"lengths up to {self.lengths[-1]}")

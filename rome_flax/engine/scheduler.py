@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import token_policy as tp
+from rome_flax.engine.artefact_runtime import bucket
 from rome_flax.kinds.data import BUCKETS
 from rome_flax.kinds.kind import kind_of
 from rome_flax.model import encoder as model_lib
@@ -275,7 +276,7 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
   h_BxSxD, logits_BxC = layer_exit_trimmed(prepared, cfg, l, io.take_pieces(state.h_NxSxD),
                                            io.take_pieces(state.mask_NxS), longest, lengths, count, sizes)
   words_B = None if state.words_NxS is None else io.take_pieces(state.words_NxS)
-  per_piece_out = state.out_NxC.ndim == 3   # token exits' logits [N, S, C]
+  per_piece_out = len(logits_shape(cfg, 1, 1)) == 3   # token exits' logits [N, S, C]
   take_out, put_out = (io.take_pieces, io.put_pieces) if per_piece_out else (io.take, io.put)
   slot_policy = policy.replace(threshold_E=io.take(state.threshold_NxE))
   policy_B, exit_now_B = slot_policy.step(jax.tree.map(io.take, state.policy_state), logits_BxC, l, words_B)
@@ -341,8 +342,8 @@ def _run(prepared, cfg: ModelConfig, policy, state: EngineState, batch_size: int
   `view` (one of `lengths`, static): the caller's promise that every running example fits in the slots'
   first `view` positions; each step then reads, runs and writes back those alone (`view_for`). A server's
   slots are as long as its longest request may be, its requests mostly short: the CoNLL-2003 export's
-  192-piece slots, one sentence of ~18 pieces at a time, TOKEE 78.6 -> 22.6 ms a request in process (AMD
-  EPYC). Inside the view a step still cuts its batch to the batch's own bucket (`layer_exit_trimmed`):
+  192-piece slots, one sentence of ~18 pieces at a time, admitted at its own length either way: TOKEE
+  78.6 -> 22.6 ms a request in process (AMD EPYC). Inside the view a step still cuts its batch to the batch's own bucket (`layer_exit_trimmed`):
   under load some running sentence is long, and the others' batches need not pay for it."""
   S = state.mask_NxS.shape[1]
   lengths = tuple(lengths or trim_lengths(S))
@@ -368,7 +369,7 @@ def _run(prepared, cfg: ModelConfig, policy, state: EngineState, batch_size: int
 
 def view_for(lengths: tuple, longest: int) -> int:
   """`run`'s view for examples of at most `longest` pieces: the shortest trim length holding them."""
-  return next((x for x in lengths if x >= longest), lengths[-1])
+  return bucket(lengths, longest) or lengths[-1]
 
 
 run = jax.jit(_run, static_argnames=("cfg", "batch_size", "lengths", "sizes", "pick", "view"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import inspect
 import itertools
 import json
 import math
@@ -293,6 +294,8 @@ class Engine:
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
     self.kind = kind_of_steps(steps)
     self.window = getattr(steps, "window", None)   # TOKEE's (LocalSteps: None unless the kind has token exits)
+    # An artefact exported before the views runs with its own runtime, whose run takes no `longest`.
+    self._views = "longest" in inspect.signature(steps.run).parameters
     self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
     self.policy = self._make_policy(policy, named=self.named_policies)
     for name, p in self.named_policies.items():
@@ -423,8 +426,12 @@ class Engine:
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
     for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example)
-      state = s.run(state, self.policy.criterion, NEVER, 1, self.policy.delta, longest=longest)
+      state = self._run(state, NEVER, 1, longest)
     s.read(state)
+
+  def _run(self, state, min_free: int, max_steps: int, longest: int):
+    kw = {"longest": longest} if self._views else {}
+    return self.steps.run(state, self.policy.criterion, min_free, max_steps, self.policy.delta, **kw)
 
   def _init_state(self):
     return self.steps.init(True) if self.policy.criterion == "tokee" else self.steps.init()
@@ -515,10 +522,10 @@ class Engine:
   def _bucket(self, rows) -> tuple[int, int]:
     """(batch, length) a batch of queued rows is padded to: the smallest of the steps' sizes and lengths
     that hold it, so a few short requests are embedded (admitted) or run (full model) at their own size."""
+    from rome_flax.engine.artefact_runtime import bucket
     s = self.steps
     longest = max(len(request.rows[i][0]) for request, i in rows)
-    return (next(size for size in s.sizes if size >= len(rows)),
-            next((x for x in s.lengths if x >= longest), s.lengths[-1]))
+    return bucket(s.sizes, len(rows)), bucket(s.lengths, longest) or s.lengths[-1]
 
   def _run_early(self) -> None:
     s, N, B, E = self.steps, self.steps.slots, self.steps.batch, self.steps.num_exits
@@ -557,8 +564,7 @@ class Engine:
       # finished example rather than per layer batch (the default run's model at 70 % load: p50 14.1 -> 12.1 ms).
       # The steps touch only the first `longest` positions of each slot: the CoNLL-2003 export's 192-piece
       # slots hold sentences of 17 pieces on average, and copying whole slots was most of a TOKEE step.
-      state = s.run(state, self.policy.criterion, len(free) + 1, s.num_layers, self.policy.delta,
-                    longest=int(length_N.max()))
+      state = self._run(state, len(free) + 1, s.num_layers, int(length_N.max()))
       running_N, exit_N, out_N = s.read(state)
       if self.metrics is not None:
         self.metrics.set_state(len(self._pending), int(running_N.sum()), N)
