@@ -343,8 +343,9 @@ def _run(prepared, cfg: ModelConfig, policy, state: EngineState, batch_size: int
   first `view` positions; each step then reads, runs and writes back those alone (`view_for`). A server's
   slots are as long as its longest request may be, its requests mostly short: the CoNLL-2003 export's
   192-piece slots, one sentence of ~18 pieces at a time, admitted at its own length either way: TOKEE
-  78.6 -> 22.6 ms a request in process (AMD EPYC). Inside the view a step still cuts its batch to the batch's own bucket (`layer_exit_trimmed`):
-  under load some running sentence is long, and the others' batches need not pay for it."""
+  78.6 -> 22.6 ms a request in process (AMD EPYC). Inside the view a step still cuts its batch to the
+  batch's own bucket (`layer_exit_trimmed`): under load some running sentence is long, and the others'
+  batches need not pay for it."""
   S = state.mask_NxS.shape[1]
   lengths = tuple(lengths or trim_lengths(S))
   sizes = None if sizes is None else tuple(sorted(set(sizes) | {batch_size}))
