@@ -426,10 +426,12 @@ class Engine:
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
     for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example)
-      state = self._run(state, NEVER, 1, longest)
+      state = self._run_slots(state, NEVER, 1, longest)
     s.read(state)
 
-  def _run(self, state, min_free: int, max_steps: int, longest: int):
+  def _run_slots(self, state, min_free: int, max_steps: int, longest: int):
+    """The steps' run until `min_free` slots are free, under the view of the longest running example where
+    the steps take one."""
     kw = {"longest": longest} if self._views else {}
     return self.steps.run(state, self.policy.criterion, min_free, max_steps, self.policy.delta, **kw)
 
@@ -564,7 +566,7 @@ class Engine:
       # finished example rather than per layer batch (the default run's model at 70 % load: p50 14.1 -> 12.1 ms).
       # The steps touch only the first `longest` positions of each slot: the CoNLL-2003 export's 192-piece
       # slots hold sentences of 17 pieces on average, and copying whole slots was most of a TOKEE step.
-      state = self._run(state, len(free) + 1, s.num_layers, int(length_N.max()))
+      state = self._run_slots(state, len(free) + 1, s.num_layers, int(length_N.max()))
       running_N, exit_N, out_N = s.read(state)
       if self.metrics is not None:
         self.metrics.set_state(len(self._pending), int(running_N.sum()), N)
