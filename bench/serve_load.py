@@ -363,7 +363,7 @@ def free_port() -> int:
 
 def server_command(args, port: int, full_model: bool) -> list[str]:
   """`python -m rome_flax serve` on loopback with the bench's options; both servers get the same ones
-  except --full_model (the baseline) and --policy (early exit only)."""
+  except --full_model (the baseline) and --policy and --window (early exit only)."""
   cmd = [sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(args.checkpoint), "--host", HOST,
          "--port", str(port), "--max_batch", str(args.max_batch)]
   for name in ("max_queue", "timeout_ms"):
@@ -371,8 +371,11 @@ def server_command(args, port: int, full_model: bool) -> list[str]:
       cmd += [f"--{name}", str(getattr(args, name))]
   if full_model:
     cmd.append("--full_model")
-  elif args.policy:
-    cmd += ["--policy", args.policy]
+  else:
+    if args.policy:
+      cmd += ["--policy", args.policy]
+    if args.window is not None:
+      cmd += ["--window", str(args.window)]
   return cmd
 
 
@@ -495,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--max_queue", type=int, default=None, help="the servers' --max_queue (default: theirs)")
   ap.add_argument("--timeout_ms", type=int, default=None, help="the servers' --timeout_ms (default: theirs)")
   ap.add_argument("--policy", default=None, help="the early-exit server's --policy (default: its own)")
+  ap.add_argument("--window", type=int, default=None, help="token tasks: the early-exit server's TOKEE --window")
   ap.add_argument("--max_connections", type=int, default=1024, help="the open-loop client's connection limit")
   ap.add_argument("--port_base", type=int, default=None,
                   help="ports PORT_BASE (full model) and PORT_BASE+1 (early exit); default: free ports")
@@ -528,7 +532,8 @@ def run(args, command: Callable = server_command) -> str:
     bodies = request_bodies(texts_a, texts_b, args.texts_per_request)
   print(f"serve_load: cpu = {cpu_model()}")
   print(f"export: {args.checkpoint} (task {task or '?'}); data: {described}; {args.texts_per_request} text(s) per "
-        f"request; max_batch {args.max_batch}; early-exit policy {args.policy or 'the server default'}")
+        f"request; max_batch {args.max_batch}; early-exit policy {args.policy or 'the server default'}"
+        + (f", TOKEE window {args.window}" if args.window is not None else ""))
   print(f"phases: saturation ({2 * args.max_batch} in flight, <= {args.saturation_requests} requests), then open-loop "
         f"Poisson at {', '.join(l for _, l in RATES)} of the full model's saturation (<= {args.requests} requests, "
         f"<= {args.time_limit:g} s each, seed {args.seed}); latency from the scheduled send, 429/504 = rejected",

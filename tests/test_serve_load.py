@@ -305,6 +305,15 @@ def test_bench_end_to_end_on_fake_servers(tmp_path, capsys):
   assert "warning" not in err
 
 
+def test_server_commands_differ_in_the_early_exit_options_alone():
+  import argparse
+  args = argparse.Namespace(checkpoint="ck", max_batch=8, max_queue=None, timeout_ms=50, policy="tokee:0.2", window=1)
+  full, early = sl.server_command(args, 1234, True), sl.server_command(args, 1234, False)
+  assert full[-1] == "--full_model" and "--policy" not in full and "--window" not in full
+  assert early[-4:] == ["--policy", "tokee:0.2", "--window", "1"] and early[:-4] == full[:-1]
+  assert ["--host", "127.0.0.1"] == full[full.index("--host"):full.index("--host") + 2]
+
+
 def test_missing_export_is_one_error_line(tmp_path, capsys):
   assert sl.main(["--checkpoint", str(tmp_path / "nothing")], command=fake_command) == 2
   out, err = capsys.readouterr()

@@ -43,6 +43,7 @@ from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
 
 NEVER = 2 ** 30   # `run(min_free=NEVER)`: run until no slot is running
+QUERY_BUFFERS = 3   # a TOKEE step computes queries for its active pieces in b*s/4, b*s/2 or all b*s rows
 
 
 class EngineState(NamedTuple):
@@ -292,9 +293,13 @@ def step(prepared, cfg: ModelConfig, policy: ep.ExitPolicy, state: EngineState, 
 
 def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: EngineState, batch_size: int,
                lengths: tuple, sizes: Optional[tuple] = None, pick: str = "lowest") -> EngineState:
-  """`step` for TOKEE: the gathered sentences run layer l with their halted words' pieces frozen
-  (`token_policy.token_layer`, every piece computed and mixed), each word halts by the window rule with
-  its slot's thresholds, and a sentence whose words have all halted frees its slot: token-level refill."""
+  """`step` for TOKEE: the gathered sentences run layer l with their halted words' pieces frozen, each
+  word halts by the window rule with its slot's thresholds, and a sentence whose words have all halted
+  frees its slot: token-level refill. Queries, attention output and feed-forward run for the active
+  pieces alone, gathered into a quarter or half of the cut batch's pieces when they fit
+  (`token_policy.token_layer_in_buffers`, `QUERY_BUFFERS`): computing every piece while any word of its
+  sentence ran saved 1.13x FLOPs on CoNLL-2003 dev where the active pieces alone saved 1.80x (MiniLM
+  joint_weighted, window 1, tau 0.05)."""
   N = state.running_N.shape[0]
   t = state.tokee
   l, idx_B, safe_B, longest = _gather(state, cfg.num_layers, batch_size, pick)
@@ -306,7 +311,8 @@ def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: Engine
                                         tp.piece_words(words_BxS, mask_BxS), words_BxS > 0)
 
   def layer_fn(k, h, mask, bias, p, active):
-    h, p, logits = tp.token_layer(prepared, cfg, policy, k, h, mask, bias, p, active)
+    buffers = tp.buffer_sizes(mask.size, steps=QUERY_BUFFERS)   # per cut (b, s): static
+    h, p, logits = tp.token_layer_in_buffers(prepared, cfg, policy, k, h, mask, bias, p, active, buffers)
     return h, logits, p, active
 
   h_BxSxD, logits_BxSxC, p_BxSxD, _ = layer_exit_trimmed(

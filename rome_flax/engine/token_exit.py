@@ -27,9 +27,10 @@ from rome_flax.kinds import data
 from rome_flax.kinds.kind import kind_of
 from rome_flax.model import encoder as model_lib
 from rome_flax.model.config import ModelConfig
-from rome_flax.engine.token_policy import (COPY_WORDPIECE, TokenPolicy, active_pieces, halt_on, halt_step,  # noqa: F401
-                                    make_token_policy, parse_windows, piece_words, simulate, token_layer,
-                                    window_max, word_positions, word_uncertainty)
+from rome_flax.engine.token_policy import (COPY_WORDPIECE, TokenPolicy, active_pieces, buffer_sizes,  # noqa: F401
+                                    halt_on, halt_step, make_token_policy, parse_windows, piece_words, simulate,
+                                    token_layer, token_layer_in_buffers, window_max, word_positions,
+                                    word_uncertainty)
 
 # ----------------------------------------------------------------------------- the device loop
 
@@ -42,19 +43,6 @@ class TokenExitResult(NamedTuple):
   layers_run: jax.Array          # int32 []
 
 
-def buffer_sizes(total: int, smallest: int = 8, steps: int = 6) -> tuple[int, ...]:
-  """Active-piece buffer sizes for a batch of `total` pieces: total, total/2, ... (at most `steps`,
-  not below `smallest`). Fewer sizes compile faster; more waste less on padding slots."""
-  sizes = {total}
-  size = total
-  for _ in range(steps - 1):
-    size = -(-size // 2)
-    if size < smallest:
-      break
-    sizes.add(size)
-  return tuple(sorted(sizes))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "gather", "sizes"))
 def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, attention_mask_BxS,
                token_type_ids_BxS, word_mask_BxS, gather: bool = True,
@@ -64,7 +52,7 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   word_mask_BxS = jnp.asarray(word_mask_BxS, jnp.int32)
   B, S = mask_BxS.shape
   L, C = cfg.num_layers, cfg.num_labels
-  sizes = tuple(sorted(set(sizes or buffer_sizes(B * S)) | {B * S}))   # the largest holds every piece
+  sizes = tuple(sizes or buffer_sizes(B * S))   # past the largest below B * S: every piece, mixed
   h_BxSxD = model_lib.embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
   bias = model_lib.attention_bias(mask_BxS)
   valid_BxS = mask_BxS > 0
@@ -73,17 +61,12 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   word_of_BxS = piece_words(word_mask_BxS, mask_BxS)
   is_first_BxS = word_mask_BxS > 0
 
-  def layer_branch(k, size):
-    """Layer k on the active pieces (the first `size` of them; size None: every piece, mixed)."""
-    def branch(h_BxSxD, p_BxSxD, active_BxS):
-      rows_M = None if size is None else jnp.nonzero(active_BxS.reshape(-1), size=size, fill_value=B * S)[0]
-      return token_layer(prepared, cfg, policy, k, h_BxSxD, mask_BxS, bias, p_BxSxD, active_BxS, rows_M)
-    return branch
+  buffers = sizes if gather else ()
 
-  if gather:
-    branches = [layer_branch(k, size) for k in range(L) for size in sizes]
-  else:
-    branches = [layer_branch(k, None) for k in range(L)]
+  def layer(k):
+    def run(h_BxSxD, p_BxSxD, active_BxS):
+      return token_layer_in_buffers(prepared, cfg, policy, k, h_BxSxD, mask_BxS, bias, p_BxSxD, active_BxS, buffers)
+    return run
 
   def cond(carry):
     i, *_, halted_BxW, _, _, _, _ = carry
@@ -92,13 +75,7 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   def body(carry):
     i, h_BxSxD, p_BxSxD, halted_BxW, exit_BxW, out_BxWxC, q_BxL, kv_BxL = carry
     active_BxS, done_B = active_pieces(policy, halted_BxW, valid_BxW, valid_BxS, word_of_BxS, is_first_BxS)
-    n_active = active_BxS.sum()
-    if gather:
-      slot = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), n_active), len(sizes) - 1)
-      index = i * len(sizes) + slot
-    else:
-      index = i
-    h_BxSxD, p_BxSxD, logits_BxSxC = jax.lax.switch(index, branches, h_BxSxD, p_BxSxD, active_BxS)
+    h_BxSxD, p_BxSxD, logits_BxSxC = jax.lax.switch(i, [layer(k) for k in range(L)], h_BxSxD, p_BxSxD, active_BxS)
     words_BxWxC = jnp.take_along_axis(logits_BxSxC.astype(jnp.float32), pos_BxW[..., None], axis=1)
     _, now_BxW = policy.step(halted_BxW, words_BxWxC, i, valid_BxW)
     halted_BxW, exit_BxW, out_BxWxC = ep.record_exit(now_BxW, i, words_BxWxC, halted_BxW, exit_BxW, out_BxWxC)

@@ -185,6 +185,19 @@ def active_pieces(policy: TokenPolicy, halted_BxW, valid_BxW, valid_BxS, word_of
   return valid_BxS & ~done_B[:, None] & ~word_halted_BxS, done_B
 
 
+def buffer_sizes(total: int, smallest: int = 8, steps: int = 6) -> tuple[int, ...]:
+  """Active-piece buffer sizes for a batch of `total` pieces: total, total/2, ... (at most `steps`,
+  not below `smallest`). Fewer sizes compile faster; more waste less on padding slots."""
+  sizes = {total}
+  size = total
+  for _ in range(steps - 1):
+    size = -(-size // 2)
+    if size < smallest:
+      break
+    sizes.add(size)
+  return tuple(sorted(sizes))
+
+
 def token_layer(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD, mask_BxS, bias, p_BxSxD,
                 active_BxS, query_rows_M=None):
   """Layer k (static) + exit k under halting: (h, p, logits_BxSxC). Only active pieces update their
@@ -205,3 +218,24 @@ def token_layer(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD
   normed = model_lib.output_norm(model_lib.layer_slice(prepared["layers"], k), cfg, p_BxSxD).astype(h_BxSxD.dtype)
   h_BxSxD = normed if policy.keep_norm_same else jnp.where(active_BxS[..., None], normed, h_BxSxD)
   return h_BxSxD, p_BxSxD, model_lib.run_exit(prepared, cfg, k, h_BxSxD, mask_BxS)
+
+
+def token_layer_in_buffers(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD, mask_BxS, bias,
+                           p_BxSxD, active_BxS, buffers: tuple = ()):
+  """`token_layer` that computes queries, attention output and feed-forward for the active pieces alone,
+  gathered into the smallest of `buffers` (static sizes below B*S, picked by `lax.switch`) that holds them;
+  when none does, or buffers=(), every piece is computed and mixed (the same results). Both TOKEE drivers
+  run their layers through this: the closed batch's loop and the open engine's step."""
+  B, S = mask_BxS.shape
+
+  def branch(size):
+    def layer(h_BxSxD, p_BxSxD, active_BxS):
+      rows_M = None if size is None else jnp.nonzero(active_BxS.reshape(-1), size=size, fill_value=B * S)[0]
+      return token_layer(prepared, cfg, policy, k, h_BxSxD, mask_BxS, bias, p_BxSxD, active_BxS, rows_M)
+    return layer
+
+  buffers = tuple(b for b in sorted(buffers) if b < B * S)
+  if not buffers:
+    return branch(None)(h_BxSxD, p_BxSxD, active_BxS)
+  index = jnp.searchsorted(jnp.asarray(buffers), active_BxS.sum())   # len(buffers): every piece
+  return jax.lax.switch(index, [branch(b) for b in buffers] + [branch(None)], h_BxSxD, p_BxSxD, active_BxS)
