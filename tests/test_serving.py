@@ -70,6 +70,41 @@ def test_engine_answers_equal_the_offline_decisions(model, engine):
     np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
 
 
+def test_run_tiers():
+  assert serving.default_sizes(64) == (1, 4, 16, 64) and serving.default_sizes(4) == (1, 4)
+  assert serving.run_tiers((1, 4, 16, 64), 64) == ((4, (1, 4)), (64, (4, 16, 64)))
+  assert serving.run_tiers((1, 4), 4) == ((4, (1, 4)),)
+
+
+def test_few_busy_slots_run_in_the_small_tier_with_the_same_answers(model):
+  """With no more busy slots than the second-smallest size a run gathers that many rows (`run_tiers`); the
+  answers, one request at a time (small tier) or all at once (full tier), are the offline decisions."""
+  tiers = []
+
+  class Recording(serving.LocalSteps):
+    def run(self, state, criterion, min_free, max_steps, delta=0.0, longest=None, busy=None):
+      tiers.append(next((t for t in self.tiers if busy <= t[0]), self.tiers[-1])[0])
+      return super().run(state, criterion, min_free, max_steps, delta, longest, busy)
+
+  policy = entropy_gap_policy(model, TEXTS)
+  ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
+  steps = Recording(model, slots=32, batch=16, max_length=64)
+  assert steps.tiers == ((4, (1, 4)), (16, (4, 16)))
+  eng = serving.Engine(policy=policy, steps=steps, tokenizer=model.tokenizer)
+  try:
+    tiers.clear()
+    one_each = [eng.predict([t])[0] for t in TEXTS]
+    assert set(tiers) == {4}
+    tiers.clear()
+    at_once = eng.predict(TEXTS)
+    assert 16 in tiers
+  finally:
+    eng.close(5)
+  for got in (one_each, at_once):
+    assert [p.exit_layer for p in got] == ref.exit_layers.tolist()
+    np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
+
+
 def test_steps_whose_run_takes_no_longest_still_serve(model):
   """An artefact exported before the views runs with its own runtime, whose `run` has no `longest`: the
   engine then runs over the slots' whole length, with the same answers."""

@@ -208,15 +208,19 @@ def test_simulate_equals_the_device_decision_on_given_logits():
   assert halted.all()
 
 
-@pytest.mark.parametrize("longer_slots", [0, 40])
-def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded, longer_slots):
+@pytest.mark.parametrize("longer_slots,layout", [(0, "unstacked"), (40, "unstacked"), (40, "stacked")])
+def test_open_engine_refills_slots_and_equals_the_closed_loop(params, encoded, longer_slots, layout):
   """TOKEE in the open engine (the server's path): sentences admitted into free slots while others run,
   each with its own thresholds, give the closed loop's word exits and logits for the same thresholds;
-  also in slots longer than the sentences, run under a view of them (as the server does)."""
+  also in slots longer than the sentences, run under a view of them (as the server does), and with the
+  stacked weights sliced by the traced layer (the token server's layout)."""
   from rome_flax.engine import scheduler as engine
   policy = te.make_token_policy(0.6, 3, 4)
-  plain = te.token_pass(params, CFG15, policy, encoded, 8, gather=False).run()
-  full = te.token_pass(params, CFG15, te.make_token_policy(0.0, 3, 4), encoded, 8, gather=False).run()
+  closed_params = params
+  if layout == "stacked":
+    params = model_lib.stack_layers(params)
+  plain = te.token_pass(closed_params, CFG15, policy, encoded, 8, gather=False).run()
+  full = te.token_pass(closed_params, CFG15, te.make_token_policy(0.0, 3, 4), encoded, 8, gather=False).run()
   N = len(encoded)
   padded = data.pad_batch(encoded, np.arange(N), N)
   S = padded["input_ids"].shape[1]

@@ -205,9 +205,11 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   shapes = [(s, b) for s in lengths for b in sizes]
   index = k * len(sizes) + j
   operands = (h_BxSxD, mask_BxS, *carry)
-  if layer_fn is not None:
+  if layer_fn is not None and model_lib.is_unstacked(prepared):
     branches = [cut(s, b, functools.partial(layer_fn, i)) for i in range(cfg.num_layers) for s, b in shapes]
     return jax.lax.switch(l * len(shapes) + index, branches, *operands)
+  if layer_fn is not None:
+    return jax.lax.switch(index, [cut(s, b, functools.partial(layer_fn, l)) for s, b in shapes], *operands)
   if model_lib.is_unstacked(prepared):
     branches = [cut(s, b, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
                 for s, b in shapes]

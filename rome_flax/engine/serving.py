@@ -44,7 +44,8 @@ from rome_flax.kinds.kind import Prediction, TaskKind, WordPredictions, kind_of,
 
 # Prediction, WordPredictions (the kinds' answers) and RequestError (errors.py: the kinds raise it) are re-exported.
 __all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "make_policy", "NEVER",
-           "Overloaded", "DeadlineExceeded", "RequestError", "ShuttingDown", "default_sizes", "rust_tokenizer")
+           "Overloaded", "DeadlineExceeded", "RequestError", "ShuttingDown", "default_sizes", "run_tiers",
+           "rust_tokenizer")
 
 
 NEVER = 2 ** 30   # run(min_free=NEVER): no free-slot target (engine.NEVER)
@@ -63,15 +64,30 @@ class ShuttingDown(RomeFlaxError):
 
 
 def default_sizes(batch: int) -> tuple[int, ...]:
-  """Batch sizes a step may cut its batch to: B/16, B/4, B (at low load a step runs 4 rows, not 64)."""
-  return tuple(sorted({max(1, batch // 16), max(1, batch // 4), batch}))
+  """Batch sizes of admission, of the full model's forwards and of the cuts of a step's batch: 1, B/16,
+  B/4, B (one request alone runs one row: the full model on one CoNLL-2003 sentence of 18 pieces
+  24.1 -> 10.3 ms, MiniLM, AMD EPYC)."""
+  return tuple(sorted({1, max(1, batch // 16), max(1, batch // 4), batch}))
+
+
+def run_tiers(sizes: tuple, batch: int) -> tuple[tuple[int, tuple], ...]:
+  """(rows gathered, cut sizes) of an engine run by how many slots are busy, fewest first: up to the
+  second-smallest size, a run gathers that many rows and cuts to the sizes up to it; else all `batch`
+  rows, cut to the sizes from the second-smallest up. A step reads and writes back every row it gathers,
+  example or not: with one CoNLL-2003 sentence running (TOKEE, MiniLM, AMD EPYC) six steps took 17.4 ms
+  gathering 64 rows and 9.9 ms gathering 4. The full tier leaves the one-row cut to the small tier: each
+  cut is compiled for every layer, view and active-piece buffer."""
+  if len(sizes) < 3:
+    return ((batch, tuple(sizes)),)
+  small = sizes[1]
+  return ((small, tuple(sizes[:2])), (batch, tuple(sizes[1:])))
 
 
 class LocalSteps:
   """The open engine's jitted functions bound to a model in this process (what `Engine` drives)."""
 
   def __init__(self, model, *, slots: int = 256, batch: int = 64, max_length: int = 128,
-               sizes: Optional[Sequence[int]] = None, window: int = 3):
+               sizes: Optional[Sequence[int]] = None, window: int = 3, dispatch: Optional[str] = None):
     from rome_flax.engine import early_exit, scheduler as engine
     cfg = model.config
     if not 1 <= batch <= slots:
@@ -79,7 +95,13 @@ class LocalSteps:
     if not 8 <= max_length <= cfg.max_position_embeddings:
       raise RomeFlaxError(f"max_length must be in 8..{cfg.max_position_embeddings}, got {max_length}")
     self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
-    self.params = early_exit.prepare_params(model.params)
+    # Layers: a lax.switch over per-layer weights (read in place), or for token exits a traced slice of the
+    # stacked weights: TOKEE's step compiles a body per cut and active-piece buffer, and per layer too
+    # with the switch (CoNLL-2003 server warm-up 204 -> 94 s; one sentence at a time 8.5 / 10.0 ms, eight
+    # 124 / 119 ms a round, AMD EPYC).
+    self.dispatch = dispatch or ("slice" if kind_of(cfg).token_level_exit else "switch")
+    self.params = early_exit.prepare_params(model.params, self.dispatch)
+    self._full_params = None if self.dispatch == "slice" else self.params
     self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels
     self.kind = kind_of(cfg)
     self.is_regression = self.kind.is_regression
@@ -89,6 +111,7 @@ class LocalSteps:
       tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
     self.slots, self.seq, self.batch = slots, max_length, batch
     self.sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
+    self.tiers = run_tiers(self.sizes, batch)
     self.lengths = engine.trim_lengths(max_length)
     self._policies: dict = {}
 
@@ -115,13 +138,14 @@ class LocalSteps:
                               token_type_ids_BxS, priority_B, threshold_BxE, word_mask_BxS)
 
   def run(self, state, criterion: str, min_free: int, max_steps: int, delta: float = 0.0,
-          longest: Optional[int] = None):
+          longest: Optional[int] = None, busy: Optional[int] = None):
     """Layer batches until `min_free` slots are free or `max_steps` ran. longest: no running example, and
     none admitted before the next call, has more pieces (the steps then touch only that much of each slot:
-    `scheduler.run`'s view); None: the slots' whole length."""
+    `scheduler.run`'s view); None: the slots' whole length. busy: no more slots are in use (`run_tiers`)."""
     view = None if longest is None else self._engine.view_for(self.lengths, longest)
-    return self._engine.run(self.params, self.cfg, self.policy(criterion, delta), state, self.batch, self.lengths,
-                            min_free, max_steps, self.sizes, "oldest", view)
+    batch, sizes = next((t for t in self.tiers if busy is not None and busy <= t[0]), self.tiers[-1])
+    return self._engine.run(self.params, self.cfg, self.policy(criterion, delta), state, batch, self.lengths,
+                            min_free, max_steps, sizes, "oldest", view)
 
   def evict(self, state, slot_mask_N):
     return self._engine.evict(state, slot_mask_N)
@@ -135,7 +159,9 @@ class LocalSteps:
     return np.asarray(running), np.asarray(exits), np.asarray(out)
 
   def full_model(self, input_ids_bxs, attention_mask_bxs, token_type_ids_bxs):
-    return np.asarray(self._early_exit.full_model(self.params, self.cfg, input_ids_bxs, attention_mask_bxs,
+    if self._full_params is None:   # per-layer weights: a static slice of the stacked ones is a copy
+      self._full_params = self._early_exit.prepare_params(self.params, "switch")
+    return np.asarray(self._early_exit.full_model(self._full_params, self.cfg, input_ids_bxs, attention_mask_bxs,
                                                   token_type_ids_bxs))
 
 
@@ -296,6 +322,7 @@ class Engine:
     self.window = getattr(steps, "window", None)   # TOKEE's (LocalSteps: None unless the kind has token exits)
     # An artefact exported before the views runs with its own runtime, whose run takes no `longest`.
     self._views = "longest" in inspect.signature(steps.run).parameters
+    self._tiers = "busy" in inspect.signature(steps.run).parameters
     self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
     self.policy = self._make_policy(policy, named=self.named_policies)
     for name, p in self.named_policies.items():
@@ -425,14 +452,17 @@ class Engine:
         ids = np.ones((b, length), np.int32)
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
-    for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example)
-      state = self._run_slots(state, NEVER, 1, longest)
+    for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example) and tier
+      for busy in sorted({batch for batch, _ in getattr(s, "tiers", ((s.slots, ()),))}):
+        state = self._run_slots(state, NEVER, 1, longest, busy)
     s.read(state)
 
-  def _run_slots(self, state, min_free: int, max_steps: int, longest: int):
-    """The steps' run until `min_free` slots are free, under the view of the longest running example where
-    the steps take one."""
+  def _run_slots(self, state, min_free: int, max_steps: int, longest: int, busy: int):
+    """The steps' run until `min_free` slots are free, under the view of the longest running example and the
+    tier of the busy slots where the steps take them."""
     kw = {"longest": longest} if self._views else {}
+    if self._tiers:
+      kw["busy"] = busy
     return self.steps.run(state, self.policy.criterion, min_free, max_steps, self.policy.delta, **kw)
 
   def _init_state(self):
@@ -566,7 +596,7 @@ class Engine:
       # finished example rather than per layer batch (the default run's model at 70 % load: p50 14.1 -> 12.1 ms).
       # The steps touch only the first `longest` positions of each slot: the CoNLL-2003 export's 192-piece
       # slots hold sentences of 17 pieces on average, and copying whole slots was most of a TOKEE step.
-      state = self._run_slots(state, len(free) + 1, s.num_layers, int(length_N.max()))
+      state = self._run_slots(state, len(free) + 1, s.num_layers, int(length_N.max()), N - len(free))
       running_N, exit_N, out_N = s.read(state)
       if self.metrics is not None:
         self.metrics.set_state(len(self._pending), int(running_N.sum()), N)
