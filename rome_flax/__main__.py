@@ -19,7 +19,7 @@ USAGE = ("usage: python -m rome_flax convert SRC OUT_DIR [--num_labels N] [--exi
          "[--dtype float32|bfloat16] [--seed N] [--overwrite]\n"
          "       python -m rome_flax export-hf --checkpoint EXPORT_DIR --out DIR [--overwrite]\n"
          "       python -m rome_flax export --checkpoint EXPORT_DIR --out DIR [--slots 256] [--batch 64] "
-         "[--sizes 4,16,64] [--max_length N] [--criteria entropy,maxprob,patience] [--overwrite]\n"
+         "[--sizes 1,4,16,64] [--max_length N] [--criteria entropy,maxprob,patience] [--overwrite]\n"
          "       python -m rome_flax study --config configs/study_sst2.py [--model DIR] [--data_dir DIR] "
          "[--output_dir DIR] [--seeds 0,1,2] [--cells a,b] [--set FIELD=VALUE ...] [--report_only]\n"
          "       python -m rome_flax calibrate --checkpoint EXPORT --target consistency|risk|speed "
@@ -77,7 +77,7 @@ def export_parser() -> cli.ArgumentParser:
   ap.add_argument("--out", required=True, help="directory to write the artefact to")
   ap.add_argument("--slots", type=int, default=256, help="examples the engine holds at once")
   ap.add_argument("--batch", type=int, default=64, help="examples a layer batch runs at most")
-  ap.add_argument("--sizes", help="batch sizes a step may cut to, and the forwards' batch sizes (default: batch/16, "
+  ap.add_argument("--sizes", help="batch sizes a step may cut to, and the forwards' batch sizes (default: 1, batch/16, "
                   "batch/4, batch)")
   ap.add_argument("--max_length", type=int, help="pieces per example (default: the export's max_length, else 128)")
   ap.add_argument("--criteria", help="criteria to export (default: every one the task allows)")
@@ -177,7 +177,7 @@ def serve_parser() -> cli.ArgumentParser:
   ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default: 3, or "
                   "the --thresholds_file setting's)")
   ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")
-  ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to B/16, B/4 at low load)")
+  ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to 1, B/16, B/4 at low load)")
   ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch)")
   ap.add_argument("--max_queue", type=int, default=1024, help="examples that may wait; beyond it: 429")
   ap.add_argument("--timeout_ms", type=float, help="default request deadline; past it: 504 (default: none)")

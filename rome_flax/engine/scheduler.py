@@ -177,7 +177,7 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   pay for that: `lax.switch` picks a branch per (layer, length, size), like the full model's per-batch
   buckets. Positions and rows past the cut are padding, so the real rows' results are the same; rows
   past the cut come back as they went in (hidden state) or zeros (logits). A server uses sizes such as
-  (4, 16, 64): at low load a step runs 4 rows, not 64. (Gathering only b x s inside each branch and
+  (1, 4, 16, 64): at low load a step runs 1 or 4 rows, not 64. (Gathering only b x s inside each branch and
   scattering back there measured slower, AMD EPYC, MiniLM, 256 slots x 128: one example through 6 layers
   113 -> 154 ms, 64 examples 450 -> 504 ms: the slots' arrays are copied through the conditional.)
 
