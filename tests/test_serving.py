@@ -79,25 +79,34 @@ def test_run_tiers():
 def test_few_busy_slots_run_in_the_small_tier_with_the_same_answers(model):
   """With no more busy slots than the second-smallest size a run gathers that many rows (`run_tiers`); the
   answers, one request at a time (small tier) or all at once (full tier), are the offline decisions."""
-  tiers = []
+  tiers = []   # (rows gathered, cut sizes) of each scheduler run
 
-  class Recording(serving.LocalSteps):
-    def run(self, state, criterion, min_free, max_steps, delta=0.0, longest=None, busy=None):
-      tiers.append(next((t for t in self.tiers if busy <= t[0]), self.tiers[-1])[0])
-      return super().run(state, criterion, min_free, max_steps, delta, longest, busy)
+  class Spy:
+    def __init__(self, scheduler):
+      self.scheduler = scheduler
+
+    def __getattr__(self, name):
+      return getattr(self.scheduler, name)
+
+    def run(self, *args):
+      tiers.append((args[4], args[8]))
+      return self.scheduler.run(*args)
 
   policy = entropy_gap_policy(model, TEXTS)
   ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
-  steps = Recording(model, slots=32, batch=16, max_length=64)
+  steps = serving.LocalSteps(model, slots=32, batch=16, max_length=64)
+  steps._engine = Spy(steps._engine)
   assert steps.tiers == ((4, (1, 4)), (16, (4, 16)))
+  assert steps.tier(1) == steps.tier(4) == (4, (1, 4)) and steps.tier(5) == steps.tier(None) == (16, (4, 16))
+  assert serving.run_tiers((4, 16, 64), 64) == ((16, (4, 16)), (64, (4, 16, 64)))
   eng = serving.Engine(policy=policy, steps=steps, tokenizer=model.tokenizer)
   try:
     tiers.clear()
     one_each = [eng.predict([t])[0] for t in TEXTS]
-    assert set(tiers) == {4}
+    assert set(tiers) == {(4, (1, 4))}
     tiers.clear()
     at_once = eng.predict(TEXTS)
-    assert 16 in tiers
+    assert (16, (4, 16)) in tiers
   finally:
     eng.close(5)
   for got in (one_each, at_once):

@@ -174,16 +174,17 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   and (given `count`, the real rows, which come first) to the smallest of `sizes` that holds them.
 
   Slots are as long as their longest possible example, but a gathered batch of shorter ones need not
-  pay for that: `lax.switch` picks a branch per (layer, length, size), like the full model's per-batch
-  buckets. Positions and rows past the cut are padding, so the real rows' results are the same; rows
-  past the cut come back as they went in (hidden state) or zeros (logits). A server uses sizes such as
-  (1, 4, 16, 64): at low load a step runs 1 or 4 rows, not 64. (Gathering only b x s inside each branch and
-  scattering back there measured slower, AMD EPYC, MiniLM, 256 slots x 128: one example through 6 layers
-  113 -> 154 ms, 64 examples 450 -> 504 ms: the slots' arrays are copied through the conditional.)
+  pay for that: `lax.switch` picks a branch per (length, size), and per layer too with per-layer
+  weights, like the full model's per-batch buckets. Positions and rows past the cut are padding, so the
+  real rows' results are the same; rows past the cut come back as they went in (hidden state) or zeros
+  (logits). A server's sizes are (1, 4) or (4, 16, 64) (`serving.run_tiers`): at low load a step runs 1
+  or 4 rows, not 64. (Gathering only b x s inside each branch and scattering back there measured slower,
+  AMD EPYC, MiniLM, 256 slots x 128: one example through 6 layers 113 -> 154 ms, 64 examples 450 -> 504
+  ms: the slots' arrays are copied through the conditional.)
 
-  layer_fn(k, h, mask, bias, *carry) -> (h, logits, *carry), k a static layer: another layer body on the
-  same cuts (TOKEE's `token_policy.token_layer`), with `carry` extra [B, S, ...] arrays it reads and
-  returns, cut and restored like h. Returns (h, logits, *carry).
+  layer_fn(k, h, mask, bias, *carry) -> (h, logits, *carry), k the layer (static with per-layer weights,
+  else traced): another layer body on the same cuts (TOKEE's `token_policy.token_layer_in_buffers`), with
+  `carry` extra [B, S, ...] arrays it reads and returns, cut and restored like h. Returns (h, logits, *carry).
   """
   B, S = h_BxSxD.shape[:2]
   sizes = tuple(sizes or (B,))
@@ -311,6 +312,7 @@ def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: Engine
   valid_BxW = jnp.arange(io.view)[None, :] < words_BxS.sum(1)[:, None]
   active_BxS, done_B = tp.active_pieces(policy, halted_BxW, valid_BxW, mask_BxS > 0,
                                         tp.piece_words(words_BxS, mask_BxS), words_BxS > 0)
+  active_BxS = active_BxS & (idx_B < N)[:, None]   # padding rows (a copy of slot N-1) fill no query buffer
 
   def layer_fn(k, h, mask, bias, p, active):
     buffers = tp.buffer_sizes(mask.size, steps=QUERY_BUFFERS)   # per cut (b, s): static

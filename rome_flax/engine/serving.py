@@ -71,16 +71,15 @@ def default_sizes(batch: int) -> tuple[int, ...]:
 
 
 def run_tiers(sizes: tuple, batch: int) -> tuple[tuple[int, tuple], ...]:
-  """(rows gathered, cut sizes) of an engine run by how many slots are busy, fewest first: up to the
-  second-smallest size, a run gathers that many rows and cuts to the sizes up to it; else all `batch`
-  rows, cut to the sizes from the second-smallest up. A step reads and writes back every row it gathers,
-  example or not: with one CoNLL-2003 sentence running (TOKEE, MiniLM, AMD EPYC) six steps took 17.4 ms
-  gathering 64 rows and 9.9 ms gathering 4. The full tier leaves the one-row cut to the small tier: each
-  cut is compiled for every layer, view and active-piece buffer."""
+  """(rows gathered, cut sizes) of an in-process engine run by how many slots are busy, fewest first: up to
+  the second-smallest size, a run gathers that many rows and cuts to the sizes up to it; else all `batch`
+  rows, cut to every size but a leading 1. A step reads and writes back every row it gathers, example or
+  not: with one CoNLL-2003 sentence running (TOKEE, MiniLM, AMD EPYC) six steps took 17.4 ms gathering 64
+  rows and 9.9 ms gathering 4. The full tier leaves the one-row cut to the small tier: each cut is compiled
+  for every view and active-piece buffer. (An artefact's run has one tier: `batch` rows, every size.)"""
   if len(sizes) < 3:
     return ((batch, tuple(sizes)),)
-  small = sizes[1]
-  return ((small, tuple(sizes[:2])), (batch, tuple(sizes[1:])))
+  return ((sizes[1], tuple(sizes[:2])), (batch, tuple(sizes[1:] if sizes[0] == 1 else sizes)))
 
 
 class LocalSteps:
@@ -96,9 +95,9 @@ class LocalSteps:
       raise RomeFlaxError(f"max_length must be in 8..{cfg.max_position_embeddings}, got {max_length}")
     self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
     # Layers: a lax.switch over per-layer weights (read in place), or for token exits a traced slice of the
-    # stacked weights: TOKEE's step compiles a body per cut and active-piece buffer, and per layer too
-    # with the switch (CoNLL-2003 server warm-up 204 -> 94 s; one sentence at a time 8.5 / 10.0 ms, eight
-    # 124 / 119 ms a round, AMD EPYC).
+    # stacked weights: TOKEE's step compiles a body per cut and active-piece buffer, and per layer too with
+    # the switch; sliced, the CoNLL-2003 server's warm-up fell from 204 s to 94-101 s, its latency within
+    # noise (docs/results.md, "TOKEE served with a trained NER export"). A full-model server passes "switch".
     self.dispatch = dispatch or ("slice" if kind_of(cfg).token_level_exit else "switch")
     self.params = early_exit.prepare_params(model.params, self.dispatch)
     self._full_params = None if self.dispatch == "slice" else self.params
@@ -143,9 +142,17 @@ class LocalSteps:
     none admitted before the next call, has more pieces (the steps then touch only that much of each slot:
     `scheduler.run`'s view); None: the slots' whole length. busy: no more slots are in use (`run_tiers`)."""
     view = None if longest is None else self._engine.view_for(self.lengths, longest)
-    batch, sizes = next((t for t in self.tiers if busy is not None and busy <= t[0]), self.tiers[-1])
+    batch, sizes = self.tier(busy)
     return self._engine.run(self.params, self.cfg, self.policy(criterion, delta), state, batch, self.lengths,
                             min_free, max_steps, sizes, "oldest", view)
+
+  def tier(self, busy: Optional[int] = None) -> tuple[int, tuple]:
+    """(rows gathered, cut sizes) of a run with at most `busy` slots in use (`run_tiers`; None: the full tier)."""
+    from rome_flax.engine.artefact_runtime import bucket
+    tiers = dict(self.tiers)
+    rows = bucket(tuple(tiers), busy) if busy is not None else None
+    rows = rows or self.tiers[-1][0]
+    return rows, tiers[rows]
 
   def evict(self, state, slot_mask_N):
     return self._engine.evict(state, slot_mask_N)
@@ -453,7 +460,7 @@ class Engine:
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
     for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example) and tier
-      for busy in sorted({batch for batch, _ in getattr(s, "tiers", ((s.slots, ()),))}):
+      for busy in ([batch for batch, _ in s.tiers] if self._tiers else [s.slots]):
         state = self._run_slots(state, NEVER, 1, longest, busy)
     s.read(state)
 

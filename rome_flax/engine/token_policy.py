@@ -198,12 +198,12 @@ def buffer_sizes(total: int, smallest: int = 8, steps: int = 6) -> tuple[int, ..
   return tuple(sorted(sizes))
 
 
-def token_layer(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD, mask_BxS, bias, p_BxSxD,
+def token_layer(prepared, cfg: ModelConfig, policy: TokenPolicy, k, h_BxSxD, mask_BxS, bias, p_BxSxD,
                 active_BxS, query_rows_M=None):
-  """Layer k (static) + exit k under halting: (h, p, logits_BxSxC). Only active pieces update their
-  pre-LN residual p; query_rows_M (flat indices of the active pieces in order, padded with B*S: at least
-  as many as there are active pieces) computes queries, attention output and feed-forward for those rows
-  alone, else every piece is computed and mixed (the plain form: same results)."""
+  """Layer k (an int, or traced with stacked weights) + exit k under halting: (h, p, logits_BxSxC). Only
+  active pieces update their pre-LN residual p; query_rows_M (flat indices of the active pieces in order,
+  padded with B*S: at least as many as there are active pieces) computes queries, attention output and
+  feed-forward for those rows alone, else every piece is computed and mixed (the plain form: same results)."""
   B, S = mask_BxS.shape
   if query_rows_M is None:
     p_new = model_lib.run_layer(prepared, cfg, k, h_BxSxD, bias, residual_out=True)
@@ -220,7 +220,7 @@ def token_layer(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD
   return h_BxSxD, p_BxSxD, model_lib.run_exit(prepared, cfg, k, h_BxSxD, mask_BxS)
 
 
-def token_layer_in_buffers(prepared, cfg: ModelConfig, policy: TokenPolicy, k: int, h_BxSxD, mask_BxS, bias,
+def token_layer_in_buffers(prepared, cfg: ModelConfig, policy: TokenPolicy, k, h_BxSxD, mask_BxS, bias,
                            p_BxSxD, active_BxS, buffers: tuple = ()):
   """`token_layer` that computes queries, attention output and feed-forward for the active pieces alone,
   gathered into the smallest of `buffers` (static sizes below B*S, picked by `lax.switch`) that holds them;
