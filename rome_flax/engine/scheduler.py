@@ -206,17 +206,13 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   shapes = [(s, b) for s in lengths for b in sizes]
   index = k * len(sizes) + j
   operands = (h_BxSxD, mask_BxS, *carry)
-  if layer_fn is not None and model_lib.is_unstacked(prepared):
-    branches = [cut(s, b, functools.partial(layer_fn, i)) for i in range(cfg.num_layers) for s, b in shapes]
+  if model_lib.is_unstacked(prepared):   # a branch per layer too: each reads its weights in place
+    bodies = (model_lib.layer_and_exit_branches(prepared, cfg) if layer_fn is None
+              else [functools.partial(layer_fn, i) for i in range(cfg.num_layers)])
+    branches = [cut(s, b, body) for body in bodies for s, b in shapes]
     return jax.lax.switch(l * len(shapes) + index, branches, *operands)
-  if layer_fn is not None:
-    return jax.lax.switch(index, [cut(s, b, functools.partial(layer_fn, l)) for s, b in shapes], *operands)
-  if model_lib.is_unstacked(prepared):
-    branches = [cut(s, b, layer_exit) for layer_exit in model_lib.layer_and_exit_branches(prepared, cfg)
-                for s, b in shapes]
-    return jax.lax.switch(l * len(shapes) + index, branches, *operands)
-  layer_exit = functools.partial(model_lib.layer_and_exit_at, prepared, cfg, l)
-  return jax.lax.switch(index, [cut(s, b, layer_exit) for s, b in shapes], *operands)
+  body = functools.partial(layer_fn or functools.partial(model_lib.layer_and_exit_at, prepared, cfg), l)
+  return jax.lax.switch(index, [cut(s, b, body) for s, b in shapes], *operands)
 
 
 def waiting_at(state: EngineState, l, batch_size: int):

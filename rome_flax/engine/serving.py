@@ -149,10 +149,8 @@ class LocalSteps:
   def tier(self, busy: Optional[int] = None) -> tuple[int, tuple]:
     """(rows gathered, cut sizes) of a run with at most `busy` slots in use (`run_tiers`; None: the full tier)."""
     from rome_flax.engine.artefact_runtime import bucket
-    tiers = dict(self.tiers)
-    rows = bucket(tuple(tiers), busy) if busy is not None else None
-    rows = rows or self.tiers[-1][0]
-    return rows, tiers[rows]
+    rows = (busy is not None and bucket([b for b, _ in self.tiers], busy)) or self.tiers[-1][0]
+    return rows, dict(self.tiers)[rows]
 
   def evict(self, state, slot_mask_N):
     return self._engine.evict(state, slot_mask_N)
