@@ -16,6 +16,7 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
+from rome_flax import runtime
 from rome_flax.errors import RomeFlaxError, io_error_in, os_error_text
 from rome_flax.io.preemption import EXIT_PREEMPTED, Interrupted, Preempted, interrupt_on_signals
 
@@ -34,14 +35,18 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse with `error: ...` on one line and exit code 2 (no usage dump), `--debug`, and every
-  option's default in `--help`."""
+  """argparse with `error: ...` on one line and exit code 2 (no usage dump), `--debug`,
+  `--compilation_cache` (applied by `run`) and every option's default in `--help`."""
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault("allow_abbrev", False)
     kwargs.setdefault("formatter_class", _DefaultsFormatter)
     super().__init__(*args, **kwargs)
     self.add_argument("--debug", action="store_true", help="show the Python traceback of an error too")
+    self.add_argument("--compilation_cache", metavar="DIR", default=None,
+                      help="keep XLA's compiled programs in DIR (a folder per CPU type) and reuse them on the next "
+                      "start (a TOKEE server's warm-up 83 -> 20 s, an SST-2 server's 28 -> 9 s); 'off': compile every time (default: "
+                      f"${runtime.ENV_CACHE}, else ~/.cache/rome_flax/xla; $JAX_COMPILATION_CACHE_DIR wins over it)")
 
   def error(self, message):
     print(f"error: {message}", file=sys.stderr)
@@ -51,12 +56,15 @@ class ArgumentParser(argparse.ArgumentParser):
 def run(program: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Optional[Sequence[str]] = None) -> int:
   """Parses argv, runs `program(args)`; a RomeFlaxError becomes one `error:` line and exit code 2,
-  a training run stopped by a signal one `stopped:` line and exit code 3."""
+  a training run stopped by a signal one `stopped:` line and exit code 3. XLA's compilation cache is set
+  up first (`runtime.compilation_cache`)."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   args = parser.parse_args(argv)
   debug = getattr(args, "debug", False)
   try:
     with interrupt_on_signals():
+      if hasattr(args, "compilation_cache"):
+        runtime.compilation_cache(args.compilation_cache)
       program(args)
   except RomeFlaxError as e:
     if debug:

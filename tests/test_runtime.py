@@ -41,3 +41,63 @@ def test_opt_out_by_environment(monkeypatch):
   env = dict(os.environ, ROME_FLAX_DEFAULT_MALLOC="1")
   applied, _ = probe("retain", env=env)
   assert not applied
+
+
+# ----------------------------------------------------------------------------- the compilation cache
+
+CACHE_PROBE = r"""
+import sys, jax, jax.numpy as jnp
+from rome_flax import cli
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(1) if event.endswith("/cache_hits") else None)
+def program(args):
+  jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)(jnp.ones((64, 64))).block_until_ready()
+  print(jax.config.jax_compilation_cache_dir or "none", len(hits))
+sys.exit(cli.run(program, cli.ArgumentParser(), sys.argv[1:]))
+"""
+
+
+def cache_probe(tmp_path, *argv, **env_set):
+  import os
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
+                                                                   "ROME_FLAX_COMPILATION_CACHE", "XDG_CACHE"))}
+  env.update(HOME=str(tmp_path / "home"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_set)
+  return subprocess.run([sys.executable, "-c", CACHE_PROBE, *argv], capture_output=True, text=True, env=env,
+                        timeout=300)
+
+
+def test_compiled_programs_are_kept_per_cpu_type_and_reused_by_the_next_process(tmp_path):
+  from rome_flax.runtime import host_fingerprint
+  folder = tmp_path / "cache"
+  first = cache_probe(tmp_path, "--compilation_cache", str(folder))
+  assert first.returncode == 0, first.stderr
+  used, hits = first.stdout.split()
+  assert used == str(folder / host_fingerprint()) and int(hits) == 0
+  assert any((folder / host_fingerprint()).iterdir())
+  second = cache_probe(tmp_path, "--compilation_cache", str(folder))
+  assert second.returncode == 0 and int(second.stdout.split()[1]) >= 1   # served from the folder
+
+
+def test_the_cache_is_on_by_default_in_the_home_folder_and_off_when_asked(tmp_path):
+  from rome_flax.runtime import host_fingerprint
+  default = cache_probe(tmp_path)
+  assert default.stdout.split()[0] == str(tmp_path / "home" / ".cache" / "rome_flax" / "xla" / host_fingerprint())
+  assert cache_probe(tmp_path, "--compilation_cache", "off").stdout.split()[0] == "none"
+  assert cache_probe(tmp_path, ROME_FLAX_COMPILATION_CACHE="off").stdout.split()[0] == "none"
+  by_env = cache_probe(tmp_path, ROME_FLAX_COMPILATION_CACHE=str(tmp_path / "env"))
+  assert by_env.stdout.split()[0] == str(tmp_path / "env" / host_fingerprint())
+  jax_own = cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))   # JAX's variable: JAX's way
+  assert jax_own.stdout.split()[0] == str(tmp_path / "jax")
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("mine")
+  out = cache_probe(tmp_path, "--compilation_cache", str(blocker))
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.startswith("error: the compilation cache cannot be used: ") and "Traceback" not in out.stderr
+  assert blocker.read_text() == "mine"
+  # The default folder failing (a home folder that is a file) only turns the cache off.
+  (tmp_path / "home").write_text("not a folder")
+  quiet = cache_probe(tmp_path)
+  assert quiet.returncode == 0 and quiet.stdout.split()[0] == "none"

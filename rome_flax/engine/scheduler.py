@@ -182,9 +182,11 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   AMD EPYC, MiniLM, 256 slots x 128: one example through 6 layers 113 -> 154 ms, 64 examples 450 -> 504
   ms: the slots' arrays are copied through the conditional.)
 
-  layer_fn(k, h, mask, bias, *carry) -> (h, logits, *carry), k the layer (static with per-layer weights,
-  else traced): another layer body on the same cuts (TOKEE's `token_policy.token_layer_in_buffers`), with
-  `carry` extra [B, S, ...] arrays it reads and returns, cut and restored like h. Returns (h, logits, *carry).
+  layer_fn(params, k, h, mask, bias, *carry) -> (h, logits, *carry), layer k of params (per-layer weights:
+  `prepared` and each layer's static index; stacked: layer l alone, sliced once for every branch,
+  `model.layer_alone`, and k = 0): another layer body on the same cuts (TOKEE's
+  `token_policy.token_layer_in_buffers`), with `carry` extra [B, S, ...] arrays it reads and returns, cut
+  and restored like h. Returns (h, logits, *carry).
   """
   B, S = h_BxSxD.shape[:2]
   sizes = tuple(sizes or (B,))
@@ -208,10 +210,11 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   operands = (h_BxSxD, mask_BxS, *carry)
   if model_lib.is_unstacked(prepared):   # a branch per layer too: each reads its weights in place
     bodies = (model_lib.layer_and_exit_branches(prepared, cfg) if layer_fn is None
-              else [functools.partial(layer_fn, i) for i in range(cfg.num_layers)])
+              else [functools.partial(layer_fn, prepared, i) for i in range(cfg.num_layers)])
     branches = [cut(s, b, body) for body in bodies for s, b in shapes]
     return jax.lax.switch(l * len(shapes) + index, branches, *operands)
-  body = functools.partial(layer_fn or functools.partial(model_lib.layer_and_exit_at, prepared, cfg), l)
+  plain = lambda params, k, h, mask, bias: model_lib.layer_and_exit(params, cfg, k, h, mask, bias)
+  body = functools.partial(layer_fn or plain, model_lib.layer_alone(prepared, l), 0)
   return jax.lax.switch(index, [cut(s, b, body) for s, b in shapes], *operands)
 
 
@@ -310,9 +313,9 @@ def token_step(prepared, cfg: ModelConfig, policy: tp.TokenPolicy, state: Engine
                                         tp.piece_words(words_BxS, mask_BxS), words_BxS > 0)
   active_BxS = active_BxS & (idx_B < N)[:, None]   # padding rows (a copy of slot N-1) fill no query buffer
 
-  def layer_fn(k, h, mask, bias, p, active):
+  def layer_fn(params, k, h, mask, bias, p, active):
     buffers = tp.buffer_sizes(mask.size, steps=QUERY_BUFFERS)   # per cut (b, s): static
-    h, p, logits = tp.token_layer_in_buffers(prepared, cfg, policy, k, h, mask, bias, p, active, buffers)
+    h, p, logits = tp.token_layer_in_buffers(params, cfg, policy, k, h, mask, bias, p, active, buffers)
     return h, logits, p, active
 
   h_BxSxD, logits_BxSxC, p_BxSxD, _ = layer_exit_trimmed(

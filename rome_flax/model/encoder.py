@@ -156,6 +156,13 @@ def layer_slice(stacked, i):
   return jax.tree.map(lambda x: x[i], stacked)
 
 
+def layer_alone(params, i) -> dict:
+  """Layer i's and exit i's parameters as a one-layer per-layer tree (read them at index 0), the rest as it
+  is: a traced slice of the stacked layout taken once where many branches read the same layer (the
+  scheduler's cuts; slicing inside each branch traced 660 slices in a TOKEE server's warm-up)."""
+  return dict(params, layers=(layer_slice(params["layers"], i),), exits=(layer_slice(params["exits"], i),))
+
+
 def is_unstacked(params) -> bool:
   return isinstance(params["layers"], (list, tuple))
 
