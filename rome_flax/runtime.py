@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -140,9 +141,6 @@ def compilation_cache(folder: Optional[str] = None) -> Optional[Path]:
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:   # JAX's own settings win
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
   if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-    try:   # eviction needs the filelock package (a dependency of huggingface_hub); without it, no bound
-      import filelock  # noqa: F401
+    if importlib.util.find_spec("filelock"):   # eviction needs it (huggingface_hub's dependency); else no bound
       jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    except ImportError:
-      pass
   return path

@@ -97,7 +97,8 @@ class LocalSteps:
     # Layers: a lax.switch over per-layer weights (read in place), or for token exits a traced slice of the
     # stacked weights: TOKEE's step compiles a body per cut and active-piece buffer, and per layer too with
     # the switch; sliced, the CoNLL-2003 server's warm-up fell from 204 s to 94-101 s, its latency within
-    # noise (docs/results.md, "TOKEE served with a trained NER export"). A full-model server passes "switch".
+    # noise (docs/results.md, "TOKEE served with a trained NER export"), and to 80 s with the layer sliced once
+    # a step (`model.layer_alone`). A full-model server passes "switch".
     self.dispatch = dispatch or ("slice" if kind_of(cfg).token_level_exit else "switch")
     self.params = early_exit.prepare_params(model.params, self.dispatch)
     self._full_params = None if self.dispatch == "slice" else self.params
