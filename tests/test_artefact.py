@@ -319,3 +319,58 @@ def test_overwrite_replaces_an_artefact(runs, tmp_path, capsys):
   manifest = json.loads((copy / "manifest.json").read_text())
   assert (manifest["slots"], manifest["batch"], manifest["sizes"], manifest["lengths"]) == (4, 2, [1, 2], [16])
   assert not (copy / "__pycache__").exists()
+
+
+def test_a_run_with_few_busy_slots_takes_the_small_tier_bit_for_bit(runs, tmp_path):
+  """Exported with sizes 1,2,4: a run with at most 2 busy slots gathers 2 rows (`serving.run_tiers`), as the
+  in-process engine's small tier does, and gives the same bits; more busy slots or none said: the full tier.
+  The serving engine hands the artefact's run the busy count (its signature takes it)."""
+  from rome_flax.engine import artefact_runtime
+  model, src, _ = runs[2]["cls"]
+  out = tmp_path / "tiered"
+  assert main(["export", "--checkpoint", str(src), "--out", str(out), "--slots", str(SLOTS), "--batch", str(BATCH),
+               "--sizes", "1,2", "--criteria", "entropy"]) == 0
+  steps = artefact_runtime.load(out)
+  tiers = serving.run_tiers((1, 2, 4), BATCH)
+  assert steps.tiers == tiers == ((2, (1, 2)), (4, (2, 4)))
+  assert json.loads((out / "manifest.json").read_text())["tiers"] == [[2, [1, 2]], [4, [2, 4]]]
+  assert [steps.tier(b)[0] for b in (None, 1, 2, 3, 8)] == [4, 2, 2, 4, 4]
+  assert {"run_entropy_r2", "run_entropy_v16_r2", "run_entropy", "run_entropy_v16"} <= set(steps._exported)
+
+  cfg = model.config
+  x = _inputs(cfg, np.random.default_rng(1))
+  prepared = ee.prepare_params(model.params)
+  policy = ep.make_policy("entropy", 1.0, cfg.num_exits, num_labels=cfg.num_labels)
+  lengths = engine.trim_lengths(LENGTH)
+  th, r = x["threshold_entropy"], np.array([1, 3])
+  for busy, (rows, cuts) in ((2, tiers[0]), (None, tiers[1])):
+    state = steps.admit(steps.init(), r, x["ids"][r], x["mask"][r], x["types"][r], x["priority"][r], th[r])
+    got = steps.run(state, "entropy", busy=busy)
+    short = lambda a: a[r, :16]   # lengths 7 and 3: admitted at the (2 rows, 16 pieces) bucket
+    want = engine.admit(prepared, cfg, engine.init(cfg, SLOTS, LENGTH), r.astype(np.int32), short(x["ids"]),
+                        short(x["mask"]), short(x["types"]), x["priority"][r], th[r])
+    want = engine.run(prepared, cfg, policy, want, rows, lengths=lengths, sizes=cuts, pick="oldest")
+    for k, v in artefact.state_dict(want).items():
+      assert np.asarray(got[k]).tobytes() == np.asarray(v).tobytes(), (busy, k)
+    assert ("run_entropy_r2" if busy else "run_entropy") in steps._jitted   # each tier's own function ran
+    assert ("run_entropy" in steps._jitted) == (busy is None)
+
+  import functools
+  from rome_flax.model.pretrained import load_tokenizer
+  calls, real_run = [], steps.run
+
+  @functools.wraps(real_run)   # the engine reads the signature: it takes `busy`
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("busy"))
+    return real_run(*args, **kwargs)
+
+  steps.run = spy
+  server = serving.Engine(policy="entropy:0.5", steps=steps, tokenizer=load_tokenizer(out),
+                          label_names=("neg", "mid", "pos"))
+  try:
+    calls.clear()
+    assert len(server.submit(["the movie was good"]).result(timeout=60)) == 1
+    assert calls and set(calls) == {1}   # one busy slot: the small tier, under the view of its length
+    assert "run_entropy_v16_r2" in steps._jitted
+  finally:
+    server.close()

@@ -12,7 +12,9 @@ the weights are stored once and any process with jax loads it through `artefact_
                                           engine.run(batch_size=B, sizes, pick='oldest'), thresholds
                                           per slot (serving.LocalSteps' run); run_{criterion}_v{v}: the
                                           same under a view of the slots' first v positions, each v < S
-                                          in `lengths` (the runtime picks it from `run(longest=...)`)
+                                          in `lengths` (the runtime picks it from `run(longest=...)`);
+                                          ..._r{rows}: the same gathering `rows` < B rows, for when no
+                                          more slots are busy (`serving.run_tiers`; `run(busy=...)`)
   functions/evict.jax                     (state, slot_mask_N) -> state               engine.evict
   functions/{full_model,all_exits}_b{b}_s{s}.jax   (params, ids, mask, types) -> logits, every b in
                                           `sizes`, s in `lengths` (early_exit.full_model / all_exits)
@@ -42,7 +44,7 @@ import numpy as np
 from rome_flax.engine import artefact_runtime as runtime
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import scheduler as engine
-from rome_flax.engine.serving import default_sizes
+from rome_flax.engine.serving import default_sizes, run_tiers
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
 from rome_flax.io.runlock import RunLock
@@ -121,12 +123,14 @@ def exported_functions(prepared: dict, cfg: ModelConfig, *, slots: int, batch: i
   out["evict"] = export(lambda st, m: state_dict(engine.evict(engine_state(st), m)), state, sds((slots,), bool))
   for criterion in criteria:
     for view in lengths:   # the whole slots (S), and each shorter view of them (engine.run's `view`)
-      def run(p, st, min_free, max_steps, delta, criterion=criterion, view=None if view == S else view):
-        return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), batch,
-                                     lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
-                                     sizes=tuple(sizes), pick=PICK, view=view))
-      out[runtime.run_name(criterion, None if view == S else view)] = export(
-          run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
+      for rows, cuts in run_tiers(tuple(sizes), batch):   # rows gathered by how many slots are busy
+        def run(p, st, min_free, max_steps, delta, criterion=criterion, view=None if view == S else view,
+                rows=rows, cuts=cuts):
+          return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), rows,
+                                       lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
+                                       sizes=cuts, pick=PICK, view=view))
+        out[runtime.run_name(criterion, None if view == S else view, None if rows == batch else rows)] = export(
+            run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
   from rome_flax.engine import early_exit
   for kind, fn in (("full_model", early_exit.full_model), ("all_exits", early_exit.all_exits)):
     for b in sizes:
@@ -232,6 +236,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
                 "is_token_task": kind_of(cfg).token_level_exit},
       "label_names": list(info.label_names) if len(info.label_names) == cfg.num_labels else None,
       "slots": slots, "seq": seq, "batch": batch, "sizes": list(sizes), "lengths": list(lengths),
+      "tiers": [[rows, list(cuts)] for rows, cuts in run_tiers(sizes, batch)],
       "criteria": list(criteria), "pick": PICK,
       "state": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in exported["init"].out_tree.unflatten(
           exported["init"].out_avals).items()},

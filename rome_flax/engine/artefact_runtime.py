@@ -44,15 +44,24 @@ def function_name(kind: str, batch: int, length: int) -> str:
   return f"{kind}_b{batch}_s{length}"
 
 
-def run_name(criterion: str, view: Optional[int] = None) -> str:
-  """The run of a criterion over the slots' whole length, or under a view of their first `view` positions."""
-  return f"run_{criterion}" if view is None else f"run_{criterion}_v{view}"
+def run_name(criterion: str, view: Optional[int] = None, rows: Optional[int] = None) -> str:
+  """The run of a criterion over the slots' whole length, or under a view of their first `view` positions;
+  gathering every `batch` row, or `rows` (a tier for few busy slots)."""
+  name = f"run_{criterion}" if view is None else f"run_{criterion}_v{view}"
+  return name if rows is None else f"{name}_r{rows}"
 
 
 def bucket(values: Sequence[int], n: int) -> Optional[int]:
   """The smallest of the (sorted) bucket values holding n, None if none does: THE rule by which a batch
   of rows is padded to a batch size and a length (serving.Engine, scheduler.view_for, this runtime)."""
   return next((v for v in values if v >= n), None)
+
+
+def pick_tier(tiers: Sequence[tuple], busy: Optional[int]) -> tuple:
+  """The (rows gathered, cut sizes) tier, of (rows, sizes) pairs fewest rows first, of a run with at most
+  `busy` slots in use: the fewest rows that hold them (None or more than any: the last, full tier)."""
+  rows = (busy is not None and bucket([r for r, _ in tiers], int(busy))) or tiers[-1][0]
+  return rows, dict(tiers)[rows]
 
 
 def right_padded_length(mask_BxS) -> int:
@@ -109,6 +118,8 @@ class ArtefactSteps:
     self.sizes: tuple = tuple(manifest["sizes"])
     self.lengths: tuple = tuple(manifest["lengths"])
     self.criteria: tuple = tuple(manifest["criteria"])
+    # (rows gathered, cut sizes) by busy slots, fewest first; an artefact of before the tiers has one
+    self.tiers: tuple = tuple((int(r), tuple(c)) for r, c in manifest.get("tiers", [[self.batch, self.sizes]]))
     self._params = params
     self._exported = exported
     self._jitted: dict = {}
@@ -179,26 +190,33 @@ class ArtefactSteps:
     return state
 
   def run(self, state: dict, criterion: str, min_free: int = NEVER, max_steps: int = NEVER,
-          delta: float = 0.0, longest: Optional[int] = None) -> dict:
+          delta: float = 0.0, longest: Optional[int] = None, busy: Optional[int] = None) -> dict:
     """Layer batches while a slot runs, fewer than `min_free` slots are free and fewer than `max_steps`
     ran; each slot exits by `criterion` with its own thresholds (`delta`: regression patience's tolerance).
     longest: no running example (and none admitted before the next call) has more pieces: the run then
     reads and writes only the first `view` positions of each slot, the shortest exported length that
-    holds them (the serving engine's `longest`; None: the slots' whole length)."""
+    holds them (the serving engine's `longest`; None: the slots' whole length). busy: no more slots are
+    in use: each step then gathers the fewest rows of the exported tiers that hold them (None: `batch`)."""
     if criterion not in self.criteria:
       raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
     if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
       raise ArtefactError(f"patience on a regression task needs a positive delta, got {delta}")
-    name = run_name(criterion)
+    view = None
     if longest is not None:
       view = bucket(self.lengths, int(longest))
       if view is None:
         raise ArtefactError(f"run: longest {longest} is past the slots' {self.seq} positions")
-      if run_name(criterion, view) in self._exported:   # (an artefact of before the views has none)
-        name = run_name(criterion, view)
+      if view == self.seq or run_name(criterion, view) not in self._exported:   # (none before the views)
+        view = None
+    rows = self.tier(busy)[0]
+    name = run_name(criterion, view, None if rows == self.batch else rows)
     return self._call(
         name, self._params, state, self._put(min(int(min_free), NEVER), np.int32),
         self._put(min(int(max_steps), NEVER), np.int32), self._put(delta, np.float32))
+
+  def tier(self, busy: Optional[int] = None) -> tuple:
+    """(rows gathered, cut sizes) of a run with at most `busy` slots in use (None: the full tier)."""
+    return pick_tier(self.tiers, busy)
 
   def evict(self, state: dict, slot_mask_N) -> dict:
     """Frees slots (their caller went away): they stop running."""

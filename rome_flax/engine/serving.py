@@ -76,7 +76,8 @@ def run_tiers(sizes: tuple, batch: int) -> tuple[tuple[int, tuple], ...]:
   rows, cut to every size but a leading 1. A step reads and writes back every row it gathers, example or
   not: with one CoNLL-2003 sentence running (TOKEE, MiniLM, AMD EPYC) six steps took 17.4 ms gathering 64
   rows and 9.9 ms gathering 4. The full tier leaves the one-row cut to the small tier: each cut is compiled
-  for every view and active-piece buffer. (An artefact's run has one tier: `batch` rows, every size.)"""
+  for every view and active-piece buffer. Artefacts export a run per tier (`artefact_runtime.pick_tier`
+  picks one, as `LocalSteps.tier` does)."""
   if len(sizes) < 3:
     return ((batch, tuple(sizes)),)
   return ((sizes[1], tuple(sizes[:2])), (batch, tuple(sizes[1:] if sizes[0] == 1 else sizes)))
@@ -149,9 +150,8 @@ class LocalSteps:
 
   def tier(self, busy: Optional[int] = None) -> tuple[int, tuple]:
     """(rows gathered, cut sizes) of a run with at most `busy` slots in use (`run_tiers`; None: the full tier)."""
-    from rome_flax.engine.artefact_runtime import bucket
-    rows = (busy is not None and bucket([b for b, _ in self.tiers], busy)) or self.tiers[-1][0]
-    return rows, dict(self.tiers)[rows]
+    from rome_flax.engine.artefact_runtime import pick_tier
+    return pick_tier(self.tiers, busy)
 
   def evict(self, state, slot_mask_N):
     return self._engine.evict(state, slot_mask_N)
