@@ -46,7 +46,8 @@ class ArgumentParser(argparse.ArgumentParser):
     self.add_argument("--compilation_cache", metavar="DIR", default=None,
                       help="keep XLA's compiled programs in DIR (a folder per CPU type) and reuse them on the next "
                       "start (a TOKEE server's warm-up 83 -> 20 s, an SST-2 server's 28 -> 9 s); 'off': compile every time (default: "
-                      f"${runtime.ENV_CACHE}, else ~/.cache/rome_flax/xla; $JAX_COMPILATION_CACHE_DIR wins over it)")
+                      f"${runtime.ENV_CACHE}, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/rome_flax/xla or "
+                      "$XDG_CACHE_HOME/rome_flax/xla)")
 
   def error(self, message):
     print(f"error: {message}", file=sys.stderr)

@@ -109,32 +109,35 @@ def host_fingerprint() -> str:
 
 
 def compilation_cache(folder: Optional[str] = None) -> Optional[Path]:
-  """Turns XLA's persistent compilation cache on in `folder`/<host_fingerprint()> (None: the default,
-  `default_compilation_cache`; "off": not at all). Returns the folder in use, or None.
+  """Turns XLA's persistent compilation cache on in `folder`/<host_fingerprint()> (None: $ROME_FLAX_COMPILATION_CACHE,
+  else JAX's own JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/rome_flax/xla; "off": not at all). Returns
+  the folder in use, or None.
 
-  Call it before the first compilation. JAX_COMPILATION_CACHE_DIR, when set, wins over the default (its
-  JAX_* settings are JAX's own). A folder the caller named that cannot be made or written to is bad input
-  (`RomeFlaxError`); the default folder failing only turns the cache off. Second start against the first
-  (AMD EPYC, 2 cores, MiniLM): a TOKEE server's warm-up on CoNLL-2003 83 -> 20 s, an SST-2 server's
-  28 -> 9 s, the README's default training run 63 -> 38 s, its infer.py run 14 -> 9 s (what is left is
-  tracing and lowering, which the cache cannot skip).
+  Call it before the first compilation. A folder given by option or by $ROME_FLAX_COMPILATION_CACHE that cannot
+  be made or written to is bad input (`RomeFlaxError`); the default folder failing only turns the cache off.
+  Second start against the first (AMD EPYC, 2 cores, MiniLM): a TOKEE server's warm-up on CoNLL-2003
+  83 -> 20 s, an SST-2 server's 28 -> 9 s, the README's default training run 63 -> 38 s, its infer.py run
+  13.8 -> 10.0 s (what is left is tracing and lowering, which the cache cannot skip).
   """
-  named = folder is not None
-  if not named and os.environ.get(JAX_ENV_CACHE):
-    return None
+  source = "--compilation_cache" if folder is not None else f"${ENV_CACHE}" if os.environ.get(ENV_CACHE) else None
+  if source is None and os.environ.get(JAX_ENV_CACHE):
+    return None   # JAX's own variable: JAX's settings, as JAX reads them
   folder = default_compilation_cache() if folder is None else folder
   if folder.strip().lower() == CACHE_OFF:
     return None
-  path = Path(folder).expanduser() / host_fingerprint()
+  if not folder.strip():
+    raise RomeFlaxError(f"{source or 'the compilation cache'}: give a folder, or {CACHE_OFF}")
   try:
+    path = Path(folder).expanduser().absolute() / host_fingerprint()
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK | os.X_OK):
       raise PermissionError(13, "Permission denied", str(path))
-  except OSError as e:
-    if named or os.environ.get(ENV_CACHE):
-      raise RomeFlaxError(f"the compilation cache cannot be used: {os_error_text(e)} "
-                          f"(--compilation_cache DIR or {CACHE_OFF})") from None
-    log.info("no compilation cache: %s", os_error_text(e))
+  except (OSError, RuntimeError) as e:   # RuntimeError: '~' without a home folder
+    reason = os_error_text(e) if isinstance(e, OSError) else str(e)
+    if source is not None:
+      raise RomeFlaxError(f"{source} {folder}: the compilation cache cannot be used: {reason} "
+                          f"(give another folder, or {CACHE_OFF})") from None
+    log.info("no compilation cache: %s", reason)
     return None
   import jax
   jax.config.update("jax_compilation_cache_dir", str(path))

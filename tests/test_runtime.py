@@ -88,6 +88,10 @@ def test_the_cache_is_on_by_default_in_the_home_folder_and_off_when_asked(tmp_pa
   assert by_env.stdout.split()[0] == str(tmp_path / "env" / host_fingerprint())
   jax_own = cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))   # JAX's variable: JAX's way
   assert jax_own.stdout.split()[0] == str(tmp_path / "jax")
+  both = cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"), ROME_FLAX_COMPILATION_CACHE="off")
+  assert both.stdout.split()[0] == "none"   # ours, when set, wins over JAX's
+  xdg = cache_probe(tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+  assert xdg.stdout.split()[0] == str(tmp_path / "xdg" / "rome_flax" / "xla" / host_fingerprint())
 
 
 def test_a_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path):
@@ -95,8 +99,13 @@ def test_a_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path):
   blocker.write_text("mine")
   out = cache_probe(tmp_path, "--compilation_cache", str(blocker))
   assert out.returncode == 2 and out.stdout == ""
-  assert out.stderr.startswith("error: the compilation cache cannot be used: ") and "Traceback" not in out.stderr
+  assert out.stderr.startswith(f"error: --compilation_cache {blocker}: the compilation cache cannot be used: ")
+  assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
   assert blocker.read_text() == "mine"
+  by_env = cache_probe(tmp_path, ROME_FLAX_COMPILATION_CACHE=str(blocker))
+  assert by_env.returncode == 2 and by_env.stderr.startswith("error: $ROME_FLAX_COMPILATION_CACHE ")
+  blank = cache_probe(tmp_path, "--compilation_cache", " ")
+  assert blank.returncode == 2 and "give a folder" in blank.stderr and "Traceback" not in blank.stderr
   # The default folder failing (a home folder that is a file) only turns the cache off.
   (tmp_path / "home").write_text("not a folder")
   quiet = cache_probe(tmp_path)

@@ -9,12 +9,13 @@ the weights are stored once and any process with jax loads it through `artefact_
                                            priority_b, threshold_bxE) -> state        engine.admit, every
                                           b in `sizes`, s in `lengths` (rows at their own bucket)
   functions/run_{criterion}.jax           (params, state, min_free, max_steps, delta) -> state
-                                          engine.run(batch_size=B, sizes, pick='oldest'), thresholds
-                                          per slot (serving.LocalSteps' run); run_{criterion}_v{v}: the
-                                          same under a view of the slots' first v positions, each v < S
-                                          in `lengths` (the runtime picks it from `run(longest=...)`);
-                                          ..._r{rows}: the same gathering `rows` < B rows, for when no
-                                          more slots are busy (`serving.run_tiers`; `run(busy=...)`)
+                                          engine.run(batch_size=B, the full tier's cut sizes,
+                                          pick='oldest'), thresholds per slot (serving.LocalSteps' run);
+                                          run_{criterion}_v{v}: the same under a view of the slots' first
+                                          v positions, each v < S in `lengths` (the runtime picks it from
+                                          `run(longest=...)`); ..._r{rows}: gathering `rows` < B rows with
+                                          that tier's cuts, for when no more slots are busy
+                                          (`serving.run_tiers`; `run(busy=...)`; `runtime.run_name`)
   functions/evict.jax                     (state, slot_mask_N) -> state               engine.evict
   functions/{full_model,all_exits}_b{b}_s{s}.jax   (params, ids, mask, types) -> logits, every b in
                                           `sizes`, s in `lengths` (early_exit.full_model / all_exits)
@@ -129,7 +130,7 @@ def exported_functions(prepared: dict, cfg: ModelConfig, *, slots: int, batch: i
           return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), rows,
                                        lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
                                        sizes=cuts, pick=PICK, view=view))
-        out[runtime.run_name(criterion, None if view == S else view, None if rows == batch else rows)] = export(
+        out[runtime.run_name(criterion, view, rows, S, batch)] = export(
             run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
   from rome_flax.engine import early_exit
   for kind, fn in (("full_model", early_exit.full_model), ("all_exits", early_exit.all_exits)):

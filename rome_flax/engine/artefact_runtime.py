@@ -7,7 +7,7 @@ server or another project loads the artefact without installing this package.
   import artefact_runtime
   steps = artefact_runtime.load("DIR")
   state = steps.admit(steps.init(), slots, ids, mask, types, priority, thresholds)
-  state = steps.run(state, "entropy", min_free=1, max_steps=1 << 30)
+  state = steps.run(state, "entropy", min_free=1, max_steps=1 << 30, busy=len(slots))
   running, exit_layer, logits = steps.read(state)
 
 The artefact holds the early-exit engine's step functions (init / admit per batch and length bucket /
@@ -44,11 +44,11 @@ def function_name(kind: str, batch: int, length: int) -> str:
   return f"{kind}_b{batch}_s{length}"
 
 
-def run_name(criterion: str, view: Optional[int] = None, rows: Optional[int] = None) -> str:
-  """The run of a criterion over the slots' whole length, or under a view of their first `view` positions;
-  gathering every `batch` row, or `rows` (a tier for few busy slots)."""
-  name = f"run_{criterion}" if view is None else f"run_{criterion}_v{view}"
-  return name if rows is None else f"{name}_r{rows}"
+def run_name(criterion: str, view: int, rows: int, seq: int, batch: int) -> str:
+  """The run of a criterion under a view of the slots' first `view` positions (no suffix: all `seq`), gathering
+  `rows` rows (no suffix: all `batch`, the full tier); the one naming rule of export and load."""
+  name = f"run_{criterion}" if view == seq else f"run_{criterion}_v{view}"
+  return name if rows == batch else f"{name}_r{rows}"
 
 
 def bucket(values: Sequence[int], n: int) -> Optional[int]:
@@ -119,7 +119,13 @@ class ArtefactSteps:
     self.lengths: tuple = tuple(manifest["lengths"])
     self.criteria: tuple = tuple(manifest["criteria"])
     # (rows gathered, cut sizes) by busy slots, fewest first; an artefact of before the tiers has one
-    self.tiers: tuple = tuple((int(r), tuple(c)) for r, c in manifest.get("tiers", [[self.batch, self.sizes]]))
+    try:
+      self.tiers: tuple = tuple((int(r), tuple(int(b) for b in c))
+                                for r, c in manifest.get("tiers", [[self.batch, self.sizes]]))
+    except (TypeError, ValueError):
+      self.tiers = ()
+    if not self.tiers or self.tiers[-1][0] != self.batch:
+      raise ArtefactError(f"{path}: the manifest's tiers {manifest.get('tiers')!r} do not end at the batch {self.batch}")
     self._params = params
     self._exported = exported
     self._jitted: dict = {}
@@ -201,15 +207,14 @@ class ArtefactSteps:
       raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
     if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
       raise ArtefactError(f"patience on a regression task needs a positive delta, got {delta}")
-    view = None
+    view, rows = self.seq, self.tier(busy)[0]
     if longest is not None:
       view = bucket(self.lengths, int(longest))
       if view is None:
         raise ArtefactError(f"run: longest {longest} is past the slots' {self.seq} positions")
-      if view == self.seq or run_name(criterion, view) not in self._exported:   # (none before the views)
-        view = None
-    rows = self.tier(busy)[0]
-    name = run_name(criterion, view, None if rows == self.batch else rows)
+      if run_name(criterion, view, self.batch, self.seq, self.batch) not in self._exported:   # none before the views
+        view = self.seq
+    name = run_name(criterion, view, rows, self.seq, self.batch)
     return self._call(
         name, self._params, state, self._put(min(int(min_free), NEVER), np.int32),
         self._put(min(int(max_steps), NEVER), np.int32), self._put(delta, np.float32))

@@ -213,7 +213,7 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
               else [functools.partial(layer_fn, prepared, i) for i in range(cfg.num_layers)])
     branches = [cut(s, b, body) for body in bodies for s, b in shapes]
     return jax.lax.switch(l * len(shapes) + index, branches, *operands)
-  plain = lambda params, k, h, mask, bias: model_lib.layer_and_exit(params, cfg, k, h, mask, bias)
+  plain = lambda params, layer, h, mask, bias: model_lib.layer_and_exit(params, cfg, layer, h, mask, bias)
   body = functools.partial(layer_fn or plain, model_lib.layer_alone(prepared, l), 0)
   return jax.lax.switch(index, [cut(s, b, body) for s, b in shapes], *operands)
 

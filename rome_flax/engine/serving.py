@@ -326,9 +326,10 @@ class Engine:
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
     self.kind = kind_of_steps(steps)
     self.window = getattr(steps, "window", None)   # TOKEE's (LocalSteps: None unless the kind has token exits)
-    # An artefact exported before the views runs with its own runtime, whose run takes no `longest`.
-    self._views = "longest" in inspect.signature(steps.run).parameters
-    self._tiers = "busy" in inspect.signature(steps.run).parameters
+    # An artefact's own runtime copy may predate the views (its run takes no `longest`) or the tiers (no `busy`):
+    # the engine passes what the steps' run takes.
+    self._run_takes_longest = "longest" in inspect.signature(steps.run).parameters
+    self._run_takes_busy = "busy" in inspect.signature(steps.run).parameters
     self.named_policies = {k: self._make_policy(v) for k, v in (named_policies or {}).items()}
     self.policy = self._make_policy(policy, named=self.named_policies)
     for name, p in self.named_policies.items():
@@ -459,15 +460,15 @@ class Engine:
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
     for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example) and tier
-      for busy in ([batch for batch, _ in s.tiers] if self._tiers else [s.slots]):
+      for busy in ([rows for rows, _ in s.tiers] if self._run_takes_busy else [s.slots]):
         state = self._run_slots(state, NEVER, 1, longest, busy)
     s.read(state)
 
   def _run_slots(self, state, min_free: int, max_steps: int, longest: int, busy: int):
     """The steps' run until `min_free` slots are free, under the view of the longest running example and the
     tier of the busy slots where the steps take them."""
-    kw = {"longest": longest} if self._views else {}
-    if self._tiers:
+    kw = {"longest": longest} if self._run_takes_longest else {}
+    if self._run_takes_busy:
       kw["busy"] = busy
     return self.steps.run(state, self.policy.criterion, min_free, max_steps, self.policy.delta, **kw)
 

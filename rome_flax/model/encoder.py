@@ -14,7 +14,8 @@ function here reads either (`layer_slice`).
 One definition of the encoder's work: `layer_and_exit` runs layer i and (optionally) exit i;
 `forward` is the one loop over layers, parameterised by what callers need (which exits, how many
 layers, dropout and its key, stop-gradient into the exits, taps for the GR penalty, the short last
-layer); `layer_and_exit_at` serves a traced layer index (early-exit `while_loop` and scheduler).
+layer); `layer_and_exit_at` serves a traced layer index (the early-exit `while_loop`; the scheduler's cuts
+read per-layer branches, or a stacked layer sliced once, `layer_alone`).
 Training, evaluation, the offline all-exits pass, the full-model baseline and the early-exit paths
 all run through these. What an exit computes is the head seam (`heads.py`).
 
