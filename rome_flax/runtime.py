@@ -124,6 +124,9 @@ def compilation_cache(folder: Optional[str] = None) -> Optional[Path]:
     return None   # JAX's own variable: JAX's settings, as JAX reads them
   folder = default_compilation_cache() if folder is None else folder
   if folder.strip().lower() == CACHE_OFF:
+    if source is not None:   # off means off, JAX's own variable too
+      import jax
+      jax.config.update("jax_enable_compilation_cache", False)
     return None
   if not folder.strip():
     raise RomeFlaxError(f"{source or 'the compilation cache'}: give a folder, or {CACHE_OFF}")

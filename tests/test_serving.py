@@ -126,7 +126,7 @@ def test_steps_whose_run_takes_no_longest_still_serve(model):
   eng = serving.Engine(policy=policy, steps=StepsOfBefore(model, slots=8, batch=4, max_length=64),
                        tokenizer=model.tokenizer)
   try:
-    assert not eng._views
+    assert not eng._run_takes_longest and not eng._run_takes_busy
     got = eng.predict(TEXTS)
   finally:
     eng.close(5)
