@@ -150,3 +150,10 @@ def compilation_cache(folder: Optional[str] = None) -> Optional[Path]:
     if importlib.util.find_spec("filelock"):   # eviction needs it (huggingface_hub's dependency); else no bound
       jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path
+
+
+def compilation_cache_in_use() -> Optional[str]:
+  """The folder XLA's compiled programs are kept in for this process, or None (what a server's start says)."""
+  import jax
+  on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+  return on or None

@@ -31,6 +31,7 @@ from typing import Optional
 
 from rome_flax.engine import serving
 from rome_flax.errors import RomeFlaxError
+from rome_flax.runtime import compilation_cache_in_use
 from rome_flax.kinds.kind import kind_of_steps
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks its client (0.05: ~10% of a core at 128 in flight)
@@ -211,8 +212,10 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
   mode = "full model" if full_model else f"early exit, {engine.policy.describe()}"
   info = {"mode": "full_model" if full_model else "early_exit", "policy": None if full_model else engine.policy.describe(),
           "slots": steps.slots, "max_batch": steps.batch, "max_length": steps.seq, "layers": steps.num_layers}
+  cache = compilation_cache_in_use()
   say(f"{source}: {mode}; {steps.slots} slots, batches of {steps.batch} (cut to {', '.join(map(str, steps.sizes))}), "
-      f"up to {steps.seq} tokens; compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+      f"up to {steps.seq} tokens; compiled in {time.perf_counter() - t0:.1f} s "
+      f"({'compilation cache ' + cache if cache else 'no compilation cache'})", flush=True)
 
   class Server(uvicorn.Server):
     @contextlib.contextmanager

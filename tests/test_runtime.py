@@ -52,8 +52,8 @@ hits = []
 jax.monitoring.register_event_listener(lambda event, **kw: hits.append(1) if event.endswith("/cache_hits") else None)
 def program(args):
   jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)(jnp.ones((64, 64))).block_until_ready()
-  on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-  print(on or "none", len(hits))
+  from rome_flax.runtime import compilation_cache_in_use
+  print(compilation_cache_in_use() or "none", len(hits))
 sys.exit(cli.run(program, cli.ArgumentParser(), sys.argv[1:]))
 """
 

@@ -266,6 +266,8 @@ def test_server_process_drains_on_sigterm(model, tmp_path):
       if line.startswith("serving on http://127.0.0.1:"):
         port = int(line.rsplit(":", 1)[1])
     assert port, "".join(lines)
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]   # the suite's (conftest): the start line names it
+    assert any(f"s (compilation cache {cache})" in line for line in lines), "".join(lines)
     status, body = _post(port, TEXTS[:3])
     assert status == 200 and len(body["predictions"]) == 3
     results = []
