@@ -52,7 +52,6 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   word_mask_BxS = jnp.asarray(word_mask_BxS, jnp.int32)
   B, S = mask_BxS.shape
   L, C = cfg.num_layers, cfg.num_labels
-  sizes = tuple(sizes or buffer_sizes(B * S))   # past the largest below B * S: every piece, mixed
   h_BxSxD = model_lib.embed(prepared, cfg, input_ids_BxS, mask_BxS, token_type_ids_BxS)
   bias = model_lib.attention_bias(mask_BxS)
   valid_BxS = mask_BxS > 0
@@ -61,7 +60,7 @@ def token_exit(prepared, cfg: ModelConfig, policy: TokenPolicy, input_ids_BxS, a
   word_of_BxS = piece_words(word_mask_BxS, mask_BxS)
   is_first_BxS = word_mask_BxS > 0
 
-  buffers = sizes if gather else ()
+  buffers = tuple(sizes or buffer_sizes(B * S)) if gather else ()   # past the largest: every piece, mixed
 
   def layer(k):
     def run(h_BxSxD, p_BxSxD, active_BxS):
