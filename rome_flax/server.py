@@ -192,7 +192,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
       window = calibrated.window
     length = max_length or model.export_info.max_length or 128
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
-                               window=3 if window is None else window, dispatch="switch" if full_model else None)
+                               window=3 if window is None else window)
     tokenizer, label_names, source, kind = model.tokenizer, model.export_info.label_names, checkpoint, steps.kind
   if window is not None and not kind.token_level_exit:
     raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")

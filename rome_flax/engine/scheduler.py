@@ -208,10 +208,8 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
   shapes = [(s, b) for s in lengths for b in sizes]
   index = k * len(sizes) + j
   operands = (h_BxSxD, mask_BxS, *carry)
-  if model_lib.is_unstacked(prepared):   # a branch per layer too: each reads its weights in place
-    bodies = (model_lib.layer_and_exit_branches(prepared, cfg) if layer_fn is None
-              else [functools.partial(layer_fn, prepared, i) for i in range(cfg.num_layers)])
-    branches = [cut(s, b, body) for body in bodies for s, b in shapes]
+  if model_lib.is_unstacked(prepared) and layer_fn is None:   # a branch per layer too: each reads its weights in place
+    branches = [cut(s, b, body) for body in model_lib.layer_and_exit_branches(prepared, cfg) for s, b in shapes]
     return jax.lax.switch(l * len(shapes) + index, branches, *operands)
   plain = lambda params, layer, h, mask, bias: model_lib.layer_and_exit(params, cfg, layer, h, mask, bias)
   body = functools.partial(layer_fn or plain, model_lib.layer_alone(prepared, l), 0)

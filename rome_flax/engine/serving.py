@@ -95,12 +95,13 @@ class LocalSteps:
     if not 8 <= max_length <= cfg.max_position_embeddings:
       raise RomeFlaxError(f"max_length must be in 8..{cfg.max_position_embeddings}, got {max_length}")
     self._engine, self._early_exit, self.cfg = engine, early_exit, cfg
-    # Layers: a lax.switch over per-layer weights (read in place), or for token exits a traced slice of the
-    # stacked weights: TOKEE's step compiles a body per cut and active-piece buffer, and per layer too with
-    # the switch; sliced, the CoNLL-2003 server's warm-up fell from 204 s to 94-101 s, its latency within
-    # noise (docs/results.md, "TOKEE served with a trained NER export"), and to 80 s with the layer sliced once
-    # a step (`model.layer_alone`). A full-model server passes "switch".
-    self.dispatch = dispatch or ("slice" if kind_of(cfg).token_level_exit else "switch")
+    # Layers: per-layer weights (`early_exit.prepare_params`). Sentence exits run a `lax.switch` branch per
+    # layer, reading its weights in place; TOKEE's step compiles a body per cut and active-piece buffer, so it
+    # runs one body on the layer picked once a step (`model.layer_alone`): a branch per layer made the
+    # CoNLL-2003 server's warm-up 204 s, one body 80-86 s. Picked from per-layer weights by a switch rather
+    # than sliced from stacked ones (both copy the layer): one sentence 9.8 -> 8.4 ms, eight 115.8 -> 96.1 ms
+    # a round, and one layout for the full model too (docs/results.md, 2026-12-05).
+    self.dispatch = dispatch or "switch"
     self.params = early_exit.prepare_params(model.params, self.dispatch)
     self._full_params = None if self.dispatch == "slice" else self.params
     self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels

@@ -159,8 +159,14 @@ def layer_slice(stacked, i):
 
 def layer_alone(params, i) -> dict:
   """Layer i's and exit i's parameters as a one-layer per-layer tree (read them at index 0), the rest as it
-  is: a traced slice of the stacked layout taken once where many branches read the same layer (the
-  scheduler's cuts; slicing inside each branch traced 660 slices in a TOKEE server's warm-up)."""
+  is, taken once where many branches read the same layer (the scheduler's cuts; slicing inside each branch
+  traced 660 slices in a TOKEE server's warm-up): a traced slice of the stacked layout, or of the per-layer
+  layout item i picked by a `lax.switch`. Either is a copy of the layer's weights (XLA:CPU has no views);
+  one body then serves every layer, where a branch per layer compiled 6x the programs."""
+  if is_unstacked(params) and not isinstance(i, (int, np.integer)):
+    layer, exit_ = jax.lax.switch(i, [functools.partial(lambda k: (params["layers"][k], params["exits"][k]), k)
+                                      for k in range(len(params["layers"]))])
+    return dict(params, layers=(layer,), exits=(exit_,))
   return dict(params, layers=(layer_slice(params["layers"], i),), exits=(layer_slice(params["exits"], i),))
 
 
