@@ -80,7 +80,9 @@ def export_parser() -> cli.ArgumentParser:
   ap.add_argument("--sizes", help="batch sizes a step may cut to, and the forwards' batch sizes (default: 1, batch/16, "
                   "batch/4, batch)")
   ap.add_argument("--max_length", type=int, help="pieces per example (default: the export's max_length, else 128)")
-  ap.add_argument("--criteria", help="criteria to export (default: every one the task allows)")
+  ap.add_argument("--criteria", help="criteria to export (default: every one the task allows; a token task's: tokee "
+                  "and its sentence criteria)")
+  ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default 3)")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing artefact directory")
   return ap
 
@@ -90,7 +92,8 @@ def export(args) -> None:
   sizes = artefact.parse_ints(args.sizes, "--sizes") if args.sizes is not None else None
   criteria = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria is not None else None
   artefact.export_artefact(args.checkpoint, args.out, slots=args.slots, batch=args.batch, sizes=sizes,
-                           max_length=args.max_length, criteria=criteria, overwrite=args.overwrite, say=print)
+                           max_length=args.max_length, criteria=criteria, window=args.window,
+                           overwrite=args.overwrite, say=print)
 
 
 def study_parser() -> cli.ArgumentParser:

@@ -174,12 +174,18 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     except ValueError as e:   # artefact_runtime.ArtefactError: a missing, altered or foreign file
       raise RomeFlaxError(f"--artefact {artefact}: {e}") from None
     tokenizer, label_names, source = _artefact_tokenizer(artefact), steps.label_names or (), artefact
-    kind = kind_of_steps(steps)   # from the manifest (artefacts: sentence tasks)
+    kind = kind_of_steps(steps)   # from the manifest
     if thresholds_file:
       cfg = types.SimpleNamespace(num_exits=steps.num_exits, num_labels=steps.num_labels,
                                   num_layers=steps.num_layers, head=kind.head)
       identity = str(steps.manifest.get("export", {}).get("identity", ""))
       calibrated = _calibrated_policy(thresholds_file, identity, cfg)
+    artefact_window = getattr(steps, "window", None)   # a token artefact's TOKEE window, fixed at export
+    for what, w in (("--window", window), ("the --thresholds_file setting's window",
+                                           calibrated.window if isinstance(calibrated, tp.TokenPolicy) else None)):
+      if w is not None and kind.token_level_exit and w != artefact_window:
+        raise RomeFlaxError(f"{what} {w}: this artefact was exported with TOKEE window {artefact_window} "
+                            "(python -m rome_flax export --window)")
   else:
     from rome_flax.engine import calibration
     from rome_flax.model.pretrained import MultiExitBert

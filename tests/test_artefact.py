@@ -297,12 +297,71 @@ def test_bad_input_is_one_error_line(runs, tmp_path, capsys):
   assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_a_token_task_is_refused(tmp_path, capsys):
+def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
+  """A token task's artefact: TOKEE (the window given at export) on its own slots and a sentence criterion
+  (SENTEE) on the plain ones, admitted with the word mask, give the in-process engine's bits; an Engine over
+  the artefact answers word lists as one over the export does."""
+  from rome_flax.engine import artefact_runtime
+  from rome_flax.engine import token_policy as tp
+  from rome_flax.model.pretrained import load_tokenizer
   cfg = CLS.replace(head="token", num_labels=5)
-  src = tmp_path / "token_export"
-  MultiExitBert.from_config(cfg).save_pretrained(src, ExportInfo(task="conll2003"))
-  assert main(["export", "--checkpoint", str(src), "--out", str(tmp_path / "out")]) == 2
-  assert "sentence tasks only" in _one_error(capsys)
+  model = _model(cfg, seed=7)
+  src, out = tmp_path / "token_export", tmp_path / "token_artefact"
+  labels = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+  model.save_pretrained(src, ExportInfo(task="conll2003", label_names=labels, max_length=LENGTH))
+  _tokenizer(src)
+  bad = [(["--window", "4"], "odd"), (["--criteria", "tokee,bogus"], "bogus")]
+  for argv, message in bad:
+    assert main(["export", "--checkpoint", str(src), "--out", str(out)] + argv) == 2
+    assert message in _one_error(capsys)
+  assert not out.exists()
+  assert main(["export", "--checkpoint", str(src), "--out", str(out), "--slots", str(SLOTS), "--batch", str(BATCH),
+               "--criteria", "tokee,entropy", "--window", "3"]) == 0
+  steps = artefact_runtime.load(out)
+  assert (steps.is_token_task, steps.window, steps.criteria) == (True, 3, ("tokee", "entropy"))
+
+  x = _inputs(cfg, np.random.default_rng(2))
+  lengths_B = x["mask"].sum(1)
+  words = ((np.arange(LENGTH)[None] >= 1) & (np.arange(LENGTH)[None] < lengths_B[:, None] - 1)).astype(np.int32)
+  prepared, L = ee.prepare_params(model.params), cfg.num_layers
+  sizes, lengths = serving.default_sizes(BATCH), engine.trim_lengths(LENGTH)
+  tau = np.random.default_rng(3).uniform(0.05, 0.6, (6, cfg.num_exits)).astype(np.float32)
+  for criterion, policy, tokee in (("tokee", tp.make_token_policy(1.0, 3, L), True),
+                                   ("entropy", ep.policy_for(cfg, "entropy", 1.0), False)):
+    # four rows: one admission at the (4, 24) bucket in both (the runtime admits `batch` rows at a time)
+    state = steps.admit(steps.init(tokee), np.arange(4), *(v[:4] for v in (x["ids"], x["mask"], x["types"],
+                                                                           x["priority"], tau, words)))
+    with pytest.raises(artefact_runtime.ArtefactError, match="init"):   # the other criterion's slots
+      steps.run(state, "entropy" if tokee else "tokee")
+    got = steps.run(state, criterion)
+    want = engine.admit(prepared, cfg, engine.init(cfg, SLOTS, LENGTH, tokee), np.arange(4, dtype=np.int32),
+                        *(v[:4] for v in (x["ids"], x["mask"], x["types"], x["priority"], tau, words)))
+    want = engine.run(prepared, cfg, policy, want, BATCH, lengths=lengths, sizes=sizes, pick="oldest")
+    want = artefact.state_dict(want)
+    assert set(got) == set(want) and ("tokee_word_exit_NxW" in got) == tokee
+    for k, v in want.items():
+      assert np.asarray(got[k]).tobytes() == np.asarray(v).tobytes(), (criterion, k)
+    running, exits, _ = steps.read(got)
+    assert not running.any() and exits.shape == ((SLOTS, LENGTH) if tokee else (SLOTS,))
+    if tokee:   # words of one sentence leave at different layers
+      assert any(len(set(exits[i, :lengths_B[i] - 2].tolist())) > 1 for i in range(4))
+
+  sentences = [["the", "movie", "was", "good"], ["not", "bad"], ["the", "the", "good", "movie", "was", "not", "bad"]]
+  answers = []
+  for engine_steps in (steps, serving.LocalSteps(model, slots=SLOTS, batch=BATCH, max_length=LENGTH, window=3)):
+    server = serving.Engine(policy="tokee:0.3", steps=engine_steps, tokenizer=load_tokenizer(out), label_names=labels)
+    try:
+      answers.append([(p.tags, p.exit_layers) for p in server.submit(tokens=sentences).result(timeout=120)])
+    finally:
+      server.close()
+  assert answers[0] == answers[1] and [len(tags) for tags, _ in answers[0]] == [4, 2, 7]
+
+
+def test_export_options_that_need_a_token_task(runs, tmp_path, capsys):
+  _, src, _ = runs[2]["cls"]
+  for argv, message in ((["--criteria", "tokee"], "token tasks"), (["--window", "3"], "--window")):
+    assert main(["export", "--checkpoint", str(src), "--out", str(tmp_path / "out")] + argv) == 2
+    assert message in _one_error(capsys)
   assert not (tmp_path / "out").exists()
 
 

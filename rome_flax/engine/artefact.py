@@ -6,8 +6,13 @@ the weights are stored once and any process with jax loads it through `artefact_
 
   functions/init.jax                      () -> state                     engine.init(cfg, N, S)
   functions/admit_b{b}_s{s}.jax           (params, state, slot_b, ids_bxs, mask_bxs, types_bxs,
-                                           priority_b, threshold_bxE) -> state        engine.admit, every
-                                          b in `sizes`, s in `lengths` (rows at their own bucket)
+                                           priority_b, threshold_bxE[, words_bxs]) -> state   engine.admit,
+                                          every b in `sizes`, s in `lengths` (rows at their own bucket);
+                                          a token task's rows come with their word mask (each word's
+                                          first piece)
+  functions/init_tokee, admit_tokee_b{b}_s{s}, evict_tokee   the same for TOKEE's slots (a token task's
+                                          per-word halting state, engine.init(..., tokee=True)), which
+                                          run_tokee* take
   functions/run_{criterion}.jax           (params, state, min_free, max_steps, delta) -> state
                                           engine.run(batch_size=B, the full tier's cut sizes,
                                           pick='oldest'), thresholds per slot (serving.LocalSteps' run);
@@ -25,7 +30,8 @@ the weights are stored once and any process with jax loads it through `artefact_
 
 The state is a dict of arrays (the `EngineState` fields), which `jax.export` serialises without a
 registered type. Exported functions are the jitted functions the in-process path calls, lowered for the
-same shapes, so on one machine they give the same bits (tests/test_artefact.py). Sentence tasks only.
+same shapes, so on one machine they give the same bits (tests/test_artefact.py). A token task's artefact
+serves TOKEE with the window given at export (manifest "window") and its sentence criteria (SENTEE).
 The directory follows the output rules of files.py (kind "artefact", locked, staged, swapped in).
 """
 
@@ -45,6 +51,7 @@ import numpy as np
 from rome_flax.engine import artefact_runtime as runtime
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import scheduler as engine
+from rome_flax.engine import token_policy as tp
 from rome_flax.engine.serving import default_sizes, run_tiers
 from rome_flax.errors import RomeFlaxError
 from rome_flax.io import files, preemption
@@ -68,70 +75,90 @@ PICK = "oldest"               # the run's layer rule (engine.pick_layer): the se
 
 
 def default_criteria(cfg: ModelConfig) -> tuple[str, ...]:
-  """Every criterion `exit_policy.make_policy` accepts for this task."""
-  return ("patience",) if cfg.is_regression else ep.CRITERIA
+  """Every criterion the engine serves for this task: a token task's TOKEE first, then its sentence criteria
+  (SENTEE), or a sentence task's."""
+  if cfg.is_regression:
+    return ("patience",)
+  return (("tokee",) if kind_of(cfg).token_level_exit else ()) + ep.CRITERIA
 
 
 # ----------------------------------------------------------------------------- the state as a dict
 
 
 def state_dict(state: engine.EngineState) -> dict:
-  """EngineState -> a dict of arrays (what the exported functions take and return)."""
+  """EngineState -> a flat dict of arrays (what the exported functions take and return): the policy state as
+  `policy_*`, a token task's word mask as `words_NxS`, TOKEE's per-word state as `tokee_*`."""
   out = {k: v for k, v in state._asdict().items() if k not in ("policy_state", "words_NxS", "tokee")}
   out.update(policy_count_N=state.policy_state.count_B, policy_prev_N=state.policy_state.prev_B)
+  if state.words_NxS is not None:
+    out["words_NxS"] = state.words_NxS
+  if state.tokee is not None:
+    out.update({f"tokee_{k}": v for k, v in state.tokee._asdict().items()})
   return out
 
 
 def engine_state(d: dict) -> engine.EngineState:
-  rest = {k: v for k, v in d.items() if not k.startswith("policy_")}
-  return engine.EngineState(**rest, policy_state=ep.PolicyState(d["policy_count_N"], d["policy_prev_N"]))
+  rest = {k: v for k, v in d.items() if not k.startswith(("policy_", "tokee_"))}
+  tokee = ({k: d[f"tokee_{k}"] for k in engine.TokenSlots._fields} if "tokee_p_NxSxD" in d else None)
+  return engine.EngineState(**rest, policy_state=ep.PolicyState(d["policy_count_N"], d["policy_prev_N"]),
+                            tokee=None if tokee is None else engine.TokenSlots(**tokee))
 
 
 # ----------------------------------------------------------------------------- the functions
 
 
-def _policy(cfg: ModelConfig, criterion: str, delta) -> ep.ExitPolicy:
-  """The run's policy: thresholds come from the slots (engine.step replaces them), delta is an argument."""
+def _policy(cfg: ModelConfig, criterion: str, delta, window: Optional[int]):
+  """The run's policy: thresholds come from the slots (engine.step replaces them), delta is an argument;
+  TOKEE's window is the artefact's (static: it shapes the step)."""
+  if criterion == "tokee":
+    return tp.make_token_policy(1.0, window, cfg.num_layers)
   patience_delta = 1.0 if criterion == "patience" and cfg.is_regression else None
-  policy = ep.make_policy(criterion, 1.0, cfg.num_exits, num_labels=cfg.num_labels, delta=patience_delta)
+  policy = ep.policy_for(cfg, criterion, 1.0, delta=patience_delta)
   return policy.replace(delta=jnp.asarray(delta, jnp.float32))
 
 
 def exported_functions(prepared: dict, cfg: ModelConfig, *, slots: int, batch: int, sizes: Sequence[int],
-                       lengths: Sequence[int], criteria: Sequence[str],
-                       platforms: Sequence[str]) -> dict[str, jax.export.Exported]:
+                       lengths: Sequence[int], criteria: Sequence[str], platforms: Sequence[str],
+                       window: Optional[int] = None) -> dict[str, jax.export.Exported]:
   """Every function of the artefact, `jax.export`ed (see the module's docstring)."""
   leaves, treedef = jax.tree.flatten(prepared)
   P = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
   unflat = lambda p: jax.tree.unflatten(treedef, p)
   S, E, i32 = lengths[-1], cfg.num_exits, jnp.int32
   sds = jax.ShapeDtypeStruct
-  state = jax.eval_shape(lambda: state_dict(engine.init(cfg, slots, S)))
   scalar = lambda dtype: sds((), dtype)
   export = lambda fn, *args: jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+  takes_words = kind_of(cfg).token_level_exit   # a token task's admit takes the word mask (each word's first piece)
+  out = {}
+  # Two state layouts where TOKEE is exported: a sentence criterion's slots, and TOKEE's (per-word halting).
+  for tokee in sorted({c == "tokee" for c in criteria}):
+    suffix = "_tokee" if tokee else ""
+    fresh = lambda tokee=tokee: state_dict(engine.init(cfg, slots, S, tokee))
+    state = jax.eval_shape(fresh)
+    out["init" + suffix] = export(fresh)
 
-  out = {"init": export(lambda: state_dict(engine.init(cfg, slots, S)))}
+    def admit(p, st, slot_B, ids, mask, types, priority_B, threshold_BxE, *word_mask):
+      return state_dict(engine.admit(unflat(p), cfg, engine_state(st), slot_B, ids, mask, types, priority_B,
+                                     threshold_BxE, *word_mask))
 
-  def admit(p, st, slot_B, ids, mask, types, priority_B, threshold_BxE):
-    return state_dict(engine.admit(unflat(p), cfg, engine_state(st), slot_B, ids, mask, types, priority_B,
-                                   threshold_BxE))
-
-  for b in sizes:   # admission at the rows' own bucket (engine.admit: zeros past them)
-    for s in lengths:
-      rows = sds((b, s), i32)
-      out[runtime.function_name("admit", b, s)] = export(admit, P, state, sds((b,), i32), rows, rows, rows,
-                                                         sds((b,), i32), sds((b, E), jnp.float32))
-  out["evict"] = export(lambda st, m: state_dict(engine.evict(engine_state(st), m)), state, sds((slots,), bool))
-  for criterion in criteria:
-    for view in lengths:   # the whole slots (S), and each shorter view of them (engine.run's `view`)
-      for rows, cuts in run_tiers(tuple(sizes), batch):   # rows gathered by how many slots are busy
-        def run(p, st, min_free, max_steps, delta, criterion=criterion, view=None if view == S else view,
-                rows=rows, cuts=cuts):
-          return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta), engine_state(st), rows,
-                                       lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
-                                       sizes=cuts, pick=PICK, view=view))
-        out[runtime.run_name(criterion, view, rows, S, batch)] = export(
-            run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
+    for b in sizes:   # admission at the rows' own bucket (engine.admit: zeros past them)
+      for s in lengths:
+        rows = sds((b, s), i32)
+        out[runtime.function_name("admit" + suffix, b, s)] = export(
+            admit, P, state, sds((b,), i32), rows, rows, rows, sds((b,), i32), sds((b, E), jnp.float32),
+            *((rows,) if takes_words else ()))
+    out["evict" + suffix] = export(lambda st, m: state_dict(engine.evict(engine_state(st), m)), state,
+                                   sds((slots,), bool))
+    for criterion in (c for c in criteria if (c == "tokee") == tokee):
+      for view in lengths:   # the whole slots (S), and each shorter view of them (engine.run's `view`)
+        for rows, cuts in run_tiers(tuple(sizes), batch):   # rows gathered by how many slots are busy
+          def run(p, st, min_free, max_steps, delta, criterion=criterion, view=None if view == S else view,
+                  rows=rows, cuts=cuts):
+            return state_dict(engine.run(unflat(p), cfg, _policy(cfg, criterion, delta, window), engine_state(st),
+                                         rows, lengths=tuple(lengths), min_free=min_free, max_steps=max_steps,
+                                         sizes=cuts, pick=PICK, view=view))
+          out[runtime.run_name(criterion, view, rows, S, batch)] = export(
+              run, P, state, scalar(i32), scalar(i32), scalar(jnp.float32))
   from rome_flax.engine import early_exit
   for kind, fn in (("full_model", early_exit.full_model), ("all_exits", early_exit.all_exits)):
     for b in sizes:
@@ -181,8 +208,12 @@ def check_shapes(cfg: ModelConfig, slots: int, batch: int, sizes: Sequence[int],
 
 def check_criteria(cfg: ModelConfig, criteria: Sequence[str]) -> None:
   for c in criteria:
+    if c == "tokee":
+      if not kind_of(cfg).token_level_exit:
+        raise RomeFlaxError("--criteria tokee: token-level early exit is for token tasks; this export labels sentences")
+      continue
     try:
-      ep.make_policy(c, 1.0, cfg.num_exits, num_labels=cfg.num_labels, delta=1.0 if c == "patience" else None)
+      ep.policy_for(cfg, c, 1.0, delta=1.0 if c == "patience" and cfg.is_regression else None)
     except RomeFlaxError as e:
       raise RomeFlaxError(f"--criteria {c}: {e}") from None
   if len(set(criteria)) != len(criteria):
@@ -191,19 +222,23 @@ def check_criteria(cfg: ModelConfig, criteria: Sequence[str]) -> None:
 
 def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, slots: int = 256,
                     batch: int = 64, sizes: Optional[Sequence[int]] = None, max_length: Optional[int] = None,
-                    criteria: Optional[Sequence[str]] = None, overwrite: bool = False, say=None) -> Path:
-  """Writes the artefact of a rome_flax export (see the module's docstring). Refuses a checkpoint that is
-  not a rome_flax export, a token task, and an existing non-empty out_dir unless `overwrite` (then
-  replaces only an artefact directory: files.check_replaceable)."""
+                    criteria: Optional[Sequence[str]] = None, window: Optional[int] = None, overwrite: bool = False,
+                    say=None) -> Path:
+  """Writes the artefact of a rome_flax export (see the module's docstring). window: a token task's TOKEE
+  window (default 3; the artefact's, as a server's). Refuses a checkpoint that is not a rome_flax export,
+  and an existing non-empty out_dir unless `overwrite` (then replaces only an artefact directory:
+  files.check_replaceable)."""
   from rome_flax.engine import calibration, evaluation
   src, out, check_out = export_and_target(
       checkpoint, out_dir, overwrite=overwrite, kind=KIND, entries=ENTRIES,
       hf_hint="convert a Hugging Face checkpoint first (python -m rome_flax convert)")
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)
   cfg, info = model.config, model.export_info
-  if kind_of(cfg).unit != "example":
-    raise RomeFlaxError(f"--checkpoint {checkpoint} has token exits (sequence labelling); the artefact serves "
-                        "sentence tasks only for now")
+  if kind_of(cfg).token_level_exit:
+    window = 3 if window is None else window
+    tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
+  elif window is not None:
+    raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")
   seq = evaluation.max_length_of(model, max_length)
   sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
   check_shapes(cfg, slots, batch, sizes, seq)
@@ -214,7 +249,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
 
   from rome_flax.engine import early_exit
   prepared = early_exit.prepare_params(model.params)
-  shapes = dict(slots=slots, batch=batch, sizes=sizes, lengths=lengths, criteria=criteria)
+  shapes = dict(slots=slots, batch=batch, sizes=sizes, lengths=lengths, criteria=criteria, window=window)
   try:
     platforms = PLATFORMS
     exported = exported_functions(prepared, cfg, platforms=platforms, **shapes)
@@ -238,14 +273,14 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
       "label_names": list(info.label_names) if len(info.label_names) == cfg.num_labels else None,
       "slots": slots, "seq": seq, "batch": batch, "sizes": list(sizes), "lengths": list(lengths),
       "tiers": [[rows, list(cuts)] for rows, cuts in run_tiers(sizes, batch)],
-      "criteria": list(criteria), "pick": PICK,
-      "state": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in exported["init"].out_tree.unflatten(
-          exported["init"].out_avals).items()},
+      "criteria": list(criteria), "pick": PICK, "window": window,
+      "state": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for init in ("init", "init_tokee")
+                if init in exported for k, v in exported[init].out_tree.unflatten(exported[init].out_avals).items()},
       "params": {"file": PARAMS, "layout": "per-layer (early_exit.prepare_params)", "leaves": leaves},
       "functions": {name: {"file": f"{FUNCTIONS}/{name}.jax",
-                           "params": name not in ("init", "evict"),   # then the parameters come first
+                           "params": not name.startswith(("init", "evict")),   # then the parameters come first
                            "inputs": [f"{a.dtype}{list(a.shape)}" for a in
-                                      exp.in_avals[len(leaves) if name not in ("init", "evict") else 0:]],
+                                      exp.in_avals[0 if name.startswith(("init", "evict")) else len(leaves):]],
                            "outputs": [f"{a.dtype}{list(a.shape)}" for a in exp.out_avals]}
                     for name, exp in exported.items()},
   }

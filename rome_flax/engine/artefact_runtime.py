@@ -118,6 +118,7 @@ class ArtefactSteps:
     self.sizes: tuple = tuple(manifest["sizes"])
     self.lengths: tuple = tuple(manifest["lengths"])
     self.criteria: tuple = tuple(manifest["criteria"])
+    self.window: Optional[int] = manifest.get("window")   # a token task's TOKEE window (static: one per artefact)
     # (rows gathered, cut sizes) by busy slots, fewest first; an artefact of before the tiers has one
     try:
       self.tiers: tuple = tuple((int(r), tuple(int(b) for b in c))
@@ -137,9 +138,9 @@ class ArtefactSteps:
     if fn is None:
       if name not in self._exported:
         raise ArtefactError(f"{self.path} has no exported function {name!r}")
-      takes_state = name in ("admit", "evict") or name.startswith(("admit_", "run_"))
+      takes_state = name.startswith(("admit", "evict", "run_"))
       # the state (argument 1; 0 for evict) is donated: a step updates the slots in place, not a copy of them
-      donate = ((0,) if name == "evict" else (1,)) if takes_state else ()
+      donate = ((0,) if name.startswith("evict") else (1,)) if takes_state else ()
       fn = self._jitted[name] = jax.jit(self._exported[name].call, donate_argnums=donate)
     return fn
 
@@ -151,24 +152,39 @@ class ArtefactSteps:
     return jax.device_put(np.asarray(x, dtype), self.device)
 
   # ------------------------------------------------------------------ the engine
-  def init(self) -> dict:
-    """Every slot free."""
-    return self._call("init")
+  def init(self, tokee: bool = False) -> dict:
+    """Every slot free; `tokee`: TOKEE's slots (a token task's per-word halting state), which its run takes."""
+    name = "init_tokee" if tokee else "init"
+    if name not in self._exported:
+      raise ArtefactError(f"{self.path} was exported without {'TOKEE' if tokee else 'a sentence criterion'}; "
+                          f"its criteria: {', '.join(self.criteria)}")
+    return self._call(name)
+
+  @staticmethod
+  def _layout(state: dict) -> str:
+    """The suffix of the functions that take this state: TOKEE's slots, or a sentence criterion's."""
+    return "_tokee" if "tokee_p_NxSxD" in state else ""
 
   def admit(self, state: dict, slot_B, input_ids_BxS, attention_mask_BxS, token_type_ids_BxS, priority_B,
-            threshold_BxE) -> dict:
+            threshold_BxE, word_mask_BxS=None) -> dict:
     """Rows into free slots (slot N: a padding row, dropped), right-padded. More than `batch` rows are
     admitted `batch` at a time, each part at the smallest exported (batch size, length) bucket that holds
     its rows and their longest mask (padding: pad_token_id, mask 0; the slots past it: zeros); an artefact
-    of before those buckets pads every part to (batch, seq)."""
+    of before those buckets pads every part to (batch, seq). A token task's rows come with their word mask
+    (1 at each word's first piece)."""
     slot = np.asarray(slot_B, np.int32).reshape(-1)
     A = len(slot)
     ids = np.asarray(input_ids_BxS)
     if ids.ndim != 2 or ids.shape[0] != A or ids.shape[1] > self.seq:
       raise ArtefactError(f"admit: input_ids must be [{A}, <= {self.seq}], got {list(ids.shape)}")
     rows = [ids, np.asarray(attention_mask_BxS), np.asarray(token_type_ids_BxS)]
+    if (word_mask_BxS is not None) != self.is_token_task:
+      raise ArtefactError("admit: a token task's rows need their word mask (word_mask_BxS), and only a token task's "
+                          "take one")
+    if word_mask_BxS is not None:
+      rows.append(np.asarray(word_mask_BxS))
     if any(r.shape != ids.shape for r in rows):
-      raise ArtefactError(f"admit: input_ids, attention_mask and token_type_ids differ in shape: "
+      raise ArtefactError(f"admit: input_ids, attention_mask, token_type_ids (and word_mask) differ in shape: "
                           f"{[list(r.shape) for r in rows]}")
     priority = np.broadcast_to(np.asarray(priority_B, np.int32), (A,))
     threshold = np.broadcast_to(np.asarray(threshold_BxE, np.float32), (A, self.num_exits))
@@ -178,7 +194,7 @@ class ArtefactSteps:
       part = slice(start, start + self.batch)
       n = len(slot[part])
       b, s = bucket(self.sizes, n), bucket(self.lengths, right_padded_length(rows[1][part]))
-      name = function_name("admit", b, s)
+      name = function_name("admit" + self._layout(state), b, s)
       if name not in self._exported:
         name, b, s = "admit", self.batch, self.seq
       pad_rows = b - n
@@ -192,7 +208,8 @@ class ArtefactSteps:
           self._put(fit(rows[0], self.pad_token_id, np.int32), np.int32),
           self._put(fit(rows[1], 0, np.int32), np.int32), self._put(fit(rows[2], 0, np.int32), np.int32),
           self._put(np.pad(priority[part], (0, pad_rows)), np.int32),
-          self._put(np.pad(threshold[part], ((0, pad_rows), (0, 0))), np.float32))
+          self._put(np.pad(threshold[part], ((0, pad_rows), (0, 0))), np.float32),
+          *[self._put(fit(words, 0, np.int32), np.int32) for words in rows[3:]])
     return state
 
   def run(self, state: dict, criterion: str, min_free: int = NEVER, max_steps: int = NEVER,
@@ -205,6 +222,9 @@ class ArtefactSteps:
     in use: each step then gathers the fewest rows of the exported tiers that hold them (None: `batch`)."""
     if criterion not in self.criteria:
       raise ArtefactError(f"criterion {criterion!r} was not exported; this artefact has {', '.join(self.criteria)}")
+    if (criterion == "tokee") != bool(self._layout(state)):
+      raise ArtefactError(f"run {criterion}: TOKEE runs on the slots of init(tokee=True), a sentence criterion on "
+                          "those of init()")
     if criterion == "patience" and self.is_regression and not (np.isfinite(delta) and delta > 0):
       raise ArtefactError(f"patience on a regression task needs a positive delta, got {delta}")
     view, rows = self.seq, self.tier(busy)[0]
@@ -228,12 +248,13 @@ class ArtefactSteps:
     mask = np.asarray(slot_mask_N, bool)
     if mask.shape != (self.slots,):
       raise ArtefactError(f"evict: the slot mask must be [{self.slots}], got {list(mask.shape)}")
-    return self._call("evict", state, self._put(mask, bool))
+    return self._call("evict" + self._layout(state), state, self._put(mask, bool))
 
   def read(self, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(running_N, exit_N: 0-based exit taken, out_NxC: its logits) as NumPy copies."""
-    return (np.array(state["running_N"], np.bool_), np.array(state["exit_N"], np.int32),
-            np.array(state["out_NxC"], np.float32))
+    """(running_N, exit_N: 0-based exit taken, out_NxC: its logits) as NumPy copies; a token task's logits
+    per piece [N, S, C], or with TOKEE each word's exit [N, W] and logits [N, W, C], words first."""
+    exits = state["tokee_word_exit_NxW"] if self._layout(state) else state["exit_N"]
+    return (np.array(state["running_N"], np.bool_), np.array(exits, np.int32), np.array(state["out_NxC"], np.float32))
 
   # ------------------------------------------------------------------ bucketed forwards
   def bucket_shape(self, batch: int, length: int) -> tuple[int, int]:
