@@ -98,9 +98,9 @@ class LocalSteps:
     # Layers: per-layer weights (`early_exit.prepare_params`). Sentence exits run a `lax.switch` branch per
     # layer, reading its weights in place; TOKEE's step compiles a body per cut and active-piece buffer, so it
     # runs one body on the layer picked once a step (`model.layer_alone`): a branch per layer made the
-    # CoNLL-2003 server's warm-up 204 s, one body 80-86 s. Picked from per-layer weights by a switch rather
-    # than sliced from stacked ones (both copy the layer): one sentence 9.8 -> 8.4 ms, eight 115.8 -> 96.1 ms
-    # a round, and one layout for the full model too (docs/results.md, 2026-12-05).
+    # CoNLL-2003 server's warm-up 204 s, one body 80-86 s. Picked from per-layer weights by a switch, where it
+    # was sliced from stacked ones (both copy the layer; latency and warm-up level within the noise): one
+    # layout for TOKEE, the full model and an exported artefact (docs/results.md, 2026-12-05, second session).
     self.dispatch = dispatch or "switch"
     self.params = early_exit.prepare_params(model.params, self.dispatch)
     self._full_params = None if self.dispatch == "slice" else self.params
