@@ -178,7 +178,7 @@ def serve_parser() -> cli.ArgumentParser:
                   "(default: entropy:0.3, tokee:0.1 for a token task, or the --thresholds_file setting; a regression "
                   "export needs one); requests may change the thresholds")
   ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default: 3, or "
-                  "the --thresholds_file setting's)")
+                  "the --thresholds_file setting's; an artefact's is fixed at export)")
   ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")
   ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to 1, B/16, B/4 at low load)")
   ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch)")

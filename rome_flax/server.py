@@ -184,8 +184,9 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
     for what, w in (("--window", window), ("the --thresholds_file setting's window",
                                            calibrated.window if isinstance(calibrated, tp.TokenPolicy) else None)):
       if w is not None and kind.token_level_exit and w != artefact_window:
-        raise RomeFlaxError(f"{what} {w}: this artefact was exported with TOKEE window {artefact_window} "
-                            "(python -m rome_flax export --window)")
+        raise RomeFlaxError(f"{what} {w}: this artefact was exported " + (
+            f"with TOKEE window {artefact_window}" if artefact_window else "without TOKEE") +
+            " (python -m rome_flax export --criteria, --window)")
   else:
     from rome_flax.engine import calibration
     from rome_flax.model.pretrained import MultiExitBert
@@ -212,6 +213,12 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
                         "or a calibrated --thresholds_file")
   metrics = Metrics(steps.num_layers)
   t0 = time.perf_counter()
+  if artefact and not full_model:   # a criterion the artefact has no run for: one error line, before warm-up
+    criterion = serving.make_policy(policy, steps.num_exits, steps.num_labels, kind=kind, named=named,
+                                    window=getattr(steps, "window", None)).criterion
+    if criterion not in steps.criteria:
+      raise RomeFlaxError(f"--policy {policy}: this artefact was exported with the criteria "
+                          f"{', '.join(steps.criteria)} (python -m rome_flax export --criteria)")
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,
                           max_queue=max_queue, timeout_ms=timeout_ms, full_model=full_model, named_policies=named,
                           metrics=metrics)

@@ -319,6 +319,9 @@ def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
                "--criteria", "tokee,entropy", "--window", "3"]) == 0
   steps = artefact_runtime.load(out)
   assert (steps.is_token_task, steps.window, steps.criteria) == (True, 3, ("tokee", "entropy"))
+  assert {"init", "init_tokee", "evict", "evict_tokee", "admit_tokee_b4_s16", "run_tokee_v16"} <= set(steps._exported)
+  assert artefact.default_criteria(cfg) == ("tokee", "entropy", "maxprob")   # what an export without --criteria takes
+  artefact.check_criteria(cfg, artefact.default_criteria(cfg))
 
   x = _inputs(cfg, np.random.default_rng(2))
   lengths_B = x["mask"].sum(1)
@@ -345,6 +348,15 @@ def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
     assert not running.any() and exits.shape == ((SLOTS, LENGTH) if tokee else (SLOTS,))
     if tokee:   # words of one sentence leave at different layers
       assert any(len(set(exits[i, :lengths_B[i] - 2].tolist())) > 1 for i in range(4))
+
+  # TOKEE's slots evicted and run under a view: short rows (7 and 3 pieces) at the 16 bucket, slot 0 evicted
+  r = [1, 3]
+  state = steps.admit(steps.init(True), [0, 1], *(v[r] for v in (x["ids"], x["mask"], x["types"], x["priority"],
+                                                                 tau, words)))
+  state = steps.run(steps.evict(state, np.arange(SLOTS) == 0), "tokee", longest=7, busy=1)
+  running, exits, _ = steps.read(state)
+  assert not running.any() and (exits[0] == -1).all() and (exits[1, :1] >= 0).all()
+  assert {"admit_tokee_b4_s16", "evict_tokee", "run_tokee_v16"} <= set(steps._jitted)
 
   sentences = [["the", "movie", "was", "good"], ["not", "bad"], ["the", "the", "good", "movie", "was", "not", "bad"]]
   answers = []

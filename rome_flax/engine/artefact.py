@@ -77,9 +77,8 @@ PICK = "oldest"               # the run's layer rule (engine.pick_layer): the se
 def default_criteria(cfg: ModelConfig) -> tuple[str, ...]:
   """Every criterion the engine serves for this task: a token task's TOKEE first, then its sentence criteria
   (SENTEE), or a sentence task's."""
-  if cfg.is_regression:
-    return ("patience",)
-  return (("tokee",) if kind_of(cfg).token_level_exit else ()) + ep.CRITERIA
+  kind = kind_of(cfg)
+  return (("tokee",) if kind.token_level_exit else ()) + tuple(kind.criteria)
 
 
 # ----------------------------------------------------------------------------- the state as a dict
@@ -273,7 +272,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
       "label_names": list(info.label_names) if len(info.label_names) == cfg.num_labels else None,
       "slots": slots, "seq": seq, "batch": batch, "sizes": list(sizes), "lengths": list(lengths),
       "tiers": [[rows, list(cuts)] for rows, cuts in run_tiers(sizes, batch)],
-      "criteria": list(criteria), "pick": PICK, "window": window,
+      "criteria": list(criteria), "pick": PICK, "window": window if "tokee" in criteria else None,
       "state": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for init in ("init", "init_tokee")
                 if init in exported for k, v in exported[init].out_tree.unflatten(exported[init].out_avals).items()},
       "params": {"file": PARAMS, "layout": "per-layer (early_exit.prepare_params)", "leaves": leaves},

@@ -15,7 +15,10 @@ run per criterion and view of the slots / evict) and the full-model and all-exit
 and length buckets, each serialised by
 `jax.export` with the parameters as arguments; the parameters once (`params.npz`); `manifest.json`
 (shapes, buckets, labels, the export's identity, checksums); the tokenizer files. The engine state is a
-dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`).
+dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`; a
+token task's word mask as `words_NxS`). A token task's artefact admits rows with their word mask
+(`admit(..., word_mask_BxS)`) and serves TOKEE on slots of its own (`init(tokee=True)`: `tokee_*` fields, the
+functions `init_tokee`, `admit_tokee_*`, `evict_tokee`, `run_tokee*`; the window fixed at export).
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ class ArtefactSteps:
       b, s = bucket(self.sizes, n), bucket(self.lengths, right_padded_length(rows[1][part]))
       name = function_name("admit" + self._layout(state), b, s)
       if name not in self._exported:
-        name, b, s = "admit", self.batch, self.seq
+        name, b, s = "admit" + self._layout(state), self.batch, self.seq
       pad_rows = b - n
 
       def fit(x, fill, dtype):

@@ -175,16 +175,16 @@ def layer_exit_trimmed(prepared, cfg: ModelConfig, l, h_BxSxD, mask_BxS, longest
 
   Slots are as long as their longest possible example, but a gathered batch of shorter ones need not
   pay for that: `lax.switch` picks a branch per (length, size), and per layer too with per-layer
-  weights, like the full model's per-batch buckets. Positions and rows past the cut are padding, so the
+  weights and no `layer_fn`, like the full model's per-batch buckets. Positions and rows past the cut are padding, so the
   real rows' results are the same; rows past the cut come back as they went in (hidden state) or zeros
   (logits). A server's sizes are (1, 4) or (4, 16, 64) (`serving.run_tiers`): at low load a step runs 1
   or 4 rows, not 64. (Gathering only b x s inside each branch and scattering back there measured slower,
   AMD EPYC, MiniLM, 256 slots x 128: one example through 6 layers 113 -> 154 ms, 64 examples 450 -> 504
   ms: the slots' arrays are copied through the conditional.)
 
-  layer_fn(params, k, h, mask, bias, *carry) -> (h, logits, *carry), layer k of params (per-layer weights:
-  `prepared` and each layer's static index; stacked: layer l alone, sliced once for every branch,
-  `model.layer_alone`, and k = 0): another layer body on the same cuts (TOKEE's
+  layer_fn(params, k, h, mask, bias, *carry) -> (h, logits, *carry), layer k of params (layer l alone, taken
+  once for every branch from either layout, `model.layer_alone`, and k = 0: one body for every layer, where a
+  branch per layer compiled 6x the programs): another layer body on the same cuts (TOKEE's
   `token_policy.token_layer_in_buffers`), with `carry` extra [B, S, ...] arrays it reads and returns, cut
   and restored like h. Returns (h, logits, *carry).
   """

@@ -15,7 +15,7 @@ One definition of the encoder's work: `layer_and_exit` runs layer i and (optiona
 `forward` is the one loop over layers, parameterised by what callers need (which exits, how many
 layers, dropout and its key, stop-gradient into the exits, taps for the GR penalty, the short last
 layer); `layer_and_exit_at` serves a traced layer index (the early-exit `while_loop`; the scheduler's cuts
-read per-layer branches, or a stacked layer sliced once, `layer_alone`).
+read per-layer branches, or TOKEE's one body the layer taken once a step, `layer_alone`).
 Training, evaluation, the offline all-exits pass, the full-model baseline and the early-exit paths
 all run through these. What an exit computes is the head seam (`heads.py`).
 
