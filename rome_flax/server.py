@@ -32,7 +32,7 @@ from typing import Optional
 from rome_flax.engine import serving
 from rome_flax.errors import RomeFlaxError
 from rome_flax.runtime import compilation_cache_in_use
-from rome_flax.kinds.kind import kind_of_steps
+from rome_flax.kinds.kind import kind_of, kind_of_steps
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks its client (0.05: ~10% of a core at 128 in flight)
 
@@ -198,11 +198,12 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
         raise RomeFlaxError(f"--window {window}: the --thresholds_file setting uses window {calibrated.window}")
       window = calibrated.window
     length = max_length or model.export_info.max_length or 128
+    kind = kind_of(model.config)
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
-                               window=3 if window is None else window)
-    tokenizer, label_names, source, kind = model.tokenizer, model.export_info.label_names, checkpoint, steps.kind
-  if window is not None and not kind.token_level_exit:
-    raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")
+                               window=tp.serving_window(window, kind.token_level_exit, model.config.num_layers))
+    tokenizer, label_names, source = model.tokenizer, model.export_info.label_names, checkpoint
+  if window is not None and not kind.token_level_exit:   # (an artefact's; an export's was refused above)
+    tp.serving_window(window, False, steps.num_layers)
   if calibrated is not None:
     named["calibrated"] = calibrated
     policy = policy or "calibrated"

@@ -233,11 +233,7 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
       hf_hint="convert a Hugging Face checkpoint first (python -m rome_flax convert)")
   model = MultiExitBert.from_pretrained(src, load_tokenizer_files=False)
   cfg, info = model.config, model.export_info
-  if kind_of(cfg).token_level_exit:
-    window = 3 if window is None else window
-    tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
-  elif window is not None:
-    raise RomeFlaxError("--window is TOKEE's (token-level early exit): this export labels sentences")
+  window = tp.serving_window(window, kind_of(cfg).token_level_exit, cfg.num_layers)
   seq = evaluation.max_length_of(model, max_length)
   sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
   check_shapes(cfg, slots, batch, sizes, seq)

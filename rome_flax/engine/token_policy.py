@@ -101,6 +101,25 @@ def make_token_policy(threshold, window: int, num_layers: int, *, upper_scale: f
                      copy_wordpiece, bool(keep_norm_same))
 
 
+DEFAULT_WINDOW = 3   # a server's and an artefact's TOKEE window unless one is given
+
+
+def serving_window(window, token_level_exit: bool, num_layers: int):
+  """The TOKEE window of a server or an artefact (static: it shapes the compiled step): the one given, checked,
+  or DEFAULT_WINDOW for a token task; None for a sentence task, which refuses one."""
+  if not token_level_exit:
+    if window is not None:
+      raise RomeFlaxError(f"--window {window}: the window is TOKEE's (token-level early exit); this export labels "
+                          "sentences")
+    return None
+  window = DEFAULT_WINDOW if window is None else window
+  try:
+    make_token_policy(1.0, window, num_layers)   # checks it (odd, >= 1)
+  except RomeFlaxError as e:
+    raise RomeFlaxError(f"--window {window}: {e}") from None
+  return window
+
+
 def parse_windows(text: str) -> list[int]:
   """'3,5,15' -> [3, 5, 15] (checked by `make_token_policy`)."""
   try:
