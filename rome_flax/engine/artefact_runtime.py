@@ -163,7 +163,7 @@ class ArtefactSteps:
   @staticmethod
   def _put(x, dtype) -> np.ndarray:
     """A host argument, left to the jitted call to transfer: a `jax.device_put` of each cost 0.15-0.25 ms, most
-    of a one-row admission (TOKEE, CoNLL-2003 artefact: admit 2.1 -> 0.6 ms, AMD EPYC)."""
+    of a one-row admission (TOKEE, CoNLL-2003 artefact: admit 2.1 -> 0.8 ms with `_padded`, AMD EPYC)."""
     return np.asarray(x, dtype)
 
   # ------------------------------------------------------------------ the engine
