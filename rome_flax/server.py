@@ -32,7 +32,7 @@ from typing import Optional
 from rome_flax.engine import serving
 from rome_flax.errors import RomeFlaxError
 from rome_flax.runtime import compilation_cache_in_use
-from rome_flax.kinds.kind import kind_of, kind_of_steps
+from rome_flax.kinds.kind import kind_of_steps
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks its client (0.05: ~10% of a core at 128 in flight)
 
@@ -198,11 +198,10 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
         raise RomeFlaxError(f"--window {window}: the --thresholds_file setting uses window {calibrated.window}")
       window = calibrated.window
     length = max_length or model.export_info.max_length or 128
-    kind = kind_of(model.config)
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
-                               window=tp.serving_window(window, kind.token_level_exit, model.config.num_layers))
-    tokenizer, label_names, source = model.tokenizer, model.export_info.label_names, checkpoint
-  if window is not None and not kind.token_level_exit:   # (an artefact's; an export's was refused above)
+                               window=window)   # (refuses a window for a sentence task: `token_policy.serving_window`)
+    tokenizer, label_names, source, kind = model.tokenizer, model.export_info.label_names, checkpoint, steps.kind
+  if window is not None and not kind.token_level_exit:   # an artefact's
     tp.serving_window(window, False, steps.num_layers)
   if calibrated is not None:
     named["calibrated"] = calibrated
@@ -214,12 +213,6 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
                         "or a calibrated --thresholds_file")
   metrics = Metrics(steps.num_layers)
   t0 = time.perf_counter()
-  if artefact and not full_model:   # a criterion the artefact has no run for: one error line, before warm-up
-    criterion = serving.make_policy(policy, steps.num_exits, steps.num_labels, kind=kind, named=named,
-                                    window=getattr(steps, "window", None)).criterion
-    if criterion not in steps.criteria:
-      raise RomeFlaxError(f"--policy {policy}: this artefact was exported with the criteria "
-                          f"{', '.join(steps.criteria)} (python -m rome_flax export --criteria)")
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,
                           max_queue=max_queue, timeout_ms=timeout_ms, full_model=full_model, named_policies=named,
                           metrics=metrics)

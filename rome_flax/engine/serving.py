@@ -87,7 +87,7 @@ class LocalSteps:
   """The open engine's jitted functions bound to a model in this process (what `Engine` drives)."""
 
   def __init__(self, model, *, slots: int = 256, batch: int = 64, max_length: int = 128,
-               sizes: Optional[Sequence[int]] = None, window: int = 3, dispatch: Optional[str] = None):
+               sizes: Optional[Sequence[int]] = None, window: Optional[int] = None, dispatch: Optional[str] = None):
     from rome_flax.engine import early_exit, scheduler as engine
     cfg = model.config
     if not 1 <= batch <= slots:
@@ -107,10 +107,8 @@ class LocalSteps:
     self.num_layers, self.num_exits, self.num_labels = cfg.num_layers, cfg.num_exits, cfg.num_labels
     self.kind = kind_of(cfg)
     self.is_regression = self.kind.is_regression
-    self.window = window if self.kind.token_level_exit else None   # TOKEE's window (static: one per server)
-    if self.window is not None:
-      from rome_flax.engine import token_policy as tp
-      tp.make_token_policy(1.0, window, cfg.num_layers)   # checks the window (odd, >= 1)
+    from rome_flax.engine import token_policy as tp
+    self.window = tp.serving_window(window, self.kind.token_level_exit, cfg.num_layers)   # TOKEE's (static)
     self.slots, self.seq, self.batch = slots, max_length, batch
     self.sizes = tuple(sorted(set(sizes or default_sizes(batch)) | {batch}))
     self.tiers = run_tiers(self.sizes, batch)
@@ -336,6 +334,10 @@ class Engine:
     for name, p in self.named_policies.items():
       if p.criterion != self.policy.criterion:
         raise RomeFlaxError(f"named policy {name!r} uses {p.criterion}; this engine runs {self.policy.criterion}")
+    exported = getattr(steps, "criteria", None)   # an artefact runs the criteria it was exported with
+    if not full_model and exported is not None and self.policy.criterion not in exported:
+      raise RomeFlaxError(f"policy {self.policy.criterion}: this artefact was exported with the criteria "
+                          f"{', '.join(exported)} (python -m rome_flax export --criteria)")
     self.metrics = metrics
     self._pending: collections.deque = collections.deque()   # (request, row index)
     self._cancelled = 0    # requests cancelled since the queue was last compacted
