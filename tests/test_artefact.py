@@ -86,10 +86,41 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# A token task's artefact served alone: words -> pieces by the runtime, TOKEE, each word's exit and tag.
+TOKEN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["rome_flax"] = None
+    art, job = sys.argv[1], json.loads(sys.argv[2])
+    sys.path.insert(0, art)
+    import artefact_runtime
+    import numpy as np
+    steps = artefact_runtime.load(art)
+    ids, types, words = steps.tokenize_words(job["sentences"])
+    S, n = max(map(len, ids)), len(ids)
+    pad = lambda rows, fill: np.array([list(r) + [fill] * (S - len(r)) for r in rows], np.int32)
+    state = steps.admit(steps.init(tokee=True), np.arange(n), pad(ids, steps.pad_token_id),
+                        pad([[1] * len(r) for r in ids], 0), pad(types, 0), np.zeros(n), np.array(job["tau"]),
+                        pad(words, 0))
+    running, exits, logits = steps.read(steps.run(state, "tokee"))
+    W = [len(s) for s in job["sentences"]]
+    answers = [([steps.label_names[k] for k in logits[i, :w].argmax(-1)], (exits[i, :w] + 1).tolist())
+               for i, w in enumerate(W)]
+    try:
+        steps.tokenize_words([["the"] * (steps.seq - 1)])
+        refused = None
+    except artefact_runtime.ArtefactError as e:
+        refused = str(e)
+    print(json.dumps({"encoded": [ids, types, words], "answers": answers, "running": bool(running.any()),
+                      "refused": refused}))
+""")
+
+
 def _tokenizer(path) -> None:
   """A tiny BERT-style tokenizer.json ([CLS] a [SEP] b [SEP], token types 0 / 1)."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
   tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
+                                              lowercase=False)   # as BERT's: a control character is no piece
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
@@ -367,6 +398,29 @@ def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
     finally:
       server.close()
   assert answers[0] == answers[1] and [len(tags) for tags, _ in answers[0]] == [4, 2, 7]
+
+  # the artefact alone (`python -I`, rome_flax unimportable): the runtime splits words into pieces as rome_flax
+  # does (a word of two pieces, a word of none read as [UNK]) and answers as the Engine did
+  from rome_flax.kinds import data
+  sentences[0][1], sentences[2][3] = "movie!!", "\x00"
+  want = data.encode_token_split(load_tokenizer(out), sentences, None, LENGTH)
+  tau_L = tp.make_token_policy(0.3, 3, L).threshold_L
+  server = serving.Engine(policy="tokee:0.3", steps=steps, tokenizer=load_tokenizer(out), label_names=labels)
+  try:
+    engine_answers = [[p.tags, p.exit_layers] for p in server.submit(tokens=sentences).result(timeout=120)]
+  finally:
+    server.close()
+  proc = subprocess.run([sys.executable, "-I", "-c", TOKEN_SCRIPT, str(out),
+                         json.dumps({"sentences": sentences, "tau": np.asarray(tau_L).tolist()})],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  alone = json.loads(proc.stdout.strip().splitlines()[-1])
+  ids, types, words = alone["encoded"]
+  assert ids == [r.tolist() for r in want.input_ids] and types == [r.tolist() for r in want.token_type_ids]
+  assert [np.flatnonzero(w).tolist() for w in words] == [r.tolist() for r in want.word_starts]
+  assert len(ids[0]) == 7 and ids[2][4] == WORDS.index("[UNK]")   # [CLS] the movie !! was good [SEP]
+  assert alone["answers"] == engine_answers and not alone["running"]
+  assert f"most {LENGTH}" in alone["refused"]
 
 
 def test_export_options_that_need_a_token_task(runs, tmp_path, capsys):

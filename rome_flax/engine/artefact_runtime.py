@@ -17,7 +17,7 @@ and length buckets, each serialised by
 (shapes, buckets, labels, the export's identity, checksums); the tokenizer files. The engine state is a
 dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`; a
 token task's word mask as `words_NxS`). A token task's artefact admits rows with their word mask
-(`admit(..., word_mask_BxS)`) and serves TOKEE on slots of its own (`init(tokee=True)`: `tokee_*` fields, the
+(`admit(..., word_mask_BxS)`; `tokenize_words` makes it from word lists) and serves TOKEE on slots of its own (`init(tokee=True)`: `tokee_*` fields, the
 functions `init_tokee`, `admit_tokee_*`, `evict_tokee`, `run_tokee*`; the window fixed at export).
 """
 
@@ -302,9 +302,8 @@ class ArtefactSteps:
         self._jit(name).lower(*args, **kwargs).compile()
 
   # ------------------------------------------------------------------ text
-  def tokenize(self, texts, text_pairs=None, max_length: Optional[int] = None):
-    """Token ids and token type ids (lists of lists, unpadded, cut to max_length: default `seq`) by the
-    export's tokenizer.json; needs the `tokenizers` package."""
+  def _text_tokenizer(self):
+    """The export's tokenizer.json as a `tokenizers.Tokenizer`, loaded on first use, without padding."""
     if self._tokenizer is None:
       file = self.path / "tokenizer.json"
       if not file.is_file():
@@ -315,12 +314,60 @@ class ArtefactSteps:
         raise ArtefactError("tokenize needs the `tokenizers` package (pip install tokenizers)") from None
       self._tokenizer = Tokenizer.from_file(str(file))
       self._tokenizer.no_padding()
-    tok = self._tokenizer
+    return self._tokenizer
+
+  def tokenize(self, texts, text_pairs=None, max_length: Optional[int] = None):
+    """Token ids and token type ids (lists of lists, unpadded, cut to max_length: default `seq`) by the
+    export's tokenizer.json; needs the `tokenizers` package."""
+    tok = self._text_tokenizer()
     tok.enable_truncation(int(max_length or self.seq))
     texts = list(texts)
     pairs = list(zip(texts, text_pairs)) if text_pairs is not None else texts
     encs = tok.encode_batch(pairs)
     return [e.ids for e in encs], [e.type_ids for e in encs]
+
+  def tokenize_words(self, sentences):
+    """A token task's input: sentences given as word lists -> (input ids, token type ids, word masks), lists of
+    lists, unpadded; the word mask is 1 at each word's first piece, what `admit` takes. The rule rome_flax
+    trains and serves with (`kinds.data.encode_token_split`, which this file cannot import; tests/test_artefact.py
+    checks that the two agree): each word tokenised on its own, a word with no piece read as the unknown token,
+    a sentence never cut (one longer than `seq` pieces is an ArtefactError naming it)."""
+    sentences = [list(words) for words in sentences]
+    for i, words in enumerate(sentences):
+      if not words or any(not isinstance(w, str) or not w.strip() for w in words):
+        raise ArtefactError(f"tokenize_words: sentence {i + 1} must be a non-empty list of non-empty words")
+    tok = self._text_tokenizer()
+    tok.no_truncation()
+    encs = tok.encode_batch(sentences, is_pretokenized=True)
+    ids, types, word_masks = [], [], []
+    for i, (words, enc) in enumerate(zip(sentences, encs)):
+      first = _first_pieces(enc.word_ids, len(words))
+      if first is None:   # a word with no piece (a stray control character): read as the unknown token
+        unk = getattr(tok.model, "unk_token", None)
+        fixed = [w if unk is None or tok.encode(w, add_special_tokens=False).ids else unk for w in words]
+        enc = tok.encode(fixed, is_pretokenized=True)
+        first = _first_pieces(enc.word_ids, len(words))
+        if first is None:
+          raise ArtefactError(f"tokenize_words: sentence {i + 1} has a word with no piece in the vocabulary")
+      if len(enc.ids) > self.seq:
+        raise ArtefactError(f"tokenize_words: sentence {i + 1} is {len(enc.ids)} pieces; this artefact takes at "
+                            f"most {self.seq} (sentences are never cut)")
+      mask = [0] * len(enc.ids)
+      for pos in first:
+        mask[pos] = 1
+      ids.append(list(enc.ids))
+      types.append(list(enc.type_ids))
+      word_masks.append(mask)
+    return ids, types, word_masks
+
+
+def _first_pieces(word_ids, num_words: int) -> Optional[list]:
+  """Position of each word's first piece from the tokenizer's word alignment; None when a word has none."""
+  first = [-1] * num_words
+  for pos, w in enumerate(word_ids):
+    if w is not None and first[w] < 0:
+      first[w] = pos
+  return None if min(first) < 0 else first
 
 
 def load(path, *, verify: bool = True) -> ArtefactSteps:

@@ -516,7 +516,9 @@ def encode_token_split(tokenizer, words: list[list[str]], tag_ids: Optional[list
     word_ids, piece_ids = enc.word_ids(i), enc["input_ids"][i]
     first = _first_pieces(word_ids, len(words[i]))
     if first is None:   # some word has no piece: read those as the unknown token
-      fixed = [w if any(tokenizer.tokenize(w)) else (tokenizer.unk_token or w) for w in words[i]]
+      # the unknown token of the tokenizer's config, else of its vocabulary model (as artefact_runtime.py reads it)
+      unk = tokenizer.unk_token or getattr(tokenizer.backend_tokenizer.model, "unk_token", None)
+      fixed = [w if any(tokenizer.tokenize(w)) else (unk or w) for w in words[i]]
       one = tokenizer([fixed], is_split_into_words=True, truncation=False, return_token_type_ids=True,
                       return_attention_mask=False)
       word_ids, piece_ids = one.word_ids(0), one["input_ids"][0]
