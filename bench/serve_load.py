@@ -12,6 +12,9 @@ server's default policy, or --policy). Against each it measures
     (a late client or a queue in front of the server is counted, not hidden). 429 (queue full) and 504
     (deadline passed) answers are rejected: counted, left out of the percentiles.
 
+--artefact DIR serves an artefact (`python -m rome_flax export`) instead of an export, both servers on it (its
+full-model forwards and its engine's exported steps); their batch and slots are the artefact's.
+
 Each phase is bounded: --requests per rate (or --saturation_requests), no request sent after --time_limit
 seconds, none awaited longer than --request_timeout. Inputs: the texts of --data (a GLUE-style TSV, a pair
 task's two columns, or a text file of one text per line), by default the dev split of the embedded synthetic
@@ -25,7 +28,7 @@ mean exit layer) and as its LAST line
 `serve: p50 ratio = A p99 ratio = B throughput ratio = C`: early exit over full model, A and B at the 70%
 rate, C of saturation throughput. Targets on 2 CPU cores with a real export: A <= 0.7, B <= 1.0, C >= 1.5.
 
-  python bench/serve_load.py [--checkpoint runs/default/export] [--data ../shared/glue/SST-2/dev.tsv]
+  python bench/serve_load.py [--checkpoint runs/default/export | --artefact DIR] [--data ../shared/glue/SST-2/dev.tsv]
                              [--requests 400] [--time_limit 60] [--max_batch 64] [--policy entropy:0.3]
 """
 
@@ -61,6 +64,8 @@ from rome_flax.errors import RomeFlaxError
 HOST = "127.0.0.1"                         # loopback only: the client never addresses anything else
 DEFAULT_EXPORT = "runs/default/export"
 EXPORT_CONFIG = "rome_flax_config.json"   # pretrained.EXPORT_CONFIG (not imported: pretrained loads JAX)
+ARTEFACT_MANIFEST = "manifest.json"         # artefact_runtime.MANIFEST (not imported: the runtime loads JAX)
+DEFAULT_MAX_BATCH = 64                      # the server's --max_batch default
 RATES = ((0.3, "30%"), (0.7, "70%"), (1.2, "120%"))   # fractions of the full model's saturation throughput
 RATIO_RATE = "70%"                         # the rate the latency ratios are read at
 REJECTED = (429, 504)                      # queue full, deadline passed
@@ -86,6 +91,21 @@ def export_task(checkpoint: Path) -> tuple[Optional[str], bool]:
   except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
     raise RomeFlaxError(f"{config} is malformed ({type(e).__name__})") from None
   return (str(task) if task else None), bool(token_task)
+
+
+def artefact_task(artefact: Path) -> tuple[Optional[str], bool, int]:
+  """An artefact's task (the export's metadata it was made from), whether it labels words, and its batch."""
+  manifest = artefact / ARTEFACT_MANIFEST
+  if not manifest.is_file():
+    raise RomeFlaxError(f"{artefact} is not a rome_flax artefact (no {ARTEFACT_MANIFEST}): write one with "
+                        "python -m rome_flax export --checkpoint EXPORT_DIR --out DIR")
+  try:
+    record = json.loads(manifest.read_text(encoding="utf-8"))
+    task = ((record.get("export") or {}).get("metadata") or {}).get("task")
+    token_task, batch = bool(record["model"]["is_token_task"]), int(record["batch"])
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as e:
+    raise RomeFlaxError(f"{manifest} is malformed ({type(e).__name__})") from None
+  return (str(task) if task else None), token_task, batch
 
 
 def load_sentences(data: Optional[str]) -> tuple[list[list[str]], str]:
@@ -363,9 +383,10 @@ def free_port() -> int:
 
 def server_command(args, port: int, full_model: bool) -> list[str]:
   """`python -m rome_flax serve` on loopback with the bench's options; both servers get the same ones
-  except --full_model (the baseline) and --policy and --window (early exit only)."""
-  cmd = [sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(args.checkpoint), "--host", HOST,
-         "--port", str(port), "--max_batch", str(args.max_batch)]
+  except --full_model (the baseline) and --policy and --window (early exit only). An artefact fixes the batch."""
+  source = ["--artefact", str(args.artefact)] if args.artefact else [
+      "--checkpoint", str(args.checkpoint), "--max_batch", str(args.max_batch)]
+  cmd = [sys.executable, "-m", "rome_flax", "serve"] + source + ["--host", HOST, "--port", str(port)]
   for name in ("max_queue", "timeout_ms"):
     if getattr(args, name) is not None:
       cmd += [f"--{name}", str(getattr(args, name))]
@@ -481,7 +502,9 @@ def measure_server(args, bodies: list[bytes], port: int, full_model: bool, rates
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  ap.add_argument("--checkpoint", default=DEFAULT_EXPORT, help="rome_flax export to serve")
+  ap.add_argument("--checkpoint", default=None, help=f"rome_flax export to serve (default: {DEFAULT_EXPORT})")
+  ap.add_argument("--artefact", default=None,
+                  help="serve this artefact (python -m rome_flax export) instead: both servers, its batch and slots")
   ap.add_argument("--data", default=None,
                   help="input texts: a GLUE-style TSV (e.g. ../shared/glue/SST-2/dev.tsv; a pair task's two "
                        "columns) or a .txt file, one text per line (default: the synthetic task's dev split, "
@@ -493,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--request_timeout", type=float, default=30.0,
                   help="seconds a request is awaited before it counts as failed")
   ap.add_argument("--texts_per_request", type=int, default=1)
-  ap.add_argument("--max_batch", type=int, default=64,
-                  help="the servers' --max_batch; saturation keeps 2 x this many requests in flight")
+  ap.add_argument("--max_batch", type=int, default=None,
+                  help=f"the servers' --max_batch (default: {DEFAULT_MAX_BATCH}, an artefact's batch); saturation keeps "
+                       "2 x this many requests in flight")
   ap.add_argument("--max_queue", type=int, default=None, help="the servers' --max_queue (default: theirs)")
   ap.add_argument("--timeout_ms", type=int, default=None, help="the servers' --timeout_ms (default: theirs)")
   ap.add_argument("--policy", default=None, help="the early-exit server's --policy (default: its own)")
@@ -510,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
   for name in ("requests", "saturation_requests", "max_batch", "max_connections"):
-    if getattr(args, name) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       raise RomeFlaxError(f"--{name} must be >= 1, got {getattr(args, name)}")
   for name in ("time_limit", "request_timeout", "ready_timeout", "stop_timeout"):
     if not getattr(args, name) > 0:
@@ -519,11 +543,28 @@ def _check_args(args) -> None:
     raise RomeFlaxError(f"--port_base must be in 1024..65534, got {args.port_base}")
 
 
+def _served(args) -> tuple[Optional[str], bool, str]:
+  """Resolves --checkpoint / --artefact (absolute paths: the servers run in the repo root) and --max_batch;
+  the task, whether it labels words, and what the header calls the source."""
+  if args.artefact:
+    if args.checkpoint:
+      raise RomeFlaxError("give --checkpoint or --artefact, not both")
+    args.artefact = Path(os.path.expanduser(str(args.artefact))).absolute()
+    task, token_task, batch = artefact_task(args.artefact)
+    if args.max_batch not in (None, batch):
+      raise RomeFlaxError(f"--max_batch {args.max_batch}: the artefact's batch is {batch}, fixed at export")
+    args.max_batch = batch
+    return task, token_task, f"artefact: {args.artefact}"
+  args.checkpoint = Path(os.path.expanduser(str(args.checkpoint or DEFAULT_EXPORT))).absolute()
+  args.max_batch = args.max_batch or DEFAULT_MAX_BATCH
+  task, token_task = export_task(args.checkpoint)
+  return task, token_task, f"export: {args.checkpoint}"
+
+
 def run(args, command: Callable = server_command) -> str:
   """The whole bench; prints the header and tables and returns the ratio line (printed last by main)."""
   _check_args(args)
-  args.checkpoint = Path(os.path.expanduser(str(args.checkpoint))).absolute()   # the server runs in the repo root
-  task, token_task = export_task(args.checkpoint)
+  task, token_task, source = _served(args)
   if token_task:
     sentences, described = load_sentences(args.data)
     bodies = request_bodies(sentences, None, args.texts_per_request, "tokens")
@@ -531,7 +572,7 @@ def run(args, command: Callable = server_command) -> str:
     texts_a, texts_b, described = load_texts(args.data, task)
     bodies = request_bodies(texts_a, texts_b, args.texts_per_request)
   print(f"serve_load: cpu = {cpu_model()}")
-  print(f"export: {args.checkpoint} (task {task or '?'}); data: {described}; {args.texts_per_request} text(s) per "
+  print(f"{source} (task {task or '?'}); data: {described}; {args.texts_per_request} text(s) per "
         f"request; max_batch {args.max_batch}; early-exit policy {args.policy or 'the server default'}"
         + (f", TOKEE window {args.window}" if args.window is not None else ""))
   print(f"phases: saturation ({2 * args.max_batch} in flight, <= {args.saturation_requests} requests), then open-loop "

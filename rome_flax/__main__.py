@@ -180,11 +180,14 @@ def serve_parser() -> cli.ArgumentParser:
   ap.add_argument("--window", type=int, help="token tasks: TOKEE's window, an odd number of words (default: 3, or "
                   "the --thresholds_file setting's; an artefact's is fixed at export)")
   ap.add_argument("--thresholds_file", help="a calibrate thresholds.json for this export: the policy 'calibrated'")
-  ap.add_argument("--max_batch", type=int, default=64, help="rows per layer batch (steps cut it to 1, B/16, B/4 at low load)")
-  ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch)")
+  ap.add_argument("--max_batch", type=int, help="rows per layer batch (steps cut it to 1, B/16, B/4 at low load; "
+                  "default: 64; an artefact's is fixed at export)")
+  ap.add_argument("--slots", type=int, help="examples on the device at once (default: 4 x max_batch; an artefact's is "
+                  "fixed at export)")
   ap.add_argument("--max_queue", type=int, default=1024, help="examples that may wait; beyond it: 429")
   ap.add_argument("--timeout_ms", type=float, help="default request deadline; past it: 504 (default: none)")
-  ap.add_argument("--max_length", type=int, help="longest input in tokens (default: the export's training length)")
+  ap.add_argument("--max_length", type=int, help="longest input in tokens (default: the export's training length; "
+                  "an artefact's is fixed at export)")
   ap.add_argument("--full_model", action="store_true", help="the baseline: every layer, final exit, dynamic batches")
   ap.add_argument("--grace_s", type=float, default=30.0, help="on SIGTERM, time to finish running requests")
   return ap
@@ -195,6 +198,12 @@ def serve(args) -> None:
   from rome_flax.errors import RomeFlaxError
   if not args.checkpoint and not args.artefact:
     raise RomeFlaxError("give --checkpoint EXPORT (or --artefact DIR)")
+  if args.checkpoint and args.artefact:
+    raise RomeFlaxError("give --checkpoint or --artefact, not both")
+  fixed = [f"--{name}" for name in ("max_batch", "slots", "max_length") if getattr(args, name) is not None]
+  if args.artefact and fixed:
+    raise RomeFlaxError(f"{', '.join(fixed)}: an artefact's batch, slots and length are fixed at export "
+                        "(python -m rome_flax export --batch, --slots, --max_length)")
   if not 0 <= args.port <= 65535:
     raise RomeFlaxError(f"--port must be in 0..65535, got {args.port}")
   for name in ("max_batch", "max_queue", "slots", "max_length"):
@@ -202,7 +211,7 @@ def serve(args) -> None:
     if value is not None and value < 1:
       raise RomeFlaxError(f"--{name} must be >= 1, got {value}")
   server.serve(args.checkpoint, artefact=args.artefact, host=args.host,
-               port=args.port, policy=args.policy, max_batch=args.max_batch, slots=args.slots,
+               port=args.port, policy=args.policy, max_batch=args.max_batch or 64, slots=args.slots,
                max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
                max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s,
                window=args.window)

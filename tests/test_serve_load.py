@@ -307,11 +307,42 @@ def test_bench_end_to_end_on_fake_servers(tmp_path, capsys):
 
 def test_server_commands_differ_in_the_early_exit_options_alone():
   import argparse
-  args = argparse.Namespace(checkpoint="ck", max_batch=8, max_queue=None, timeout_ms=50, policy="tokee:0.2", window=1)
+  args = argparse.Namespace(checkpoint="ck", artefact=None, max_batch=8, max_queue=None, timeout_ms=50,
+                            policy="tokee:0.2", window=1)
   full, early = sl.server_command(args, 1234, True), sl.server_command(args, 1234, False)
   assert full[-1] == "--full_model" and "--policy" not in full and "--window" not in full
   assert early[-4:] == ["--policy", "tokee:0.2", "--window", "1"] and early[:-4] == full[:-1]
   assert ["--host", "127.0.0.1"] == full[full.index("--host"):full.index("--host") + 2]
+  assert full[full.index("--checkpoint"):][:2] == ["--checkpoint", "ck"] and "--max_batch" in full
+  args.checkpoint, args.artefact = None, "art"   # an artefact fixes the batch: no --max_batch
+  full, early = sl.server_command(args, 1234, True), sl.server_command(args, 1234, False)
+  assert full[full.index("--artefact"):][:2] == ["--artefact", "art"] and "--max_batch" not in full
+  assert "--checkpoint" not in full and early[:-4] == full[:-1]
+
+
+def test_an_artefact_is_served_with_its_batch(tmp_path, capsys):
+  """--artefact: the task and batch from its manifest (both servers on it); a clash is one error line."""
+  art = tmp_path / "artefact"
+  with pytest.raises(RomeFlaxError, match="no manifest.json.*rome_flax export"):
+    sl.artefact_task(art)
+  art.mkdir()
+  (art / sl.ARTEFACT_MANIFEST).write_text(json.dumps({"model": {"is_token_task": False}, "batch": 2,
+                                                      "export": {"metadata": {"task": "synthetic"}}}))
+  assert sl.artefact_task(art) == ("synthetic", False, 2)
+  argv = ["--artefact", str(art), "--requests", "6", "--saturation_requests", "8", "--warmup", "2",
+          "--time_limit", "5", "--request_timeout", "5", "--ready_timeout", "30"]
+  assert sl.main(argv, command=fake_command) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[1].startswith(f"artefact: {art} (task synthetic)") and "max_batch 2" in out[1]
+  assert "saturation (4 in flight" in out[2]
+  for extra, message in ((["--max_batch", "8"], "the artefact's batch is 2"),
+                         (["--checkpoint", str(tmp_path)], "not both")):
+    assert sl.main(argv + extra, command=fake_command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+  (art / sl.ARTEFACT_MANIFEST).write_text("{}")
+  with pytest.raises(RomeFlaxError, match="malformed"):
+    sl.artefact_task(art)
 
 
 def test_missing_export_is_one_error_line(tmp_path, capsys):

@@ -329,6 +329,19 @@ def test_a_taken_port_is_one_error_line_before_loading(tmp_path):
                                            "(Address already in use)"]
 
 
+def test_serve_options_an_artefact_fixes_are_refused(tmp_path, capsys):
+  """An artefact's batch, slots and length were fixed at export: asking for others is one error line, not
+  a server that silently runs with the artefact's."""
+  from rome_flax.__main__ import main
+  art = str(tmp_path / "artefact")
+  for argv, message in ((["--slots", "8"], "--slots: an artefact's batch, slots and length are fixed at export"),
+                        (["--max_batch", "4", "--max_length", "32"], "--max_batch, --max_length: an artefact's"),
+                        (["--checkpoint", str(tmp_path)], "not both")):
+    assert main(["serve", "--artefact", art, "--port", "0"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 # ----------------------------------------------------------------------------- token tasks (TOKEE, SENTEE)
 
 SENTENCES = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."], ["Peter", "Blackburn"],
