@@ -59,13 +59,13 @@ import numpy as np
 
 from bench import loopback_http
 from bench._common import cpu_model
+from rome_flax.engine.artefact_runtime import MANIFEST as ARTEFACT_MANIFEST
+from rome_flax.engine.serving import DEFAULT_BATCH as DEFAULT_MAX_BATCH
 from rome_flax.errors import RomeFlaxError
+from rome_flax.model.pretrained import EXPORT_CONFIG
 
 HOST = "127.0.0.1"                         # loopback only: the client never addresses anything else
 DEFAULT_EXPORT = "runs/default/export"
-EXPORT_CONFIG = "rome_flax_config.json"   # pretrained.EXPORT_CONFIG (not imported: pretrained loads JAX)
-ARTEFACT_MANIFEST = "manifest.json"         # artefact_runtime.MANIFEST (not imported: the runtime loads JAX)
-DEFAULT_MAX_BATCH = 64                      # the server's --max_batch default
 RATES = ((0.3, "30%"), (0.7, "70%"), (1.2, "120%"))   # fractions of the full model's saturation throughput
 RATIO_RATE = "70%"                         # the rate the latency ratios are read at
 REJECTED = (429, 504)                      # queue full, deadline passed

@@ -211,10 +211,10 @@ def serve(args) -> None:
     if value is not None and value < 1:
       raise RomeFlaxError(f"--{name} must be >= 1, got {value}")
   server.serve(args.checkpoint, artefact=args.artefact, host=args.host,
-               port=args.port, policy=args.policy, max_batch=args.max_batch or 64, slots=args.slots,
+               port=args.port, policy=args.policy, slots=args.slots,
                max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
                max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s,
-               window=args.window)
+               window=args.window, **({} if args.max_batch is None else {"max_batch": args.max_batch}))
 
 
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),

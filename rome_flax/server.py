@@ -148,7 +148,8 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
 
 
 def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,
-          policy: Optional[str] = None, max_batch: int = 64, slots: Optional[int] = None, max_queue: int = 1024,
+          policy: Optional[str] = None, max_batch: int = serving.DEFAULT_BATCH, slots: Optional[int] = None,
+          max_queue: int = 1024,
           timeout_ms: Optional[float] = None, full_model: bool = False, max_length: Optional[int] = None,
           thresholds_file: Optional[str] = None, grace_s: float = 30.0, window: Optional[int] = None,
           say=print) -> None:

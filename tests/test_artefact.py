@@ -105,11 +105,13 @@ TOKEN_SCRIPT = textwrap.dedent("""
     W = [len(s) for s in job["sentences"]]
     answers = [([steps.label_names[k] for k in logits[i, :w].argmax(-1)], (exits[i, :w] + 1).tolist())
                for i, w in enumerate(W)]
-    try:
-        steps.tokenize_words([["the"] * (steps.seq - 1)])
-        refused = None
-    except artefact_runtime.ArtefactError as e:
-        refused = str(e)
+    refused = []
+    for bad in ([["the"] * (steps.seq - 1)], "the movie", [["the", "movie"], "was good"]):
+        try:
+            steps.tokenize_words(bad)
+            refused.append(None)
+        except artefact_runtime.ArtefactError as e:
+            refused.append(str(e))
     print(json.dumps({"encoded": [ids, types, words], "answers": answers, "running": bool(running.any()),
                       "refused": refused}))
 """)
@@ -420,7 +422,21 @@ def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
   assert [np.flatnonzero(w).tolist() for w in words] == [r.tolist() for r in want.word_starts]
   assert len(ids[0]) == 7 and ids[2][4] == WORDS.index("[UNK]")   # [CLS] the movie !! was good [SEP]
   assert alone["answers"] == engine_answers and not alone["running"]
-  assert f"most {LENGTH}" in alone["refused"]
+  too_long, string, one_string = alone["refused"]
+  assert f"most {LENGTH}" in too_long and "not strings" in string and "not strings" in one_string
+
+
+def test_the_runtime_reads_the_unknown_token_as_transformers_does(tmp_path):
+  """A word of no piece is read as the unknown token the tokenizer's config names (transformers' `unk_token`),
+  else the vocabulary model's: the rule `kinds.data.encode_token_split` follows."""
+  from rome_flax.engine import artefact_runtime
+  assert artefact_runtime._configured_unk(tmp_path) is None
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps({"unk_token": {"content": "<unk>", "lstrip": False}}))
+  assert artefact_runtime._configured_unk(tmp_path) == "<unk>"
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"unk_token": "[UNK]"}))
+  assert artefact_runtime._configured_unk(tmp_path) == "[UNK]"
+  (tmp_path / "tokenizer_config.json").write_text("{not json")
+  assert artefact_runtime._configured_unk(tmp_path) == "<unk>"
 
 
 def test_export_options_that_need_a_token_task(runs, tmp_path, capsys):

@@ -17,8 +17,9 @@ and length buckets, each serialised by
 (shapes, buckets, labels, the export's identity, checksums); the tokenizer files. The engine state is a
 dict of arrays (the engine's `EngineState` fields; the policy state as `policy_count_N`, `policy_prev_N`; a
 token task's word mask as `words_NxS`). A token task's artefact admits rows with their word mask
-(`admit(..., word_mask_BxS)`; `tokenize_words` makes it from word lists) and serves TOKEE on slots of its own (`init(tokee=True)`: `tokee_*` fields, the
-functions `init_tokee`, `admit_tokee_*`, `evict_tokee`, `run_tokee*`; the window fixed at export).
+(`admit(..., word_mask_BxS)`; `tokenize_words` makes it from word lists) and serves TOKEE on slots of its own
+(`init(tokee=True)`: `tokee_*` fields, the functions `init_tokee`, `admit_tokee_*`, `evict_tokee`, `run_tokee*`;
+the window fixed at export).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class ArtefactSteps:
     self._exported = exported
     self._jitted: dict = {}
     self._tokenizer = None
+    self._word_tokenizer = None
 
   # ------------------------------------------------------------------ calling the exported functions
   def _jit(self, name: str):
@@ -326,24 +328,34 @@ class ArtefactSteps:
     encs = tok.encode_batch(pairs)
     return [e.ids for e in encs], [e.type_ids for e in encs]
 
+  def _unk_token(self, tok) -> Optional[str]:
+    """The unknown token as transformers reads it: the config's, else the vocabulary model's."""
+    return _configured_unk(self.path) or getattr(tok.model, "unk_token", None)
+
   def tokenize_words(self, sentences):
     """A token task's input: sentences given as word lists -> (input ids, token type ids, word masks), lists of
-    lists, unpadded; the word mask is 1 at each word's first piece, what `admit` takes. The rule rome_flax
-    trains and serves with (`kinds.data.encode_token_split`, which this file cannot import; tests/test_artefact.py
-    checks that the two agree): each word tokenised on its own, a word with no piece read as the unknown token,
-    a sentence never cut (one longer than `seq` pieces is an ArtefactError naming it)."""
+    lists, unpadded; the word mask is 1 at each word's first piece, what `admit` takes; needs `tokenizers`. The
+    rule rome_flax trains and serves with (`kinds.data.encode_token_split`, which this file cannot import;
+    tests/test_artefact.py checks that the two agree): each word tokenised on its own, a word with no piece read
+    as the unknown token, a sentence never cut (one longer than `seq` pieces is an ArtefactError naming it)."""
+    if isinstance(sentences, str) or any(isinstance(words, str) for words in sentences):
+      raise ArtefactError("tokenize_words: give sentences as lists of words, not strings")
     sentences = [list(words) for words in sentences]
     for i, words in enumerate(sentences):
       if not words or any(not isinstance(w, str) or not w.strip() for w in words):
         raise ArtefactError(f"tokenize_words: sentence {i + 1} must be a non-empty list of non-empty words")
-    tok = self._text_tokenizer()
-    tok.no_truncation()
+    if self._word_tokenizer is None:   # its own copy, never truncated: `tokenize` sets truncation per call
+      from tokenizers import Tokenizer
+      self._word_tokenizer = Tokenizer.from_str(self._text_tokenizer().to_str())
+      self._word_tokenizer.no_truncation()
+      self._word_tokenizer.no_padding()
+    tok = self._word_tokenizer
     encs = tok.encode_batch(sentences, is_pretokenized=True)
     ids, types, word_masks = [], [], []
     for i, (words, enc) in enumerate(zip(sentences, encs)):
       first = _first_pieces(enc.word_ids, len(words))
       if first is None:   # a word with no piece (a stray control character): read as the unknown token
-        unk = getattr(tok.model, "unk_token", None)
+        unk = self._unk_token(tok)
         fixed = [w if unk is None or tok.encode(w, add_special_tokens=False).ids else unk for w in words]
         enc = tok.encode(fixed, is_pretokenized=True)
         first = _first_pieces(enc.word_ids, len(words))
@@ -359,6 +371,19 @@ class ArtefactSteps:
       types.append(list(enc.type_ids))
       word_masks.append(mask)
     return ids, types, word_masks
+
+
+def _configured_unk(path: Path) -> Optional[str]:
+  """The unknown token the tokenizer's config files name (a string or {"content": ...}), None if none does."""
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    try:
+      unk = json.loads((path / name).read_text(encoding="utf-8")).get("unk_token")
+    except (OSError, ValueError, AttributeError):
+      continue
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if isinstance(unk, str) and unk:
+      return unk
+  return None
 
 
 def _first_pieces(word_ids, num_words: int) -> Optional[list]:

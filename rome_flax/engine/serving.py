@@ -49,6 +49,7 @@ __all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "m
 
 
 NEVER = 2 ** 30   # run(min_free=NEVER): no free-slot target (engine.NEVER)
+DEFAULT_BATCH = 64   # rows per layer batch (the server's --max_batch); slots default to 4 x it
 
 
 class Overloaded(RomeFlaxError):
@@ -86,7 +87,7 @@ def run_tiers(sizes: tuple, batch: int) -> tuple[tuple[int, tuple], ...]:
 class LocalSteps:
   """The open engine's jitted functions bound to a model in this process (what `Engine` drives)."""
 
-  def __init__(self, model, *, slots: int = 256, batch: int = 64, max_length: int = 128,
+  def __init__(self, model, *, slots: int = 4 * DEFAULT_BATCH, batch: int = DEFAULT_BATCH, max_length: int = 128,
                sizes: Optional[Sequence[int]] = None, window: Optional[int] = None, dispatch: Optional[str] = None):
     from rome_flax.engine import early_exit, scheduler as engine
     cfg = model.config
@@ -304,7 +305,7 @@ class Engine:
   slots: examples on the device at once; batch: rows per layer batch; max_queue: examples waiting.
   """
 
-  def __init__(self, model=None, policy="entropy:0.3", *, slots: int = 256, batch: int = 64,
+  def __init__(self, model=None, policy="entropy:0.3", *, slots: int = 4 * DEFAULT_BATCH, batch: int = DEFAULT_BATCH,
                max_length: int = 128, max_queue: int = 1024, timeout_ms: Optional[float] = None,
                full_model: bool = False, steps=None, tokenizer=None, label_names: Sequence[str] = (),
                named_policies: Optional[dict] = None, metrics=None, warm_up: bool = True):

@@ -516,7 +516,7 @@ def encode_token_split(tokenizer, words: list[list[str]], tag_ids: Optional[list
     word_ids, piece_ids = enc.word_ids(i), enc["input_ids"][i]
     first = _first_pieces(word_ids, len(words[i]))
     if first is None:   # some word has no piece: read those as the unknown token
-      # the unknown token of the tokenizer's config, else of its vocabulary model (as artefact_runtime.py reads it)
+      # the unknown token of the tokenizer's config, else of its vocabulary model (artefact_runtime.py's rule too)
       unk = tokenizer.unk_token or getattr(tokenizer.backend_tokenizer.model, "unk_token", None)
       fixed = [w if any(tokenizer.tokenize(w)) else (unk or w) for w in words[i]]
       one = tokenizer([fixed], is_split_into_words=True, truncation=False, return_token_type_ids=True,
