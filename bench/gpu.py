@@ -173,11 +173,19 @@ def main() -> None:
       f"{'DRY RUN (CPU, tiny shapes); ' if args.dry_run else ''}model {cfg.num_layers} layers, hidden "
       f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN {cfg.intermediate_size}, {cfg.dtype}, random init; "
       f"peak {peak:.3e} FLOP/s (GPU_PEAK_FLOPS)")
-  bench_forward(cfg, params, s, peak)
-  bench_train(cfg, params, s, peak)
-  bench_early_exit(cfg, params, s)
-  bench_serving(args.dry_run)
+  failed = 0
+  for name, run in (("forward", lambda: bench_forward(cfg, params, s, peak)),
+                    ("train_step", lambda: bench_train(cfg, params, s, peak)),
+                    ("early_exit", lambda: bench_early_exit(cfg, params, s)),
+                    ("serving", lambda: bench_serving(args.dry_run))):
+    try:   # a device's lease is minutes: one failing part (another JAX version, a missing package) must not
+      run()   # cost the lines of the others
+    except Exception as e:
+      failed += 1
+      say(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
   say(f"total: {time.perf_counter() - start:.0f} s")
+  if failed:
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

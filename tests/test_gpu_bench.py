@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import SUITE_XLA_FLAGS
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_dry_run_prints_every_line():
-  env = dict(os.environ, GPU_PEAK_FLOPS="1e12")
+  env = dict(os.environ, GPU_PEAK_FLOPS="1e12", PYTHON=sys.executable)
   env["XLA_FLAGS"] = SUITE_XLA_FLAGS   # no forced device count of the caller's; the suite's compile level
   done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
@@ -28,4 +29,4 @@ def test_gpu_bench_dry_run_prints_every_line():
     assert "decisions off the offline ones 0" in lines[name], lines[name]
   assert "near-ties" in lines["early_exit b64"]
   serving = [line for line in out.splitlines() if line.startswith("serving")]
-  assert serving and (list((ROOT / "bench").glob("serve*.py")) or serving == ["serving: not built yet"])
+  assert "failed" not in out and serving and (list((ROOT / "bench").glob("serve*.py")) or serving == ["serving: not built yet"])
