@@ -190,6 +190,10 @@ def serve_parser() -> cli.ArgumentParser:
                   "an artefact's is fixed at export)")
   ap.add_argument("--full_model", action="store_true", help="the baseline: every layer, final exit, dynamic batches")
   ap.add_argument("--grace_s", type=float, default=30.0, help="on SIGTERM, time to finish running requests")
+  ap.add_argument("--warm_up", choices=("all", "background"), default="all",
+                  help="all: compile every shape before serving; background: serve once the whole-slot run is "
+                  "compiled and compile the shorter views and the small tier while serving (GET /health says "
+                  "\"warm\": true when done; until then steps run over whole slots)")
   return ap
 
 
@@ -214,7 +218,7 @@ def serve(args) -> None:
                port=args.port, policy=args.policy, slots=args.slots,
                max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
                max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s,
-               window=args.window, **({} if args.max_batch is None else {"max_batch": args.max_batch}))
+               window=args.window, warm_up=args.warm_up, **({} if args.max_batch is None else {"max_batch": args.max_batch}))
 
 
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),

@@ -13,7 +13,8 @@ Endpoints:
                  "policy": "tokee:0.3" | "entropy:0.2"?} -> {"predictions": [{"tags", "probabilities",
                  "exit_layers"}]}: with TOKEE each word its own exit layer, and a sentence's slot refilled
                  as soon as all its words have halted.
-  GET /health    {"status": "ok", ...} (503 while draining)
+  GET /health    {"status": "ok", ..., "warm": true} (503 while draining; "warm": false while --warm_up background
+                 still compiles)
   GET /metrics   Prometheus text: request and queue latency histograms, queue size, slot occupancy,
                  exit-layer histogram, requests by status, rejections by reason.
 A client that disconnects while its request waits or runs cancels it: its slots are freed.
@@ -137,7 +138,7 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
   async def health(request):
     if engine.closing:
       return JSONResponse({"status": "draining"}, status_code=503)
-    return JSONResponse({"status": "ok", **info, "queue": engine.queue_size()})
+    return JSONResponse({"status": "ok", **info, "queue": engine.queue_size(), "warm": engine.warm})
 
   async def metrics_endpoint(request):
     metrics.queue_size.set(engine.queue_size())   # (slots are set by the worker after each run)
@@ -152,7 +153,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
           max_queue: int = 1024,
           timeout_ms: Optional[float] = None, full_model: bool = False, max_length: Optional[int] = None,
           thresholds_file: Optional[str] = None, grace_s: float = 30.0, window: Optional[int] = None,
-          say=print) -> None:
+          warm_up: str = "all", say=print) -> None:
   """Loads the model (or artefact), compiles, serves until SIGTERM / SIGINT, drains, returns."""
   import uvicorn
 
@@ -216,14 +217,16 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
   t0 = time.perf_counter()
   engine = serving.Engine(policy=policy, steps=steps, tokenizer=tokenizer, label_names=label_names,
                           max_queue=max_queue, timeout_ms=timeout_ms, full_model=full_model, named_policies=named,
-                          metrics=metrics)
+                          metrics=metrics, warm_up=warm_up)
   mode = "full model" if full_model else f"early exit, {engine.policy.describe()}"
   info = {"mode": "full_model" if full_model else "early_exit", "policy": None if full_model else engine.policy.describe(),
           "slots": steps.slots, "max_batch": steps.batch, "max_length": steps.seq, "layers": steps.num_layers}
   cache = compilation_cache_in_use()
   say(f"{source}: {mode}; {steps.slots} slots, batches of {steps.batch} (cut to {', '.join(map(str, steps.sizes))}), "
       f"up to {steps.seq} tokens; compiled in {time.perf_counter() - t0:.1f} s "
-      f"({'compilation cache ' + cache if cache else 'no compilation cache'})", flush=True)
+      f"({'compilation cache ' + cache if cache else 'no compilation cache'})"
+      + ("" if engine.warm else "; the other views and tiers compile in the background (GET /health: warm)"),
+      flush=True)
 
   class Server(uvicorn.Server):
     @contextlib.contextmanager

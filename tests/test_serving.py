@@ -19,6 +19,7 @@ import pytest
 
 from rome_flax.engine import exit_policy as ep
 from rome_flax.engine import inference, serving
+from rome_flax.errors import RomeFlaxError
 from rome_flax.kinds.kind import TOKEN
 from rome_flax.model.config import ModelConfig
 from rome_flax.model.pretrained import ExportInfo, MultiExitBert, load_tokenizer
@@ -68,6 +69,49 @@ def test_engine_answers_equal_the_offline_decisions(model, engine):
     assert [p.exit_layer for p in got] == ref.exit_layers.tolist()
     assert [p.label for p in got] == [("negative", "positive")[k] for k in ref.predictions]
     np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
+
+
+def test_background_warm_up_serves_the_same_answers_then_gets_warm(model):
+  """warm_up='background': the engine serves once its whole-slot run is compiled, with the offline answers;
+  the other views and tiers compile in a thread and `warm` turns True (bounded wait)."""
+  policy = entropy_gap_policy(model, TEXTS)
+  ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
+  eng = serving.Engine(model, policy, slots=32, batch=16, max_length=64, warm_up="background")
+  try:
+    shapes = eng._run_shapes()
+    assert shapes[-1] == (64, 16) and shapes[0] == (16, 4) and len(shapes) == 6   # 3 views x 2 tiers
+    for answers in ([f.result(60)[0] for f in [eng.submit([t]) for t in TEXTS]],   # while it compiles
+                    None):
+      if answers is None:
+        deadline = time.monotonic() + 300
+        while not eng.warm and time.monotonic() < deadline:
+          time.sleep(0.2)
+        assert eng.warm
+        answers = eng.predict(TEXTS)
+      assert [p.exit_layer for p in answers] == ref.exit_layers.tolist()
+      assert [p.label for p in answers] == [("negative", "positive")[k] for k in ref.predictions]
+  finally:
+    eng.close(5)
+  with pytest.raises(RomeFlaxError, match="warm_up"):
+    serving.Engine(model, policy, slots=8, batch=4, max_length=64, warm_up="later")
+
+
+def test_a_run_not_compiled_yet_takes_the_whole_slots(model):
+  """Until its own view and tier are compiled, a run goes over the whole slots at the full tier."""
+  eng = serving.Engine(model, "entropy:0.3", slots=32, batch=16, max_length=64, warm_up=False)
+  try:
+    calls = []
+    eng._run = lambda state, min_free, max_steps, longest, busy: calls.append((longest, busy)) or state
+    eng._warm_runs = {eng._run_key(64, 32)}
+    eng._run_slots(None, 1, 3, 10, 2)
+    eng._warm_runs.add(eng._run_key(10, 2))
+    assert eng._run_key(10, 2) == (16, 4) and eng._run_key(64, 32) == (64, 16)
+    eng._run_slots(None, 1, 3, 12, 3)    # the same view and tier as (10, 2): compiled now
+    eng._warm_runs = None
+    eng._run_slots(None, 1, 3, 40, 20)   # all compiled
+    assert calls == [(64, 32), (12, 3), (40, 20)]
+  finally:
+    eng.close(5)
 
 
 def test_run_tiers():

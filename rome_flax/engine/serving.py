@@ -32,6 +32,7 @@ import concurrent.futures
 import inspect
 import itertools
 import json
+import logging
 import math
 import threading
 import time
@@ -48,6 +49,7 @@ __all__ = ("Engine", "LocalSteps", "Policy", "Prediction", "WordPredictions", "m
            "rust_tokenizer")
 
 
+log = logging.getLogger(__name__)
 NEVER = 2 ** 30   # run(min_free=NEVER): no free-slot target (engine.NEVER)
 DEFAULT_BATCH = 64   # rows per layer batch (the server's --max_batch); slots default to 4 x it
 
@@ -303,12 +305,16 @@ class Engine:
   model: a `MultiExitBert` (with its tokenizer), or prepared steps (`LocalSteps`, an artefact's
   `ArtefactSteps`) with `tokenizer` given. policy: see `make_policy` (default entropy:0.3).
   slots: examples on the device at once; batch: rows per layer batch; max_queue: examples waiting.
+  warm_up: True ('all'): every shape the worker runs is compiled before it starts; 'background': the
+  admissions and the run over whole slots at the full tier before, every other view and tier in a thread
+  while the engine serves (a run whose own is not compiled yet takes the whole slots: same answers, slower
+  steps; `warm` says when all are); False: none (each compiles on first use).
   """
 
   def __init__(self, model=None, policy="entropy:0.3", *, slots: int = 4 * DEFAULT_BATCH, batch: int = DEFAULT_BATCH,
                max_length: int = 128, max_queue: int = 1024, timeout_ms: Optional[float] = None,
                full_model: bool = False, steps=None, tokenizer=None, label_names: Sequence[str] = (),
-               named_policies: Optional[dict] = None, metrics=None, warm_up: bool = True):
+               named_policies: Optional[dict] = None, metrics=None, warm_up=True):
     if steps is None:
       if model is None:
         raise RomeFlaxError("give a model or steps")
@@ -321,6 +327,8 @@ class Engine:
       raise RomeFlaxError(f"max_queue must be >= 1, got {max_queue}")
     if timeout_ms is not None and not (math.isfinite(timeout_ms) and timeout_ms > 0):
       raise RomeFlaxError(f"timeout_ms must be a positive number, got {timeout_ms}")
+    if warm_up not in (True, False, "all", "background"):
+      raise RomeFlaxError(f"warm_up must be 'all', 'background' or False, got {warm_up!r}")
     self.steps, self.tokenizer, self.label_names = steps, tokenizer, tuple(label_names or ())
     self._rust_tokenizer = rust_tokenizer(tokenizer)
     self.full_model, self.max_queue, self.timeout_ms = full_model, max_queue, timeout_ms
@@ -346,10 +354,18 @@ class Engine:
     self._closing = False
     self._counter = itertools.count()
     self._worker_error: Optional[BaseException] = None
-    if warm_up:
+    self._warm_runs: Optional[set] = None   # (view, rows) of the runs compiled so far; None: every one
+    later = []
+    if warm_up == "background" and not full_model:
+      *later, first = self._run_shapes()   # the whole slots at the full tier first: every run can fall back on it
+      self.warm_up(runs=[first])
+      self._warm_runs = {self._run_key(*first)}
+    elif warm_up:
       self.warm_up()
     self._thread = threading.Thread(target=self._loop, name="rome_flax-engine", daemon=True)
     self._thread.start()
+    if later:
+      threading.Thread(target=self._warm_up_rest, args=(later,), name="rome_flax-warm-up", daemon=True).start()
 
   # ------------------------------------------------------------------ requests
 
@@ -448,8 +464,42 @@ class Engine:
 
   # ------------------------------------------------------------------ lifecycle
 
-  def warm_up(self) -> None:
-    """Compiles every shape the worker will run (before the first request, not during it)."""
+  @property
+  def warm(self) -> bool:
+    """Every shape the worker runs is compiled (False while a background warm-up goes on)."""
+    return self._warm_runs is None
+
+  def _run_shapes(self) -> list[tuple[int, int]]:
+    """(longest, busy) of a run under each view of the slots and tier of busy slots, smallest first."""
+    s = self.steps
+    views = s.lengths if self._run_takes_longest else [s.seq]
+    busies = [rows for rows, _ in s.tiers] if self._run_takes_busy else [s.slots]
+    return [(longest, busy) for longest in views for busy in busies]
+
+  def _run_key(self, longest: int, busy: int) -> tuple[int, int]:
+    """The compiled run that `_run_slots(longest, busy)` takes: (view, rows gathered), by the steps' rules."""
+    from rome_flax.engine.artefact_runtime import bucket, pick_tier
+    s = self.steps
+    view = (bucket(s.lengths, longest) or s.seq) if self._run_takes_longest else s.seq
+    return view, (pick_tier(s.tiers, busy)[0] if self._run_takes_busy else s.batch)
+
+  def _warm_up_rest(self, shapes) -> None:
+    """The background warm-up: each run compiled on a state of its own (empty slots: one cheap step), the
+    engine told as each is ready; the smallest views first, which short requests take."""
+    try:
+      state = self._init_state()
+      for longest, busy in shapes:
+        if self._closing:
+          return
+        state = self._run(state, NEVER, 1, longest, busy)
+        self._warm_runs.add(self._run_key(longest, busy))
+      self._warm_runs = None
+    except Exception as e:   # the worker goes on with what compiled (the whole slots, at least)
+      log.warning("background warm-up stopped: %s: %s", type(e).__name__, e)
+
+  def warm_up(self, runs: Optional[Sequence[tuple[int, int]]] = None) -> None:
+    """Compiles every shape the worker will run (before the first request, not during it); runs: only
+    these (longest, busy) runs of the slots (the admissions always)."""
     s = self.steps
     if self.full_model:
       for b in s.sizes:
@@ -463,14 +513,20 @@ class Engine:
         ids = np.ones((b, length), np.int32)
         state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
                         np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
-    for longest in s.lengths:   # each view of the slots (`_run_early`'s longest running example) and tier
-      for busy in ([rows for rows, _ in s.tiers] if self._run_takes_busy else [s.slots]):
-        state = self._run_slots(state, NEVER, 1, longest, busy)
+    for longest, busy in (self._run_shapes() if runs is None else runs):   # each view and tier (`_run_slots`)
+      state = self._run(state, NEVER, 1, longest, busy)
     s.read(state)
 
   def _run_slots(self, state, min_free: int, max_steps: int, longest: int, busy: int):
     """The steps' run until `min_free` slots are free, under the view of the longest running example and the
-    tier of the busy slots where the steps take them."""
+    tier of the busy slots where the steps take them; over the whole slots at the full tier while that run
+    is not compiled yet (a background warm-up)."""
+    warm = self._warm_runs
+    if warm is not None and self._run_key(longest, busy) not in warm:
+      longest, busy = self.steps.seq, self.steps.slots
+    return self._run(state, min_free, max_steps, longest, busy)
+
+  def _run(self, state, min_free: int, max_steps: int, longest: int, busy: int):
     kw = {"longest": longest} if self._run_takes_longest else {}
     if self._run_takes_busy:
       kw["busy"] = busy
