@@ -292,13 +292,14 @@ def _post(port: int, texts, timeout: float = 60.0):
 
 
 def test_server_process_drains_on_sigterm(model, tmp_path):
-  """`python -m rome_flax serve --port 0` on 127.0.0.1: answers, then SIGTERM while a request is in
-  flight: that request is answered, the server exits 0."""
+  """`python -m rome_flax serve --port 0` on 127.0.0.1 (`--warm_up background`): answers, /health says
+  when every shape is compiled, then SIGTERM while a request is in flight: that request is answered, the
+  server exits 0."""
   export = tmp_path / "export"
   model.save_pretrained(export)
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(export), "--port", "0",
-                           "--max_batch", "4", "--slots", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           "--max_batch", "4", "--slots", "8", "--warm_up", "background"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env, cwd=tmp_path)
   try:
     port, lines, deadline = None, [], time.monotonic() + 120
@@ -312,8 +313,15 @@ def test_server_process_drains_on_sigterm(model, tmp_path):
     assert port, "".join(lines)
     cache = os.environ["JAX_COMPILATION_CACHE_DIR"]   # the suite's (conftest): the start line names it
     assert any(f"s (compilation cache {cache})" in line for line in lines), "".join(lines)
+    assert any("compile in the background" in line for line in lines), "".join(lines)
     status, body = _post(port, TEXTS[:3])
     assert status == 200 and len(body["predictions"]) == 3
+    deadline, health = time.monotonic() + 120, {}
+    while not health.get("warm") and time.monotonic() < deadline:
+      with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+        health = json.loads(r.read())
+      time.sleep(0.2)
+    assert health["status"] == "ok" and health["warm"] is True, health
     results = []
     flights = [threading.Thread(target=lambda: results.append(_post(port, TEXTS))) for _ in range(3)]
     for t in flights:
