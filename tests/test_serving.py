@@ -353,15 +353,21 @@ def test_engine_serves_from_an_exported_artefact(model, engine, tmp_path):
   spec.loader.exec_module(runtime)
   steps = runtime.load(out)
   served = serving.Engine(policy=engine.policy, steps=steps, tokenizer=model.tokenizer,
-                          label_names=model.export_info.label_names)
+                          label_names=model.export_info.label_names, warm_up="background")
   try:
-    got = served.predict(TEXTS)
+    answers = [served.predict(TEXTS)]   # (most likely) while the other views compile
+    deadline = time.monotonic() + 120
+    while not served.warm and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert served.warm
+    answers.append(served.predict(TEXTS))
   finally:
     served.close(5)
   want = engine.predict(TEXTS)
-  assert [p.exit_layer for p in got] == [p.exit_layer for p in want]
-  assert [p.label for p in got] == [p.label for p in want]
-  np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in want], atol=1e-6)
+  for got in answers:
+    assert [p.exit_layer for p in got] == [p.exit_layer for p in want]
+    assert [p.label for p in got] == [p.label for p in want]
+    np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in want], atol=1e-5)
 
 
 def test_a_taken_port_is_one_error_line_before_loading(tmp_path):
