@@ -426,6 +426,27 @@ def test_a_token_task_serves_tokee_and_sentee_bit_for_bit(tmp_path, capsys):
   assert f"most {LENGTH}" in too_long and "not strings" in string and "not strings" in one_string
 
 
+def test_the_runtime_splits_words_as_rome_flax_does_with_a_bert_tokenizer(minilm_dir):
+  """MiniLM's tokenizer (uncased WordPiece; transformers builds it from its config, the runtime reads
+  tokenizer.json as written): the same pieces, token types and first pieces as `encode_token_split`, on
+  accents, case, hyphens, digits, a control character, wide and CJK characters and an emoji."""
+  from pathlib import Path
+  from rome_flax.engine import artefact_runtime
+  from rome_flax.kinds import data
+  from rome_flax.model.pretrained import load_tokenizer
+  steps = object.__new__(artefact_runtime.ArtefactSteps)   # only what tokenize_words reads: the tokenizer files
+  steps.path, steps.seq, steps._tokenizer, steps._word_tokenizer = Path(minilm_dir), 64, None, None
+  sentences = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."],
+               ["BRUSSELS", "1996-08-22"], ["Café", "Zürich", "naïve", "\x00", "co-operate", "U.S.", "don't"],
+               ["Germany", "'s", "representative", "to", "the", "European", "Union", "'s", "veterinary"],
+               ["ＡＢＣ", "日本語", "😀", "\u200b", "x"]]
+  want = data.encode_token_split(load_tokenizer(minilm_dir), sentences, None, 64)
+  ids, types, words = steps.tokenize_words(sentences)
+  assert ids == [r.tolist() for r in want.input_ids] and types == [r.tolist() for r in want.token_type_ids]
+  assert [np.flatnonzero(w).tolist() for w in words] == [r.tolist() for r in want.word_starts]
+  assert ids[2][4] == 100   # "\x00": no piece, read as [UNK]
+
+
 def test_the_runtime_reads_the_unknown_token_as_transformers_does(tmp_path):
   """A word of no piece is read as the unknown token the tokenizer's config names (transformers' `unk_token`),
   else the vocabulary model's: the rule `kinds.data.encode_token_split` follows."""
