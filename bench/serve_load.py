@@ -476,8 +476,10 @@ def measure_server(args, bodies: list[bytes], port: int, full_model: bool, rates
   common = dict(request_timeout=args.request_timeout)
   out: dict[str, Summary] = {}
   _say(f"{name}: starting the server on port {port} (log {log})")
+  started = time.monotonic()
   with running_server(command(args, port, full_model), port, log, ready_timeout=args.ready_timeout,
                       stop_timeout=args.stop_timeout, exit_codes=exit_codes):
+    _say(f"{name}: ready in {time.monotonic() - started:.1f} s (load, compile, listen)")
     warmup = args.warmup if args.warmup is not None else 2 * concurrency
     if warmup > 0:
       _say(f"{name}: warm-up, {warmup} requests")

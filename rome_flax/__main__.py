@@ -193,7 +193,7 @@ def serve_parser() -> cli.ArgumentParser:
   ap.add_argument("--warm_up", choices=("all", "background"), default="all",
                   help="all: compile every shape before serving; background: serve once the whole-slot run is "
                   "compiled and compile the shorter views and the small tier while serving (GET /health says "
-                  "\"warm\": true when done; until then steps run over whole slots)")
+                  "\"warm\": true when done; until then steps run over whole slots; --full_model compiles all first)")
   return ap
 
 
