@@ -138,7 +138,8 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
   async def health(request):
     if engine.closing:
       return JSONResponse({"status": "draining"}, status_code=503)
-    return JSONResponse({"status": "ok", **info, "queue": engine.queue_size(), "warm": engine.warm})
+    warm = {"warm": engine.warm, **({"warm_up_error": engine.warm_up_error} if engine.warm_up_error else {})}
+    return JSONResponse({"status": "ok", **info, "queue": engine.queue_size(), **warm})
 
   async def metrics_endpoint(request):
     metrics.queue_size.set(engine.queue_size())   # (slots are set by the worker after each run)

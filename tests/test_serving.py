@@ -71,29 +71,60 @@ def test_engine_answers_equal_the_offline_decisions(model, engine):
     np.testing.assert_allclose([p.probabilities for p in got], jax.nn.softmax(ref.logits, -1), atol=1e-5)
 
 
-def test_background_warm_up_serves_the_same_answers_then_gets_warm(model):
-  """warm_up='background': the engine serves once its whole-slot run is compiled, with the offline answers;
-  the other views and tiers compile in a thread and `warm` turns True (bounded wait)."""
+def test_background_warm_up_serves_the_same_answers_then_gets_warm(model, monkeypatch):
+  """warm_up='background': the engine serves once its whole-slot run is compiled (every run of the worker
+  takes it while the other views and tiers wait to compile), with the offline answers; then the thread
+  compiles the rest, `warm` turns True, the worker takes the runs of their own view and tier, and nothing
+  traces any more."""
+  from jax import monitoring
   policy = entropy_gap_policy(model, TEXTS)
   ref = inference.predict(model, TEXTS, policy, batch_size=4, max_length=64)
+  gate, taken = threading.Event(), []
+  rest, run = serving.Engine._warm_up_rest, serving.Engine._run
+  monkeypatch.setattr(serving.Engine, "_warm_up_rest", lambda self, shapes: gate.wait(120) and rest(self, shapes))
+
+  def recording_run(self, state, min_free, max_steps, longest, busy):
+    if threading.current_thread().name == "rome_flax-engine":
+      taken.append(self._run_key(longest, busy))
+    return run(self, state, min_free, max_steps, longest, busy)
+  monkeypatch.setattr(serving.Engine, "_run", recording_run)
+  traces = []
+
+  def listener(event, duration, **kw):
+    if event.startswith(("/jax/core/compile/", "/jax/compilation_cache/")):   # trace, lower, compile
+      traces.append(event)
+  monitoring.register_event_duration_secs_listener(listener)
   eng = serving.Engine(model, policy, slots=32, batch=16, max_length=64, warm_up="background")
   try:
     shapes = eng._run_shapes()
     assert shapes[-1] == (64, 16) and shapes[0] == (16, 4) and len(shapes) == 6   # 3 views x 2 tiers
-    for answers in ([f.result(60)[0] for f in [eng.submit([t]) for t in TEXTS]],   # while it compiles
-                    None):
-      if answers is None:
-        deadline = time.monotonic() + 300
-        while not eng.warm and time.monotonic() < deadline:
-          time.sleep(0.2)
-        assert eng.warm
-        answers = eng.predict(TEXTS)
-      assert [p.exit_layer for p in answers] == ref.exit_layers.tolist()
-      assert [p.label for p in answers] == [("negative", "positive")[k] for k in ref.predictions]
+    answers = [f.result(60)[0] for f in [eng.submit([t]) for t in TEXTS]]
+    assert not eng.warm and taken and set(taken) == {(64, 16)}   # whole slots, full tier only
+    gate.set()
+    deadline = time.monotonic() + 300
+    while not eng.warm and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert eng.warm and eng.warm_up_error is None
+    taken.clear()
+    before = len(traces)
+    answers = [answers, [f.result(60)[0] for f in [eng.submit([t]) for t in TEXTS]]]
+    eng.predict(["not bad"])   # alone and short: the smallest view and tier
+    assert len(traces) == before, traces[before:]   # the background compiled what the worker now calls
+    assert (16, 4) in taken and set(taken) - {(16, 4), (64, 16)}, taken
+    for got in answers:
+      assert [p.exit_layer for p in got] == ref.exit_layers.tolist()
+      assert [p.label for p in got] == [("negative", "positive")[k] for k in ref.predictions]
   finally:
+    gate.set()
     eng.close(5)
+    monitoring.unregister_event_duration_listener(listener)
   with pytest.raises(RomeFlaxError, match="warm_up"):
     serving.Engine(model, policy, slots=8, batch=4, max_length=64, warm_up="later")
+  one = serving.Engine(model, policy, slots=4, batch=4, max_length=16, warm_up="background")   # one view, one tier
+  try:
+    assert one.warm and one._run_shapes() == [(16, 4)]
+  finally:
+    one.close(5)
 
 
 def test_a_run_not_compiled_yet_takes_the_whole_slots(model):
@@ -102,14 +133,14 @@ def test_a_run_not_compiled_yet_takes_the_whole_slots(model):
   try:
     calls = []
     eng._run = lambda state, min_free, max_steps, longest, busy: calls.append((longest, busy)) or state
-    eng._warm_runs = {eng._run_key(64, 32)}
+    eng._warm_runs, eng._fallback = {eng._run_key(64, 32)}, eng._run_shapes()[-1]
     eng._run_slots(None, 1, 3, 10, 2)
     eng._warm_runs.add(eng._run_key(10, 2))
     assert eng._run_key(10, 2) == (16, 4) and eng._run_key(64, 32) == (64, 16)
     eng._run_slots(None, 1, 3, 12, 3)    # the same view and tier as (10, 2): compiled now
     eng._warm_runs = None
     eng._run_slots(None, 1, 3, 40, 20)   # all compiled
-    assert calls == [(64, 32), (12, 3), (40, 20)]
+    assert calls == [(64, 16), (12, 3), (40, 20)]
   finally:
     eng.close(5)
 
@@ -299,8 +330,8 @@ def test_server_process_drains_on_sigterm(model, tmp_path):
   model.save_pretrained(export)
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "rome_flax", "serve", "--checkpoint", str(export), "--port", "0",
-                           "--max_batch", "4", "--slots", "8", "--warm_up", "background"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env, cwd=tmp_path)
+                           "--max_batch", "4", "--slots", "8", "--warm_up", "background"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
   try:
     port, lines, deadline = None, [], time.monotonic() + 120
     while port is None and time.monotonic() < deadline:
@@ -360,7 +391,19 @@ def test_engine_serves_from_an_exported_artefact(model, engine, tmp_path):
     while not served.warm and time.monotonic() < deadline:
       time.sleep(0.1)
     assert served.warm
-    answers.append(served.predict(TEXTS))
+    from jax import monitoring
+    traces = []
+
+    def listener(event, duration, **kw):
+      if event.startswith(("/jax/core/compile/", "/jax/compilation_cache/")):   # trace, lower, compile
+        traces.append(event)
+    monitoring.register_event_duration_secs_listener(listener)
+    try:   # the background compiled the runs the worker calls (its state committed to the device, as theirs)
+      answers.append(served.predict(TEXTS))
+      answers.append([served.predict([t])[0] for t in TEXTS])
+    finally:
+      monitoring.unregister_event_duration_listener(listener)
+    assert not traces, traces
   finally:
     served.close(5)
   want = engine.predict(TEXTS)

@@ -307,8 +307,8 @@ class Engine:
   slots: examples on the device at once; batch: rows per layer batch; max_queue: examples waiting.
   warm_up: True ('all'): every shape the worker runs is compiled before it starts; 'background': the
   admissions and the run over whole slots at the full tier before, every other view and tier in a thread
-  while the engine serves (a run whose own is not compiled yet takes the whole slots: same answers, slower
-  steps; `warm` says when all are); False: none (each compiles on first use).
+  while the engine serves (a run whose own is not compiled yet takes the whole slots: the same answers up to
+  float rounding, slower steps; `warm` says when all are); False: none (each compiles on first use).
   """
 
   def __init__(self, model=None, policy="entropy:0.3", *, slots: int = 4 * DEFAULT_BATCH, batch: int = DEFAULT_BATCH,
@@ -355,17 +355,23 @@ class Engine:
     self._counter = itertools.count()
     self._worker_error: Optional[BaseException] = None
     self._warm_runs: Optional[set] = None   # (view, rows) of the runs compiled so far; None: every one
+    self.warm_up_error: Optional[str] = None   # why a background warm-up stopped (runs then keep falling back)
+    self._warm_thread: Optional[threading.Thread] = None
+    self._fallback: Optional[tuple[int, int]] = None   # (longest, busy) of the run compiled first
     later = []
     if warm_up == "background" and not full_model:
       *later, first = self._run_shapes()   # the whole slots at the full tier first: every run can fall back on it
+      self._fallback = first
       self.warm_up(runs=[first])
-      self._warm_runs = {self._run_key(*first)}
+      self._warm_runs = {self._run_key(*first)} if later else None
     elif warm_up:
       self.warm_up()
     self._thread = threading.Thread(target=self._loop, name="rome_flax-engine", daemon=True)
     self._thread.start()
     if later:
-      threading.Thread(target=self._warm_up_rest, args=(later,), name="rome_flax-warm-up", daemon=True).start()
+      self._warm_thread = threading.Thread(target=self._warm_up_rest, args=(later,), name="rome_flax-warm-up",
+                                           daemon=True)
+      self._warm_thread.start()
 
   # ------------------------------------------------------------------ requests
 
@@ -466,7 +472,8 @@ class Engine:
 
   @property
   def warm(self) -> bool:
-    """Every shape the worker runs is compiled (False while a background warm-up goes on)."""
+    """No background warm-up is under way or stopped short: False until it has compiled every run (with
+    warm_up=False, shapes compile on first use)."""
     return self._warm_runs is None
 
   def _run_shapes(self) -> list[tuple[int, int]]:
@@ -485,9 +492,11 @@ class Engine:
 
   def _warm_up_rest(self, shapes) -> None:
     """The background warm-up: each run compiled on a state of its own (empty slots: one cheap step), the
-    engine told as each is ready; the smallest views first, which short requests take."""
+    engine told as each is ready; the smallest views first, which short requests take. The state goes through
+    an admission first, as the worker's does (tests/test_serving.py checks that the worker then neither traces
+    nor compiles)."""
     try:
-      state = self._init_state()
+      state = self._admit_padding(self._init_state(), self.steps.sizes[0], self.steps.lengths[0])
       for longest, busy in shapes:
         if self._closing:
           return
@@ -495,7 +504,15 @@ class Engine:
         self._warm_runs.add(self._run_key(longest, busy))
       self._warm_runs = None
     except Exception as e:   # the worker goes on with what compiled (the whole slots, at least)
-      log.warning("background warm-up stopped: %s: %s", type(e).__name__, e)
+      self.warm_up_error = f"{type(e).__name__}: {e}"
+      log.warning("background warm-up stopped: %s", self.warm_up_error)
+
+  def _admit_padding(self, state, b: int, length: int):
+    """Admits b padding rows (slot N: dropped) of `length` positions: compiles that admission bucket."""
+    s = self.steps
+    ids = np.ones((b, length), np.int32)
+    return s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
+                   np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
 
   def warm_up(self, runs: Optional[Sequence[tuple[int, int]]] = None) -> None:
     """Compiles every shape the worker will run (before the first request, not during it); runs: only
@@ -510,9 +527,7 @@ class Engine:
     state = self._init_state()
     for b in s.sizes:   # admission at every bucket (`_bucket`)
       for length in s.lengths:
-        ids = np.ones((b, length), np.int32)
-        state = s.admit(state, np.full(b, s.slots, np.int32), ids, ids, np.zeros_like(ids), np.zeros(b, np.int32),
-                        np.zeros((b, s.num_exits), np.float32), *self.kind.slot_inputs(ids))
+        state = self._admit_padding(state, b, length)
     for longest, busy in (self._run_shapes() if runs is None else runs):   # each view and tier (`_run_slots`)
       state = self._run(state, NEVER, 1, longest, busy)
     s.read(state)
@@ -523,7 +538,7 @@ class Engine:
     is not compiled yet (a background warm-up)."""
     warm = self._warm_runs
     if warm is not None and self._run_key(longest, busy) not in warm:
-      longest, busy = self.steps.seq, self.steps.slots
+      longest, busy = self._fallback   # the longest view, the full tier: holds every running example
     return self._run(state, min_free, max_steps, longest, busy)
 
   def _run(self, state, min_free: int, max_steps: int, longest: int, busy: int):
@@ -542,6 +557,8 @@ class Engine:
       self._grace_deadline = time.monotonic() + grace_s
       self._cond.notify()
     self._thread.join(grace_s + 30.0)
+    if self._warm_thread is not None:   # it stops after the compile under way (one run: up to ~16 s, MiniLM TOKEE):
+      self._warm_thread.join(60.0)      # not at interpreter exit, in the middle of XLA
 
   @property
   def closing(self) -> bool:
