@@ -215,10 +215,10 @@ def serve(args) -> None:
     if value is not None and value < 1:
       raise RomeFlaxError(f"--{name} must be >= 1, got {value}")
   server.serve(args.checkpoint, artefact=args.artefact, host=args.host,
-               port=args.port, policy=args.policy, slots=args.slots,
+               port=args.port, policy=args.policy, max_batch=args.max_batch, slots=args.slots,
                max_queue=args.max_queue, timeout_ms=args.timeout_ms, full_model=args.full_model,
                max_length=args.max_length, thresholds_file=args.thresholds_file, grace_s=args.grace_s,
-               window=args.window, warm_up=args.warm_up, **({} if args.max_batch is None else {"max_batch": args.max_batch}))
+               window=args.window, warm_up=args.warm_up)
 
 
 COMMANDS = {"convert": (convert, convert_parser), "export-hf": (export_hf, export_hf_parser),

@@ -150,7 +150,7 @@ def build_app(engine: serving.Engine, metrics: Metrics, info: dict):
 
 
 def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,
-          policy: Optional[str] = None, max_batch: int = serving.DEFAULT_BATCH, slots: Optional[int] = None,
+          policy: Optional[str] = None, max_batch: Optional[int] = None, slots: Optional[int] = None,
           max_queue: int = 1024,
           timeout_ms: Optional[float] = None, full_model: bool = False, max_length: Optional[int] = None,
           thresholds_file: Optional[str] = None, grace_s: float = 30.0, window: Optional[int] = None,
@@ -201,6 +201,7 @@ def serve(checkpoint: Optional[str], *, artefact: Optional[str] = None, host: st
         raise RomeFlaxError(f"--window {window}: the --thresholds_file setting uses window {calibrated.window}")
       window = calibrated.window
     length = max_length or model.export_info.max_length or 128
+    max_batch = max_batch or serving.DEFAULT_BATCH
     steps = serving.LocalSteps(model, slots=slots or 4 * max_batch, batch=max_batch, max_length=length,
                                window=window)   # (refuses a window for a sentence task: `token_policy.serving_window`)
     tokenizer, label_names, source, kind = model.tokenizer, model.export_info.label_names, checkpoint, steps.kind

@@ -133,7 +133,7 @@ def test_a_run_not_compiled_yet_takes_the_whole_slots(model):
   try:
     calls = []
     eng._run = lambda state, min_free, max_steps, longest, busy: calls.append((longest, busy)) or state
-    eng._warm_runs, eng._fallback = {eng._run_key(64, 32)}, eng._run_shapes()[-1]
+    eng._warm_runs = {eng._run_key(64, 32)}
     eng._run_slots(None, 1, 3, 10, 2)
     eng._warm_runs.add(eng._run_key(10, 2))
     assert eng._run_key(10, 2) == (16, 4) and eng._run_key(64, 32) == (64, 16)

@@ -219,6 +219,11 @@ def check_criteria(cfg: ModelConfig, criteria: Sequence[str]) -> None:
     raise RomeFlaxError(f"--criteria names a criterion twice: {','.join(criteria)}")
 
 
+def _takes_params(name: str) -> bool:
+  """Whether an exported function takes the parameters (first): all but init and evict."""
+  return not name.startswith(("init", "evict"))
+
+
 def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, slots: int = 256,
                     batch: int = 64, sizes: Optional[Sequence[int]] = None, max_length: Optional[int] = None,
                     criteria: Optional[Sequence[str]] = None, window: Optional[int] = None, overwrite: bool = False,
@@ -273,9 +278,9 @@ def export_artefact(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *
                 if init in exported for k, v in exported[init].out_tree.unflatten(exported[init].out_avals).items()},
       "params": {"file": PARAMS, "layout": "per-layer (early_exit.prepare_params)", "leaves": leaves},
       "functions": {name: {"file": f"{FUNCTIONS}/{name}.jax",
-                           "params": not name.startswith(("init", "evict")),   # then the parameters come first
+                           "params": _takes_params(name),   # then the parameters come first
                            "inputs": [f"{a.dtype}{list(a.shape)}" for a in
-                                      exp.in_avals[0 if name.startswith(("init", "evict")) else len(leaves):]],
+                                      exp.in_avals[len(leaves) if _takes_params(name) else 0:]],
                            "outputs": [f"{a.dtype}{list(a.shape)}" for a in exp.out_avals]}
                     for name, exp in exported.items()},
   }

@@ -338,10 +338,8 @@ class ArtefactSteps:
     rule rome_flax trains and serves with (`kinds.data.encode_token_split`, which this file cannot import;
     tests/test_artefact.py checks that the two agree): each word tokenised on its own, a word with no piece read
     as the unknown token, a sentence never cut (one longer than `seq` pieces is an ArtefactError naming it)."""
-    if isinstance(sentences, str):
-      raise ArtefactError("tokenize_words: give sentences as lists of words, not strings")
-    sentences = list(sentences)
-    if any(isinstance(words, str) for words in sentences):
+    sentences = None if isinstance(sentences, str) else list(sentences)
+    if sentences is None or any(isinstance(words, str) for words in sentences):
       raise ArtefactError("tokenize_words: give sentences as lists of words, not strings")
     sentences = [list(words) for words in sentences]
     for i, words in enumerate(sentences):

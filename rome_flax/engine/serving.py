@@ -357,11 +357,9 @@ class Engine:
     self._warm_runs: Optional[set] = None   # (view, rows) of the runs compiled so far; None: every one
     self.warm_up_error: Optional[str] = None   # why a background warm-up stopped (runs then keep falling back)
     self._warm_thread: Optional[threading.Thread] = None
-    self._fallback: Optional[tuple[int, int]] = None   # (longest, busy) of the run compiled first
     later = []
     if warm_up == "background" and not full_model:
       *later, first = self._run_shapes()   # the whole slots at the full tier first: every run can fall back on it
-      self._fallback = first
       self.warm_up(runs=[first])
       self._warm_runs = {self._run_key(*first)} if later else None
     elif warm_up:
@@ -485,9 +483,10 @@ class Engine:
 
   def _run_key(self, longest: int, busy: int) -> tuple[int, int]:
     """The compiled run that `_run_slots(longest, busy)` takes: (view, rows gathered), by the steps' rules."""
-    from rome_flax.engine.artefact_runtime import bucket, pick_tier
+    from rome_flax.engine.artefact_runtime import pick_tier
+    from rome_flax.engine.scheduler import view_for
     s = self.steps
-    view = (bucket(s.lengths, longest) or s.seq) if self._run_takes_longest else s.seq
+    view = view_for(s.lengths, longest) if self._run_takes_longest else s.seq
     return view, (pick_tier(s.tiers, busy)[0] if self._run_takes_busy else s.batch)
 
   def _warm_up_rest(self, shapes) -> None:
@@ -538,7 +537,7 @@ class Engine:
     is not compiled yet (a background warm-up)."""
     warm = self._warm_runs
     if warm is not None and self._run_key(longest, busy) not in warm:
-      longest, busy = self._fallback   # the longest view, the full tier: holds every running example
+      longest, busy = self._run_shapes()[-1]   # the longest view, the full tier (compiled first): holds them all
     return self._run(state, min_free, max_steps, longest, busy)
 
   def _run(self, state, min_free: int, max_steps: int, longest: int, busy: int):
